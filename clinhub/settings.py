@@ -1,0 +1,119 @@
+"""Typed settings, one frozen model per concern; the only place the hub reads its environment.
+
+Nothing here connects to anything: `load_settings()` builds plain values, and each package builds
+its clients from the part it needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the Kafka cluster."""
+
+    model_config = _config("CLINHUB_KAFKA_")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    topic_partitions: int = Field(default=3, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka properties shared by producers, consumers and admin clients."""
+        config = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            config["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        return config
+
+
+class RegistrySettings(BaseSettings):
+    """The Confluent-compatible schema registry (Apicurio's ccompat API locally)."""
+
+    model_config = _config("CLINHUB_REGISTRY_")
+
+    url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    basic_auth_user: str | None = None
+    basic_auth_password: SecretStr | None = None
+
+    def client_config(self) -> dict[str, str]:
+        config = {"url": self.url}
+        if self.basic_auth_user and self.basic_auth_password:
+            secret = self.basic_auth_password.get_secret_value()
+            config["basic.auth.user.info"] = f"{self.basic_auth_user}:{secret}"
+        return config
+
+
+class DatabaseSettings(BaseSettings):
+    """The regional store. The URL is a secret because production URLs carry a password."""
+
+    model_config = _config("CLINHUB_DATABASE_")
+
+    url: SecretStr = SecretStr(f"sqlite:///{PROJECT_ROOT / '.data' / 'clinhub.sqlite3'}")
+    echo: bool = False
+
+
+class SecuritySettings(BaseSettings):
+    """Keys for pseudonymisation; never in the repository."""
+
+    model_config = _config("CLINHUB_SECURITY_")
+
+    pseudonym_key: SecretStr | None = None
+    pseudonym_key_file: Path | None = None
+
+
+class StreamSettings(BaseSettings):
+    """The Faust processor: its identity, topics, and batching bounds."""
+
+    model_config = _config("CLINHUB_STREAM_")
+
+    app_id: str = "clinhub-streams"
+    raw_lab_topic: str = "raw.lab"
+    alerts_topic: str = "alerts.critical"
+    deadletter_topic: str = "deadletter"
+    batch_size: int = Field(default=500, ge=1)
+    batch_within_seconds: float = Field(default=0.5, gt=0)
+    data_dir: Path = PROJECT_ROOT / ".data" / "faust"
+    web_port: int = 6066
+    sink_retry_max_seconds: float = Field(default=30.0, gt=0)
+
+
+class HubSettings(BaseSettings):
+    """Everything together, as the command line builds it."""
+
+    model_config = _config("CLINHUB_")
+
+    kafka: KafkaSettings
+    registry: RegistrySettings
+    database: DatabaseSettings
+    security: SecuritySettings
+    stream: StreamSettings
+
+
+def load_settings() -> HubSettings:
+    """Read the environment (and `.env`) once; call at the edge, pass the parts inward."""
+    return HubSettings(
+        kafka=KafkaSettings(),
+        registry=RegistrySettings(),
+        database=DatabaseSettings(),
+        security=SecuritySettings(),
+        stream=StreamSettings(),
+    )

@@ -1,0 +1,1 @@
+"""The regional data standard: Avro schemas (`avro/*.avsc`) and the one module that knows the wire format."""

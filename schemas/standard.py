@@ -1,0 +1,53 @@
+"""Loads the `.avsc` files of the regional standard, with named references to other files inlined."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import fastavro.schema
+
+from schemas.exceptions import UnknownSchemaNameError
+
+AVRO_DIR = Path(__file__).resolve().parent / "avro"
+
+LAB_RESULT = "org.clinhub.lab.LabResult"
+CRITICAL_VALUE_ALERT = "org.clinhub.alert.CriticalValueAlert"
+DEAD_LETTER = "org.clinhub.ops.DeadLetter"
+
+
+@dataclass(frozen=True)
+class StandardSchema:
+    """One record schema of the standard: its full name, registry text and fastavro-parsed form."""
+
+    name: str
+    text: str
+    parsed: Any
+
+    @property
+    def subject(self) -> str:
+        """Registry subject under the record-name strategy: one subject per record type, whatever the topic."""
+        return self.name
+
+
+@cache
+def load(name: str, directory: Path = AVRO_DIR) -> StandardSchema:
+    path = directory / f"{name}.avsc"
+    if not path.exists():
+        raise UnknownSchemaNameError(f"no schema file {path.name} in {directory}", field="schema")
+    expanded = fastavro.schema.load_schema(path, _write_hint=False)
+    text = json.dumps(expanded, sort_keys=True, ensure_ascii=False)
+    return StandardSchema(name=name, text=text, parsed=fastavro.parse_schema(json.loads(text)))
+
+
+def record_names(directory: Path = AVRO_DIR) -> list[str]:
+    """Full names of the top-level event records (envelope and other shared parts are excluded)."""
+    names = []
+    for path in sorted(directory.glob("*.avsc")):
+        if json.loads(path.read_text()).get("namespace") != "org.clinhub.common":
+            names.append(path.stem)
+    return names
