@@ -1,0 +1,1 @@
+"""The regional store: models, migrations, batched idempotent writers, and read queries."""

@@ -1,0 +1,30 @@
+"""Errors of the regional store."""
+
+from __future__ import annotations
+
+from clinhub.exceptions import HubError
+
+
+class SinkError(HubError):
+    """Root of this package's errors."""
+
+
+class StoreUnavailableError(SinkError):
+    """The database cannot be reached or refused the transaction for a transient reason; retry later."""
+
+    def __init__(self, reason: str, retry_after: float = 1.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class StoreOutOfDateError(SinkError):
+    """The database schema is behind the code; the hub refuses to start until it is upgraded."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        super().__init__(
+            f"database schema is at revision {current or '(empty)'}, the code needs {head}; "
+            "run `clinhub db upgrade` to migrate it"
+        )
+        self.current = current
+        self.head = head

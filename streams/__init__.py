@@ -1,0 +1,1 @@
+"""Faust stream processing: thin agents over plain functions that validate, normalise and alert."""

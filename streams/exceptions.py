@@ -1,0 +1,34 @@
+"""Why an event was rejected; every rejection becomes a dead-letter record carrying these fields."""
+
+from __future__ import annotations
+
+from clinhub.exceptions import HubError
+
+
+class StreamError(HubError):
+    """Root of this package's errors."""
+
+
+class RejectedEvent(StreamError):
+    """The event cannot be accepted as it is. `field` names the field, `reason` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class UnknownUnitError(RejectedEvent):
+    """The unit is not one we know how to convert for this analyte: rejected, never guessed."""
+
+
+class ImplausibleValueError(RejectedEvent):
+    """The value is outside what is physiologically possible: a data error, not a critical result."""
+
+
+class ImplausibleTimeError(RejectedEvent):
+    """A time far in the future or before 1900."""
+
+
+class ReferenceDataError(StreamError):
+    """A terminology, unit or rule file is malformed; the processor refuses to start."""

@@ -1,0 +1,63 @@
+"""Topic names of the hub, and their creation with explicit partitions and replication."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+KINDS = ("lab", "vitals", "encounter", "medication", "diagnosis")
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """All topic names, under an optional prefix (tests give each run its own)."""
+
+    prefix: str = ""
+    alerts: str = "alerts.critical"
+    deadletter: str = "deadletter"
+
+    def raw(self, institution: str, kind: str) -> str:
+        """`raw.<institution>.<kind>`: one prefix per institution, so ACLs can bind its principal to it."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; one of {', '.join(KINDS)}")
+        return f"{self.prefix}raw.{institution}.{kind}"
+
+    @property
+    def alerts_topic(self) -> str:
+        return f"{self.prefix}{self.alerts}"
+
+    @property
+    def deadletter_topic(self) -> str:
+        return f"{self.prefix}{self.deadletter}"
+
+    def all_for(self, institutions: Iterable[str], kinds: Iterable[str] = ("lab",)) -> list[str]:
+        kinds = list(kinds)
+        return [self.raw(inst, kind) for inst in institutions for kind in kinds] + [
+            self.alerts_topic, self.deadletter_topic,
+        ]
+
+
+def create_topics(admin_config: dict[str, str], names: Iterable[str], partitions: int, replication: int) -> list[str]:
+    """Create missing topics; returns the ones created. Existing topics are left as they are."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(admin_config)
+    existing = set(admin.list_topics(timeout=15).topics)
+    wanted = [n for n in dict.fromkeys(names) if n not in existing]
+    if not wanted:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(n, num_partitions=partitions, replication_factor=replication) for n in wanted],
+        operation_timeout=30,
+    )
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
+                continue
+            raise
+    return created
