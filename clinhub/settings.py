@@ -86,14 +86,26 @@ class StreamSettings(BaseSettings):
     model_config = _config("CLINHUB_STREAM_")
 
     app_id: str = "clinhub-streams"
-    raw_lab_topic: str = "raw.lab"
-    alerts_topic: str = "alerts.critical"
-    deadletter_topic: str = "deadletter"
+    topic_prefix: str = ""
+    institutions: tuple[str, ...] = ("H001", "H002")
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.5, gt=0)
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
     web_port: int = 6066
     sink_retry_max_seconds: float = Field(default=30.0, gt=0)
+
+
+class InfraSettings(BaseSettings):
+    """Where `clinhub infra` keeps the local services it starts, and their loopback ports."""
+
+    model_config = _config("CLINHUB_INFRA_")
+
+    home: Path = PROJECT_ROOT / ".infra"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    registry_port: int = 8081
+    postgres_port: int = 5433
+    metrics_port: int = 9464
 
 
 class HubSettings(BaseSettings):
@@ -106,6 +118,7 @@ class HubSettings(BaseSettings):
     database: DatabaseSettings
     security: SecuritySettings
     stream: StreamSettings
+    infra: InfraSettings
 
 
 def load_settings() -> HubSettings:
@@ -116,4 +129,5 @@ def load_settings() -> HubSettings:
         database=DatabaseSettings(),
         security=SecuritySettings(),
         stream=StreamSettings(),
+        infra=InfraSettings(),
     )

@@ -80,7 +80,7 @@ def evaluate_thresholds(
             limit_kind=kind,
             limit_value=limit,
             severity=rule.severity,
-            message=f"{rule.message}: {lab.value:g} {lab.unit} ({sign} {limit:g} {lab.unit})",
+            message=f"{rule.message}: {lab.value:.4g} {lab.unit} ({sign} {limit:g} {lab.unit})",
             rule_source=rule.source,
             result_time=lab.result_time,
             raised_time=now,

@@ -1,0 +1,202 @@
+"""`clinhub`: one command for the hub's jobs. Settings are read here, once, and passed inward."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from clinhub.exceptions import HubError
+from clinhub.settings import HubSettings, load_settings
+
+app = typer.Typer(help="Regional clinical event hub.", no_args_is_help=True, add_completion=False)
+infra_app = typer.Typer(help="Local Kafka, schema registry and PostgreSQL.", no_args_is_help=True)
+db_app = typer.Typer(help="The regional store's schema.", no_args_is_help=True)
+stream_app = typer.Typer(help="The Faust stream processor.", no_args_is_help=True)
+schemas_app = typer.Typer(help="The regional Avro standard in the schema registry.", no_args_is_help=True)
+app.add_typer(infra_app, name="infra")
+app.add_typer(db_app, name="db")
+app.add_typer(stream_app, name="stream")
+app.add_typer(schemas_app, name="schemas")
+
+
+def _settings() -> HubSettings:
+    return load_settings()
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@infra_app.command("up")
+def infra_up(
+    kafka: Annotated[bool, typer.Option(help="Start Kafka (KRaft).")] = True,
+    registry: Annotated[bool, typer.Option(help="Start the schema registry.")] = True,
+    postgres: Annotated[bool, typer.Option(help="Start a local PostgreSQL cluster.")] = False,
+) -> None:
+    """Fetch (first time only) and start the local services; returns when they answer."""
+    from clinhub.infra import kafka as kafka_service
+    from clinhub.infra import postgres as pg_service
+    from clinhub.infra import registry as registry_service
+    from clinhub.services import stack_for
+
+    stack = stack_for(_settings().infra)
+    if kafka:
+        started = time.monotonic()
+        kafka_service.start(stack.kafka)
+        typer.echo(f"kafka     up at {stack.kafka.bootstrap} ({time.monotonic() - started:.1f}s)")
+    if registry:
+        started = time.monotonic()
+        registry_service.start(stack.registry)
+        typer.echo(f"registry  up at {stack.registry.url} ({time.monotonic() - started:.1f}s)")
+    if postgres:
+        pg_service.start(stack.postgres)
+        typer.echo(f"postgres  up at {stack.postgres.url()}")
+
+
+@infra_app.command("down")
+def infra_down() -> None:
+    """Stop every local service this project started."""
+    from clinhub.infra import kafka, postgres, registry
+    from clinhub.services import stack_for
+
+    stack = stack_for(_settings().infra)
+    for name, stopped in (
+        ("registry", registry.stop(stack.registry)),
+        ("kafka", kafka.stop(stack.kafka)),
+        ("postgres", postgres.stop(stack.postgres)),
+    ):
+        typer.echo(f"{name:9} {'stopped' if stopped else 'was not running'}")
+
+
+@infra_app.command("status")
+def infra_status() -> None:
+    from clinhub.infra import kafka, postgres, registry
+    from clinhub.services import stack_for
+
+    stack = stack_for(_settings().infra)
+    for name, pid in (
+        ("kafka", kafka.running_pid(stack.kafka)),
+        ("registry", registry.running_pid(stack.registry)),
+        ("postgres", postgres.running_pid(stack.postgres)),
+    ):
+        typer.echo(f"{name:9} {'running (pid %d)' % pid if pid else 'stopped'}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Migrate the store's schema (Alembic)."""
+    from sinks.store import current_revision, make_engine, upgrade
+
+    engine = make_engine(_settings().database.url.get_secret_value())
+    upgrade(engine, revision)
+    typer.echo(f"database at revision {current_revision(engine)}")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Exit non-zero when the store's schema is behind the code."""
+    from sinks.store import ensure_current, make_engine
+
+    ensure_current(make_engine(_settings().database.url.get_secret_value()))
+    typer.echo("database schema is current")
+
+
+@app.command("topics")
+def topics_create() -> None:
+    """Create the hub's topics (raw per institution, alerts, dead letters) if missing."""
+    from streams.topics import TopicNames, create_topics
+
+    settings = _settings()
+    names = TopicNames(prefix=settings.stream.topic_prefix).all_for(settings.stream.institutions)
+    created = create_topics(settings.kafka.client_config(), names, settings.kafka.topic_partitions,
+                            settings.kafka.topic_replication)
+    typer.echo(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
+
+
+@schemas_app.command("register")
+def schemas_register() -> None:
+    """Register every record schema of the standard, with BACKWARD_TRANSITIVE compatibility."""
+    from schemas import standard
+    from schemas.wire import ConfluentRegistry
+
+    registry = ConfluentRegistry(_settings().registry.client_config())
+    for name in standard.record_names():
+        schema = standard.load(name)
+        registry.set_compatibility(schema.subject, "BACKWARD_TRANSITIVE")
+        schema_id = registry.register(schema.subject, schema.text)
+        typer.echo(f"{schema.subject}: id {schema_id}, versions {registry.versions(schema.subject)}")
+
+
+@stream_app.command("worker")
+def stream_worker(loglevel: str = "info") -> None:
+    """Run the Faust stream processor until interrupted."""
+    import faust
+    from prometheus_client import REGISTRY, start_http_server
+
+    from streams.app import create_app
+
+    settings = _settings()
+    if settings.infra.metrics_port:
+        start_http_server(settings.infra.metrics_port, addr="127.0.0.1", registry=REGISTRY)
+    faust_app = create_app(settings, metrics_registry=REGISTRY)
+    worker = faust.Worker(faust_app, loglevel=loglevel, override_logging=True)
+    worker.execute_from_commandline()
+
+
+@app.command("simulate")
+def simulate(
+    count: Annotated[int, typer.Option(help="Number of lab results.")] = 40,
+    seed: Annotated[int, typer.Option(help="Same seed, same traffic.")] = 7,
+    critical_share: Annotated[float, typer.Option(help="Share of critical values.")] = 0.15,
+    rate: Annotated[float, typer.Option(help="Events per second (0 = as fast as possible).")] = 0.0,
+) -> None:
+    """Publish realistic lab results from the simulated hospitals."""
+    from producers.publisher import make_publisher, receipts_ok
+    from producers.simulator import simulate_labs
+
+    settings = _settings()
+    records = simulate_labs(seed, count, critical_share)
+    publishers = {}
+    failures = 0
+    for record in records:
+        institution = record["envelope"]["institution_id"]
+        if institution not in publishers:
+            publishers[institution] = make_publisher(settings, institution)
+        results = publishers[institution].publish_many_labs([record])
+        failures += 0 if receipts_ok(results) else 1
+        if rate > 0:
+            time.sleep(1.0 / rate)
+    for publisher in publishers.values():
+        publisher.close()
+    typer.echo(f"published {len(records) - failures} of {len(records)} lab results")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    count: Annotated[int, typer.Option(help="Lab results to publish.")] = 40,
+    keep_running: Annotated[bool, typer.Option(help="Leave Kafka and the registry running.")] = False,
+) -> None:
+    """The main job end to end on embedded defaults (SQLite): services, processor, two hospitals, results."""
+    from clinhub.demo import run_demo
+
+    run_demo(_settings(), count, keep_running)
+
+
+def main() -> None:
+    _logging(os.environ.get("CLINHUB_LOG_LEVEL", "WARNING"))
+    try:
+        app()
+    except HubError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

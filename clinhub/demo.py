@@ -1,0 +1,161 @@
+"""The hub's main job end to end on embedded defaults: real Kafka and registry, Faust, SQLite."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import subprocess  # nosec B404 - starts the project's own worker
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from sqlalchemy import func, select
+
+from clinhub.infra import kafka as kafka_service
+from clinhub.infra import registry as registry_service
+from clinhub.infra.process import stop_pid
+from clinhub.services import stack_for
+from clinhub.settings import PROJECT_ROOT, HubSettings
+
+
+def ensure_key_file(path: Path) -> Path:
+    """A local pseudonymisation key, created once in the git-ignored data folder; never committed."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        os.chmod(path, 0o600)
+    return path
+
+
+def _consume_alerts(settings: HubSettings, topic: str, since: dict[int, int], expect: int,
+                    timeout: float) -> list[dict[str, Any]]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from schemas.wire import AvroDecoder, ConfluentRegistry
+
+    decode = AvroDecoder(ConfluentRegistry(settings.registry.client_config()))
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"demo-{secrets.token_hex(4)}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, o) for p, o in since.items()])
+    alerts: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(alerts) < expect:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            alerts.append(decode(msg.value()))
+    consumer.close()
+    return alerts
+
+
+def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": "demo-watermarks"})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    consumer.close()
+    return marks
+
+
+def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
+    from producers.publisher import make_publisher
+    from producers.simulator import simulate_labs
+    from schemas import standard
+    from schemas.wire import ConfluentRegistry
+    from sinks.models import Alert, Observation
+    from sinks.store import make_engine, upgrade
+    from streams.reference import load_reference
+    from streams.topics import TopicNames, create_topics
+
+    stack = stack_for(settings.infra)
+    typer.echo("1/6 starting Kafka (KRaft) and the schema registry (first run fetches them with Maven)...")
+    kafka_service.start(stack.kafka)
+    registry_service.start(stack.registry)
+    typer.echo(f"    kafka {stack.kafka.bootstrap}, registry {stack.registry.url}")
+
+    typer.echo("2/6 migrating the regional store, creating topics, registering schemas...")
+    engine = make_engine(settings.database.url.get_secret_value())
+    upgrade(engine)
+    topics = TopicNames(prefix=settings.stream.topic_prefix)
+    create_topics(settings.kafka.client_config(), topics.all_for(settings.stream.institutions),
+                  settings.kafka.topic_partitions, settings.kafka.topic_replication)
+    registry = ConfluentRegistry(settings.registry.client_config())
+    for name in standard.record_names():
+        schema = standard.load(name)
+        registry.set_compatibility(schema.subject, "BACKWARD_TRANSITIVE")
+        registry.register(schema.subject, schema.text)
+    load_reference()
+
+    typer.echo("3/6 starting the Faust stream processor...")
+    key_file = ensure_key_file(PROJECT_ROOT / ".data" / "pseudonym.key")
+    log_path = PROJECT_ROOT / ".data" / "worker.log"
+    env = {**os.environ, "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE": str(key_file)}
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(  # nosec B603
+            [sys.executable, "-m", "clinhub.cli", "stream", "worker"], stdout=log, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )
+    try:
+        alert_marks = _high_watermarks(settings, topics.alerts_topic)
+        seed = int(time.time())
+        records = simulate_labs(seed, count, critical_share=0.15)
+        typer.echo(f"4/6 publishing {len(records)} lab results from H001 and H002 (seed {seed})...")
+        delivered = 0
+        for institution in sorted({r["envelope"]["institution_id"] for r in records}):
+            publisher = make_publisher(settings, institution)
+            mine = [r for r in records if r["envelope"]["institution_id"] == institution]
+            delivered += sum(1 for r in publisher.publish_many_labs(mine) if not isinstance(r, Exception))
+            publisher.close()
+        typer.echo(f"    {delivered} durably accepted by Kafka (acks=all)")
+
+        typer.echo("5/6 waiting for the processor to store them...")
+        ids = [r["envelope"]["event_id"] for r in records]
+        deadline = time.monotonic() + 120
+        stored = 0
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise typer.Exit(f"stream worker exited ({worker.returncode}); see {log_path}")
+            with engine.connect() as conn:
+                stored = conn.execute(
+                    select(func.count()).select_from(Observation).where(Observation.event_id.in_(ids))
+                ).scalar_one()
+            if stored >= len(ids):
+                break
+            time.sleep(1)
+        with engine.connect() as conn:
+            expected_alerts = conn.execute(
+                select(func.count()).select_from(Alert).where(Alert.source_event_id.in_(ids))
+            ).scalar_one()
+        alerts = _consume_alerts(settings, topics.alerts_topic, alert_marks, expected_alerts, 30)
+
+        typer.echo(f"6/6 results: {stored} of {len(ids)} events stored, {len(alerts)} critical alerts on "
+                   f"{topics.alerts_topic}\n")
+        typer.echo("Critical-value alerts (from Kafka):")
+        for alert in sorted(alerts, key=lambda a: a["result_time"]):
+            typer.echo(f"  [{alert['severity']}] {alert['institution_id']} patient {alert['regional_patient_id'][:15]}"
+                       f"  {alert['message']}")
+        typer.echo("\nRows in the regional store (latest 10 of this run):")
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(Observation).where(Observation.event_id.in_(ids))
+                .order_by(Observation.result_time.desc()).limit(10)
+            ).all()
+        for row in rows:
+            typer.echo(
+                f"  {row.institution_id} {row.local_code:8} -> LOINC {row.loinc_code or '(unmapped)':8} "
+                f"{row.original_value:>8g} {row.original_unit or '':7} = {row.value:>8.4g} {row.unit or '':7} "
+                f"patient {row.regional_patient_id[:15]} at {row.result_time:%H:%M:%S}"
+            )
+        typer.echo(f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
+                   f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC")
+        if stored < len(ids):
+            raise typer.Exit(1)
+    finally:
+        stop_pid(worker.pid, timeout=30)
+        if not keep_running:
+            registry_service.stop(stack.registry)
+            kafka_service.stop(stack.kafka)
+            typer.echo("services stopped (use --keep-running to leave them up)")

@@ -1,0 +1,1 @@
+"""What an institution touches to get data in: the publisher SDK, and the traffic simulator."""

@@ -1,0 +1,27 @@
+"""Errors an institution's code sees when publishing."""
+
+from __future__ import annotations
+
+from clinhub.exceptions import HubError
+
+
+class PublishError(HubError):
+    """Root of this package's errors."""
+
+
+class DeliveryFailedError(PublishError):
+    """The broker did not durably accept the event (or did not answer in time); it was not published."""
+
+    def __init__(self, event_id: str, reason: str, retriable: bool) -> None:
+        super().__init__(f"event {event_id} not delivered: {reason}")
+        self.event_id = event_id
+        self.reason = reason
+        self.retriable = retriable
+
+
+class UndeliveredOnCloseError(PublishError):
+    """close() ran out of time with events still queued; they are listed so nothing goes silently."""
+
+    def __init__(self, event_ids: list[str]) -> None:
+        super().__init__(f"{len(event_ids)} event(s) still undelivered at close: {', '.join(event_ids[:10])}")
+        self.event_ids = event_ids

@@ -1,0 +1,159 @@
+"""The publisher SDK: validate locally, encode Avro, publish idempotently with acks=all, confirm.
+
+    publisher = make_publisher(load_settings(), institution_id="H001")
+    receipt = publisher.publish_lab(record)          # raises if the broker did not accept it
+    receipts = publisher.publish_many_labs(records)  # one result per record, in order
+    publisher.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clinhub.settings import HubSettings
+from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
+from schemas import standard
+from schemas.wire import AvroEncoder, ConfluentRegistry, make_encoder, validate_record
+from streams.topics import TopicNames
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Where the broker durably stored the event."""
+
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+def message_key(record: Mapping[str, Any]) -> bytes:
+    """All events of one patient at one institution share a key, hence a partition, hence an order."""
+    return f"{record['envelope']['institution_id']}|{record['patient_mrn']}".encode()
+
+
+class Publisher:
+    def __init__(
+        self,
+        producer: Any,
+        encoder: AvroEncoder,
+        topics: TopicNames,
+        institution_id: str,
+        delivery_timeout: float,
+    ) -> None:
+        self._producer = producer
+        self._encoder = encoder
+        self._topics = topics
+        self.institution_id = institution_id
+        self._delivery_timeout = delivery_timeout
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, None] = {}
+
+    def _check_institution(self, record: Mapping[str, Any]) -> None:
+        claimed = record.get("envelope", {}).get("institution_id")
+        if claimed != self.institution_id:
+            from schemas.exceptions import RecordValidationError
+
+            raise RecordValidationError(
+                f"{claimed!r} is not this publisher's institution {self.institution_id!r}",
+                field="envelope.institution_id",
+            )
+
+    def _produce(self, record: Mapping[str, Any], results: dict[int, Any], index: int) -> None:
+        value = self._encoder(record)
+        event_id = str(record["envelope"]["event_id"])
+        headers = [("correlation_id", str(record["envelope"]["correlation_id"]).encode()),
+                   ("event_id", event_id.encode())]
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            with self._lock:
+                self._in_flight.pop(event_id, None)
+            if err is not None:
+                results[index] = DeliveryFailedError(event_id, err.str(), bool(err.retriable()))
+            else:
+                results[index] = Receipt(event_id, msg.topic(), msg.partition(), msg.offset())
+
+        with self._lock:
+            self._in_flight[event_id] = None
+        while True:
+            try:
+                self._producer.produce(
+                    self._topics.raw(self.institution_id, "lab"), value=value, key=message_key(record),
+                    headers=headers, on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                # Local queue full: back-pressure. Serve delivery reports until there is room.
+                self._producer.poll(0.1)
+
+    def publish_many_labs(self, records: Sequence[Mapping[str, Any]]) -> list[Receipt | DeliveryFailedError]:
+        """Publish all, wait for every delivery report; the result list lines up with the input.
+
+        Validation happens for every record before any is sent, so a bad batch sends nothing.
+        """
+        for record in records:
+            self._check_institution(record)
+            validate_record(record, self._encoder.schema)
+        results: dict[int, Any] = {}
+        for index, record in enumerate(records):
+            self._produce(record, results, index)
+            self._producer.poll(0)
+        deadline = time.monotonic() + self._delivery_timeout
+        while len(results) < len(records) and time.monotonic() < deadline:
+            self._producer.poll(0.1)
+        missing = [i for i in range(len(records)) if i not in results]
+        for i in missing:
+            event_id = str(records[i]["envelope"]["event_id"])
+            results[i] = DeliveryFailedError(event_id, "no delivery report within the timeout", retriable=True)
+        return [results[i] for i in range(len(records))]
+
+    def publish_lab(self, record: Mapping[str, Any]) -> Receipt:
+        """Publish one event and return once the broker has it, or raise DeliveryFailedError."""
+        (result,) = self.publish_many_labs([record])
+        if isinstance(result, DeliveryFailedError):
+            raise result
+        return result
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush everything queued; raise (listing the events) if anything is still undelivered."""
+        remaining = self._producer.flush(self._delivery_timeout if timeout is None else timeout)
+        if remaining:
+            with self._lock:
+                raise UndeliveredOnCloseError(list(self._in_flight))
+
+
+def producer_config(settings: HubSettings, delivery_timeout: float) -> dict[str, Any]:
+    return {
+        **settings.kafka.client_config(),
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": "lz4",
+        "linger.ms": 5,
+        "message.timeout.ms": int(delivery_timeout * 1000),
+        "queue.buffering.max.messages": 100_000,
+    }
+
+
+def make_publisher(
+    settings: HubSettings, institution_id: str, delivery_timeout: float = 30.0, registry: Any = None
+) -> Publisher:
+    """Build a publisher for one institution; registers the LabResult schema once."""
+    from confluent_kafka import Producer
+
+    schema_registry = registry or ConfluentRegistry(settings.registry.client_config())
+    encoder = make_encoder(schema_registry, standard.load(standard.LAB_RESULT), check=False)
+    return Publisher(
+        Producer(producer_config(settings, delivery_timeout)),
+        encoder,
+        TopicNames(prefix=settings.stream.topic_prefix),
+        institution_id,
+        delivery_timeout,
+    )
+
+
+def receipts_ok(results: Iterable[Receipt | DeliveryFailedError]) -> bool:
+    return all(isinstance(r, Receipt) for r in results)
