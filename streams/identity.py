@@ -12,7 +12,7 @@ NATIONAL_ID_CHECK = "10X98765432"
 def normalise_national_id(raw: str) -> str | None:
     """A GB 11643-1999 resident identity number with a valid ISO 7064 MOD 11-2 check character, or None."""
     candidate = raw.strip().upper()
-    if len(candidate) != 18 or not candidate[:17].isdigit():
+    if len(candidate) != 18 or not candidate.isascii() or not candidate[:17].isdigit():
         return None
     total = sum(int(digit) * weight for digit, weight in zip(candidate[:17], NATIONAL_ID_WEIGHTS, strict=True))
     return candidate if NATIONAL_ID_CHECK[total % 11] == candidate[17] else None

@@ -49,10 +49,12 @@ class KafkaLayout:
     port: int = 9092
     controller_port: int = 9093
     heap: str = "768m"
+    shared_lib: Path | None = None
 
     @property
     def lib_dir(self) -> Path:
-        return self.home.parent / "kafka-lib"
+        """Jars are shared by every broker of this checkout, so Maven fetches them once."""
+        return self.shared_lib or self.home.parent / "kafka-lib"
 
     @property
     def config_path(self) -> Path:

@@ -31,10 +31,11 @@ class RegistryLayout:
     port: int = 8081
     persistent: bool = True
     heap: str = "256m"
+    shared_app: Path | None = None
 
     @property
     def app_dir(self) -> Path:
-        return self.home.parent / "registry-app"
+        return self.shared_app or self.home.parent / "registry-app"
 
     @property
     def log_path(self) -> Path:

@@ -1,0 +1,190 @@
+"""Real services for integration tests, started once per session from the project's own files.
+
+A service that cannot start fails the session loudly (ServiceError with its log tail); nothing skips.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from clinhub.infra import kafka, postgres, registry
+from clinhub.infra.process import ServiceProcess, free_port
+from clinhub.settings import (
+    DatabaseSettings,
+    HubSettings,
+    InfraSettings,
+    KafkaSettings,
+    RegistrySettings,
+    SecuritySettings,
+    StreamSettings,
+)
+from schemas.wire import AvroDecoder, ConfluentRegistry
+from sinks.store import make_engine, upgrade
+from streams.topics import TopicNames, create_topics
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+INFRA_HOME = PROJECT_ROOT / ".infra"
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.KafkaLayout]:
+    layout = kafka.KafkaLayout(
+        home=tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port(),
+        shared_lib=INFRA_HOME / "kafka-lib",
+    )
+    process = kafka.start(layout)
+    yield layout
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    layout = registry.RegistryLayout(
+        home=tmp_path_factory.mktemp("registry"), port=free_port(), persistent=False,
+        shared_app=INFRA_HOME / "registry-app",
+    )
+    process = registry.start(layout)
+    yield layout.url
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[postgres.PostgresLayout]:
+    # Not under pytest's tmp dir: that is private to root, and the server runs as the postgres user.
+    home = Path(tempfile.mkdtemp(prefix="clinhub-pg-"))
+    home.chmod(0o755)
+    layout = postgres.PostgresLayout(home=home, port=free_port())
+    process: ServiceProcess = postgres.start(layout)
+    yield layout
+    process.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_engine(postgres_cluster: postgres.PostgresLayout) -> Iterator[Engine]:
+    """A fresh, migrated database per test."""
+    url = postgres.create_database(postgres_cluster, f"t_{uuid.uuid4().hex[:12]}")
+    engine = make_engine(url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@dataclass
+class HubEnv:
+    """One test's own slice of the real stack: its topic prefix, app id, database and settings."""
+
+    settings: HubSettings
+    topics: TopicNames
+    engine: Engine
+    db_url: str
+    workdir: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            **os.environ,
+            "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+            "CLINHUB_REGISTRY_URL": s.registry.url,
+            "CLINHUB_DATABASE_URL": self.db_url,
+            "CLINHUB_STREAM_TOPIC_PREFIX": s.stream.topic_prefix,
+            "CLINHUB_STREAM_APP_ID": s.stream.app_id,
+            "CLINHUB_STREAM_INSTITUTIONS": '["H001","H002"]',
+            "CLINHUB_STREAM_DATA_DIR": str(self.workdir / "faust"),
+            "CLINHUB_STREAM_BATCH_WITHIN_SECONDS": "0.2",
+            "CLINHUB_STREAM_SINK_RETRY_MAX_SECONDS": "2",
+            "CLINHUB_SECURITY_PSEUDONYM_KEY": s.security.pseudonym_key.get_secret_value()  # type: ignore[union-attr]
+            if s.security.pseudonym_key else "",
+            "CLINHUB_INFRA_METRICS_PORT": "0",
+            "CLINHUB_LOG_LEVEL": "INFO",
+        }
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clinhub.cli", "stream", "worker"], stdout=log, stderr=subprocess.STDOUT,
+            env=self.env(), start_new_session=True, cwd=self.workdir,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def worker_log(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace")[-4000:] for p in sorted(self.workdir.glob("worker-*.log"))
+        )
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+    def producer(self) -> Producer:
+        return Producer({"bootstrap.servers": self.settings.kafka.bootstrap_servers, "enable.idempotence": True,
+                         "acks": "all"})
+
+    def consume_all(self, topic: str, timeout: float, until: Callable[[list[Any]], bool]) -> list[Any]:
+        """Read a topic from the beginning until `until(messages)` holds or time runs out."""
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka.bootstrap_servers,
+                             "group.id": f"reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        messages: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not until(messages):
+            msg = consumer.poll(0.3)
+            if msg is not None and msg.error() is None:
+                messages.append(msg)
+        consumer.close()
+        return messages
+
+    def decoder(self) -> AvroDecoder:
+        return AvroDecoder(ConfluentRegistry(self.settings.registry.client_config()))
+
+
+@pytest.fixture()
+def hub(
+    kafka_broker: kafka.KafkaLayout, schema_registry_url: str, postgres_cluster: postgres.PostgresLayout,
+    tmp_path: Path,
+) -> Iterator[HubEnv]:
+    """A private topic prefix, consumer group and PostgreSQL database for one test; workers started on demand."""
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    db_url = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
+    engine = make_engine(db_url)
+    upgrade(engine)
+    settings = HubSettings(
+        kafka=KafkaSettings(bootstrap_servers=kafka_broker.bootstrap),
+        registry=RegistrySettings(url=schema_registry_url),
+        database=DatabaseSettings(url=SecretStr(db_url)),
+        security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
+        stream=StreamSettings(topic_prefix=prefix, app_id=f"clinhub-test-{prefix[:-1]}",
+                              institutions=("H001", "H002"), data_dir=tmp_path / "faust"),
+        infra=InfraSettings(metrics_port=0),
+    )
+    topics = TopicNames(prefix=prefix)
+    create_topics(settings.kafka.client_config(), topics.all_for(settings.stream.institutions), 3, 1)
+    env = HubEnv(settings=settings, topics=topics, engine=engine, db_url=db_url, workdir=tmp_path)
+    yield env
+    env.stop_workers()
+    engine.dispose()

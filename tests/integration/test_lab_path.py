@@ -1,0 +1,161 @@
+"""The thin path on real services: SDK -> Kafka -> Faust worker -> PostgreSQL, alerts and dead letters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select
+
+from producers.publisher import make_publisher, message_key
+from schemas import standard
+from schemas.wire import ConfluentRegistry, make_encoder
+from sinks.models import Alert, Observation
+from tests.integration.conftest import HubEnv
+
+
+def lab(institution: str, code: str, value: float, unit: str, mrn: str = "MRN0000001") -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return {
+        "envelope": {
+            "event_id": str(uuid.uuid4()), "institution_id": institution, "source_system": "LIS",
+            "source_message_id": None, "event_time": now, "produced_time": now, "schema_version": "1",
+            "correlation_id": str(uuid.uuid4()),
+        },
+        "result_id": f"R-{uuid.uuid4().hex[:10]}", "patient_mrn": mrn, "patient_national_id": None,
+        "patient_birth_year": 1960, "patient_sex": "female", "encounter_id": None, "local_code": code,
+        "local_code_system": None, "local_display": None, "loinc_code": None, "value_numeric": value,
+        "value_text": None, "unit": unit, "reference_low": None, "reference_high": None, "abnormal_flag": None,
+        "status": "final", "specimen_collected_time": None, "result_time": now, "performing_lab": None,
+        "ordering_clinician": None,
+    }
+
+
+def wait_for(condition: Callable[[], bool], hub: HubEnv, timeout: float = 90.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for worker in hub.workers:
+            assert worker.poll() is None, f"worker exited with {worker.returncode}:\n{hub.worker_log()}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; worker log:\n{hub.worker_log()}")
+
+
+def rows_for(hub: HubEnv, event_id: str) -> int:
+    with hub.engine.connect() as conn:
+        return int(conn.execute(
+            select(func.count()).select_from(Observation).where(Observation.event_id == event_id)
+        ).scalar_one())
+
+
+def test_event_published_twice_is_stored_exactly_once(hub: HubEnv) -> None:
+    """A redelivered event (same event id) must never create a second row."""
+    publisher = make_publisher(hub.settings, "H001")
+    record = lab("H001", "K", 4.2, "mmol/L")
+    sentinel = lab("H001", "NA", 140.0, "mmol/L")  # same patient: same partition, so processed after both
+    first = publisher.publish_lab(record)
+    second = publisher.publish_lab(record)
+    publisher.publish_lab(sentinel)
+    publisher.close()
+    assert second.offset > first.offset, "both copies must really be on the topic"
+
+    hub.start_worker()
+    wait_for(lambda: rows_for(hub, sentinel["envelope"]["event_id"]) == 1, hub, what="sentinel stored")
+
+    assert rows_for(hub, record["envelope"]["event_id"]) == 1
+    with hub.engine.connect() as conn:
+        stored = conn.execute(
+            select(Observation).where(Observation.event_id == record["envelope"]["event_id"])
+        ).one()
+    assert stored.loinc_code == "2823-3"
+    assert stored.value == 4.2 and stored.unit == "mmol/L"
+
+
+def test_critical_potassium_raises_exactly_one_alert(hub: HubEnv) -> None:
+    """6.8 mmol/L crosses the potassium limit: one alert on the alerts topic, even if the event repeats."""
+    publisher = make_publisher(hub.settings, "H002")
+    record = lab("H002", "LAB0101", 6.8, "mmol/L", mrn="0000012345")
+    sentinel = lab("H002", "LAB0102", 140.0, "mmol/L", mrn="0000012345")
+    publisher.publish_lab(record)
+    publisher.publish_lab(record)
+    publisher.publish_lab(sentinel)
+    publisher.close()
+
+    hub.start_worker()
+    event_id = record["envelope"]["event_id"]
+    wait_for(lambda: rows_for(hub, sentinel["envelope"]["event_id"]) == 1, hub, what="sentinel stored")
+
+    def outbox_drained() -> bool:
+        with hub.engine.connect() as conn:
+            alerts = conn.execute(select(Alert).where(Alert.source_event_id == event_id)).all()
+        return len(alerts) == 1 and alerts[0].published_time is not None
+
+    wait_for(outbox_drained, hub, what="alert published")
+    decode = hub.decoder()
+    messages = hub.consume_all(hub.topics.alerts_topic, timeout=10, until=lambda m: False)
+    alerts = [decode(m.value()) for m in messages]
+    mine = [a for a in alerts if str(a["source_event_id"]) == event_id]  # fastavro reads uuids as UUID
+    assert len(mine) == 1, f"expected exactly one alert, got {mine}"
+    alert = mine[0]
+    assert alert["loinc_code"] == "2823-3"
+    assert alert["limit_kind"] == "HIGH"
+    assert alert["value"] == 6.8 and alert["unit"] == "mmol/L"
+    assert alert["institution_id"] == "H002"
+    assert alert["regional_patient_id"].startswith("rp-")
+    assert alert["deadline_time"] > alert["raised_time"]
+    assert dict(messages[0].headers() or [])["correlation_id"].decode() == alert["correlation_id"]
+
+
+def test_poison_messages_go_to_dead_letter_and_the_next_good_one_is_processed(hub: HubEnv) -> None:
+    """Wrong magic byte and truncated Avro are dead-lettered with their position and reason; nothing stops."""
+    encoder = make_encoder(ConfluentRegistry(hub.settings.registry.client_config()),
+                           standard.load(standard.LAB_RESULT))
+    good = lab("H001", "GLU", 90.0, "mg/dL", mrn="MRN0000777")
+    key = message_key(good)
+    good_bytes = encoder(good)
+    wrong_magic = b"\x01" + good_bytes[1:]
+    truncated = good_bytes[: len(good_bytes) // 2]
+    topic = hub.topics.raw("H001", "lab")
+    positions: dict[bytes, tuple[int, int]] = {}
+
+    def remember(err: Any, msg: Any) -> None:
+        assert err is None, err
+        positions[msg.value()] = (msg.partition(), msg.offset())
+
+    producer = hub.producer()
+    for value in (wrong_magic, truncated, good_bytes):
+        producer.produce(topic, key=key, value=value, on_delivery=remember)
+    assert producer.flush(30) == 0
+
+    hub.start_worker()
+    wait_for(lambda: rows_for(hub, good["envelope"]["event_id"]) == 1, hub, what="good message stored")
+
+    decode = hub.decoder()
+    dead = [decode(m.value()) for m in hub.consume_all(hub.topics.deadletter_topic, 30, lambda m: len(m) >= 2)]
+    by_value = {d["original_value"]: d for d in dead}
+    assert set(by_value) == {wrong_magic, truncated}
+
+    magic = by_value[wrong_magic]
+    assert magic["error_class"] == "MagicByteError"
+    assert magic["field"] == "header"
+    assert "magic byte" in magic["reason"]
+    assert (magic["original_partition"], magic["original_offset"]) == positions[wrong_magic]
+    assert magic["original_topic"] == topic
+
+    cut = by_value[truncated]
+    assert cut["error_class"] == "PayloadDecodeError"
+    assert cut["field"] == "payload"
+    assert cut["reason"]
+    assert (cut["original_partition"], cut["original_offset"]) == positions[truncated]
+    assert cut["original_key"] == key
+
+    with hub.engine.connect() as conn:
+        glucose = conn.execute(
+            select(Observation).where(Observation.event_id == good["envelope"]["event_id"])
+        ).one()
+    assert abs(glucose.value - 90.0 * 0.05551) < 1e-9
+    assert glucose.unit == "mmol/L"
