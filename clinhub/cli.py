@@ -58,6 +58,19 @@ def infra_up(
         typer.echo(f"postgres  up at {stack.postgres.url()}")
 
 
+@infra_app.command("fetch")
+def infra_fetch() -> None:
+    """Fetch Kafka and the registry from Maven Central (once; later runs reuse them)."""
+    from clinhub.infra import kafka, registry
+    from clinhub.services import stack_for
+
+    stack = stack_for(_settings().infra)
+    kafka.ensure_jars(stack.kafka.lib_dir)
+    typer.echo(f"kafka     jars in {stack.kafka.lib_dir}")
+    registry.ensure_built(stack.registry.app_dir)
+    typer.echo(f"registry  in {stack.registry.app_dir}")
+
+
 @infra_app.command("down")
 def infra_down() -> None:
     """Stop every local service this project started."""
