@@ -97,7 +97,7 @@ def infra_status() -> None:
         ("registry", registry.running_pid(stack.registry)),
         ("postgres", postgres.running_pid(stack.postgres)),
     ):
-        typer.echo(f"{name:9} {'running (pid %d)' % pid if pid else 'stopped'}")
+        typer.echo(f"{name:9} {f'running (pid {pid})' if pid else 'stopped'}")
 
 
 @db_app.command("upgrade")

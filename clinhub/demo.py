@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
-import subprocess  # nosec B404 - starts the project's own worker
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,15 +30,21 @@ def ensure_key_file(path: Path) -> Path:
     return path
 
 
-def _consume_alerts(settings: HubSettings, topic: str, since: dict[int, int], expect: int,
-                    timeout: float) -> list[dict[str, Any]]:
+def _consume_alerts(
+    settings: HubSettings, topic: str, since: dict[int, int], expect: int, timeout: float
+) -> list[dict[str, Any]]:
     from confluent_kafka import Consumer, TopicPartition
 
     from schemas.wire import AvroDecoder, ConfluentRegistry
 
     decode = AvroDecoder(ConfluentRegistry(settings.registry.client_config()))
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"demo-{secrets.token_hex(4)}",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"demo-{secrets.token_hex(4)}",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(topic, p, o) for p, o in since.items()])
     alerts: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -80,8 +86,12 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
     engine = make_engine(settings.database.url.get_secret_value())
     upgrade(engine)
     topics = TopicNames(prefix=settings.stream.topic_prefix)
-    create_topics(settings.kafka.client_config(), topics.all_for(settings.stream.institutions),
-                  settings.kafka.topic_partitions, settings.kafka.topic_replication)
+    create_topics(
+        settings.kafka.client_config(),
+        topics.all_for(settings.stream.institutions),
+        settings.kafka.topic_partitions,
+        settings.kafka.topic_replication,
+    )
     registry = ConfluentRegistry(settings.registry.client_config())
     for name in standard.record_names():
         schema = standard.load(name)
@@ -94,9 +104,12 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
     log_path = PROJECT_ROOT / ".data" / "worker.log"
     env = {**os.environ, "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE": str(key_file)}
     with log_path.open("ab") as log:
-        worker = subprocess.Popen(  # nosec B603
-            [sys.executable, "-m", "clinhub.cli", "stream", "worker"], stdout=log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "clinhub.cli", "stream", "worker"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         alert_marks = _high_watermarks(settings, topics.alerts_topic)
@@ -117,7 +130,8 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
         stored = 0
         while time.monotonic() < deadline:
             if worker.poll() is not None:
-                raise typer.Exit(f"stream worker exited ({worker.returncode}); see {log_path}")
+                typer.echo(f"stream worker exited ({worker.returncode}); see {log_path}", err=True)
+                raise typer.Exit(1)
             with engine.connect() as conn:
                 stored = conn.execute(
                     select(func.count()).select_from(Observation).where(Observation.event_id.in_(ids))
@@ -131,26 +145,36 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
             ).scalar_one()
         alerts = _consume_alerts(settings, topics.alerts_topic, alert_marks, expected_alerts, 30)
 
-        typer.echo(f"6/6 results: {stored} of {len(ids)} events stored, {len(alerts)} critical alerts on "
-                   f"{topics.alerts_topic}\n")
+        typer.echo(
+            f"6/6 results: {stored} of {len(ids)} events stored, {len(alerts)} critical alerts on "
+            f"{topics.alerts_topic}\n"
+        )
         typer.echo("Critical-value alerts (from Kafka):")
         for alert in sorted(alerts, key=lambda a: a["result_time"]):
-            typer.echo(f"  [{alert['severity']}] {alert['institution_id']} patient {alert['regional_patient_id'][:15]}"
-                       f"  {alert['message']}")
+            typer.echo(
+                f"  [{alert['severity']}] {alert['institution_id']} "
+                f"patient {alert['regional_patient_id'][:15]}"
+                f"  {alert['message']}"
+            )
         typer.echo("\nRows in the regional store (latest 10 of this run):")
         with engine.connect() as conn:
             rows = conn.execute(
-                select(Observation).where(Observation.event_id.in_(ids))
-                .order_by(Observation.result_time.desc()).limit(10)
+                select(Observation)
+                .where(Observation.event_id.in_(ids))
+                .order_by(Observation.result_time.desc())
+                .limit(10)
             ).all()
         for row in rows:
             typer.echo(
                 f"  {row.institution_id} {row.local_code:8} -> LOINC {row.loinc_code or '(unmapped)':8} "
-                f"{row.original_value:>8g} {row.original_unit or '':7} = {row.value:>8.4g} {row.unit or '':7} "
+                f"{row.original_value:>8g} {row.original_unit or '':7} = "
+                f"{row.value:>8.4g} {row.unit or '':7} "
                 f"patient {row.regional_patient_id[:15]} at {row.result_time:%H:%M:%S}"
             )
-        typer.echo(f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
-                   f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC")
+        typer.echo(
+            f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
+            f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+        )
         if stored < len(ids):
             raise typer.Exit(1)
     finally:

@@ -1,9 +1,9 @@
 """The publisher SDK: validate locally, encode Avro, publish idempotently with acks=all, confirm.
 
-    publisher = make_publisher(load_settings(), institution_id="H001")
-    receipt = publisher.publish_lab(record)          # raises if the broker did not accept it
-    receipts = publisher.publish_many_labs(records)  # one result per record, in order
-    publisher.close()
+publisher = make_publisher(load_settings(), institution_id="H001")
+receipt = publisher.publish_lab(record)          # raises if the broker did not accept it
+receipts = publisher.publish_many_labs(records)  # one result per record, in order
+publisher.close()
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ class Publisher:
     def _produce(self, record: Mapping[str, Any], results: dict[int, Any], index: int) -> None:
         value = self._encoder(record)
         event_id = str(record["envelope"]["event_id"])
-        headers = [("correlation_id", str(record["envelope"]["correlation_id"]).encode()),
-                   ("event_id", event_id.encode())]
+        headers = [
+            ("correlation_id", str(record["envelope"]["correlation_id"]).encode()),
+            ("event_id", event_id.encode()),
+        ]
 
         def on_delivery(err: Any, msg: Any) -> None:
             with self._lock:
@@ -82,8 +84,11 @@ class Publisher:
         while True:
             try:
                 self._producer.produce(
-                    self._topics.raw(self.institution_id, "lab"), value=value, key=message_key(record),
-                    headers=headers, on_delivery=on_delivery,
+                    self._topics.raw(self.institution_id, "lab"),
+                    value=value,
+                    key=message_key(record),
+                    headers=headers,
+                    on_delivery=on_delivery,
                 )
                 return
             except BufferError:
@@ -108,7 +113,9 @@ class Publisher:
         missing = [i for i in range(len(records)) if i not in results]
         for i in missing:
             event_id = str(records[i]["envelope"]["event_id"])
-            results[i] = DeliveryFailedError(event_id, "no delivery report within the timeout", retriable=True)
+            results[i] = DeliveryFailedError(
+                event_id, "no delivery report within the timeout", retriable=True
+            )
         return [results[i] for i in range(len(records))]
 
     def publish_lab(self, record: Mapping[str, Any]) -> Receipt:

@@ -34,20 +34,32 @@ class Institution:
 
 # Two hospitals that disagree on codes and units, as real ones do.
 INSTITUTIONS = (
-    Institution("H001", "City General Hospital", "LIS-Cerner", "MRN{:07d}", (
-        LocalTest("K", "Potassium", "mmol/L", (3.5, 5.1), (6.3, 7.5)),
-        LocalTest("NA", "Sodium", "mmol/L", (136, 145), (161, 170)),
-        LocalTest("GLU", "Glucose", "mg/dL", (70, 110), (20, 45)),
-        LocalTest("HGB", "Hemoglobin", "g/dL", (12.0, 16.0), (4.5, 5.9)),
-        LocalTest("CREA", "Creatinine", "mg/dL", (0.6, 1.2), (0.6, 1.2)),
-    )),
-    Institution("H002", "Riverside University Hospital", "LIS-LabWin", "{:010d}", (
-        LocalTest("LAB0101", "钾 Potassium", "mmol/L", (3.5, 5.3), (2.0, 2.8)),
-        LocalTest("LAB0102", "钠 Sodium", "mmol/L", (137, 147), (110, 118)),
-        LocalTest("LAB0201", "葡萄糖 Glucose", "mmol/L", (3.9, 6.1), (23.0, 30.0)),
-        LocalTest("LAB0301", "血红蛋白 Hemoglobin", "g/L", (115, 150), (45, 58)),
-        LocalTest("LAB0302", "血小板 Platelets", "10*9/L", (125, 350), (5, 18)),
-    )),
+    Institution(
+        "H001",
+        "City General Hospital",
+        "LIS-Cerner",
+        "MRN{:07d}",
+        (
+            LocalTest("K", "Potassium", "mmol/L", (3.5, 5.1), (6.3, 7.5)),
+            LocalTest("NA", "Sodium", "mmol/L", (136, 145), (161, 170)),
+            LocalTest("GLU", "Glucose", "mg/dL", (70, 110), (20, 45)),
+            LocalTest("HGB", "Hemoglobin", "g/dL", (12.0, 16.0), (4.5, 5.9)),
+            LocalTest("CREA", "Creatinine", "mg/dL", (0.6, 1.2), (0.6, 1.2)),
+        ),
+    ),
+    Institution(
+        "H002",
+        "Riverside University Hospital",
+        "LIS-LabWin",
+        "{:010d}",
+        (
+            LocalTest("LAB0101", "钾 Potassium", "mmol/L", (3.5, 5.3), (2.0, 2.8)),
+            LocalTest("LAB0102", "钠 Sodium", "mmol/L", (137, 147), (110, 118)),
+            LocalTest("LAB0201", "葡萄糖 Glucose", "mmol/L", (3.9, 6.1), (23.0, 30.0)),
+            LocalTest("LAB0301", "血红蛋白 Hemoglobin", "g/L", (115, 150), (45, 58)),
+            LocalTest("LAB0302", "血小板 Platelets", "10*9/L", (125, 350), (5, 18)),
+        ),
+    ),
 )
 
 
@@ -72,15 +84,29 @@ def make_patients(rng: random.Random, count: int) -> list[Patient]:
     patients = []
     for n in range(count):
         nid = national_id(rng) if rng.random() < 0.8 else None
-        mrns = {inst.institution_id: inst.mrn_format.format(rng.randrange(1, 10**6) * 10 + n % 10)
-                for inst in INSTITUTIONS if rng.random() < 0.7 or inst is INSTITUTIONS[0]}
-        patients.append(Patient(nid, mrns, int(nid[6:10]) if nid else rng.randrange(1940, 2005),
-                                rng.choice(["male", "female"])))
+        mrns = {
+            inst.institution_id: inst.mrn_format.format(rng.randrange(1, 10**6) * 10 + n % 10)
+            for inst in INSTITUTIONS
+            if rng.random() < 0.7 or inst is INSTITUTIONS[0]
+        }
+        patients.append(
+            Patient(
+                nid,
+                mrns,
+                int(nid[6:10]) if nid else rng.randrange(1940, 2005),
+                rng.choice(["male", "female"]),
+            )
+        )
     return patients
 
 
 def lab_record(
-    institution: Institution, patient: Patient, test: LocalTest, value: float, when: dt.datetime, rng: random.Random
+    institution: Institution,
+    patient: Patient,
+    test: LocalTest,
+    value: float,
+    when: dt.datetime,
+    rng: random.Random,
 ) -> dict[str, Any]:
     event_id = uuid.UUID(int=rng.getrandbits(128), version=4)
     return {

@@ -30,7 +30,7 @@ class StandardSchema:
 
     @property
     def subject(self) -> str:
-        """Registry subject under the record-name strategy: one subject per record type, whatever the topic."""
+        """Registry subject under the record-name strategy: one subject per record type, any topic."""
         return self.name
 
 
@@ -39,7 +39,7 @@ def load(name: str, directory: Path = AVRO_DIR) -> StandardSchema:
     path = directory / f"{name}.avsc"
     if not path.exists():
         raise UnknownSchemaNameError(f"no schema file {path.name} in {directory}", field="schema")
-    expanded = fastavro.schema.load_schema(path, _write_hint=False)
+    expanded = fastavro.schema.load_schema(str(path), _write_hint=False)
     text = json.dumps(expanded, sort_keys=True, ensure_ascii=False)
     return StandardSchema(name=name, text=text, parsed=fastavro.parse_schema(json.loads(text)))
 

@@ -52,31 +52,31 @@ class ConfluentRegistry:
 
         try:
             return int(self._client.register_schema(subject, Schema(schema_text, "AVRO")))
-        except Exception as exc:  # noqa: BLE001 - the client raises transport errors of several libraries
+        except Exception as exc:
             raise _translate(exc, f"registering {subject}") from exc
 
     def schema_text(self, schema_id: int) -> str:
         try:
             return str(self._client.get_schema(schema_id).schema_str)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, f"fetching schema id {schema_id}") from exc
 
     def set_compatibility(self, subject: str, level: str) -> None:
         try:
             self._client.set_compatibility(subject_name=subject, level=level)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, f"setting compatibility of {subject}") from exc
 
     def subjects(self) -> list[str]:
         try:
             return sorted(self._client.get_subjects())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, "listing subjects") from exc
 
     def versions(self, subject: str) -> list[int]:
         try:
             return sorted(int(v) for v in self._client.get_versions(subject))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, f"listing versions of {subject}") from exc
 
 
@@ -85,7 +85,9 @@ def _translate(exc: Exception, doing: str) -> Exception:
 
     if isinstance(exc, SchemaRegistryError):
         if exc.http_status_code == 404:
-            return UnknownSchemaIdError(f"registry has nothing for {doing}: {exc.error_message}", field="schema_id")
+            return UnknownSchemaIdError(
+                f"registry has nothing for {doing}: {exc.error_message}", field="schema_id"
+            )
         if exc.http_status_code == 409:
             return IncompatibleSchemaError(f"registry refused {doing}: {exc.error_message}", field="schema")
         if exc.http_status_code >= 500:
@@ -118,8 +120,9 @@ def validate_record(record: Mapping[str, Any], schema: StandardSchema) -> None:
         validate(record, schema.parsed, raise_errors=True, strict=True)
     except fastavro.validation.ValidationError as exc:
         fields = ", ".join(dict.fromkeys(_field_of(err) for err in exc.errors))
-        raise RecordValidationError(f"does not match {schema.name}: {'; '.join(map(str, exc.errors))}",
-                                    field=fields or None) from exc
+        raise RecordValidationError(
+            f"does not match {schema.name}: {'; '.join(map(str, exc.errors))}", field=fields or None
+        ) from exc
     except ValueError as exc:  # strict mode: unexpected fields
         raise RecordValidationError(f"does not match {schema.name}: {exc}", field=None) from exc
 
@@ -150,9 +153,10 @@ class AvroDecoder:
             text = self._registry.schema_text(schema_id)
             try:
                 parsed = fastavro.parse_schema(json.loads(text))
-            except Exception as exc:  # noqa: BLE001
-                raise PayloadDecodeError(f"schema id {schema_id} is not a usable Avro schema: {exc}",
-                                         field="schema_id") from exc
+            except Exception as exc:
+                raise PayloadDecodeError(
+                    f"schema id {schema_id} is not a usable Avro schema: {exc}", field="schema_id"
+                ) from exc
             with self._lock:
                 self._writers[schema_id] = parsed
         return parsed
@@ -173,15 +177,19 @@ class AvroDecoder:
         try:
             record = fastavro.schemaless_reader(body, writer, reader)
         except fastavro.read.SchemaResolutionError as exc:
-            raise IncompatibleSchemaError(f"writer schema id {schema_id} cannot be read as "
-                                          f"{self._reader.name if self._reader else '?'}: {exc}",
-                                          field="schema_id") from exc
-        except Exception as exc:  # noqa: BLE001 - truncated bodies raise EOFError, IndexError, ValueError...
-            raise PayloadDecodeError(f"Avro body unreadable with schema id {schema_id}: "
-                                     f"{type(exc).__name__}: {exc}", field="payload") from exc
+            raise IncompatibleSchemaError(
+                f"writer schema id {schema_id} cannot be read as "
+                f"{self._reader.name if self._reader else '?'}: {exc}",
+                field="schema_id",
+            ) from exc
+        except Exception as exc:
+            raise PayloadDecodeError(
+                f"Avro body unreadable with schema id {schema_id}: {type(exc).__name__}: {exc}",
+                field="payload",
+            ) from exc
         if body.tell() != len(data):
             raise PayloadDecodeError(
-                f"{len(data) - body.tell()} bytes left after the record; body does not match schema id {schema_id}",
+                f"{len(data) - body.tell()} bytes left after the record; not a body of schema id {schema_id}",
                 field="payload",
             )
         if not isinstance(record, dict):

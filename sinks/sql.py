@@ -99,8 +99,10 @@ class SqlStoreSink(Sink):
         try:
             with self._engine.connect() as connection:
                 rows = connection.execute(
-                    select(ALERTS).where(ALERTS.c.published_time.is_(None))
-                    .order_by(ALERTS.c.raised_time).limit(limit)
+                    select(ALERTS)
+                    .where(ALERTS.c.published_time.is_(None))
+                    .order_by(ALERTS.c.raised_time)
+                    .limit(limit)
                 )
                 return [dict(row._mapping) for row in rows]
         except DBAPIError as exc:

@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
 from prometheus_client import CollectorRegistry
@@ -65,7 +65,8 @@ def load_pseudonym_key(settings: HubSettings) -> bytes:
         except OSError as exc:
             raise ConfigurationError("CLINHUB_SECURITY_PSEUDONYM_KEY_FILE", str(exc)) from exc
     raise ConfigurationError(
-        "CLINHUB_SECURITY_PSEUDONYM_KEY", "no pseudonymisation key; set it or CLINHUB_SECURITY_PSEUDONYM_KEY_FILE"
+        "CLINHUB_SECURITY_PSEUDONYM_KEY",
+        "no pseudonymisation key; set it or CLINHUB_SECURITY_PSEUDONYM_KEY_FILE",
     )
 
 
@@ -109,7 +110,7 @@ class LabHandler:
             except (StoreUnavailableError, RegistryUnavailableError) as exc:
                 reason = type(exc).__name__
                 log.warning("%s failed (%s), retrying in %.1fs", what, exc, delay)
-            except Exception as exc:  # noqa: BLE001 - unknown failures are retried too, loudly
+            except Exception as exc:
                 reason = "unexpected"
                 log.exception("%s failed unexpectedly (%r), retrying in %.1fs", what, exc, delay)
             self.c.metrics.sink_retries.labels(reason=reason).inc()
@@ -134,26 +135,40 @@ class LabHandler:
             await self._retrying(
                 "dead-letter send",
                 lambda v=value, r=rejection: self.send(  # type: ignore[misc]
-                    self.topics.deadletter_topic, r.message.key, v,
+                    self.topics.deadletter_topic,
+                    r.message.key,
+                    v,
                     {"correlation_id": (r.correlation_id or "").encode()},
                 ),
             )
             self.c.metrics.rejects.labels(kind="lab", reason=rejection.error_class).inc()
-            self.c.metrics.events.labels(institution=rejection.institution_id or "?", kind="lab",
-                                         outcome="rejected").inc()
-            log.warning("rejected %s[%d]@%d: %s (%s) correlation_id=%s", rejection.message.topic,
-                        rejection.message.partition, rejection.message.offset, rejection.reason,
-                        rejection.field, rejection.correlation_id)
+            self.c.metrics.events.labels(
+                institution=rejection.institution_id or "?", kind="lab", outcome="rejected"
+            ).inc()
+            log.warning(
+                "rejected %s[%d]@%d: %s (%s) correlation_id=%s",
+                rejection.message.topic,
+                rejection.message.partition,
+                rejection.message.offset,
+                rejection.reason,
+                rejection.field,
+                rejection.correlation_id,
+            )
         committed = self.c.clock()
         for item in outcome.items:
             lab = item.lab
             new = lab.event_id in result.new_event_ids
-            self.c.metrics.events.labels(institution=lab.institution_id, kind="lab",
-                                         outcome="stored" if new else "duplicate").inc()
+            self.c.metrics.events.labels(
+                institution=lab.institution_id, kind="lab", outcome="stored" if new else "duplicate"
+            ).inc()
             if new:
-                self.c.metrics.end_to_end_seconds.observe(max(0.0, (committed - lab.event_time).total_seconds()))
+                self.c.metrics.end_to_end_seconds.observe(
+                    max(0.0, (committed - lab.event_time).total_seconds())
+                )
                 if FLAG_UNMAPPED_CODE in lab.flags:
-                    self.c.metrics.unmapped_codes.labels(institution=lab.institution_id, code=lab.local_code).inc()
+                    self.c.metrics.unmapped_codes.labels(
+                        institution=lab.institution_id, code=lab.local_code
+                    ).inc()
         for alert in outcome.alerts:
             if alert.alert_id in result.new_alert_ids:
                 self.c.metrics.alerts.labels(analyte=alert.analyte, severity=alert.severity).inc()
@@ -173,15 +188,25 @@ class LabHandler:
             for row in pending:
                 record = alert_record(row)
                 try:
-                    await self.send(self.topics.alerts_topic, record["regional_patient_id"].encode(),
-                                    self.c.encode_alert(record),
-                                    {"correlation_id": record["correlation_id"].encode()})
+                    await self.send(
+                        self.topics.alerts_topic,
+                        record["regional_patient_id"].encode(),
+                        self.c.encode_alert(record),
+                        {"correlation_id": record["correlation_id"].encode()},
+                    )
                 except Exception as exc:  # noqa: BLE001 - left in the outbox, retried by the timer
                     log.warning("alert %s not published yet: %r", record["alert_id"], exc)
                     break
                 sent.append(record["alert_id"])
-                log.info("ALERT %s %s %s %s (%s) correlation_id=%s", record["severity"], record["analyte"],
-                         record["value"], record["unit"], record["message"], record["correlation_id"])
+                log.info(
+                    "ALERT %s %s %s %s (%s) correlation_id=%s",
+                    record["severity"],
+                    record["analyte"],
+                    record["value"],
+                    record["unit"],
+                    record["message"],
+                    record["correlation_id"],
+                )
             if sent:
                 try:
                     await asyncio.to_thread(self.c.sink.mark_published, sent)
@@ -192,8 +217,9 @@ class LabHandler:
 
 def to_raw_message(event: Any) -> RawMessage:
     message = event.message
-    headers = {k: v for k, v in (message.headers or [])} if isinstance(message.headers, list) else dict(
-        message.headers or {})
+    headers = (
+        dict(message.headers or []) if isinstance(message.headers, list) else dict(message.headers or {})
+    )
     return RawMessage(message.topic, message.partition, message.offset, message.key, message.value, headers)
 
 
@@ -223,21 +249,26 @@ def create_app(
     )
     source = app.topic(
         *[topics.raw(inst, "lab") for inst in stream_settings.institutions],
-        key_serializer="raw", value_serializer="raw",
+        key_serializer="raw",
+        value_serializer="raw",
     )
 
     async def send(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
-        pending = await app.send(topic, key=key, value=value, headers=headers,
-                                 key_serializer="raw", value_serializer="raw")
+        pending = await app.send(
+            topic, key=key, value=value, headers=headers, key_serializer="raw", value_serializer="raw"
+        )
         await pending  # wait for the broker's acknowledgement (acks=all)
 
     built = components or build_components(settings, metrics_registry or CollectorRegistry())
     handler = LabHandler(built, topics, send)
 
     @app.agent(source, concurrency=1, name="lab-results")
-    async def lab_results(stream: faust.StreamT) -> None:
+    async def lab_results(stream_t: faust.StreamT[Any]) -> None:
+        stream = cast("faust.Stream[Any]", stream_t)  # the concrete class has noack_take
         # noack_take yields the buffered *events* (not values) and leaves acking to us.
-        async for events in stream.noack_take(stream_settings.batch_size, stream_settings.batch_within_seconds):
+        async for events in stream.noack_take(
+            stream_settings.batch_size, stream_settings.batch_within_seconds
+        ):
             await handler.handle([to_raw_message(event) for event in events])
             for event in events:
                 await stream.ack(event)

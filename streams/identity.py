@@ -14,7 +14,9 @@ def normalise_national_id(raw: str) -> str | None:
     candidate = raw.strip().upper()
     if len(candidate) != 18 or not candidate.isascii() or not candidate[:17].isdigit():
         return None
-    total = sum(int(digit) * weight for digit, weight in zip(candidate[:17], NATIONAL_ID_WEIGHTS, strict=True))
+    total = sum(
+        int(digit) * weight for digit, weight in zip(candidate[:17], NATIONAL_ID_WEIGHTS, strict=True)
+    )
     return candidate if NATIONAL_ID_CHECK[total % 11] == candidate[17] else None
 
 

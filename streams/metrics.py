@@ -20,19 +20,43 @@ class StreamMetrics:
 
 def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
     return StreamMetrics(
-        events=Counter("clinhub_stream_events", "Events processed, by outcome.",
-                       ["institution", "kind", "outcome"], registry=registry),
-        rejects=Counter("clinhub_stream_rejects", "Events sent to the dead-letter topic, by reason.",
-                        ["kind", "reason"], registry=registry),
-        alerts=Counter("clinhub_alerts_raised", "Critical-value alerts raised.",
-                       ["analyte", "severity"], registry=registry),
-        unmapped_codes=Counter("clinhub_unmapped_codes", "Events stored with a local code that has no LOINC map.",
-                               ["institution", "code"], registry=registry),
-        sink_retries=Counter("clinhub_sink_retries", "Store writes retried after a transient failure.",
-                             ["reason"], registry=registry),
-        batch_seconds=Histogram("clinhub_stream_batch_seconds", "Time to process and store one batch.",
-                                registry=registry),
+        events=Counter(
+            "clinhub_stream_events",
+            "Events processed, by outcome.",
+            ["institution", "kind", "outcome"],
+            registry=registry,
+        ),
+        rejects=Counter(
+            "clinhub_stream_rejects",
+            "Events sent to the dead-letter topic, by reason.",
+            ["kind", "reason"],
+            registry=registry,
+        ),
+        alerts=Counter(
+            "clinhub_alerts_raised",
+            "Critical-value alerts raised.",
+            ["analyte", "severity"],
+            registry=registry,
+        ),
+        unmapped_codes=Counter(
+            "clinhub_unmapped_codes",
+            "Events stored with a local code that has no LOINC map.",
+            ["institution", "code"],
+            registry=registry,
+        ),
+        sink_retries=Counter(
+            "clinhub_sink_retries",
+            "Store writes retried after a transient failure.",
+            ["reason"],
+            registry=registry,
+        ),
+        batch_seconds=Histogram(
+            "clinhub_stream_batch_seconds", "Time to process and store one batch.", registry=registry
+        ),
         end_to_end_seconds=Histogram(
-            "clinhub_end_to_end_seconds", "From the event's produced time to its commit in the store.",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=registry),
+            "clinhub_end_to_end_seconds",
+            "From the event's produced time to its commit in the store.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        ),
     )

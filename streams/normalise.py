@@ -66,8 +66,9 @@ def convert(value: float, unit: str | None, loinc: str, reference: ReferenceData
     factor = analyte.factors.get(key)
     if factor is None:
         accepted = ", ".join(sorted(u for u in analyte.factors if u)) or "(none)"
-        raise UnknownUnitError("unit", f"unit {key!r} is not accepted for {analyte.name} ({loinc}); "
-                                       f"accepted: {accepted}")
+        raise UnknownUnitError(
+            "unit", f"unit {key!r} is not accepted for {analyte.name} ({loinc}); accepted: {accepted}"
+        )
     return value * factor, analyte.canonical_unit
 
 
@@ -83,8 +84,10 @@ def normalise_lab(
     envelope = record["envelope"]
     institution = envelope["institution_id"]
     if topic_institution is not None and institution != topic_institution:
-        raise RejectedEvent("envelope.institution_id",
-                            f"payload claims institution {institution!r} on a topic of {topic_institution!r}")
+        raise RejectedEvent(
+            "envelope.institution_id",
+            f"payload claims institution {institution!r} on a topic of {topic_institution!r}",
+        )
     result_time = _utc(record["result_time"], "result_time", now)
     event_time = _utc(envelope["event_time"], "envelope.event_time", now)
     collected = record.get("specimen_collected_time")

@@ -128,9 +128,23 @@ def alert_record(alert: AlertDraft | Mapping[str, Any]) -> dict[str, Any]:
     """The CriticalValueAlert Avro record from a draft or a stored outbox row."""
     source = alert.__dict__ if isinstance(alert, AlertDraft) else alert
     keys = (
-        "alert_id", "source_event_id", "regional_patient_id", "institution_id", "loinc_code", "analyte",
-        "value", "unit", "limit_kind", "limit_value", "severity", "message", "rule_source", "result_time",
-        "raised_time", "deadline_time", "correlation_id",
+        "alert_id",
+        "source_event_id",
+        "regional_patient_id",
+        "institution_id",
+        "loinc_code",
+        "analyte",
+        "value",
+        "unit",
+        "limit_kind",
+        "limit_value",
+        "severity",
+        "message",
+        "rule_source",
+        "result_time",
+        "raised_time",
+        "deadline_time",
+        "correlation_id",
     )
     record = {key: source[key] for key in keys}
     for key in ("result_time", "raised_time", "deadline_time"):
@@ -138,4 +152,3 @@ def alert_record(alert: AlertDraft | Mapping[str, Any]) -> dict[str, Any]:
             record[key] = record[key].replace(tzinfo=dt.UTC)
     record.update({"ward": None, "previous_value": None, "previous_time": None})
     return record
-

@@ -65,8 +65,13 @@ def evaluate_thresholds(
     if crossed is None:
         return []
     kind, limit = crossed
-    sign = "<=" if kind == "LOW" and rule.low_inclusive else "<" if kind == "LOW" else (
-        ">=" if rule.high_inclusive else ">")
+    sign = (
+        "<="
+        if kind == "LOW" and rule.low_inclusive
+        else "<"
+        if kind == "LOW"
+        else (">=" if rule.high_inclusive else ">")
+    )
     return [
         AlertDraft(
             alert_id=alert_id_for(lab.event_id, lab.loinc_code, kind),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 KINDS = ("lab", "vitals", "encounter", "medication", "diagnosis")
 
@@ -33,16 +34,19 @@ class TopicNames:
     def all_for(self, institutions: Iterable[str], kinds: Iterable[str] = ("lab",)) -> list[str]:
         kinds = list(kinds)
         return [self.raw(inst, kind) for inst in institutions for kind in kinds] + [
-            self.alerts_topic, self.deadletter_topic,
+            self.alerts_topic,
+            self.deadletter_topic,
         ]
 
 
-def create_topics(admin_config: dict[str, str], names: Iterable[str], partitions: int, replication: int) -> list[str]:
+def create_topics(
+    admin_config: Mapping[str, Any], names: Iterable[str], partitions: int, replication: int
+) -> list[str]:
     """Create missing topics; returns the ones created. Existing topics are left as they are."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient(admin_config)
+    admin = AdminClient(dict(admin_config))
     existing = set(admin.list_topics(timeout=15).topics)
     wanted = [n for n in dict.fromkeys(names) if n not in existing]
     if not wanted:

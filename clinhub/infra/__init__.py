@@ -1,1 +1,1 @@
-"""Local real services (Kafka in KRaft mode, a schema registry, PostgreSQL) started from the project's own files."""
+"""Local real services (Kafka in KRaft mode, a schema registry, PostgreSQL), started from our own files."""

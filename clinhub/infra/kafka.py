@@ -89,8 +89,14 @@ def ensure_jars(lib_dir: Path, pom: Path = POM) -> Path:
         shutil.rmtree(lib_dir)
     run_checked(
         [
-            "mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
-            f"-DoutputDirectory={lib_dir}", "-DincludeScope=runtime",
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={lib_dir}",
+            "-DincludeScope=runtime",
         ],
         "kafka (maven fetch)",
     )
@@ -132,9 +138,16 @@ def _java(layout: KafkaLayout, main: str, *args: str) -> list[str]:
     if java is None:
         raise ServiceError("kafka", "Java 17+ is needed to run Kafka; install a JDK")
     return [
-        java, f"-Xmx{layout.heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        java,
+        f"-Xmx{layout.heap}",
+        "-Xms128m",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={layout.home / 'log4j2.properties'}",
-        "-cp", f"{layout.lib_dir}/*", main, *args,
+        "-cp",
+        f"{layout.lib_dir}/*",
+        main,
+        *args,
     ]
 
 
@@ -150,8 +163,16 @@ def prepare(layout: KafkaLayout) -> None:
     (layout.home / "log4j2.properties").write_text(LOG4J2)
     if not (layout.data_dir / "meta.properties").exists():
         run_checked(
-            _java(layout, STORAGE_TOOL, "format", "-t", _cluster_id(), "-c", str(layout.config_path),
-                  "--standalone"),
+            _java(
+                layout,
+                STORAGE_TOOL,
+                "format",
+                "-t",
+                _cluster_id(),
+                "-c",
+                str(layout.config_path),
+                "--standalone",
+            ),
             "kafka (format storage)",
         )
 
@@ -176,7 +197,9 @@ def start(layout: KafkaLayout, timeout: float = 120.0) -> ServiceProcess:
         wait_until(proc, lambda: broker_answers(layout.bootstrap), timeout, "answering metadata requests")
         return proc
     prepare(layout)
-    proc = spawn("kafka", _java(layout, MAIN_CLASS, str(layout.config_path)), layout.log_path, layout.pid_path)
+    proc = spawn(
+        "kafka", _java(layout, MAIN_CLASS, str(layout.config_path)), layout.log_path, layout.pid_path
+    )
     wait_until(proc, lambda: broker_answers(layout.bootstrap), timeout, "answering metadata requests")
     return proc
 

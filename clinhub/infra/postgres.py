@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinhub.exceptions import ServiceError
-from clinhub.infra.process import ServiceProcess, pid_alive, port_open, run_checked, spawn, stop_pid, wait_until
+from clinhub.infra.process import (
+    ServiceProcess,
+    pid_alive,
+    port_open,
+    run_checked,
+    spawn,
+    stop_pid,
+    wait_until,
+)
 
 SEARCH_ROOT = Path("/usr/lib/postgresql")
 
@@ -84,8 +92,21 @@ class PostgresLayout:
 def _psql(layout: PostgresLayout, bindir: Path, sql: str, database: str = "postgres") -> str:
     return run_checked(
         _as_server_user(
-            [str(bindir / "psql"), "-h", str(layout.socket_dir), "-p", str(layout.port), "-U", "postgres",
-             "-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql]
+            [
+                str(bindir / "psql"),
+                "-h",
+                str(layout.socket_dir),
+                "-p",
+                str(layout.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atc",
+                sql,
+            ]
         ),
         "postgresql (psql)",
     )
@@ -105,8 +126,16 @@ def start(layout: PostgresLayout, timeout: float = 60.0) -> ServiceProcess:
         _chown_to_server_user(layout.home)
         run_checked(
             _as_server_user(
-                [str(bindir / "initdb"), "-D", str(layout.data_dir), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--locale=C.UTF-8"]
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(layout.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ]
             ),
             "postgresql (initdb)",
         )
@@ -114,15 +143,31 @@ def start(layout: PostgresLayout, timeout: float = 60.0) -> ServiceProcess:
     proc = spawn(
         "postgresql",
         _as_server_user(
-            [str(bindir / "postgres"), "-D", str(layout.data_dir), "-p", str(layout.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={layout.socket_dir}",
-             "-c", "fsync=off", "-c", "max_connections=100"]
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(layout.data_dir),
+                "-p",
+                str(layout.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={layout.socket_dir}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=100",
+            ]
         ),
         layout.log_path,
         layout.pid_path,
     )
-    wait_until(proc, lambda: port_open(layout.port) and _psql(layout, bindir, "select 1") == "1\n",
-               timeout, "accepting connections")
+    wait_until(
+        proc,
+        lambda: port_open(layout.port) and _psql(layout, bindir, "select 1") == "1\n",
+        timeout,
+        "accepting connections",
+    )
     if fresh:
         _psql(layout, bindir, f"CREATE ROLE {layout.user} LOGIN SUPERUSER")
         _psql(layout, bindir, f"CREATE DATABASE {layout.database} OWNER {layout.user}")

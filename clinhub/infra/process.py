@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess  # nosec B404 - launching the project's own services is the point of this module
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,7 +107,7 @@ def spawn(
     """Start a process detached in its own session so that stopping it takes its children too."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(  # nosec B603 - argv is built by the project, never from user input
+        proc = subprocess.Popen(  # noqa: S603 - argv is built by the project, never from user input
             list(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -121,9 +121,7 @@ def spawn(
     return ServiceProcess(name=name, pid=proc.pid, log_path=log_path)
 
 
-def wait_until(
-    service: ServiceProcess, ready: Callable[[], bool], timeout: float, what: str
-) -> None:
+def wait_until(service: ServiceProcess, ready: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll `ready` until it is true; fail loudly with the service's log if it dies or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -135,21 +133,20 @@ def wait_until(
         except Exception:  # noqa: BLE001,S110 - any failure of a readiness probe just means "not yet"
             pass
         time.sleep(0.5)
-    raise ServiceError(
-        service.name, f"not {what} within {timeout:.0f}s; log tail:\n{service.log_tail()}"
-    )
+    raise ServiceError(service.name, f"not {what} within {timeout:.0f}s; log tail:\n{service.log_tail()}")
 
 
 def run_checked(argv: Sequence[str], what: str, cwd: Path | None = None, timeout: float = 1800) -> str:
     """Run a set-up command to completion; its output goes into the error if it fails."""
     try:
-        done = subprocess.run(  # nosec B603 - argv is built by the project
+        done = subprocess.run(  # noqa: S603 - argv is built by the project
             list(argv), capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
         )
     except FileNotFoundError as exc:
         raise ServiceError(what, f"command not found: {argv[0]}") from exc
     if done.returncode != 0:
         raise ServiceError(
-            what, f"`{' '.join(argv)}` exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            what,
+            f"`{' '.join(argv)}` exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
         )
     return done.stdout

@@ -82,15 +82,20 @@ def start(layout: RegistryLayout, timeout: float = 120.0) -> ServiceProcess:
         raise ServiceError("registry", "Java 17+ is needed to run the registry; install a JDK")
     storage = (
         [f"-Dapicurio.datasource.url=jdbc:h2:file:{layout.home / 'data' / 'registry'}"]
-        if layout.persistent else []
+        if layout.persistent
+        else []
     )
     argv = [
-        java, f"-Xmx{layout.heap}", "-XX:+UseSerialGC",
-        "-Dquarkus.http.host=127.0.0.1", f"-Dquarkus.http.port={layout.port}",
+        java,
+        f"-Xmx{layout.heap}",
+        "-XX:+UseSerialGC",
+        "-Dquarkus.http.host=127.0.0.1",
+        f"-Dquarkus.http.port={layout.port}",
         "-Dquarkus.http.access-log.enabled=false",
         "-Dapicurio.rules.global.compatibility=BACKWARD_TRANSITIVE",
         *storage,
-        "-jar", str(jar),
+        "-jar",
+        str(jar),
     ]
     proc = spawn("registry", argv, layout.log_path, layout.pid_path, cwd=layout.home)
     wait_until(proc, lambda: registry_answers(layout.url), timeout, "serving the ccompat API")

@@ -45,7 +45,9 @@ INFRA_HOME = PROJECT_ROOT / ".infra"
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.KafkaLayout]:
     layout = kafka.KafkaLayout(
-        home=tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port(),
+        home=tmp_path_factory.mktemp("kafka"),
+        port=free_port(),
+        controller_port=free_port(),
         shared_lib=INFRA_HOME / "kafka-lib",
     )
     process = kafka.start(layout)
@@ -56,7 +58,9 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.Kaf
 @pytest.fixture(scope="session")
 def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     layout = registry.RegistryLayout(
-        home=tmp_path_factory.mktemp("registry"), port=free_port(), persistent=False,
+        home=tmp_path_factory.mktemp("registry"),
+        port=free_port(),
+        persistent=False,
         shared_app=INFRA_HOME / "registry-app",
     )
     process = registry.start(layout)
@@ -111,7 +115,8 @@ class HubEnv:
             "CLINHUB_STREAM_BATCH_WITHIN_SECONDS": "0.2",
             "CLINHUB_STREAM_SINK_RETRY_MAX_SECONDS": "2",
             "CLINHUB_SECURITY_PSEUDONYM_KEY": s.security.pseudonym_key.get_secret_value()  # type: ignore[union-attr]
-            if s.security.pseudonym_key else "",
+            if s.security.pseudonym_key
+            else "",
             "CLINHUB_INFRA_METRICS_PORT": "0",
             "CLINHUB_LOG_LEVEL": "INFO",
         }
@@ -119,8 +124,12 @@ class HubEnv:
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "clinhub.cli", "stream", "worker"], stdout=log, stderr=subprocess.STDOUT,
-            env=self.env(), start_new_session=True, cwd=self.workdir,
+            [sys.executable, "-m", "clinhub.cli", "stream", "worker"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+            cwd=self.workdir,
         )
         self.workers.append(proc)
         return proc
@@ -141,13 +150,23 @@ class HubEnv:
                     proc.wait(10)
 
     def producer(self) -> Producer:
-        return Producer({"bootstrap.servers": self.settings.kafka.bootstrap_servers, "enable.idempotence": True,
-                         "acks": "all"})
+        return Producer(
+            {
+                "bootstrap.servers": self.settings.kafka.bootstrap_servers,
+                "enable.idempotence": True,
+                "acks": "all",
+            }
+        )
 
     def consume_all(self, topic: str, timeout: float, until: Callable[[list[Any]], bool]) -> list[Any]:
         """Read a topic from the beginning until `until(messages)` holds or time runs out."""
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka.bootstrap_servers,
-                             "group.id": f"reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka.bootstrap_servers,
+                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+            }
+        )
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         messages: list[Any] = []
@@ -165,10 +184,12 @@ class HubEnv:
 
 @pytest.fixture()
 def hub(
-    kafka_broker: kafka.KafkaLayout, schema_registry_url: str, postgres_cluster: postgres.PostgresLayout,
+    kafka_broker: kafka.KafkaLayout,
+    schema_registry_url: str,
+    postgres_cluster: postgres.PostgresLayout,
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
-    """A private topic prefix, consumer group and PostgreSQL database for one test; workers started on demand."""
+    """A private topic prefix, consumer group and database for one test; workers started on demand."""
     prefix = f"t{uuid.uuid4().hex[:8]}."
     db_url = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
     engine = make_engine(db_url)
@@ -178,8 +199,12 @@ def hub(
         registry=RegistrySettings(url=schema_registry_url),
         database=DatabaseSettings(url=SecretStr(db_url)),
         security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
-        stream=StreamSettings(topic_prefix=prefix, app_id=f"clinhub-test-{prefix[:-1]}",
-                              institutions=("H001", "H002"), data_dir=tmp_path / "faust"),
+        stream=StreamSettings(
+            topic_prefix=prefix,
+            app_id=f"clinhub-test-{prefix[:-1]}",
+            institutions=("H001", "H002"),
+            data_dir=tmp_path / "faust",
+        ),
         infra=InfraSettings(metrics_port=0),
     )
     topics = TopicNames(prefix=prefix)

@@ -21,20 +21,42 @@ def lab(institution: str, code: str, value: float, unit: str, mrn: str = "MRN000
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     return {
         "envelope": {
-            "event_id": str(uuid.uuid4()), "institution_id": institution, "source_system": "LIS",
-            "source_message_id": None, "event_time": now, "produced_time": now, "schema_version": "1",
+            "event_id": str(uuid.uuid4()),
+            "institution_id": institution,
+            "source_system": "LIS",
+            "source_message_id": None,
+            "event_time": now,
+            "produced_time": now,
+            "schema_version": "1",
             "correlation_id": str(uuid.uuid4()),
         },
-        "result_id": f"R-{uuid.uuid4().hex[:10]}", "patient_mrn": mrn, "patient_national_id": None,
-        "patient_birth_year": 1960, "patient_sex": "female", "encounter_id": None, "local_code": code,
-        "local_code_system": None, "local_display": None, "loinc_code": None, "value_numeric": value,
-        "value_text": None, "unit": unit, "reference_low": None, "reference_high": None, "abnormal_flag": None,
-        "status": "final", "specimen_collected_time": None, "result_time": now, "performing_lab": None,
+        "result_id": f"R-{uuid.uuid4().hex[:10]}",
+        "patient_mrn": mrn,
+        "patient_national_id": None,
+        "patient_birth_year": 1960,
+        "patient_sex": "female",
+        "encounter_id": None,
+        "local_code": code,
+        "local_code_system": None,
+        "local_display": None,
+        "loinc_code": None,
+        "value_numeric": value,
+        "value_text": None,
+        "unit": unit,
+        "reference_low": None,
+        "reference_high": None,
+        "abnormal_flag": None,
+        "status": "final",
+        "specimen_collected_time": None,
+        "result_time": now,
+        "performing_lab": None,
         "ordering_clinician": None,
     }
 
 
-def wait_for(condition: Callable[[], bool], hub: HubEnv, timeout: float = 90.0, what: str = "condition") -> None:
+def wait_for(
+    condition: Callable[[], bool], hub: HubEnv, timeout: float = 90.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -47,9 +69,11 @@ def wait_for(condition: Callable[[], bool], hub: HubEnv, timeout: float = 90.0, 
 
 def rows_for(hub: HubEnv, event_id: str) -> int:
     with hub.engine.connect() as conn:
-        return int(conn.execute(
-            select(func.count()).select_from(Observation).where(Observation.event_id == event_id)
-        ).scalar_one())
+        return int(
+            conn.execute(
+                select(func.count()).select_from(Observation).where(Observation.event_id == event_id)
+            ).scalar_one()
+        )
 
 
 def test_event_published_twice_is_stored_exactly_once(hub: HubEnv) -> None:
@@ -112,8 +136,9 @@ def test_critical_potassium_raises_exactly_one_alert(hub: HubEnv) -> None:
 
 def test_poison_messages_go_to_dead_letter_and_the_next_good_one_is_processed(hub: HubEnv) -> None:
     """Wrong magic byte and truncated Avro are dead-lettered with their position and reason; nothing stops."""
-    encoder = make_encoder(ConfluentRegistry(hub.settings.registry.client_config()),
-                           standard.load(standard.LAB_RESULT))
+    encoder = make_encoder(
+        ConfluentRegistry(hub.settings.registry.client_config()), standard.load(standard.LAB_RESULT)
+    )
     good = lab("H001", "GLU", 90.0, "mg/dL", mrn="MRN0000777")
     key = message_key(good)
     good_bytes = encoder(good)
@@ -135,7 +160,9 @@ def test_poison_messages_go_to_dead_letter_and_the_next_good_one_is_processed(hu
     wait_for(lambda: rows_for(hub, good["envelope"]["event_id"]) == 1, hub, what="good message stored")
 
     decode = hub.decoder()
-    dead = [decode(m.value()) for m in hub.consume_all(hub.topics.deadletter_topic, 30, lambda m: len(m) >= 2)]
+    dead = [
+        decode(m.value()) for m in hub.consume_all(hub.topics.deadletter_topic, 30, lambda m: len(m) >= 2)
+    ]
     by_value = {d["original_value"]: d for d in dead}
     assert set(by_value) == {wrong_magic, truncated}
 
