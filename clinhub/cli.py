@@ -133,16 +133,40 @@ def topics_create() -> None:
 
 @schemas_app.command("register")
 def schemas_register() -> None:
-    """Register every record schema of the standard, with BACKWARD_TRANSITIVE compatibility."""
-    from schemas import standard
+    """Register every record schema of the standard (BACKWARD_TRANSITIVE) and report what changed."""
+    from schemas.registration import register_standard
+    from schemas.wire import ConfluentRegistry
+
+    for change in register_standard(ConfluentRegistry(_settings().registry.client_config())):
+        typer.echo(f"{change.subject}: {change.describe()}")
+
+
+@schemas_app.command("list")
+def schemas_list() -> None:
+    """Subjects and versions in the registry."""
     from schemas.wire import ConfluentRegistry
 
     registry = ConfluentRegistry(_settings().registry.client_config())
+    for subject in registry.subjects():
+        typer.echo(f"{subject}: versions {registry.versions(subject)}")
+
+
+@schemas_app.command("release")
+def schemas_release() -> None:
+    """Record changed schemas as new versions in schemas/history, after proving they read every older one."""
+    from schemas import governance, standard
+
     for name in standard.record_names():
-        schema = standard.load(name)
-        registry.set_compatibility(schema.subject, "BACKWARD_TRANSITIVE")
-        schema_id = registry.register(schema.subject, schema.text)
-        typer.echo(f"{schema.subject}: id {schema_id}, versions {registry.versions(schema.subject)}")
+        released = governance.release(name)
+        typer.echo(f"{name}: {f'released v{released.version}' if released else 'unchanged'}")
+
+
+@schemas_app.command("docs")
+def schemas_docs() -> None:
+    """Regenerate docs/standard.md from the schemas."""
+    from schemas import docs
+
+    typer.echo(f"wrote {docs.write()}")
 
 
 @stream_app.command("worker")

@@ -69,7 +69,7 @@ def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
 def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
     from producers.publisher import make_publisher
     from producers.simulator import simulate_labs
-    from schemas import standard
+    from schemas.registration import register_standard
     from schemas.wire import ConfluentRegistry
     from sinks.models import Alert, Observation
     from sinks.store import make_engine, upgrade
@@ -92,11 +92,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
         settings.kafka.topic_partitions,
         settings.kafka.topic_replication,
     )
-    registry = ConfluentRegistry(settings.registry.client_config())
-    for name in standard.record_names():
-        schema = standard.load(name)
-        registry.set_compatibility(schema.subject, "BACKWARD_TRANSITIVE")
-        registry.register(schema.subject, schema.text)
+    register_standard(ConfluentRegistry(settings.registry.client_config()))
     load_reference()
 
     typer.echo("3/6 starting the Faust stream processor...")

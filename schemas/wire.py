@@ -130,7 +130,7 @@ def validate_record(record: Mapping[str, Any], schema: StandardSchema) -> None:
 def _field_of(error: Any) -> str:
     # fastavro reports "<path> is <value> of type <type> expected <schema>"; the path is the field.
     text = str(error)
-    return text.split(" is ", 1)[0].rsplit(".", 1)[-1] if " is " in text else text
+    return text.split(" is ", 1)[0].rsplit(".", 1)[-1].rstrip(")") if " is " in text else text
 
 
 def make_encoder(registry: SchemaRegistry, schema: StandardSchema, check: bool = True) -> AvroEncoder:
