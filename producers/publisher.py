@@ -1,9 +1,9 @@
 """The publisher SDK: validate locally, encode Avro, publish idempotently with acks=all, confirm.
 
 publisher = make_publisher(load_settings(), institution_id="H001")
-receipt = publisher.publish_lab(record)          # raises if the broker did not accept it
-receipts = publisher.publish_many_labs(records)  # one result per record, in order
-publisher.close()
+receipt = publisher.publish("lab", record)          # raises if the broker did not accept it
+receipts = publisher.publish_many("vitals", batch)  # one result per record, in order
+publisher.close()                                   # raises listing anything undelivered
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any
 
 from clinhub.settings import HubSettings
 from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
+from producers.validation import check_event
 from schemas import standard
-from schemas.wire import AvroEncoder, ConfluentRegistry, make_encoder, validate_record
+from schemas.exceptions import RecordValidationError
+from schemas.wire import AvroEncoder, ConfluentRegistry, make_encoder
 from streams.topics import TopicNames
 
 
@@ -37,34 +39,38 @@ def message_key(record: Mapping[str, Any]) -> bytes:
 
 
 class Publisher:
+    """Publishes one institution's events. Thread-safe; one per institution and process is enough."""
+
     def __init__(
         self,
         producer: Any,
-        encoder: AvroEncoder,
+        encoders: Mapping[str, AvroEncoder],
         topics: TopicNames,
         institution_id: str,
         delivery_timeout: float,
     ) -> None:
         self._producer = producer
-        self._encoder = encoder
+        self._encoders = dict(encoders)
         self._topics = topics
         self.institution_id = institution_id
         self._delivery_timeout = delivery_timeout
         self._lock = threading.Lock()
         self._in_flight: dict[str, None] = {}
 
-    def _check_institution(self, record: Mapping[str, Any]) -> None:
-        claimed = record.get("envelope", {}).get("institution_id")
-        if claimed != self.institution_id:
-            from schemas.exceptions import RecordValidationError
-
+    def _encoder(self, kind: str) -> AvroEncoder:
+        try:
+            return self._encoders[kind]
+        except KeyError:
             raise RecordValidationError(
-                f"{claimed!r} is not this publisher's institution {self.institution_id!r}",
-                field="envelope.institution_id",
-            )
+                f"unknown event kind {kind!r}; one of {', '.join(sorted(self._encoders))}", field="kind"
+            ) from None
 
-    def _produce(self, record: Mapping[str, Any], results: dict[int, Any], index: int) -> None:
-        value = self._encoder(record)
+    def validate(self, kind: str, record: Mapping[str, Any]) -> None:
+        """Raise RecordValidationError (field, value, rule) if the event must not be sent."""
+        check_event(kind, record, self._encoder(kind).schema, self.institution_id)
+
+    def _produce(self, kind: str, record: Mapping[str, Any], results: dict[int, Any], index: int) -> None:
+        value = self._encoder(kind)(record)
         event_id = str(record["envelope"]["event_id"])
         headers = [
             ("correlation_id", str(record["envelope"]["correlation_id"]).encode()),
@@ -84,7 +90,7 @@ class Publisher:
         while True:
             try:
                 self._producer.produce(
-                    self._topics.raw(self.institution_id, "lab"),
+                    self._topics.raw(self.institution_id, kind),
                     value=value,
                     key=message_key(record),
                     headers=headers,
@@ -95,35 +101,42 @@ class Publisher:
                 # Local queue full: back-pressure. Serve delivery reports until there is room.
                 self._producer.poll(0.1)
 
-    def publish_many_labs(self, records: Sequence[Mapping[str, Any]]) -> list[Receipt | DeliveryFailedError]:
+    def publish_many(
+        self, kind: str, records: Sequence[Mapping[str, Any]]
+    ) -> list[Receipt | DeliveryFailedError]:
         """Publish all, wait for every delivery report; the result list lines up with the input.
 
-        Validation happens for every record before any is sent, so a bad batch sends nothing.
+        Every record is validated before any is sent, so a batch with one bad record sends nothing.
         """
         for record in records:
-            self._check_institution(record)
-            validate_record(record, self._encoder.schema)
+            self.validate(kind, record)
         results: dict[int, Any] = {}
         for index, record in enumerate(records):
-            self._produce(record, results, index)
+            self._produce(kind, record, results, index)
             self._producer.poll(0)
-        deadline = time.monotonic() + self._delivery_timeout
+        deadline = time.monotonic() + self._delivery_timeout + 5
         while len(results) < len(records) and time.monotonic() < deadline:
             self._producer.poll(0.1)
-        missing = [i for i in range(len(records)) if i not in results]
-        for i in missing:
-            event_id = str(records[i]["envelope"]["event_id"])
-            results[i] = DeliveryFailedError(
-                event_id, "no delivery report within the timeout", retriable=True
-            )
+        for i in range(len(records)):
+            if i not in results:
+                event_id = str(records[i]["envelope"]["event_id"])
+                results[i] = DeliveryFailedError(
+                    event_id, "no delivery report within the timeout", retriable=True
+                )
         return [results[i] for i in range(len(records))]
 
-    def publish_lab(self, record: Mapping[str, Any]) -> Receipt:
+    def publish(self, kind: str, record: Mapping[str, Any]) -> Receipt:
         """Publish one event and return once the broker has it, or raise DeliveryFailedError."""
-        (result,) = self.publish_many_labs([record])
+        (result,) = self.publish_many(kind, [record])
         if isinstance(result, DeliveryFailedError):
             raise result
         return result
+
+    def publish_lab(self, record: Mapping[str, Any]) -> Receipt:
+        return self.publish("lab", record)
+
+    def publish_many_labs(self, records: Sequence[Mapping[str, Any]]) -> list[Receipt | DeliveryFailedError]:
+        return self.publish_many("lab", records)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush everything queued; raise (listing the events) if anything is still undelivered."""
@@ -146,16 +159,23 @@ def producer_config(settings: HubSettings, delivery_timeout: float) -> dict[str,
 
 
 def make_publisher(
-    settings: HubSettings, institution_id: str, delivery_timeout: float = 30.0, registry: Any = None
+    settings: HubSettings,
+    institution_id: str,
+    delivery_timeout: float = 30.0,
+    registry: Any = None,
+    kinds: Sequence[str] = tuple(standard.KIND_SCHEMAS),
 ) -> Publisher:
-    """Build a publisher for one institution; registers the LabResult schema once."""
+    """Build a publisher for one institution; registers (or finds) each kind's schema once."""
     from confluent_kafka import Producer
 
     schema_registry = registry or ConfluentRegistry(settings.registry.client_config())
-    encoder = make_encoder(schema_registry, standard.load(standard.LAB_RESULT), check=False)
+    encoders = {
+        kind: make_encoder(schema_registry, standard.load(standard.KIND_SCHEMAS[kind]), check=False)
+        for kind in kinds
+    }
     return Publisher(
         Producer(producer_config(settings, delivery_timeout)),
-        encoder,
+        encoders,
         TopicNames(prefix=settings.stream.topic_prefix),
         institution_id,
         delivery_timeout,

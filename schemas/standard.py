@@ -18,6 +18,20 @@ AVRO_DIR = Path(__file__).resolve().parent / "avro"
 LAB_RESULT = "org.clinhub.lab.LabResult"
 CRITICAL_VALUE_ALERT = "org.clinhub.alert.CriticalValueAlert"
 DEAD_LETTER = "org.clinhub.ops.DeadLetter"
+VITAL_SIGNS = "org.clinhub.vitals.VitalSigns"
+ENCOUNTER_EVENT = "org.clinhub.encounter.EncounterEvent"
+MEDICATION_ORDER = "org.clinhub.medication.MedicationOrder"
+DIAGNOSIS = "org.clinhub.diagnosis.Diagnosis"
+ALERT_ACKNOWLEDGEMENT = "org.clinhub.alert.AlertAcknowledgement"
+
+# The clinical event kinds institutions publish, each on raw.<institution>.<kind>.
+KIND_SCHEMAS = {
+    "lab": LAB_RESULT,
+    "vitals": VITAL_SIGNS,
+    "encounter": ENCOUNTER_EVENT,
+    "medication": MEDICATION_ORDER,
+    "diagnosis": DIAGNOSIS,
+}
 
 
 @dataclass(frozen=True)

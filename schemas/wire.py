@@ -115,22 +115,92 @@ class AvroEncoder:
 
 
 def validate_record(record: Mapping[str, Any], schema: StandardSchema) -> None:
-    """Raise RecordValidationError naming the field(s) that break the schema."""
-    try:
-        validate(record, schema.parsed, raise_errors=True, strict=True)
-    except fastavro.validation.ValidationError as exc:
-        fields = ", ".join(dict.fromkeys(_field_of(err) for err in exc.errors))
-        raise RecordValidationError(
-            f"does not match {schema.name}: {'; '.join(map(str, exc.errors))}", field=fields or None
-        ) from exc
-    except ValueError as exc:  # strict mode: unexpected fields
-        raise RecordValidationError(f"does not match {schema.name}: {exc}", field=None) from exc
+    """Raise RecordValidationError naming each field that breaks the schema, its value and the rule."""
+    spec = json.loads(schema.text)
+    problems = _missing_or_unknown(record, spec, "")
+    if not problems:
+        try:
+            validate(record, schema.parsed, raise_errors=True, strict=True)
+        except fastavro.validation.ValidationError as exc:
+            problems = _describe_all(exc.errors, _nested_field_names(spec))
+        except ValueError as exc:  # strict mode: fields the schema does not have
+            problems = [("(unknown field)", str(exc))]
+    if problems:
+        fields = ", ".join(dict.fromkeys(field for field, _ in problems))
+        raise RecordValidationError(f"{schema.name}: {'; '.join(text for _, text in problems)}", field=fields)
 
 
-def _field_of(error: Any) -> str:
-    # fastavro reports "<path> is <value> of type <type> expected <schema>"; the path is the field.
-    text = str(error)
-    return text.split(" is ", 1)[0].rsplit(".", 1)[-1].rstrip(")") if " is " in text else text
+def _missing_or_unknown(record: Any, spec: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
+    """Required fields that are absent and fields the schema does not know, with their dotted paths."""
+    if not isinstance(record, Mapping):
+        return [(prefix.rstrip(".") or "(record)", f"value {_short(record)} is not a record")]
+    problems = []
+    known = {field["name"] for field in spec["fields"]}
+    for name in record:
+        if name not in known:
+            problems.append((f"{prefix}{name}", f"field {prefix}{name}: not part of {spec['name']}"))
+    for field in spec["fields"]:
+        path = f"{prefix}{field['name']}"
+        if field["name"] not in record:
+            if "default" not in field:
+                problems.append((path, f"field {path}: missing, and it is required (no default)"))
+            continue
+        if isinstance(field["type"], dict) and field["type"].get("type") == "record":
+            problems.extend(_missing_or_unknown(record[field["name"]], field["type"], f"{path}."))
+    return problems
+
+
+def _nested_field_names(spec: dict[str, Any]) -> dict[str, str]:
+    """Full names of nested records -> the field that holds them, for readable error paths."""
+    names: dict[str, str] = {}
+    for field in spec["fields"]:
+        candidates = field["type"] if isinstance(field["type"], list) else [field["type"]]
+        for candidate in candidates:
+            if isinstance(candidate, dict) and candidate.get("type") == "array":
+                candidate = candidate["items"]
+            if isinstance(candidate, dict) and candidate.get("type") == "record":
+                names[candidate["name"]] = field["name"]
+    return names
+
+
+def _type_label(avro_type: Any) -> str:
+    if isinstance(avro_type, str):
+        return avro_type.rsplit(".", 1)[-1]
+    if isinstance(avro_type, list):
+        return " or ".join(_type_label(t) for t in avro_type)
+    if avro_type.get("logicalType"):
+        return f"{avro_type['type']} ({avro_type['logicalType']})"
+    if avro_type.get("type") == "enum":
+        return f"one of {', '.join(avro_type['symbols'])}"
+    if avro_type.get("type") == "array":
+        return f"array of {_type_label(avro_type['items'])}"
+    return f"{avro_type.get('type')} {str(avro_type.get('name', '')).rsplit('.', 1)[-1]}".strip()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe_all(errors: Any, nested: dict[str, str]) -> list[tuple[str, str]]:
+    """One line per field; a value that fits no branch of a union lists every branch it tried."""
+    rules: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
+    for error in errors:
+        path = str(getattr(error, "field", "") or "")
+        record_name, _, leaf = path.rpartition(".")
+        parent = nested.get(record_name)
+        field = f"{parent}.{leaf}" if parent else leaf or path
+        rules.setdefault(field, []).append(_type_label(getattr(error, "schema", None)))
+        values[field] = getattr(error, "datum", None)
+    return [
+        (
+            field,
+            f"field {field}: value {_short(values[field])} ({type(values[field]).__name__}) "
+            f"is not {' or '.join(dict.fromkeys(rule))}",
+        )
+        for field, rule in rules.items()
+    ]
 
 
 def make_encoder(registry: SchemaRegistry, schema: StandardSchema, check: bool = True) -> AvroEncoder:

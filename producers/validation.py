@@ -1,0 +1,55 @@
+"""Checks an institution's event before anything is sent: the schema, plus rules Avro cannot express."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from schemas.exceptions import RecordValidationError
+from schemas.standard import StandardSchema
+from schemas.wire import validate_record
+
+# Natural-key field of each kind: with the institution it identifies the fact across corrections.
+NATURAL_KEYS = {
+    "lab": "result_id",
+    "vitals": "observation_id",
+    "encounter": "encounter_id",
+    "medication": "order_id",
+    "diagnosis": "diagnosis_id",
+}
+
+
+def _fail(field: str, value: Any, rule: str) -> RecordValidationError:
+    return RecordValidationError(f"field {field}: value {value!r} {rule}", field=field)
+
+
+def check_event(kind: str, record: Mapping[str, Any], schema: StandardSchema, institution_id: str) -> None:
+    """Raise RecordValidationError naming the field, the value and the rule broken; return if valid."""
+    validate_record(record, schema)
+    envelope = record["envelope"]
+    claimed = envelope["institution_id"]
+    if claimed != institution_id:
+        raise _fail(
+            "envelope.institution_id", claimed, f"is not this publisher's institution {institution_id!r}"
+        )
+    try:
+        uuid.UUID(str(envelope["event_id"]))
+    except ValueError:
+        raise _fail("envelope.event_id", envelope["event_id"], "is not a UUID") from None
+    if not str(envelope["correlation_id"]).strip():
+        raise _fail("envelope.correlation_id", envelope["correlation_id"], "must not be empty")
+    for name in ("patient_mrn", NATURAL_KEYS[kind]):
+        if not str(record[name]).strip():
+            raise _fail(name, record[name], "must not be empty")
+    _check_times(record, "")
+
+
+def _check_times(record: Mapping[str, Any], prefix: str) -> None:
+    """Naive datetimes are ambiguous (whose local time?); the standard carries UTC instants only."""
+    for name, value in record.items():
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            raise _fail(f"{prefix}{name}", value.isoformat(), "has no time zone; send an aware datetime")
+        if isinstance(value, Mapping):
+            _check_times(value, f"{prefix}{name}.")
