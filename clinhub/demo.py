@@ -111,7 +111,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
         alert_marks = _high_watermarks(settings, topics.alerts_topic)
         seed = int(time.time())
         records = simulate_labs(seed, count, critical_share=0.15)
-        typer.echo(f"4/6 publishing {len(records)} lab results from H001 and H002 (seed {seed})...")
+        typer.echo(f"4/6 publishing {len(records)} lab results from H001, H002 and C003 (seed {seed})...")
         delivered = 0
         for institution in sorted({r["envelope"]["institution_id"] for r in records}):
             publisher = make_publisher(settings, institution)

@@ -87,7 +87,7 @@ class StreamSettings(BaseSettings):
 
     app_id: str = "clinhub-streams"
     topic_prefix: str = ""
-    institutions: tuple[str, ...] = ("H001", "H002")
+    institutions: tuple[str, ...] = ("H001", "H002", "C003")
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.5, gt=0)
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
@@ -106,6 +106,7 @@ class InfraSettings(BaseSettings):
     registry_port: int = 8081
     postgres_port: int = 5433
     metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"  # the worker's /metrics; 0.0.0.0 in a container
 
 
 class HubSettings(BaseSettings):

@@ -8,11 +8,14 @@ publisher.close()                                   # raises listing anything un
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from confluent_kafka import KafkaError
 
 from clinhub.settings import HubSettings
 from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
@@ -81,7 +84,10 @@ class Publisher:
             with self._lock:
                 self._in_flight.pop(event_id, None)
             if err is not None:
-                results[index] = DeliveryFailedError(event_id, err.str(), bool(err.retriable()))
+                # A timed-out message may or may not have landed; resending is safe (the hub de-duplicates
+                # on event id), so it counts as retriable for the caller.
+                retriable = bool(err.retriable()) or err.code() == KafkaError._MSG_TIMED_OUT
+                results[index] = DeliveryFailedError(event_id, err.str(), retriable)
             else:
                 results[index] = Receipt(event_id, msg.topic(), msg.partition(), msg.offset())
 
@@ -155,6 +161,7 @@ def producer_config(settings: HubSettings, delivery_timeout: float) -> dict[str,
         "linger.ms": 5,
         "message.timeout.ms": int(delivery_timeout * 1000),
         "queue.buffering.max.messages": 100_000,
+        "logger": logging.getLogger("clinhub.kafka.producer"),
     }
 
 

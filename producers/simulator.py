@@ -10,6 +10,7 @@ import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from streams.identity import NATIONAL_ID_CHECK, NATIONAL_ID_WEIGHTS
 
@@ -20,7 +21,8 @@ class LocalTest:
     display: str
     unit: str
     normal: tuple[float, float]
-    critical: tuple[float, float]  # a value range that crosses a critical limit
+    abnormal: tuple[float, float]  # outside the reference range, not critical
+    critical: tuple[float, float]  # crosses a critical limit
 
 
 @dataclass(frozen=True)
@@ -28,39 +30,79 @@ class Institution:
     institution_id: str
     name: str
     source_system: str
+    time_zone: str
     mrn_format: str
     tests: tuple[LocalTest, ...]
+    drugs: tuple[tuple[str, str, float, str, str], ...]  # code, name, dose, dose unit, route
 
 
-# Two hospitals that disagree on codes and units, as real ones do.
+# Hospitals that disagree on codes, units, identifier formats and clocks, as real ones do.
 INSTITUTIONS = (
     Institution(
         "H001",
         "City General Hospital",
         "LIS-Cerner",
+        "Asia/Shanghai",
         "MRN{:07d}",
         (
-            LocalTest("K", "Potassium", "mmol/L", (3.5, 5.1), (6.3, 7.5)),
-            LocalTest("NA", "Sodium", "mmol/L", (136, 145), (161, 170)),
-            LocalTest("GLU", "Glucose", "mg/dL", (70, 110), (20, 45)),
-            LocalTest("HGB", "Hemoglobin", "g/dL", (12.0, 16.0), (4.5, 5.9)),
-            LocalTest("CREA", "Creatinine", "mg/dL", (0.6, 1.2), (0.6, 1.2)),
+            LocalTest("K", "Potassium", "mmol/L", (3.5, 5.1), (5.3, 5.9), (6.3, 7.5)),
+            LocalTest("NA", "Sodium", "mmol/L", (136, 145), (146, 155), (161, 170)),
+            LocalTest("GLU", "Glucose", "mg/dL", (70, 110), (130, 250), (20, 45)),
+            LocalTest("HGB", "Hemoglobin", "g/dL", (12.0, 16.0), (8.0, 11.0), (4.5, 5.9)),
+            LocalTest("CREA", "Creatinine", "mg/dL", (0.6, 1.2), (1.5, 3.0), (1.5, 3.0)),
+        ),
+        (
+            ("AMOX500", "Amoxicillin 500 mg cap", 500, "mg", "PO"),
+            ("KCL20", "Potassium chloride", 20, "mmol", "IV"),
         ),
     ),
     Institution(
         "H002",
         "Riverside University Hospital",
         "LIS-LabWin",
+        "Asia/Urumqi",
         "{:010d}",
         (
-            LocalTest("LAB0101", "钾 Potassium", "mmol/L", (3.5, 5.3), (2.0, 2.8)),
-            LocalTest("LAB0102", "钠 Sodium", "mmol/L", (137, 147), (110, 118)),
-            LocalTest("LAB0201", "葡萄糖 Glucose", "mmol/L", (3.9, 6.1), (23.0, 30.0)),
-            LocalTest("LAB0301", "血红蛋白 Hemoglobin", "g/L", (115, 150), (45, 58)),
-            LocalTest("LAB0302", "血小板 Platelets", "10*9/L", (125, 350), (5, 18)),
+            LocalTest("LAB0101", "钾 Potassium", "mmol/L", (3.5, 5.3), (3.1, 3.4), (2.0, 2.8)),
+            LocalTest("LAB0102", "钠 Sodium", "mmol/L", (137, 147), (125, 135), (110, 118)),
+            LocalTest("LAB0201", "葡萄糖 Glucose", "mmol/L", (3.9, 6.1), (7.5, 15.0), (23.0, 30.0)),
+            LocalTest("LAB0301", "血红蛋白 Hemoglobin", "g/L", (115, 150), (80, 110), (45, 58)),
+            LocalTest("LAB0302", "血小板 Platelets", "10*9/L", (125, 350), (50, 100), (5, 18)),
         ),
+        (("X0001", "阿莫西林胶囊", 0.5, "g", "PO"), ("X0417", "呋塞米注射液", 20, "mg", "IV")),
+    ),
+    Institution(
+        "C003",
+        "Harbour Community Clinic",
+        "EMR-OpenMRS",
+        "Asia/Hong_Kong",
+        "HC-{:06d}",
+        (
+            LocalTest("K+", "Potassium, serum", "meq/L", (3.5, 5.0), (5.2, 5.8), (6.4, 7.2)),
+            LocalTest("GLUC", "Glucose, fasting", "mg/dL", (70, 99), (100, 180), (450, 600)),
+        ),
+        (("MET850", "Metformin 850 mg tab", 850, "mg", "PO"),),
     ),
 )
+
+KIND_WEIGHTS = {"lab": 0.5, "vitals": 0.2, "encounter": 0.1, "medication": 0.12, "diagnosis": 0.08}
+VITALS = (
+    ("8867-4", "HR", (55, 100), "/min"),
+    ("8480-6", "SBP", (100, 140), "mm[Hg]"),
+    ("8462-4", "DBP", (60, 90), "mm[Hg]"),
+    ("59408-5", "SPO2", (93, 100), "%"),
+    ("8310-5", "TEMP", (36.2, 37.6), "Cel"),
+    ("9279-1", "RR", (12, 20), "/min"),
+)
+DIAGNOSES = (
+    ("E87.5", "Hyperkalaemia"),
+    ("E87.1", "Hyponatraemia"),
+    ("E11.9", "Type 2 diabetes"),
+    ("D64.9", "Anaemia"),
+    ("N18.3", "Chronic kidney disease, stage 3"),
+    ("I10", "Hypertension"),
+)
+WARDS = ("ICU", "CCU", "MED-3", "SURG-2", "ED")
 
 
 def national_id(rng: random.Random) -> str:
@@ -81,23 +123,44 @@ class Patient:
 
 
 def make_patients(rng: random.Random, count: int) -> list[Patient]:
+    """Patients known at one or more institutions; most carry a national id that links them."""
     patients = []
     for n in range(count):
         nid = national_id(rng) if rng.random() < 0.8 else None
         mrns = {
-            inst.institution_id: inst.mrn_format.format(rng.randrange(1, 10**6) * 10 + n % 10)
+            inst.institution_id: inst.mrn_format.format(rng.randrange(1, 10**5) * 10 + n % 10)
             for inst in INSTITUTIONS
-            if rng.random() < 0.7 or inst is INSTITUTIONS[0]
+            if rng.random() < 0.6 or inst is INSTITUTIONS[n % len(INSTITUTIONS)]
         }
-        patients.append(
-            Patient(
-                nid,
-                mrns,
-                int(nid[6:10]) if nid else rng.randrange(1940, 2005),
-                rng.choice(["male", "female"]),
-            )
-        )
+        birth_year = int(nid[6:10]) if nid else rng.randrange(1940, 2005)
+        patients.append(Patient(nid, mrns, birth_year, rng.choice(["male", "female"])))
     return patients
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _envelope(institution: Institution, when: dt.datetime, rng: random.Random) -> dict[str, Any]:
+    return {
+        "event_id": _uuid(rng),
+        "institution_id": institution.institution_id,
+        "source_system": institution.source_system,
+        "source_message_id": f"MSG{rng.randrange(10**9):09d}",
+        "event_time": when,
+        "produced_time": when,
+        "schema_version": "1",
+        "correlation_id": _uuid(rng),
+    }
+
+
+def _patient_fields(institution: Institution, patient: Patient) -> dict[str, Any]:
+    return {
+        "patient_mrn": patient.mrns[institution.institution_id],
+        "patient_national_id": patient.national_id,
+        "patient_birth_year": patient.birth_year,
+        "patient_sex": patient.sex,
+    }
 
 
 def lab_record(
@@ -108,23 +171,10 @@ def lab_record(
     when: dt.datetime,
     rng: random.Random,
 ) -> dict[str, Any]:
-    event_id = uuid.UUID(int=rng.getrandbits(128), version=4)
     return {
-        "envelope": {
-            "event_id": str(event_id),
-            "institution_id": institution.institution_id,
-            "source_system": institution.source_system,
-            "source_message_id": f"MSG{rng.randrange(10**9):09d}",
-            "event_time": when,
-            "produced_time": when,
-            "schema_version": "1",
-            "correlation_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        },
+        "envelope": _envelope(institution, when, rng),
         "result_id": f"{institution.institution_id}-R{rng.randrange(10**9):09d}",
-        "patient_mrn": patient.mrns[institution.institution_id],
-        "patient_national_id": patient.national_id,
-        "patient_birth_year": patient.birth_year,
-        "patient_sex": patient.sex,
+        **_patient_fields(institution, patient),
         "encounter_id": f"V{rng.randrange(10**6):06d}",
         "local_code": test.code,
         "local_code_system": f"LIS-{institution.institution_id}",
@@ -135,7 +185,9 @@ def lab_record(
         "unit": test.unit,
         "reference_low": test.normal[0],
         "reference_high": test.normal[1],
-        "abnormal_flag": None,
+        "abnormal_flag": None
+        if test.normal[0] <= value <= test.normal[1]
+        else ("L" if value < test.normal[0] else "H"),
         "status": "final",
         "specimen_collected_time": when - dt.timedelta(minutes=rng.randrange(20, 90)),
         "result_time": when,
@@ -144,20 +196,138 @@ def lab_record(
     }
 
 
-def simulate_labs(
-    seed: int, count: int, critical_share: float = 0.1, patients: int = 20, now: dt.datetime | None = None
-) -> list[dict[str, Any]]:
-    """`count` lab results spread over the institutions; about `critical_share` of them critical."""
+def _vitals_record(
+    institution: Institution, patient: Patient, when: dt.datetime, rng: random.Random
+) -> dict[str, Any]:
+    chosen = rng.sample(VITALS, k=rng.randrange(2, len(VITALS) + 1))
+    return {
+        "envelope": _envelope(institution, when, rng),
+        "observation_id": f"{institution.institution_id}-VS{rng.randrange(10**9):09d}",
+        **_patient_fields(institution, patient),
+        "encounter_id": f"V{rng.randrange(10**6):06d}",
+        "measured_time": when,
+        "device_id": rng.choice([None, f"MON-{rng.randrange(100):03d}"]),
+        "status": "final",
+        "measurements": [
+            {"loinc_code": loinc, "local_code": code, "value": round(rng.uniform(*span), 1), "unit": unit}
+            for loinc, code, span, unit in chosen
+        ],
+    }
+
+
+def _encounter_record(
+    institution: Institution, patient: Patient, when: dt.datetime, rng: random.Random
+) -> dict[str, Any]:
+    event_type = rng.choice(["ADMIT", "TRANSFER", "DISCHARGE", "REGISTER"])
+    ward = rng.choice(WARDS)
+    return {
+        "envelope": _envelope(institution, when, rng),
+        "encounter_id": f"V{rng.randrange(10**6):06d}",
+        **_patient_fields(institution, patient),
+        "event_type": event_type,
+        "encounter_class": "EMERGENCY" if ward == "ED" else "INPATIENT",
+        "ward": ward,
+        "bed": f"{ward}-{rng.randrange(1, 40):02d}",
+        "prior_ward": rng.choice(WARDS) if event_type == "TRANSFER" else None,
+        "prior_bed": None,
+        "attending_clinician": f"DR{rng.randrange(1000):04d}",
+        "occurred_time": when,
+        "admit_time": when if event_type == "ADMIT" else None,
+        "discharge_time": when if event_type == "DISCHARGE" else None,
+    }
+
+
+def _medication_record(
+    institution: Institution, patient: Patient, when: dt.datetime, rng: random.Random
+) -> dict[str, Any]:
+    code, name, dose, unit, route = rng.choice(institution.drugs)
+    return {
+        "envelope": _envelope(institution, when, rng),
+        "order_id": f"{institution.institution_id}-O{rng.randrange(10**9):09d}",
+        **_patient_fields(institution, patient),
+        "encounter_id": f"V{rng.randrange(10**6):06d}",
+        "drug_code": code,
+        "drug_code_system": f"FORMULARY-{institution.institution_id}",
+        "drug_display": name,
+        "regional_drug_code": None,
+        "dose_value": float(dose),
+        "dose_unit": unit,
+        "route": route,
+        "frequency": rng.choice(["QD", "BID", "TID", "q8h", "STAT"]),
+        "status": "ACTIVE",
+        "ordered_time": when,
+        "start_time": when,
+        "end_time": None,
+        "prescriber": f"DR{rng.randrange(1000):04d}",
+    }
+
+
+def _diagnosis_record(
+    institution: Institution, patient: Patient, when: dt.datetime, rng: random.Random
+) -> dict[str, Any]:
+    code, display = rng.choice(DIAGNOSES)
+    return {
+        "envelope": _envelope(institution, when, rng),
+        "diagnosis_id": f"{institution.institution_id}-D{rng.randrange(10**9):09d}",
+        **_patient_fields(institution, patient),
+        "encounter_id": f"V{rng.randrange(10**6):06d}",
+        "icd10_code": code,
+        "code_system": "ICD-10-CN" if institution.institution_id == "H002" else "ICD-10",
+        "display": display,
+        "kind": rng.choice(["ADMISSION", "DISCHARGE", "PRINCIPAL", "SECONDARY"]),
+        "recorded_time": when,
+        "clinician": f"DR{rng.randrange(1000):04d}",
+    }
+
+
+def simulate_events(
+    seed: int,
+    count: int,
+    critical_share: float = 0.1,
+    abnormal_share: float = 0.2,
+    patients: int = 20,
+    now: dt.datetime | None = None,
+    kinds: dict[str, float] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """`count` (kind, record) pairs across institutions; the same seed gives the same traffic.
+
+    Times are aware datetimes on each institution's own clock (its time zone); the Avro encoder
+    stores them as UTC instants.
+    """
     rng = random.Random(seed)
     now = now or dt.datetime.now(dt.UTC)
     population = make_patients(rng, patients)
-    records = []
+    weights = kinds or KIND_WEIGHTS
+    events: list[tuple[str, dict[str, Any]]] = []
     for n in range(count):
         patient = rng.choice(population)
         institution = rng.choice([i for i in INSTITUTIONS if i.institution_id in patient.mrns])
-        test = rng.choice(institution.tests)
-        low, high = test.critical if rng.random() < critical_share else test.normal
-        value = round(rng.uniform(low, high), 2)
-        when = now - dt.timedelta(seconds=(count - n) * 2)
-        records.append(lab_record(institution, patient, test, value, when, rng))
-    return records
+        when = (now - dt.timedelta(seconds=(count - n) * 2)).astimezone(ZoneInfo(institution.time_zone))
+        kind = rng.choices(list(weights), weights=list(weights.values()))[0]
+        if kind == "lab":
+            test = rng.choice(institution.tests)
+            draw = rng.random()
+            span = (
+                test.critical
+                if draw < critical_share
+                else (test.abnormal if draw < critical_share + abnormal_share else test.normal)
+            )
+            record = lab_record(institution, patient, test, round(rng.uniform(*span), 2), when, rng)
+        elif kind == "vitals":
+            record = _vitals_record(institution, patient, when, rng)
+        elif kind == "encounter":
+            record = _encounter_record(institution, patient, when, rng)
+        elif kind == "medication":
+            record = _medication_record(institution, patient, when, rng)
+        else:
+            record = _diagnosis_record(institution, patient, when, rng)
+        events.append((kind, record))
+    return events
+
+
+def simulate_labs(
+    seed: int, count: int, critical_share: float = 0.1, patients: int = 20, now: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """Lab results only, about `critical_share` of them critical."""
+    events = simulate_events(seed, count, critical_share, patients=patients, now=now, kinds={"lab": 1.0})
+    return [record for _, record in events]

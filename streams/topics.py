@@ -31,7 +31,7 @@ class TopicNames:
     def deadletter_topic(self) -> str:
         return f"{self.prefix}{self.deadletter}"
 
-    def all_for(self, institutions: Iterable[str], kinds: Iterable[str] = ("lab",)) -> list[str]:
+    def all_for(self, institutions: Iterable[str], kinds: Iterable[str] = KINDS) -> list[str]:
         kinds = list(kinds)
         return [self.raw(inst, kind) for inst in institutions for kind in kinds] + [
             self.alerts_topic,

@@ -1,0 +1,101 @@
+"""The publisher SDK against the real broker and registry."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from clinhub.infra.process import free_port
+from clinhub.settings import HubSettings, KafkaSettings
+from producers.exceptions import DeliveryFailedError
+from producers.publisher import Receipt, make_publisher
+from producers.simulator import simulate_events
+from schemas.exceptions import RecordValidationError
+from tests.integration.conftest import HubEnv
+from tests.integration.test_lab_path import lab
+
+
+def test_delivery_is_confirmed_with_topic_partition_and_offset(hub: HubEnv) -> None:
+    publisher = make_publisher(hub.settings, "H001")
+    records = [lab("H001", "K", 4.0 + i / 10, "mmol/L", mrn=f"MRN{i:07d}") for i in range(20)]
+    receipts = publisher.publish_many_labs(records)
+    publisher.close()
+    assert all(isinstance(r, Receipt) for r in receipts)
+    assert [r.event_id for r in receipts] == [r["envelope"]["event_id"] for r in records]  # type: ignore[union-attr]
+    on_topic = hub.consume_all(hub.topics.raw("H001", "lab"), 20, lambda m: len(m) >= 20)
+    positions = {(m.partition(), m.offset()) for m in on_topic}
+    assert {(r.partition, r.offset) for r in receipts} == positions  # type: ignore[union-attr]
+
+
+def test_events_of_one_patient_keep_their_order_on_one_partition(hub: HubEnv) -> None:
+    publisher = make_publisher(hub.settings, "H002")
+    same_patient = [lab("H002", "LAB0101", 4.0, "mmol/L", mrn="0000000042") for _ in range(30)]
+    for sequence, record in enumerate(same_patient):
+        record["result_id"] = f"SEQ-{sequence:03d}"
+    others = [lab("H002", "LAB0101", 4.0, "mmol/L", mrn=f"00000{n:05d}") for n in range(30)]
+    interleaved = [r for pair in zip(same_patient, others, strict=True) for r in pair]
+    results = publisher.publish_many_labs(interleaved)
+    publisher.close()
+    assert all(isinstance(r, Receipt) for r in results)
+
+    decode = hub.decoder()
+    messages = hub.consume_all(hub.topics.raw("H002", "lab"), 20, lambda m: len(m) >= 60)
+    mine = [(m.partition(), m.offset(), decode(m.value())["result_id"]) for m in messages if m.key() == b"H002|0000000042"]
+    assert len({partition for partition, _, _ in mine}) == 1, "one patient's events must share a partition"
+    in_offset_order = [result_id for _, _, result_id in sorted(mine)]
+    assert in_offset_order == [f"SEQ-{n:03d}" for n in range(30)]
+
+
+def test_invalid_events_are_refused_before_anything_is_sent(hub: HubEnv) -> None:
+    publisher = make_publisher(hub.settings, "H001")
+    good = lab("H001", "K", 4.0, "mmol/L")
+    bad_value = lab("H001", "K", 4.0, "mmol/L")
+    bad_value["value_numeric"] = "high"
+    with pytest.raises(RecordValidationError) as caught:
+        publisher.publish_many_labs([good, bad_value])
+    assert caught.value.field == "value_numeric"
+    assert "'high'" in str(caught.value) and "double" in str(caught.value)
+
+    other_institution = lab("H002", "K", 4.0, "mmol/L")
+    with pytest.raises(RecordValidationError) as caught:
+        publisher.publish_lab(other_institution)
+    assert caught.value.field == "envelope.institution_id"
+    publisher.close()
+    assert hub.consume_all(hub.topics.raw("H001", "lab"), 5, lambda m: False) == [], "nothing was sent"
+
+
+def test_every_kind_is_published_to_its_own_raw_topic(hub: HubEnv) -> None:
+    events = simulate_events(seed=11, count=40)
+    kinds = {kind for kind, _ in events}
+    assert kinds >= {"lab", "vitals", "encounter", "medication", "diagnosis"}
+    publishers = {}
+    for kind, record in events:
+        institution = record["envelope"]["institution_id"]
+        if institution not in hub.settings.stream.institutions:
+            continue
+        publisher = publishers.setdefault(institution, make_publisher(hub.settings, institution))
+        receipt = publisher.publish(kind, record)
+        assert receipt.topic == hub.topics.raw(institution, kind)
+    for publisher in publishers.values():
+        publisher.close()
+
+
+def test_a_broker_that_is_down_gives_a_clear_error_within_the_timeout(hub: HubEnv) -> None:
+    """Nothing listens on the port: the publish fails with DeliveryFailedError, not silently, not forever."""
+    unreachable = HubSettings(
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+        registry=hub.settings.registry,
+        database=hub.settings.database,
+        security=hub.settings.security,
+        stream=hub.settings.stream,
+        infra=hub.settings.infra,
+    )
+    publisher = make_publisher(unreachable, "H001", delivery_timeout=3.0)
+    started = time.monotonic()
+    with pytest.raises(DeliveryFailedError) as caught:
+        publisher.publish_lab(lab("H001", "K", 4.0, "mmol/L"))
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, f"publish waited {elapsed:.1f}s"
+    assert caught.value.reason
+    assert caught.value.retriable
