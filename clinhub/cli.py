@@ -179,7 +179,7 @@ def stream_worker(loglevel: str = "info") -> None:
 
     settings = _settings()
     if settings.infra.metrics_port:
-        start_http_server(settings.infra.metrics_port, addr="127.0.0.1", registry=REGISTRY)
+        start_http_server(settings.infra.metrics_port, addr=settings.infra.metrics_host, registry=REGISTRY)
     faust_app = create_app(settings, metrics_registry=REGISTRY)
     worker = faust.Worker(faust_app, loglevel=loglevel, override_logging=True)
     worker.execute_from_commandline()
