@@ -97,7 +97,8 @@ def _rejection(
         error_class=type(exc).__name__,
         field=field_name,
         reason=reason,
-        institution_id=envelope.get("institution_id") or institution_from_topic(message.topic),
+        # The topic names the sender that Kafka ACLs actually authenticated; the payload only claims one.
+        institution_id=institution_from_topic(message.topic) or envelope.get("institution_id"),
         correlation_id=envelope.get("correlation_id"),
     )
 

@@ -55,6 +55,16 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+def _strict_bool(entry: dict[str, Any], key: str) -> bool:
+    """A quoted "false" must not silently become True."""
+    value = entry[key]
+    if not isinstance(value, bool):
+        raise ReferenceDataError(
+            f"critical_rules.json: {entry.get('loinc')} {key} must be true or false, not {value!r}"
+        )
+    return value
+
+
 def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
     """Load and cross-check the three files; a rule for an analyte without units is an error."""
     terminology_doc = _read(directory / "terminology.json")
@@ -77,15 +87,22 @@ def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
         for entry in rules_doc["rules"]:
             if entry["source"] not in sources:
                 raise ReferenceDataError(f"critical_rules.json: rule {entry['loinc']} cites unknown source")
-            if entry["loinc"] not in analytes:
+            analyte = analytes.get(entry["loinc"])
+            if analyte is None:
                 raise ReferenceDataError(f"critical_rules.json: {entry['loinc']} has no entry in units.json")
+            unit = entry.get("unit", analyte.canonical_unit)
+            factor = analyte.factors.get(unit)
+            if factor is None:
+                raise ReferenceDataError(
+                    f"critical_rules.json: {entry['loinc']} limit unit {unit!r} is not in units.json"
+                )
             rules[entry["loinc"]] = ThresholdRule(
                 loinc=entry["loinc"],
                 analyte=entry["analyte"],
-                low=None if entry["low"] is None else float(entry["low"]),
-                high=None if entry["high"] is None else float(entry["high"]),
-                low_inclusive=bool(entry["low_inclusive"]),
-                high_inclusive=bool(entry["high_inclusive"]),
+                low=None if entry["low"] is None else float(entry["low"]) * factor,
+                high=None if entry["high"] is None else float(entry["high"]) * factor,
+                low_inclusive=_strict_bool(entry, "low_inclusive"),
+                high_inclusive=_strict_bool(entry, "high_inclusive"),
                 severity=entry["severity"],
                 message=entry["message"],
                 source=f"{entry['source']}: {sources[entry['source']]}",

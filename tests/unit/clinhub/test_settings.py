@@ -1,0 +1,155 @@
+"""Typed settings: read from the environment (and .env), frozen once built, secrets kept out of reprs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from clinhub.settings import (
+    DatabaseSettings,
+    KafkaSettings,
+    RegistrySettings,
+    SecuritySettings,
+    StreamSettings,
+    load_settings,
+)
+
+SECRET = "s3cr3t-Do-Not-Log"  # noqa: S105 - a test value, not a credential
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No CLINHUB_* variable or .env file of the developer's machine may leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("CLINHUB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_kafka_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Kafka client gets its connection properties from CLINHUB_KAFKA_* variables."""
+    monkeypatch.setenv("CLINHUB_KAFKA_BOOTSTRAP_SERVERS", "kafka-1:9093,kafka-2:9093")
+    monkeypatch.setenv("CLINHUB_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("CLINHUB_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("CLINHUB_KAFKA_SASL_USERNAME", "hub")
+    monkeypatch.setenv("CLINHUB_KAFKA_SASL_PASSWORD", SECRET)
+    monkeypatch.setenv("CLINHUB_KAFKA_TOPIC_PARTITIONS", "12")
+
+    kafka = KafkaSettings()
+
+    assert kafka.topic_partitions == 12
+    assert kafka.client_config() == {
+        "bootstrap.servers": "kafka-1:9093,kafka-2:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "hub",
+        "sasl.password": SECRET,
+    }
+
+
+def test_kafka_without_sasl_sends_no_sasl_properties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """librdkafka rejects SASL properties on a PLAINTEXT connection, so none are set."""
+    monkeypatch.setenv("CLINHUB_KAFKA_BOOTSTRAP_SERVERS", "localhost:19092")
+    config = KafkaSettings().client_config()
+    assert config["bootstrap.servers"] == "localhost:19092"
+    assert not any(key.startswith("sasl.") for key in config)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CLINHUB_KAFKA_TOPIC_PARTITIONS", "0"),
+        ("CLINHUB_KAFKA_TOPIC_REPLICATION", "-1"),
+        ("CLINHUB_KAFKA_TOPIC_PARTITIONS", "three"),
+    ],
+)
+def test_invalid_kafka_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    """A topic needs at least one partition and one replica; nonsense fails at start-up, not later."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError):
+        KafkaSettings()
+
+
+def test_database_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store URL and echo flag come from CLINHUB_DATABASE_*."""
+    url = f"postgresql+psycopg://hub:{SECRET}@db.internal:5432/clinhub"
+    monkeypatch.setenv("CLINHUB_DATABASE_URL", url)
+    monkeypatch.setenv("CLINHUB_DATABASE_ECHO", "true")
+    database = DatabaseSettings()
+    assert database.url.get_secret_value() == url
+    assert database.echo is True
+
+
+def test_dotenv_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A .env file configures a checkout; a real environment variable overrides it."""
+    (tmp_path / ".env").write_text(
+        "CLINHUB_KAFKA_BOOTSTRAP_SERVERS=from-dotenv:9092\nCLINHUB_KAFKA_SECURITY_PROTOCOL=SSL\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("CLINHUB_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    kafka = KafkaSettings()
+    assert (kafka.bootstrap_servers, kafka.security_protocol) == ("from-dotenv:9092", "SASL_SSL")
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "value"),
+    [
+        (lambda: KafkaSettings(), "bootstrap_servers", "elsewhere:9092"),
+        (lambda: DatabaseSettings(), "echo", True),
+        (lambda: StreamSettings(), "batch_size", 1),
+        (lambda: RegistrySettings(), "url", "http://evil"),
+    ],
+)
+def test_settings_are_frozen(settings: Callable[[], BaseModel], field: str, value: object) -> None:
+    """Settings are read once at the edge; nothing may change them behind the clients' backs."""
+    model = settings()
+    before = getattr(model, field)
+    with pytest.raises(ValidationError):
+        setattr(model, field, value)
+    assert getattr(model, field) == before
+
+
+def _renderings(model: BaseModel) -> list[str]:
+    return [repr(model), str(model), model.model_dump_json(), repr(model.model_dump())]
+
+
+def test_secrets_are_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passwords, database URLs and pseudonym keys never appear in reprs, logs or dumps."""
+    monkeypatch.setenv("CLINHUB_KAFKA_SASL_PASSWORD", SECRET)
+    monkeypatch.setenv("CLINHUB_DATABASE_URL", f"postgresql://hub:{SECRET}@db/clinhub")
+    monkeypatch.setenv("CLINHUB_REGISTRY_BASIC_AUTH_USER", "hub")
+    monkeypatch.setenv("CLINHUB_REGISTRY_BASIC_AUTH_PASSWORD", SECRET)
+    monkeypatch.setenv("CLINHUB_SECURITY_PSEUDONYM_KEY", SECRET)
+    for model in (
+        KafkaSettings(),
+        DatabaseSettings(),
+        RegistrySettings(),
+        SecuritySettings(),
+        load_settings(),
+    ):
+        for text in _renderings(model):
+            assert SECRET not in text, type(model).__name__
+
+
+def test_registry_basic_auth_needs_user_and_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials are passed only as a complete user:password pair."""
+    monkeypatch.setenv("CLINHUB_REGISTRY_URL", "https://registry.internal/apis/ccompat/v7")
+    monkeypatch.setenv("CLINHUB_REGISTRY_BASIC_AUTH_USER", "hub")
+    assert RegistrySettings().client_config() == {"url": "https://registry.internal/apis/ccompat/v7"}
+    monkeypatch.setenv("CLINHUB_REGISTRY_BASIC_AUTH_PASSWORD", SECRET)
+    assert RegistrySettings().client_config()["basic.auth.user.info"] == f"hub:{SECRET}"
+
+
+def test_load_settings_assembles_every_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's one call reads each concern's own prefix."""
+    monkeypatch.setenv("CLINHUB_KAFKA_BOOTSTRAP_SERVERS", "k:1")
+    monkeypatch.setenv("CLINHUB_STREAM_TOPIC_PREFIX", "ci-")
+    monkeypatch.setenv("CLINHUB_STREAM_INSTITUTIONS", '["H001", "H003"]')
+    hub = load_settings()
+    assert hub.kafka.bootstrap_servers == "k:1"
+    assert hub.stream.topic_prefix == "ci-"
+    assert hub.stream.institutions == ("H001", "H003")

@@ -1,0 +1,253 @@
+"""One batch of raw messages in, store items and dead letters out; no Kafka, no database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+
+from schemas import standard
+from schemas.exceptions import RegistryUnavailableError
+from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder, validate_record
+from streams.identity import RegionalIdentity
+from streams.pipeline import (
+    RawMessage,
+    Rejection,
+    dead_letter_record,
+    institution_from_topic,
+    process_lab_batch,
+)
+from streams.reference import load_reference
+from streams.topics import KINDS, TopicNames
+
+REFERENCE = load_reference()
+IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+RESULT_TIME = dt.datetime(2026, 11, 23, 11, 55, 0, 250000, tzinfo=dt.UTC)
+
+
+def lab(
+    institution: str = "H001", local_code: str = "K", value: float = 4.2, unit: str = "mmol/L", **fields: Any
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "envelope": {
+            "event_id": str(uuid.uuid4()),
+            "institution_id": institution,
+            "source_system": "LIS",
+            "source_message_id": None,
+            "event_time": RESULT_TIME,
+            "produced_time": RESULT_TIME,
+            "schema_version": "1",
+            "correlation_id": f"corr-{uuid.uuid4().hex[:8]}",
+        },
+        "result_id": f"{institution}-R{uuid.uuid4().hex[:8]}",
+        "patient_mrn": "MRN0000042",
+        "patient_national_id": None,
+        "patient_birth_year": None,
+        "patient_sex": None,
+        "encounter_id": None,
+        "local_code": local_code,
+        "local_code_system": None,
+        "local_display": None,
+        "loinc_code": None,
+        "value_numeric": value,
+        "value_text": None,
+        "unit": unit,
+        "reference_low": None,
+        "reference_high": None,
+        "abnormal_flag": None,
+        "status": "final",
+        "specimen_collected_time": None,
+        "result_time": RESULT_TIME,
+        "performing_lab": None,
+        "ordering_clinician": None,
+    }
+    record.update(fields)
+    return record
+
+
+@pytest.fixture
+def codec() -> tuple[AvroEncoder, AvroDecoder]:
+    registry = ConfluentRegistry({"url": f"mock://pipeline-{uuid.uuid4().hex}"})
+    schema = standard.load(standard.LAB_RESULT)
+    return make_encoder(registry, schema), AvroDecoder(registry, schema)
+
+
+def message(value: bytes | None, offset: int, topic: str = "raw.H001.lab", partition: int = 1) -> RawMessage:
+    return RawMessage(topic=topic, partition=partition, offset=offset, key=b"H001|MRN0000042", value=value)
+
+
+def test_mixed_batch_splits_into_items_and_rejections(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
+    """Bad messages become dead letters with their position and reason; good ones go on, in order."""
+    encode, decode = codec
+    normal, critical, impossible = lab(value=4.2), lab(value=7.5), lab(value=40.0)
+    wrong_unit = lab(local_code="GLU", value=90.0, unit="mg%")
+    on_wrong_topic = lab(institution="H002", local_code="LAB0101")
+    good_bytes = encode(normal)
+    batch = [
+        message(good_bytes, 10),
+        message(b"\x01" + good_bytes[1:], 11),
+        message(encode(critical), 12),
+        message(good_bytes[:-3], 13),
+        message(encode(impossible), 14),
+        message(None, 15),  # a tombstone has no value
+        message(encode(wrong_unit), 16),
+        message(encode(on_wrong_topic), 17),
+    ]
+
+    outcome = process_lab_batch(batch, decode, REFERENCE, IDENTITY, NOW)
+
+    assert [item.lab.event_id for item in outcome.items] == [
+        normal["envelope"]["event_id"],
+        critical["envelope"]["event_id"],
+    ]
+    assert [a.source_event_id for a in outcome.alerts] == [critical["envelope"]["event_id"]]
+    got = [(r.message.offset, r.error_class, r.field) for r in outcome.rejections]
+    assert got == [
+        (11, "MagicByteError", "header"),
+        (13, "PayloadDecodeError", "payload"),
+        (14, "ImplausibleValueError", "value_numeric"),
+        (15, "ShortHeaderError", "header"),
+        (16, "UnknownUnitError", "unit"),
+        (17, "RejectedEvent", "envelope.institution_id"),
+    ]
+    for rejection in outcome.rejections:
+        assert rejection.reason
+        assert (rejection.message.topic, rejection.message.partition) == ("raw.H001.lab", 1)
+        assert rejection.message in batch
+
+
+def test_rejection_keeps_what_could_be_read(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
+    """Decoded-but-rejected events keep their correlation id; undecodable ones get the topic's institution."""
+    encode, decode = codec
+    impossible = lab(value=40.0)
+    batch = [message(encode(impossible), 1), message(b"\x00\x00", 2, topic="raw.H002.lab")]
+    decoded_rejection, undecodable = process_lab_batch(batch, decode, REFERENCE, IDENTITY, NOW).rejections
+    assert decoded_rejection.correlation_id == impossible["envelope"]["correlation_id"]
+    assert decoded_rejection.institution_id == "H001"
+    assert (undecodable.institution_id, undecodable.correlation_id) == ("H002", None)
+
+
+def test_unknown_schema_id_is_a_dead_letter_not_an_outage(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
+    """A schema id the registry does not have is the message's fault: dead-lettered, batch continues."""
+    encode, decode = codec
+    good = encode(lab())
+    bogus = b"\x00" + (encode.schema_id + 999).to_bytes(4, "big") + good[5:]
+    outcome = process_lab_batch([message(bogus, 1), message(good, 2)], decode, REFERENCE, IDENTITY, NOW)
+    assert [(r.error_class, r.field) for r in outcome.rejections] == [("UnknownSchemaIdError", "schema_id")]
+    assert len(outcome.items) == 1
+
+
+def test_non_schema_errors_of_a_record_are_dead_lettered() -> None:
+    """A decoder that returns something odd must not crash the batch."""
+    outcome = process_lab_batch([message(b"x", 3)], lambda _: {"envelope": None}, REFERENCE, IDENTITY, NOW)
+    (rejection,) = outcome.rejections
+    assert rejection.error_class == "TypeError"
+    assert rejection.field is None and rejection.reason
+
+
+class DownRegistry:
+    """A registry whose lookups fail as when the registry is unreachable."""
+
+    def register(self, subject: str, schema_text: str) -> int:
+        raise RegistryUnavailableError("connection refused")
+
+    def schema_text(self, schema_id: int) -> str:
+        raise RegistryUnavailableError("connection refused")
+
+
+def test_registry_outage_propagates_so_the_batch_is_retried(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
+    """An outage is not the message's fault: nothing may be dead-lettered, the batch must be retried whole."""
+    encode, _ = codec
+    decode = AvroDecoder(DownRegistry(), standard.load(standard.LAB_RESULT))
+    with pytest.raises(RegistryUnavailableError):
+        process_lab_batch([message(encode(lab()), 1)], decode, REFERENCE, IDENTITY, NOW)
+
+
+def rejection(topic: str = "raw.H001.lab", partition: int = 0, offset: int = 5, **kw: Any) -> Rejection:
+    fields: dict[str, Any] = {"error_class": "MagicByteError", "field": "header", "reason": "first byte is 1"}
+    fields.update(kw)
+    return Rejection(message=RawMessage(topic, partition, offset, key=None, value=b"\x01abc"), **fields)
+
+
+@pytest.mark.parametrize(
+    "r",
+    [
+        rejection(),
+        rejection(field=None, institution_id="H001", correlation_id="corr-1"),
+        rejection(partition=2**31 - 1, offset=2**63 - 1, reason="原因: 值不可能"),
+    ],
+)
+def test_dead_letter_record_matches_the_schema(r: Rejection) -> None:
+    """The dead letter is a valid DeadLetter record and carries the original bytes for replay."""
+    record = dead_letter_record(r, "clinhub-streams", NOW)
+    validate_record(record, standard.load(standard.DEAD_LETTER))
+    assert record["original_value"] == r.message.value
+    assert (record["original_topic"], record["original_partition"], record["original_offset"]) == (
+        r.message.topic,
+        r.message.partition,
+        r.message.offset,
+    )
+    assert (record["error_class"], record["field"], record["reason"]) == (r.error_class, r.field, r.reason)
+    assert record["processor"] == "clinhub-streams"
+
+
+def test_dead_letter_id_depends_only_on_position() -> None:
+    """Replaying the same message gives the same dead-letter id, whatever the reason or time."""
+    first = dead_letter_record(rejection(), "p", NOW)["deadletter_id"]
+    again = dead_letter_record(rejection(reason="other", error_class="X"), "q", NOW + dt.timedelta(days=1))
+    assert again["deadletter_id"] == first
+    assert uuid.UUID(first).version == 5
+    others = {
+        dead_letter_record(rejection(offset=6), "p", NOW)["deadletter_id"],
+        dead_letter_record(rejection(partition=1), "p", NOW)["deadletter_id"],
+        dead_letter_record(rejection(topic="raw.H002.lab"), "p", NOW)["deadletter_id"],
+    }
+    assert first not in others and len(others) == 3
+
+
+@pytest.mark.parametrize(
+    ("topic", "institution"),
+    [
+        ("raw.H001.lab", "H001"),
+        ("raw.H002.vitals", "H002"),
+        ("ci-1234-raw.H001.lab", "H001"),  # TopicNames prefix without a dot
+        ("team.a.raw.H002.lab", "H002"),  # prefix with dots
+        ("alerts.critical", None),
+        ("deadletter", None),
+        ("raw.H001", None),
+        ("", None),
+    ],
+)
+def test_institution_from_topic(topic: str, institution: str | None) -> None:
+    """The institution a topic belongs to, so a payload claiming another one can be refused."""
+    assert institution_from_topic(topic) == institution
+
+
+@pytest.mark.parametrize("prefix", ["", "ci-", "test.run7.", "t_"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_institution_from_topic_inverts_topic_names(prefix: str, kind: str) -> None:
+    """Every raw topic the hub creates maps back to its institution; its own outputs map to none."""
+    names = TopicNames(prefix=prefix)
+    assert institution_from_topic(names.raw("H007", kind)) == "H007"
+    assert institution_from_topic(names.alerts_topic) is None
+    assert institution_from_topic(names.deadletter_topic) is None
+
+
+def test_unknown_event_kind_has_no_topic() -> None:
+    """A typo in the kind must not create a stray topic."""
+    with pytest.raises(ValueError, match="unknown event kind"):
+        TopicNames().raw("H001", "labs")
+
+
+def test_event_id_that_is_not_a_uuid_is_dead_lettered(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
+    """The store keys on a 36-character UUID; a producer that wrote anything else is dead-lettered."""
+    encode, decode = codec
+    foreign = AvroEncoder(encode.schema_id, encode.schema, check=False)  # a producer that skipped validation
+    record = lab()
+    record["envelope"]["event_id"] = "H001-LIS-20261123-000000000000000000000000042"
+    outcome = process_lab_batch([message(foreign(record), 1)], decode, REFERENCE, IDENTITY, NOW)
+    assert outcome.items == []
+    assert [(r.error_class, r.field) for r in outcome.rejections] == [("PayloadDecodeError", "payload")]
