@@ -18,6 +18,14 @@ class StoreUnavailableError(SinkError):
         self.retry_after = retry_after
 
 
+class StoreRejectedError(SinkError):
+    """The database refused the data itself (constraint, length, type); retrying the same rows cannot help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class StoreOutOfDateError(SinkError):
     """The database schema is behind the code; the hub refuses to start until it is upgraded."""
 

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from sinks.base import Sink, SinkItem, WriteResult
-from sinks.exceptions import StoreUnavailableError
+from sinks.exceptions import StoreRejectedError, StoreUnavailableError
 from sinks.models import Alert, Observation
 from streams.rules import AlertDraft
 
@@ -91,7 +91,9 @@ class SqlStoreSink(Sink):
         except DBAPIError as exc:
             if is_transient(exc):
                 raise StoreUnavailableError(f"database unavailable: {exc.orig!r}") from exc
-            raise
+            raise StoreRejectedError(
+                f"database refused the batch: {type(exc.orig).__name__}: {exc.orig}"
+            ) from exc
         return WriteResult(frozenset(new_events), frozenset(new_alerts))
 
     def unpublished_alerts(self, limit: int = 1000) -> list[dict[str, Any]]:

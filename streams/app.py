@@ -24,6 +24,7 @@ from clinhub.settings import HubSettings
 from schemas import standard
 from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder
+from sinks.base import write_isolating
 from sinks.exceptions import StoreUnavailableError
 from sinks.sql import SqlStoreSink
 from sinks.store import ensure_current, make_engine
@@ -125,7 +126,9 @@ class LabHandler:
             outcome = await asyncio.to_thread(
                 process_lab_batch, messages, self.c.decode, self.c.reference, self.c.identity, now
             )
-            result = await asyncio.to_thread(self.c.sink.write, outcome.items)
+            result, refused = await asyncio.to_thread(write_isolating, self.c.sink, outcome.items)
+            for index, error in sorted(refused, key=lambda pair: pair[0], reverse=True):
+                outcome.reject_item(index, type(error).__name__, error.reason)
             return outcome, result
 
         outcome, result = await self._retrying("store batch", process_and_store)

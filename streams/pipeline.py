@@ -45,6 +45,15 @@ class Rejection:
 class BatchOutcome:
     items: list[SinkItem] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    item_messages: list[RawMessage] = field(default_factory=list)  # the message each item came from
+
+    def reject_item(self, index: int, error_class: str, reason: str) -> None:
+        """Move an item the store refused to the rejections, keeping its original message."""
+        item = self.items.pop(index)
+        message = self.item_messages.pop(index)
+        self.rejections.append(
+            Rejection(message, error_class, None, reason, item.lab.institution_id, item.lab.correlation_id)
+        )
 
     @property
     def alerts(self) -> list[AlertDraft]:
@@ -79,6 +88,7 @@ def process_lab_batch(
             lab = normalise_lab(record, reference, identity, institution_from_topic(message.topic), now)
             alerts = evaluate_thresholds(lab, reference.rules, now)
             outcome.items.append(SinkItem(lab=lab, alerts=tuple(alerts)))
+            outcome.item_messages.append(message)
         except RegistryUnavailableError:
             raise
         except (SchemaError, RejectedEvent) as exc:

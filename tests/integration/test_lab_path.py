@@ -186,3 +186,27 @@ def test_poison_messages_go_to_dead_letter_and_the_next_good_one_is_processed(hu
         ).one()
     assert abs(glucose.value - 90.0 * 0.05551) < 1e-9
     assert glucose.unit == "mmol/L"
+
+
+def test_a_record_the_database_refuses_is_dead_lettered_and_its_neighbours_stored(hub: HubEnv) -> None:
+    """PostgreSQL enforces column lengths: one refused row must not block the partition forever."""
+    publisher = make_publisher(hub.settings, "H001")
+    before = lab("H001", "K", 4.1, "mmol/L", mrn="MRN0000555")
+    refused = lab("H001", "K", 4.2, "mmol/L", mrn="MRN0000555")
+    refused["abnormal_flag"] = "HIGH-HIGH-HIGH"  # longer than the column allows
+    after = lab("H001", "K", 4.3, "mmol/L", mrn="MRN0000555")
+    for record in (before, refused, after):
+        publisher.publish_lab(record)
+    publisher.close()
+
+    hub.start_worker()
+    wait_for(lambda: rows_for(hub, after["envelope"]["event_id"]) == 1, hub, what="neighbour stored")
+    assert rows_for(hub, before["envelope"]["event_id"]) == 1
+    assert rows_for(hub, refused["envelope"]["event_id"]) == 0
+
+    decode = hub.decoder()
+    dead = [decode(m.value()) for m in hub.consume_all(hub.topics.deadletter_topic, 30, lambda m: len(m) >= 1)]
+    assert len(dead) == 1
+    assert dead[0]["error_class"] == "StoreRejectedError"
+    assert "abnormal_flag" in dead[0]["reason"] or "too long" in dead[0]["reason"]
+    assert decode(dead[0]["original_value"])["envelope"]["event_id"] == uuid.UUID(refused["envelope"]["event_id"])

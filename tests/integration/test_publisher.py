@@ -41,7 +41,11 @@ def test_events_of_one_patient_keep_their_order_on_one_partition(hub: HubEnv) ->
 
     decode = hub.decoder()
     messages = hub.consume_all(hub.topics.raw("H002", "lab"), 20, lambda m: len(m) >= 60)
-    mine = [(m.partition(), m.offset(), decode(m.value())["result_id"]) for m in messages if m.key() == b"H002|0000000042"]
+    mine = [
+        (m.partition(), m.offset(), decode(m.value())["result_id"])
+        for m in messages
+        if m.key() == b"H002|0000000042"
+    ]
     assert len({partition for partition, _, _ in mine}) == 1, "one patient's events must share a partition"
     in_offset_order = [result_id for _, _, result_id in sorted(mine)]
     assert in_offset_order == [f"SEQ-{n:03d}" for n in range(30)]
