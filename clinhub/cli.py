@@ -126,8 +126,12 @@ def topics_create() -> None:
 
     settings = _settings()
     names = TopicNames(prefix=settings.stream.topic_prefix).all_for(settings.stream.institutions)
-    created = create_topics(settings.kafka.client_config(), names, settings.kafka.topic_partitions,
-                            settings.kafka.topic_replication)
+    created = create_topics(
+        settings.kafka.client_config(),
+        names,
+        settings.kafka.topic_partitions,
+        settings.kafka.topic_replication,
+    )
     typer.echo(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
 
 

@@ -205,8 +205,12 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_its_neighbours_store
     assert rows_for(hub, refused["envelope"]["event_id"]) == 0
 
     decode = hub.decoder()
-    dead = [decode(m.value()) for m in hub.consume_all(hub.topics.deadletter_topic, 30, lambda m: len(m) >= 1)]
+    dead = [
+        decode(m.value()) for m in hub.consume_all(hub.topics.deadletter_topic, 30, lambda m: len(m) >= 1)
+    ]
     assert len(dead) == 1
     assert dead[0]["error_class"] == "StoreRejectedError"
     assert "abnormal_flag" in dead[0]["reason"] or "too long" in dead[0]["reason"]
-    assert decode(dead[0]["original_value"])["envelope"]["event_id"] == uuid.UUID(refused["envelope"]["event_id"])
+    assert decode(dead[0]["original_value"])["envelope"]["event_id"] == uuid.UUID(
+        refused["envelope"]["event_id"]
+    )
