@@ -1,0 +1,197 @@
+"""Publisher behaviour that needs no broker: back-pressure, delivery failures, close, validation first."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
+from producers.publisher import Publisher, Receipt
+from producers.simulator import simulate_labs
+from schemas import standard
+from schemas.exceptions import RecordValidationError
+from schemas.wire import ConfluentRegistry, make_encoder
+from streams.topics import TopicNames
+
+
+class FakeError:
+    def __init__(self, text: str, retriable: bool, code: int = -1) -> None:
+        self._text, self._retriable, self._code = text, retriable, code
+
+    def str(self) -> str:
+        return self._text
+
+    def retriable(self) -> bool:
+        return self._retriable
+
+    def code(self) -> int:
+        return self._code
+
+
+class FakeMessage:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._t, self._p, self._o = topic, partition, offset
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+class FakeProducer:
+    """Stands in for confluent_kafka.Producer: a bounded local queue, callbacks served on poll()."""
+
+    def __init__(self, capacity: int = 1000, fail: Callable[[int], FakeError | None] | None = None) -> None:
+        self.capacity = capacity
+        self.fail = fail or (lambda _n: None)
+        self.queue: list[tuple[str, bytes, Any]] = []
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.buffer_errors = 0
+        self.attempts = 0
+        self.deliver = True
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any, on_delivery: Any) -> None:
+        if len(self.queue) >= self.capacity:
+            self.buffer_errors += 1
+            raise BufferError("Local: Queue full")
+        self.queue.append((topic, key, (value, on_delivery)))
+
+    def poll(self, timeout: float = 0) -> int:
+        # Acknowledgements take time: a zero-timeout poll finds none yet, as with a real broker.
+        if not self.deliver or timeout <= 0:
+            return 0
+        served = 0
+        while self.queue:
+            topic, key, (value, callback) = self.queue.pop(0)
+            number = self.attempts
+            self.attempts += 1
+            error = self.fail(number)
+            if error is None:
+                self.sent.append((topic, key, value))
+                callback(None, FakeMessage(topic, 0, number))
+            else:
+                callback(error, None)
+            served += 1
+        return served
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll(max(timeout, 0.001))
+        return len(self.queue)
+
+
+def publisher(producer: FakeProducer, timeout: float = 2.0) -> Publisher:
+    registry = ConfluentRegistry({"url": "mock://publisher-logic"})
+    encoders = {"lab": make_encoder(registry, standard.load(standard.LAB_RESULT), check=False)}
+    return Publisher(producer, encoders, TopicNames(), "H001", timeout)
+
+
+def h001_labs(count: int) -> list[dict[str, Any]]:
+    labs = [r for r in simulate_labs(seed=5, count=count * 4) if r["envelope"]["institution_id"] == "H001"]
+    assert len(labs) >= count
+    return labs[:count]
+
+
+def test_a_full_local_queue_applies_back_pressure_and_loses_nothing() -> None:
+    producer = FakeProducer(capacity=3)
+    results = publisher(producer).publish_many_labs(h001_labs(10))
+    assert producer.buffer_errors > 0, "the queue really filled up"
+    assert all(isinstance(r, Receipt) for r in results)
+    assert len(producer.sent) == 10
+
+
+def test_results_line_up_with_input_and_failures_are_reported_per_event() -> None:
+    producer = FakeProducer(
+        fail=lambda n: FakeError("Broker: Not enough in-sync replicas", True) if n == 2 else None
+    )
+    records = h001_labs(5)
+    results = publisher(producer).publish_many_labs(records)
+    assert [type(r).__name__ for r in results] == [
+        "Receipt",
+        "Receipt",
+        "DeliveryFailedError",
+        "Receipt",
+        "Receipt",
+    ]
+    failure = results[2]
+    assert isinstance(failure, DeliveryFailedError)
+    assert failure.event_id == records[2]["envelope"]["event_id"]
+    assert failure.retriable and "in-sync" in failure.reason
+
+
+def test_publish_raises_when_the_broker_does_not_accept() -> None:
+    producer = FakeProducer(fail=lambda _n: FakeError("Broker: Topic authorization failed", False))
+    with pytest.raises(DeliveryFailedError) as caught:
+        publisher(producer).publish_lab(h001_labs(1)[0])
+    assert not caught.value.retriable
+
+
+def test_no_delivery_report_within_the_timeout_is_an_error_not_a_hang() -> None:
+    producer = FakeProducer()
+    producer.deliver = False
+    results = publisher(producer, timeout=0.2).publish_many_labs(h001_labs(2))
+    assert all(isinstance(r, DeliveryFailedError) and r.retriable for r in results)
+
+
+def test_close_lists_events_still_undelivered() -> None:
+    producer = FakeProducer()
+    pub = publisher(producer, timeout=0.2)
+    producer.deliver = False
+    records = h001_labs(3)
+    pub.publish_many_labs(records)
+    with pytest.raises(UndeliveredOnCloseError) as caught:
+        pub.close(timeout=0.1)
+    assert set(caught.value.event_ids) == {r["envelope"]["event_id"] for r in records}
+
+
+def test_one_invalid_record_means_nothing_of_the_batch_is_sent() -> None:
+    producer = FakeProducer()
+    records = h001_labs(4)
+    broken = copy.deepcopy(records[3])
+    broken["result_time"] = "yesterday"
+    with pytest.raises(RecordValidationError) as caught:
+        publisher(producer).publish_many_labs([*records[:3], broken])
+    assert caught.value.field == "result_time"
+    assert producer.sent == [] and producer.queue == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("envelope", "event_id"), "not-a-uuid", "envelope.event_id"),
+        (("envelope", "correlation_id"), "  ", "envelope.correlation_id"),
+        (("patient_mrn",), "", "patient_mrn"),
+        (("result_id",), " ", "result_id"),
+        (("envelope", "institution_id"), "H002", "envelope.institution_id"),
+    ],
+)
+def test_rules_beyond_the_schema_name_the_field(path: tuple[str, ...], value: Any, field: str) -> None:
+    record = copy.deepcopy(h001_labs(1)[0])
+    target = record
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(RecordValidationError) as caught:
+        publisher(FakeProducer()).validate("lab", record)
+    assert caught.value.field == field
+    assert repr(value) in str(caught.value)
+
+
+def test_naive_datetimes_are_refused_as_ambiguous() -> None:
+    record = copy.deepcopy(h001_labs(1)[0])
+    record["specimen_collected_time"] = record["result_time"].replace(tzinfo=None)
+    with pytest.raises(RecordValidationError) as caught:
+        publisher(FakeProducer()).validate("lab", record)
+    assert caught.value.field == "specimen_collected_time"
+
+
+def test_an_unknown_kind_is_refused() -> None:
+    with pytest.raises(RecordValidationError) as caught:
+        publisher(FakeProducer()).publish("x-ray", h001_labs(1)[0])
+    assert caught.value.field == "kind"
