@@ -37,3 +37,5 @@ if [[ ! -f "$stamp" ]]; then
 fi
 
 .venv/bin/clinhub infra fetch
+# Compose v2 (built once from the Go module proxy) so the test suite can check docker-compose.yml.
+bash scripts/validate-compose.sh --install-only

@@ -54,17 +54,30 @@ class LabComponents:
     retry_max_seconds: float = 30.0
 
 
+def _long_enough(key: bytes, setting: str) -> bytes:
+    from clinhub.exceptions import ConfigurationError
+
+    if len(key) < 32:
+        raise ConfigurationError(
+            setting, f"pseudonymisation key has {len(key)} bytes; use at least 32 random bytes"
+        )
+    return key
+
+
 def load_pseudonym_key(settings: HubSettings) -> bytes:
     from clinhub.exceptions import ConfigurationError
 
     security = settings.security
     if security.pseudonym_key is not None:
-        return security.pseudonym_key.get_secret_value().encode()
+        return _long_enough(
+            security.pseudonym_key.get_secret_value().encode(), "CLINHUB_SECURITY_PSEUDONYM_KEY"
+        )
     if security.pseudonym_key_file is not None:
         try:
-            return security.pseudonym_key_file.read_bytes().strip()
+            key = security.pseudonym_key_file.read_bytes().strip()
         except OSError as exc:
             raise ConfigurationError("CLINHUB_SECURITY_PSEUDONYM_KEY_FILE", str(exc)) from exc
+        return _long_enough(key, "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE")
     raise ConfigurationError(
         "CLINHUB_SECURITY_PSEUDONYM_KEY",
         "no pseudonymisation key; set it or CLINHUB_SECURITY_PSEUDONYM_KEY_FILE",
