@@ -45,6 +45,11 @@ def _comparable(value: Any) -> Any:
     return value
 
 
+def _as_sent(decoded: dict[str, Any], record: dict[str, Any]) -> Any:
+    """The decoded record restricted to the fields the producer set (the reader fills defaults for the rest)."""
+    return _comparable({key: decoded[key] for key in record})
+
+
 def test_the_simulator_produces_every_kind() -> None:
     assert all(BY_KIND[kind] for kind in standard.KIND_SCHEMAS), {k: len(v) for k, v in BY_KIND.items()}
 
@@ -52,7 +57,7 @@ def test_the_simulator_produces_every_kind() -> None:
 @pytest.mark.parametrize("kind", list(standard.KIND_SCHEMAS))
 def test_representative_records_roundtrip(kind: str) -> None:
     for record in BY_KIND[kind][:10]:
-        assert _comparable(_roundtrip(kind, record)) == _comparable(record)
+        assert _as_sent(_roundtrip(kind, record), record) == _comparable(record)
 
 
 @pytest.mark.parametrize("kind", list(standard.KIND_SCHEMAS))
@@ -65,7 +70,7 @@ def test_optional_fields_set_to_null_roundtrip(kind: str) -> None:
     decoded = _roundtrip(kind, record)
     assert decoded["patient_national_id"] is None
     assert decoded[OPTIONAL_STRINGS[kind]] is None
-    assert _comparable(decoded) == _comparable(record)
+    assert _as_sent(decoded, record) == _comparable(record)
 
 
 @pytest.mark.parametrize("kind", list(standard.KIND_SCHEMAS))
