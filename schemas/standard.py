@@ -23,6 +23,7 @@ ENCOUNTER_EVENT = "org.clinhub.encounter.EncounterEvent"
 MEDICATION_ORDER = "org.clinhub.medication.MedicationOrder"
 DIAGNOSIS = "org.clinhub.diagnosis.Diagnosis"
 ALERT_ACKNOWLEDGEMENT = "org.clinhub.alert.AlertAcknowledgement"
+ALERT_ESCALATION = "org.clinhub.alert.AlertEscalation"
 
 # The clinical event kinds institutions publish, each on raw.<institution>.<kind>.
 KIND_SCHEMAS = {
