@@ -24,6 +24,7 @@ MEDICATION_ORDER = "org.clinhub.medication.MedicationOrder"
 DIAGNOSIS = "org.clinhub.diagnosis.Diagnosis"
 ALERT_ACKNOWLEDGEMENT = "org.clinhub.alert.AlertAcknowledgement"
 ALERT_ESCALATION = "org.clinhub.alert.AlertEscalation"
+IDENTITY_LINK = "org.clinhub.identity.IdentityLink"
 
 # The clinical event kinds institutions publish, each on raw.<institution>.<kind>.
 KIND_SCHEMAS = {

@@ -15,6 +15,9 @@ class TopicNames:
 
     prefix: str = ""
     alerts: str = "alerts.critical"
+    escalations: str = "alerts.escalation"
+    acks: str = "alerts.ack"
+    identity: str = "norm.identity"
     deadletter: str = "deadletter"
 
     def raw(self, institution: str, kind: str) -> str:
@@ -22,6 +25,24 @@ class TopicNames:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}; one of {', '.join(KINDS)}")
         return f"{self.prefix}raw.{institution}.{kind}"
+
+    def norm(self, kind: str) -> str:
+        """`norm.<kind>`, keyed by regional patient id so that one patient's events stay in order."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; one of {', '.join(KINDS)}")
+        return f"{self.prefix}norm.{kind}"
+
+    @property
+    def escalations_topic(self) -> str:
+        return f"{self.prefix}{self.escalations}"
+
+    @property
+    def acks_topic(self) -> str:
+        return f"{self.prefix}{self.acks}"
+
+    @property
+    def identity_topic(self) -> str:
+        return f"{self.prefix}{self.identity}"
 
     @property
     def alerts_topic(self) -> str:
@@ -33,10 +54,17 @@ class TopicNames:
 
     def all_for(self, institutions: Iterable[str], kinds: Iterable[str] = KINDS) -> list[str]:
         kinds = list(kinds)
-        return [self.raw(inst, kind) for inst in institutions for kind in kinds] + [
-            self.alerts_topic,
-            self.deadletter_topic,
-        ]
+        return (
+            [self.raw(inst, kind) for inst in institutions for kind in kinds]
+            + [self.norm(kind) for kind in kinds]
+            + [
+                self.alerts_topic,
+                self.escalations_topic,
+                self.acks_topic,
+                self.identity_topic,
+                self.deadletter_topic,
+            ]
+        )
 
 
 def create_topics(
