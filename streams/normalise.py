@@ -46,7 +46,7 @@ class NormalisedLab:
     flags: tuple[str, ...]
 
 
-def _utc(value: dt.datetime, field: str, now: dt.datetime) -> dt.datetime:
+def checked_utc(value: dt.datetime, field: str, now: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         raise ImplausibleTimeError(field, "time has no time zone; the standard carries UTC instants")
     value = value.astimezone(dt.UTC)
@@ -78,6 +78,7 @@ def normalise_lab(
     identity: RegionalIdentity,
     topic_institution: str | None = None,
     now: dt.datetime | None = None,
+    regional_patient_id: str | None = None,
 ) -> NormalisedLab:
     """Normalise one decoded LabResult or raise RejectedEvent naming the field and the reason."""
     now = now or dt.datetime.now(dt.UTC)
@@ -88,10 +89,10 @@ def normalise_lab(
             "envelope.institution_id",
             f"payload claims institution {institution!r} on a topic of {topic_institution!r}",
         )
-    result_time = _utc(record["result_time"], "result_time", now)
-    event_time = _utc(envelope["event_time"], "envelope.event_time", now)
+    result_time = checked_utc(record["result_time"], "result_time", now)
+    event_time = checked_utc(envelope["event_time"], "envelope.event_time", now)
     collected = record.get("specimen_collected_time")
-    collected_utc = _utc(collected, "specimen_collected_time", now) if collected is not None else None
+    collected_utc = checked_utc(collected, "specimen_collected_time", now) if collected is not None else None
 
     flags: list[str] = []
     local_code = record["local_code"].strip()
@@ -128,6 +129,8 @@ def normalise_lab(
             flags.append(FLAG_INVALID_NATIONAL_ID)
         else:
             regional_id = identity.from_national_id(nid)
+    if regional_patient_id is not None:
+        regional_id = regional_patient_id
 
     return NormalisedLab(
         event_id=str(envelope["event_id"]),
