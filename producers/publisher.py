@@ -161,6 +161,8 @@ def producer_config(settings: HubSettings, delivery_timeout: float) -> dict[str,
         "linger.ms": 5,
         "message.timeout.ms": int(delivery_timeout * 1000),
         "queue.buffering.max.messages": 100_000,
+        # Java clients and the Faust side (aiokafka) hash keys with murmur2: same key, same partition number.
+        "partitioner": "murmur2_random",
         "logger": logging.getLogger("clinhub.kafka.producer"),
     }
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from schemas.exceptions import RegistryUnavailableError, SchemaError
 from sinks.base import SinkItem
+from streams.codes import CodeMaps
+from streams.events import NormalisedEvent, link_key, normalise_event
 from streams.exceptions import RejectedEvent
 from streams.identity import RegionalIdentity
 from streams.normalise import normalise_lab
@@ -163,3 +165,62 @@ def alert_record(alert: AlertDraft | Mapping[str, Any]) -> dict[str, Any]:
             record[key] = record[key].replace(tzinfo=dt.UTC)
     record.update({"ward": None, "previous_value": None, "previous_time": None})
     return record
+
+
+def kind_from_topic(topic: str) -> str | None:
+    """`raw.<institution>.<kind>` (optionally behind a prefix) -> kind."""
+    parts = topic.split(".")
+    if len(parts) >= 3 and parts[-3].endswith("raw"):
+        return parts[-1]
+    return None
+
+
+@dataclass
+class NormaliseOutcome:
+    events: list[tuple[RawMessage, NormalisedEvent]] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    links: dict[str, str] = field(default_factory=dict)  # link-table updates made by this batch
+
+
+def normalise_batch(
+    messages: Iterable[RawMessage],
+    decoders: Mapping[str, Callable[[bytes | None], dict[str, Any]]],
+    reference: ReferenceData,
+    codes: CodeMaps,
+    identity: RegionalIdentity,
+    known_link: Callable[[str], str | None],
+    now: dt.datetime,
+) -> NormaliseOutcome:
+    """Decode and normalise raw events of any kind; per-message failures become rejections.
+
+    Links learnt earlier in the same batch are visible to later messages of the batch.
+    RegistryUnavailableError propagates so that the whole batch is retried.
+    """
+    outcome = NormaliseOutcome()
+
+    def lookup(key: str) -> str | None:
+        return outcome.links.get(key) or known_link(key)
+
+    for message in messages:
+        record: dict[str, Any] | None = None
+        kind = kind_from_topic(message.topic)
+        try:
+            if kind is None or kind not in decoders:
+                raise RejectedEvent(
+                    "topic", f"{message.topic!r} is not a raw.<institution>.<kind> topic of a known kind"
+                )
+            record = decoders[kind](message.value)
+            event = normalise_event(
+                kind, record, reference, codes, identity, lookup, institution_from_topic(message.topic), now
+            )
+            if event.identity.remember is not None:
+                institution = event.record["envelope"]["institution_id"]
+                outcome.links[link_key(institution, event.record["patient_mrn"])] = event.identity.remember
+            outcome.events.append((message, event))
+        except RegistryUnavailableError:
+            raise
+        except (SchemaError, RejectedEvent) as exc:
+            outcome.rejections.append(_rejection(message, exc, exc.field, exc.reason, record))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            outcome.rejections.append(_rejection(message, exc, None, f"{type(exc).__name__}: {exc}", record))
+    return outcome
