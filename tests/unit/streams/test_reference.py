@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from collections.abc import Callable
@@ -25,12 +26,27 @@ def test_default_files_load_with_versions() -> None:
     assert set(REFERENCE.versions) == {"terminology", "units", "rules"}
 
 
-@pytest.mark.parametrize("entry", RULES_DOC["rules"], ids=lambda e: e["loinc"])
+@pytest.mark.parametrize(
+    "entry",
+    [*RULES_DOC["rules"], *RULES_DOC["examples"], *RULES_DOC["delta_checks"]],
+    ids=lambda e: f"{e['loinc']}-{e.get('kind', 'threshold')}-{e.get('age_max', '')}",
+)
 def test_every_rule_cites_a_known_source(entry: dict[str, Any]) -> None:
-    """A critical limit without a traceable source cannot be defended clinically."""
+    """A critical limit or delta check without a traceable source cannot be defended clinically."""
     assert entry["source"] in RULES_DOC["sources"]
-    loaded = REFERENCE.rules[entry["loinc"]]
-    assert loaded.source == f"{entry['source']}: {RULES_DOC['sources'][entry['source']]}"
+    cited = f"{entry['source']}: {RULES_DOC['sources'][entry['source']]}"
+    loaded = [
+        *REFERENCE.rulebook.thresholds.get(entry["loinc"], ()),
+        *REFERENCE.rulebook.deltas_for(entry["loinc"]),
+        *REFERENCE.example_rules,
+    ]
+    assert any(rule.source == cited and rule.message == entry["message"] for rule in loaded)
+
+
+@pytest.mark.parametrize("section", ["suppression", "escalation"])
+def test_policies_cite_a_known_source(section: str) -> None:
+    """The suppression window and escalation deadlines are clinical choices too, so they name a source."""
+    assert RULES_DOC[section]["source"] in RULES_DOC["sources"]
 
 
 @pytest.mark.parametrize("loinc", sorted(REFERENCE.rules))
@@ -152,5 +168,193 @@ def test_inclusive_flags_must_be_booleans(tmp_path: Path, flag: str) -> None:
     """A quoted "false" would flip a limit to inclusive without anyone noticing."""
     directory = _copy(tmp_path)
     _edit("critical_rules.json", lambda doc: _first_rule(doc).update({flag: "false"}))(directory)
+    with pytest.raises(ReferenceDataError):
+        load_reference(directory)
+
+
+# --- bands, delta checks and policies -------------------------------------------------------------
+
+GLUCOSE_MG_DL = 0.05551  # clinical.md: glucose mg/dL x 0.05551 = mmol/L
+
+
+def test_shipped_policy_matches_the_clinical_reference() -> None:
+    """clinical.md: escalate after 15 min; Mayo 30 min; CLSI GP47 1 h; repeats mostly >8 h apart."""
+    policy = REFERENCE.policy
+    assert policy.suppression_window == dt.timedelta(hours=8)
+    assert policy.escalation.deadline_for("CRITICAL") == dt.timedelta(minutes=15)
+    assert policy.escalation.deadline_for("HIGH") == dt.timedelta(minutes=30)
+    assert policy.escalation.deadline_for("MODERATE") == dt.timedelta(hours=1)
+    assert policy.escalation.recipients == (
+        "responsible clinician",
+        "attending physician",
+        "department head",
+        "medical director",
+    )
+    assert policy.escalation.repeat_interval == dt.timedelta(minutes=15)
+    assert policy.suppression_source.startswith("REPEATS: ")
+    assert policy.escalation.source.startswith("NOTIFY: ")
+
+
+def test_policy_defaults_apply_when_the_file_has_none(tmp_path: Path) -> None:
+    """An older rules file without policy sections still loads, with the documented defaults."""
+    directory = _copy(tmp_path)
+    _edit("critical_rules.json", lambda doc: [doc.pop("suppression"), doc.pop("escalation")])(directory)
+    policy = load_reference(directory).policy
+    assert policy.suppression_window == dt.timedelta(hours=8)
+    assert policy.escalation.deadline_for("CRITICAL") == dt.timedelta(minutes=15)
+
+
+def test_newborn_glucose_example_is_parsed_with_its_cited_limits_but_not_applied() -> None:
+    """Houston Methodist: newborn glucose <=30 / >=250 mg/dL; birth-year ages cannot tell newborns apart."""
+    (example,) = REFERENCE.example_rules
+    assert (example.loinc, example.age_min, example.age_max, example.sex) == ("2345-7", None, 0, None)
+    assert example.low == pytest.approx(30 * GLUCOSE_MG_DL)
+    assert example.high == pytest.approx(250 * GLUCOSE_MG_DL)
+    assert (example.low_inclusive, example.high_inclusive) == (True, True)
+    assert example not in REFERENCE.rulebook.thresholds["2345-7"]
+    applied = REFERENCE.rulebook.threshold_for("2345-7", 0, "female")
+    assert applied is not None and applied.low == pytest.approx(50 * GLUCOSE_MG_DL)  # HM adult <=50
+
+
+@pytest.mark.parametrize(
+    ("loinc", "kind", "direction", "threshold", "hours"),
+    [
+        ("718-7", "absolute", "fall", 20.0, 24),  # local example: haemoglobin -20 g/L in 24 h
+        ("2160-0", "absolute", "rise", 26.5, 48),  # KDIGO: +26.5 umol/L within 48 h
+        ("2160-0", "percent", "rise", 50.0, 168),  # KDIGO: 1.5 x baseline within 7 days
+    ],
+)
+def test_shipped_delta_checks(loinc: str, kind: str, direction: str, threshold: float, hours: int) -> None:
+    """Delta checks load in the canonical unit with their windows, in file order."""
+    loaded = [
+        (d.kind, d.direction, d.threshold, d.window, d.inclusive)
+        for d in REFERENCE.rulebook.deltas_for(loinc)
+    ]
+    assert (kind, direction, threshold, dt.timedelta(hours=hours), True) in loaded
+
+
+def test_absolute_delta_thresholds_are_converted_to_the_canonical_unit(tmp_path: Path) -> None:
+    """A haemoglobin delta given as 2 g/dL is 20 g/L (clinical.md: g/dL x 10 = g/L)."""
+    directory = _copy(tmp_path)
+    _edit("critical_rules.json", lambda doc: doc["delta_checks"][0].update(threshold=2.0, unit="g/dL"))(
+        directory
+    )
+    (delta,) = load_reference(directory).rulebook.deltas_for("718-7")
+    assert delta.threshold == pytest.approx(20.0)
+
+
+def _add_rule(**changes: Any) -> Callable[[dict[str, Any]], None]:
+    """Append a copy of the potassium rule with changes."""
+
+    def change(doc: dict[str, Any]) -> None:
+        doc["rules"].append({**_first_rule(doc), **changes})
+
+    return change
+
+
+def _add_rules(*many: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        for changes in many:
+            _add_rule(**changes)(doc)
+
+    return change
+
+
+BAND_BREAKAGES = [
+    pytest.param(_add_rule(), id="two-unbanded-rules"),
+    pytest.param(_add_rule(age_min=10, age_max=5), id="age-min-above-max"),
+    pytest.param(_add_rule(age_min=-1), id="negative-age"),
+    pytest.param(_add_rule(age_max="17"), id="age-as-text"),
+    pytest.param(_add_rule(age_max=17.5), id="fractional-age"),
+    pytest.param(_add_rule(age_max=True), id="age-as-boolean"),
+    pytest.param(_add_rule(sex="other"), id="sex-not-male-or-female"),
+    pytest.param(_add_rule(sex="Male"), id="sex-wrong-case"),
+    pytest.param(_add_rules({"age_max": 17}, {"age_min": 17}), id="age-bands-share-a-year"),
+    pytest.param(_add_rules({"age_max": 17}, {"age_max": 5}), id="nested-age-bands"),
+    pytest.param(_add_rules({"sex": "female"}, {"age_max": 17}), id="sex-only-and-age-only"),
+    pytest.param(_add_rules({"sex": "male"}, {"sex": "male"}), id="same-sex-twice"),
+    pytest.param(
+        _add_rules({"sex": "male", "age_min": 60}, {"sex": "male", "age_min": 50, "age_max": 70}),
+        id="sex-and-age-overlap",
+    ),
+    pytest.param(lambda doc: _first_rule(doc).update(age_min=18), id="no-unbanded-default"),
+    pytest.param(lambda doc: _first_rule(doc).update(severity="PANIC"), id="severity-not-in-avro-enum"),
+    pytest.param(lambda doc: _first_rule(doc).update(low=7.0, high=6.1), id="low-above-high"),
+    pytest.param(lambda doc: _first_rule(doc).update(low=None, high=None), id="no-limit-at-all"),
+    pytest.param(lambda doc: _first_rule(doc).update(low=True), id="limit-as-boolean"),
+    pytest.param(lambda doc: doc["examples"][0].update(age_max=None), id="example-duplicates-the-default"),
+]
+
+
+@pytest.mark.parametrize("change", BAND_BREAKAGES)
+def test_ambiguous_or_malformed_bands_are_refused(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """A patient must meet exactly one most-specific rule; anything else is refused at start-up."""
+    directory = _copy(tmp_path)
+    _edit("critical_rules.json", change)(directory)
+    with pytest.raises(ReferenceDataError):
+        load_reference(directory)
+
+
+@pytest.mark.parametrize(
+    "bands",
+    [
+        [{"age_max": 17}, {"age_min": 18}],  # children and adults apart
+        [{"sex": "male"}, {"sex": "female"}],
+        [{"sex": "male", "age_min": 60}, {"sex": "female", "age_min": 60}, {"age_max": 0}],
+        [{"sex": "male", "age_max": 1}, {"sex": "male", "age_min": 2}, {"sex": "female"}],
+    ],
+)
+def test_disjoint_bands_load(tmp_path: Path, bands: list[dict[str, Any]]) -> None:
+    """Bands that never meet the same patient at the same specificity are accepted."""
+    directory = _copy(tmp_path)
+    _edit("critical_rules.json", _add_rules(*bands))(directory)
+    assert len(load_reference(directory).rulebook.thresholds["2823-3"]) == 1 + len(bands)
+
+
+def _delta(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["delta_checks"][0]
+
+
+def _policy_part(section: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda doc: doc[section].update(changes)
+
+
+DELTA_AND_POLICY_BREAKAGES = [
+    pytest.param(lambda doc: _delta(doc).update(kind="rate"), id="delta-kind-unknown"),
+    pytest.param(lambda doc: _delta(doc).update(direction="down"), id="delta-direction-unknown"),
+    pytest.param(lambda doc: _delta(doc).update(threshold=0), id="delta-threshold-zero"),
+    pytest.param(lambda doc: _delta(doc).update(threshold=-20), id="delta-threshold-negative"),
+    pytest.param(lambda doc: _delta(doc).update(window_hours=0), id="delta-window-zero"),
+    pytest.param(lambda doc: _delta(doc).update(inclusive="true"), id="delta-inclusive-quoted"),
+    pytest.param(lambda doc: _delta(doc).update(unit="mmol/L"), id="delta-unit-unknown"),
+    pytest.param(lambda doc: _delta(doc).update(kind="percent"), id="percent-delta-with-unit"),
+    pytest.param(lambda doc: _delta(doc).update(source="FOLKLORE"), id="delta-unknown-source"),
+    pytest.param(lambda doc: _delta(doc).update(loinc="1994-3"), id="delta-analyte-without-units"),
+    pytest.param(lambda doc: _delta(doc).pop("window_hours"), id="delta-without-window"),
+    pytest.param(_policy_part("suppression", window_hours=-1), id="suppression-negative"),
+    pytest.param(_policy_part("suppression", source="HEARSAY"), id="suppression-unknown-source"),
+    pytest.param(lambda doc: doc["escalation"]["ack_deadline_minutes"].pop("HIGH"), id="deadline-missing"),
+    pytest.param(
+        lambda doc: doc["escalation"]["ack_deadline_minutes"].update(URGENT=5), id="deadline-unknown-severity"
+    ),
+    pytest.param(
+        lambda doc: doc["escalation"]["ack_deadline_minutes"].update(CRITICAL=0), id="deadline-zero"
+    ),
+    pytest.param(_policy_part("escalation", recipients=[]), id="no-recipients"),
+    pytest.param(_policy_part("escalation", recipients=["attending", " "]), id="blank-recipient"),
+    pytest.param(_policy_part("escalation", repeat_minutes=0), id="repeat-zero"),
+    pytest.param(_policy_part("escalation", repeat_minutes="15"), id="repeat-quoted"),
+]
+
+
+@pytest.mark.parametrize("change", DELTA_AND_POLICY_BREAKAGES)
+def test_malformed_delta_checks_and_policies_are_refused(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """Delta checks and escalation settings are validated as strictly as limits."""
+    directory = _copy(tmp_path)
+    _edit("critical_rules.json", change)(directory)
     with pytest.raises(ReferenceDataError):
         load_reference(directory)
