@@ -1,19 +1,70 @@
-"""The sink contract: one `write(batch)` that is idempotent and all-or-nothing."""
+"""The sink contract: idempotent, all-or-nothing batch writes.
+
+Two entry points:
+- `write_records(batch of StoreRecord)`: the regional standard's decoded records of every kind (the
+  normalised topology);
+- `write(batch of SinkItem)`: the first lab-only path (`streams/app.py` today), kept until it is retired.
+"""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sinks.exceptions import StoreRejectedError
-from streams.normalise import NormalisedLab
-from streams.rules import AlertDraft
+
+if TYPE_CHECKING:  # only for annotations: the sink must not depend on the stream code at run time
+    from streams.normalise import NormalisedLab
+    from streams.rules import AlertDraft
+
+KINDS = ("lab", "vitals", "encounter", "medication", "diagnosis", "alert", "escalation", "ack", "identity")
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """One decoded record of the regional standard and its kind (one of KINDS).
+
+    `record` is what fastavro decodes (uuid fields may be uuid.UUID, times are aware datetimes), with the
+    normaliser's fields filled in (`regional_patient_id`; `patient_national_id` must be None). For
+    "identity" it is an IdentityLink: institution_id, patient_mrn, regional_patient_id, alias_of,
+    linked_time (link_id optional).
+    """
+
+    kind: str
+    record: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class StoreWriteResult:
+    """Per kind, how many records of the batch changed the store and how many changed nothing.
+
+    A record is *written* when it inserted or replaced a row (for "vitals" one record is one set of
+    measurements; for "encounter" the event joins the history even when an older event leaves the
+    encounter's current state alone). It is *unchanged* when it was a redelivery of an event id the
+    store already has, an older version than the stored one, superseded by a newer version in the same
+    batch, or (alerts) repeated without a higher `suppressed_repeats`. written + unchanged = records.
+    """
+
+    written: Mapping[str, int] = field(default_factory=dict)
+    unchanged: Mapping[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: StoreWriteResult) -> StoreWriteResult:
+        return StoreWriteResult(
+            dict(Counter(self.written) + Counter(other.written)),
+            dict(Counter(self.unchanged) + Counter(other.unchanged)),
+        )
+
+    @property
+    def total_written(self) -> int:
+        return sum(self.written.values())
 
 
 @dataclass(frozen=True)
 class SinkItem:
-    """One normalised event and the alerts it raised, written together."""
+    """Legacy path: one normalised lab result and the alerts it raised, written together."""
 
     lab: NormalisedLab
     alerts: tuple[AlertDraft, ...] = ()
@@ -21,7 +72,7 @@ class SinkItem:
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What a batch changed: ids new to the store. Redelivered items appear in neither set."""
+    """Legacy path: ids new to the store. Redelivered items appear in neither set."""
 
     new_event_ids: frozenset[str] = field(default_factory=frozenset)
     new_alert_ids: frozenset[str] = field(default_factory=frozenset)
@@ -29,23 +80,42 @@ class WriteResult:
 
 class Sink(abc.ABC):
     @abc.abstractmethod
-    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
-        """Write the whole batch in one transaction or nothing.
+    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
+        """Write the whole batch in one transaction or nothing; redelivery changes nothing.
 
-        Raise StoreUnavailableError when a retry may succeed, StoreRejectedError when the data itself
-        is refused.
+        Raise StoreUnavailableError when a retry of the whole batch may succeed, StoreRejectedError
+        when the data itself is refused (then `write_records_isolating` finds the culprits).
         """
+
+    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
+        """Legacy lab-only path; same transaction and error rules as `write_records`."""
+        raise NotImplementedError(f"{type(self).__name__} does not take legacy SinkItem batches")
+
+
+def write_records_isolating(
+    sink: Sink, batch: Sequence[StoreRecord]
+) -> tuple[StoreWriteResult, list[tuple[int, StoreRejectedError]]]:
+    """Write the batch; if the store refuses it, bisect to find the refused records and write the rest.
+
+    Good records end up written exactly once (writes are idempotent); refused ones come back with their
+    index in `batch`, for the dead-letter topic. StoreUnavailableError propagates: retry the whole batch.
+    A batch of n records with k refused takes about 2k·log2(n) writes.
+    """
+    try:
+        return sink.write_records(batch), []
+    except StoreRejectedError as exc:
+        if len(batch) == 1:
+            return StoreWriteResult(), [(0, exc)]
+    middle = len(batch) // 2
+    left, left_rejected = write_records_isolating(sink, batch[:middle])
+    right, right_rejected = write_records_isolating(sink, batch[middle:])
+    return left + right, left_rejected + [(index + middle, exc) for index, exc in right_rejected]
 
 
 def write_isolating(
     sink: Sink, batch: Sequence[SinkItem]
 ) -> tuple[WriteResult, list[tuple[int, StoreRejectedError]]]:
-    """Write the batch; if the store refuses it, bisect to find the refused items and write the rest.
-
-    One bad record must not block its partition forever. Good items end up written exactly once
-    (writes are idempotent), refused ones are returned with their index for the dead-letter topic.
-    StoreUnavailableError propagates: then the whole batch is retried later.
-    """
+    """Legacy twin of `write_records_isolating` for SinkItem batches."""
     try:
         return sink.write(batch), []
     except StoreRejectedError as exc:

@@ -1,17 +1,29 @@
-"""SQLAlchemy 2 models of the regional store. No raw national identifier is ever stored."""
+"""SQLAlchemy 2 models of the regional store. No raw national identifier and no patient name is ever stored.
+
+Versioned tables (observations, encounters, medication_orders, diagnoses) keep one row per natural key:
+the version with the latest (event_time, event_id) wins, whatever order deliveries arrive in. All times
+are stored as UTC instants (SQLite keeps them as naive UTC text, which sorts chronologically).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, Float, Index, MetaData, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import Boolean, DateTime, Float, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, synonym
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+LAB = "laboratory"
+VITAL_SIGNS = "vital-signs"
+# Observation statuses that take a row out of timelines and latest values.
+RETRACTED_OBSERVATION = ("cancelled", "superseded")
+RETRACTED_MEDICATION = ("CANCELLED", "ENTERED_IN_ERROR")
+CANCELLED_ENCOUNTER = "cancelled"
 
 
 class Base(DeclarativeBase):
@@ -21,20 +33,80 @@ class Base(DeclarativeBase):
 UtcDateTime = DateTime(timezone=True)
 
 
+class Patient(Base):
+    """A regional patient: the pseudonymous id and coarse demographics only."""
+
+    __tablename__ = "patients"
+
+    regional_patient_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    birth_year: Mapped[int | None] = mapped_column(Integer)
+    sex: Mapped[str | None] = mapped_column(String(16))
+    demographics_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)  # event time they came from
+    created_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class IdentifierLink(Base):
+    """A local MRN at an institution belongs to a regional patient id (latest link wins)."""
+
+    __tablename__ = "identifier_links"
+
+    institution_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    patient_mrn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    linked_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "regional_patient_id"),)
+
+
+class PatientAlias(Base):
+    """An older regional id that now resolves to another one; always points at a canonical id (one hop)."""
+
+    __tablename__ = "patient_aliases"
+
+    alias_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    linked_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "regional_patient_id"),)
+
+
+class IngestLog(Base):
+    """Every event id the store has taken (clinical envelope ids, escalation ids, acknowledgement ids)."""
+
+    __tablename__ = "ingest_log"
+
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    institution_id: Mapped[str | None] = mapped_column(String(32))
+    event_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
 class Observation(Base):
-    """A lab result (later also vitals) after normalisation; one row per source event."""
+    """One lab result, or one measurement of a vital-signs set, at its latest version.
+
+    Natural key: (institution, category, result id, component); for labs `result_id` is the result id
+    and `component` is empty, for vitals `result_id` is the set's observation id and `component` the
+    measurement's local code.
+    """
 
     __tablename__ = "observations"
 
-    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    institution_id: Mapped[str] = mapped_column(String(32))
+    institution_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    category: Mapped[str] = mapped_column(String(16), primary_key=True)
+    result_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    component: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     source_system: Mapped[str] = mapped_column(String(64))
-    result_id: Mapped[str] = mapped_column(String(128))
+    correlation_id: Mapped[str | None] = mapped_column(String(64))
     regional_patient_id: Mapped[str] = mapped_column(String(40))
     encounter_id: Mapped[str | None] = mapped_column(String(128))
     local_code: Mapped[str] = mapped_column(String(64))
     loinc_code: Mapped[str | None] = mapped_column(String(16))
-    analyte: Mapped[str | None] = mapped_column(String(128))
+    analyte: Mapped[str | None] = mapped_column(Text)
     value: Mapped[float | None] = mapped_column(Float)
     unit: Mapped[str | None] = mapped_column(String(32))
     original_value: Mapped[float | None] = mapped_column(Float)
@@ -42,20 +114,118 @@ class Observation(Base):
     value_text: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     abnormal_flag: Mapped[str | None] = mapped_column(String(8))
-    flags: Mapped[str] = mapped_column(String(128), default="")
-    result_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
-    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    flags: Mapped[str] = mapped_column(String(256), default="")
+    effective_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)  # result released / measured
     specimen_collected_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
-    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    device_id: Mapped[str | None] = mapped_column(String(64))
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)  # when this version was stored
+
+    result_time = synonym("effective_time")  # the 0001 name, still used by the demo
 
     __table_args__ = (
-        Index(None, "regional_patient_id", "result_time"),
-        Index(None, "institution_id", "result_id"),
+        Index(None, "regional_patient_id", "effective_time"),
+        Index(None, "regional_patient_id", "loinc_code", "effective_time"),
     )
 
 
+class Encounter(Base):
+    """An encounter's latest state, updated by ADT events in event-time order."""
+
+    __tablename__ = "encounters"
+
+    institution_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    encounter_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    encounter_class: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    last_event_type: Mapped[str] = mapped_column(String(16))
+    ward: Mapped[str | None] = mapped_column(String(64))
+    bed: Mapped[str | None] = mapped_column(String(64))
+    attending_clinician: Mapped[str | None] = mapped_column(String(64))
+    occurred_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    admit_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    discharge_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "regional_patient_id"),)
+
+
+class EncounterEvent(Base):
+    """Every ADT event as received (history of the encounters table)."""
+
+    __tablename__ = "encounter_events"
+
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    institution_id: Mapped[str] = mapped_column(String(32))
+    encounter_id: Mapped[str] = mapped_column(String(128))
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    event_type: Mapped[str] = mapped_column(String(16))
+    encounter_class: Mapped[str] = mapped_column(String(16))
+    ward: Mapped[str | None] = mapped_column(String(64))
+    bed: Mapped[str | None] = mapped_column(String(64))
+    prior_ward: Mapped[str | None] = mapped_column(String(64))
+    prior_bed: Mapped[str | None] = mapped_column(String(64))
+    occurred_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        Index(None, "regional_patient_id", "occurred_time"),
+        Index(None, "institution_id", "encounter_id"),
+    )
+
+
+class MedicationOrder(Base):
+    __tablename__ = "medication_orders"
+
+    institution_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    encounter_id: Mapped[str | None] = mapped_column(String(128))
+    drug_code: Mapped[str] = mapped_column(String(64))
+    drug_code_system: Mapped[str | None] = mapped_column(String(64))
+    drug_display: Mapped[str | None] = mapped_column(Text)
+    regional_drug_code: Mapped[str | None] = mapped_column(String(64))
+    dose_value: Mapped[float | None] = mapped_column(Float)
+    dose_unit: Mapped[str | None] = mapped_column(String(32))
+    route: Mapped[str | None] = mapped_column(String(32))
+    frequency: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(24))
+    ordered_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    start_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    end_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    prescriber: Mapped[str | None] = mapped_column(String(64))
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "regional_patient_id", "ordered_time"),)
+
+
+class Diagnosis(Base):
+    __tablename__ = "diagnoses"
+
+    institution_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    diagnosis_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    encounter_id: Mapped[str | None] = mapped_column(String(128))
+    icd10_code: Mapped[str] = mapped_column(String(16))
+    code_system: Mapped[str] = mapped_column(String(16))
+    display: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))
+    recorded_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    clinician: Mapped[str | None] = mapped_column(String(64))
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "regional_patient_id", "recorded_time"),)
+
+
 class Alert(Base):
-    """A critical-value alert; also the outbox from which alerts are published to Kafka."""
+    """A critical-value alert with its escalation and acknowledgement state; also the publishing outbox."""
 
     __tablename__ = "alerts"
 
@@ -77,8 +247,54 @@ class Alert(Base):
     raised_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     deadline_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     published_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    ward: Mapped[str | None] = mapped_column(String(64))
+    previous_value: Mapped[float | None] = mapped_column(Float)
+    previous_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    suppressed_repeats: Mapped[int] = mapped_column(Integer, server_default="0")
+    escalation_level: Mapped[int] = mapped_column(Integer, server_default="0")
+    escalated_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    escalation_recipient: Mapped[str | None] = mapped_column(String(128))
+    next_deadline_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    acknowledged_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(64))
+    ack_channel: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         Index(None, "regional_patient_id", "raised_time"),
         Index(None, "published_time"),
     )
+
+
+class AlertEscalation(Base):
+    __tablename__ = "alert_escalations"
+
+    escalation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    alert_id: Mapped[str] = mapped_column(String(36))
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    institution_id: Mapped[str] = mapped_column(String(32))
+    level: Mapped[int] = mapped_column(Integer)
+    recipient: Mapped[str] = mapped_column(String(128))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    escalated_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    next_deadline_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "alert_id"),)
+
+
+class AlertAcknowledgement(Base):
+    __tablename__ = "alert_acknowledgements"
+
+    ack_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    alert_id: Mapped[str] = mapped_column(String(36))
+    regional_patient_id: Mapped[str | None] = mapped_column(String(40))
+    acknowledged_by: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str | None] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    read_back: Mapped[bool] = mapped_column(Boolean)
+    acknowledged_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    note: Mapped[str | None] = mapped_column(Text)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "alert_id"),)

@@ -1,56 +1,118 @@
-"""The SQLAlchemy sink: one transaction per batch, insert-or-ignore keyed by event id and alert id."""
+"""The SQLAlchemy sink: one transaction per batch, set-based upserts per table, on PostgreSQL and SQLite.
+
+Per batch, in one transaction and a handful of statements (each an INSERT ... ON CONFLICT over all the
+batch's rows for that table, sent as multi-row VALUES):
+1. ingest_log takes the batch's event ids (clinical envelopes, escalations, acknowledgements); ids it
+   already had are redeliveries and go no further.
+2. Versioned tables (observations, encounters, medication_orders, diagnoses) take each natural key's
+   newest version in the batch, and replace the stored row only when newer by (event_time, event_id).
+3. History and append-only tables insert-or-ignore; alerts keep the highest suppressed_repeats and are
+   refreshed from their escalations and acknowledgements; identity links and aliases keep the latest.
+Rows are sent sorted by key so that concurrent writers lock in the same order.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
+import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Table, select, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from sinks.base import Sink, SinkItem, WriteResult
+from sinks.base import Sink, SinkItem, StoreRecord, StoreWriteResult, WriteResult
 from sinks.exceptions import StoreRejectedError, StoreUnavailableError
-from sinks.models import Alert, Observation
-from streams.rules import AlertDraft
-
-OBSERVATIONS: Table = Observation.__table__  # type: ignore[assignment]
-ALERTS: Table = Alert.__table__  # type: ignore[assignment]
-
-
-def _observation_row(item: SinkItem, now: dt.datetime) -> dict[str, Any]:
-    lab = item.lab
-    return {
-        "event_id": lab.event_id,
-        "institution_id": lab.institution_id,
-        "source_system": lab.source_system,
-        "result_id": lab.result_id,
-        "regional_patient_id": lab.regional_patient_id,
-        "encounter_id": lab.encounter_id,
-        "local_code": lab.local_code,
-        "loinc_code": lab.loinc_code,
-        "analyte": lab.analyte,
-        "value": lab.value,
-        "unit": lab.unit,
-        "original_value": lab.original_value,
-        "original_unit": lab.original_unit,
-        "value_text": lab.value_text,
-        "status": lab.status,
-        "abnormal_flag": lab.abnormal_flag,
-        "flags": ",".join(lab.flags),
-        "result_time": lab.result_time,
-        "event_time": lab.event_time,
-        "specimen_collected_time": lab.specimen_collected_time,
-        "ingested_time": now,
-    }
+from sinks.metrics import SinkMetrics
+from sinks.models import (
+    VITAL_SIGNS,
+    Alert,
+    AlertAcknowledgement,
+    AlertEscalation,
+    Diagnosis,
+    Encounter,
+    EncounterEvent,
+    IdentifierLink,
+    IngestLog,
+    MedicationOrder,
+    Observation,
+    Patient,
+    PatientAlias,
+)
+from sinks.records import (
+    STATUS_KEEPING_EVENTS,
+    Prepared,
+    Row,
+    prepare,
+    prepare_legacy_alert,
+    prepare_legacy_lab,
+)
 
 
-def _alert_row(alert: AlertDraft) -> dict[str, Any]:
-    row = dataclasses.asdict(alert)
-    row["published_time"] = None
-    return row
+def _table(model: Any) -> Table:
+    table: Table = model.__table__
+    return table
+
+
+OBSERVATIONS = _table(Observation)
+ALERTS = _table(Alert)
+PATIENTS = _table(Patient)
+LINKS = _table(IdentifierLink)
+ALIASES = _table(PatientAlias)
+INGEST_LOG = _table(IngestLog)
+ENCOUNTERS = _table(Encounter)
+ENCOUNTER_EVENTS = _table(EncounterEvent)
+MEDICATIONS = _table(MedicationOrder)
+DIAGNOSES = _table(Diagnosis)
+ESCALATIONS = _table(AlertEscalation)
+ACKS = _table(AlertAcknowledgement)
+
+VERSIONED = {  # table -> natural key
+    "observations": ("institution_id", "category", "result_id", "component"),
+    "medication_orders": ("institution_id", "order_id"),
+    "diagnoses": ("institution_id", "diagnosis_id"),
+    "encounters": ("institution_id", "encounter_id"),
+}
+APPEND_ONLY = {  # table -> key; a second copy is ignored
+    "encounter_events": "event_id",
+    "alert_escalations": "escalation_id",
+    "alert_acknowledgements": "ack_id",
+}
+TABLES = {
+    table.name: table
+    for table in (
+        OBSERVATIONS,
+        ALERTS,
+        PATIENTS,
+        LINKS,
+        ALIASES,
+        INGEST_LOG,
+        ENCOUNTERS,
+        ENCOUNTER_EVENTS,
+        MEDICATIONS,
+        DIAGNOSES,
+        ESCALATIONS,
+        ACKS,
+    )
+}
+ALIAS_COMPRESSION_ROUNDS = 8
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -60,10 +122,60 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+def _error_class(exc: StatementError) -> str:
+    return type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
+
+
+def _reason(exc: StatementError, limit: int = 300) -> str:
+    """The driver's own message, without the statement or its parameters (they hold patient data)."""
+    text = " ".join(str(exc.orig if exc.orig is not None else exc.args[0] if exc.args else "").split())
+    return f"{_error_class(exc)}: {text[:limit]}"
+
+
+def _newer(excluded: Any, table: Table) -> Any:
+    """The incoming version is newer: later event time, ties broken by the larger event id."""
+    return or_(
+        excluded.event_time > table.c.event_time,
+        and_(excluded.event_time == table.c.event_time, excluded.event_id > table.c.event_id),
+    )
+
+
+def _version(row: Row) -> tuple[dt.datetime, str]:
+    return (row["event_time"], row["event_id"])
+
+
+def _merge_encounter(older: Row, newer: Row) -> Row:
+    """In-batch twin of the encounter upsert: the newer event wins, gaps are filled from the older."""
+    merged = dict(newer)
+    for column in ("ward", "bed", "attending_clinician", "admit_time", "discharge_time"):
+        if merged[column] is None:
+            merged[column] = older[column]
+    if newer["last_event_type"] in STATUS_KEEPING_EVENTS:
+        merged["status"] = older["status"]
+    if newer["encounter_class"] == "UNKNOWN":
+        merged["encounter_class"] = older["encounter_class"]
+    return merged
+
+
+class _Outcome:
+    """What one transaction did: records written, new log ids, rows per table."""
+
+    def __init__(self) -> None:
+        self.written: set[int] = set()
+        self.new_log_ids: set[str] = set()
+        self.rows: dict[str, int] = defaultdict(int)
+
+
 class SqlStoreSink(Sink):
-    def __init__(self, engine: Engine, clock: Callable[[], dt.datetime] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], dt.datetime] | None = None,
+        metrics: SinkMetrics | None = None,
+    ) -> None:
         self._engine = engine
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self._metrics = metrics
         dialect = engine.dialect.name
         if dialect == "postgresql":
             self._insert: Any = postgresql.insert
@@ -71,30 +183,148 @@ class SqlStoreSink(Sink):
             self._insert = sqlite.insert
         else:
             raise ValueError(f"unsupported database dialect {dialect!r}; use PostgreSQL or SQLite")
+        self._statements = self._build_statements()
 
-    def _insert_new(self, connection: Any, table: Table, key: str, rows: list[dict[str, Any]]) -> set[str]:
-        if not rows:
-            return set()
-        stmt = self._insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
-        return {row[0] for row in connection.execute(stmt, rows)}
+    # -- statements, built once -------------------------------------------------------------------
+
+    def _build_statements(self) -> dict[str, Any]:
+        s: dict[str, Any] = {}
+        log = self._insert(INGEST_LOG)
+        s["ingest_log"] = log.on_conflict_do_nothing(index_elements=["event_id"]).returning(
+            INGEST_LOG.c.event_id
+        )
+        for name in ("observations", "medication_orders", "diagnoses"):
+            table, key = TABLES[name], VERSIONED[name]
+            stmt = self._insert(table)
+            excluded = stmt.excluded
+            s[name] = stmt.on_conflict_do_update(
+                index_elements=list(key),
+                set_={c.name: excluded[c.name] for c in table.columns if c.name not in key},
+                where=_newer(excluded, table),
+            ).returning(*[table.c[k] for k in key])
+        s["encounters"] = self._encounter_upsert()
+        for name, key_name in APPEND_ONLY.items():
+            table = TABLES[name]
+            s[name] = (
+                self._insert(table)
+                .on_conflict_do_nothing(index_elements=[key_name])
+                .returning(table.c[key_name])
+            )
+        alerts = self._insert(ALERTS)
+        s["alerts"] = alerts.on_conflict_do_update(
+            index_elements=["alert_id"],
+            set_={"suppressed_repeats": alerts.excluded.suppressed_repeats},
+            where=alerts.excluded.suppressed_repeats > ALERTS.c.suppressed_repeats,
+        ).returning(ALERTS.c.alert_id)
+        patients = self._insert(PATIENTS)
+        ex = patients.excluded
+        s["patients"] = patients.on_conflict_do_update(
+            index_elements=["regional_patient_id"],
+            set_={
+                "birth_year": func.coalesce(ex.birth_year, PATIENTS.c.birth_year),
+                "sex": func.coalesce(ex.sex, PATIENTS.c.sex),
+                "demographics_time": ex.demographics_time,
+            },
+            where=and_(
+                ex.demographics_time.is_not(None),
+                or_(
+                    PATIENTS.c.demographics_time.is_(None),
+                    ex.demographics_time > PATIENTS.c.demographics_time,
+                ),
+            ),
+        ).returning(PATIENTS.c.regional_patient_id)
+        for name, latest_key in (
+            ("identifier_links", ["institution_id", "patient_mrn"]),
+            ("patient_aliases", ["alias_id"]),
+        ):
+            table = TABLES[name]
+            stmt = self._insert(table)
+            s[name] = stmt.on_conflict_do_update(
+                index_elements=latest_key,
+                set_={
+                    "regional_patient_id": stmt.excluded.regional_patient_id,
+                    "linked_time": stmt.excluded.linked_time,
+                    "ingested_time": stmt.excluded.ingested_time,
+                },
+                where=stmt.excluded.linked_time > table.c.linked_time,
+            ).returning(*[table.c[k] for k in latest_key])
+        return s
+
+    def _encounter_upsert(self) -> Any:
+        t = ENCOUNTERS
+        stmt = self._insert(t)
+        ex = stmt.excluded
+        newer = _newer(ex, t)
+
+        def pick(column: str) -> Any:
+            return case((newer, ex[column]), else_=t.c[column])
+
+        def fill(column: str) -> Any:  # newer non-null value wins; an older event only fills a gap
+            return case(
+                (newer, func.coalesce(ex[column], t.c[column])), else_=func.coalesce(t.c[column], ex[column])
+            )
+
+        set_ = {
+            column: pick(column)
+            for column in ("event_id", "event_time", "regional_patient_id", "occurred_time")
+        }
+        set_["last_event_type"] = pick("last_event_type")
+        keeps_status = or_(*[ex.last_event_type == event for event in STATUS_KEEPING_EVENTS])
+        set_["status"] = case((and_(newer, ~keeps_status), ex.status), else_=t.c.status)
+        set_["encounter_class"] = case(
+            (and_(newer, ex.encounter_class != "UNKNOWN"), ex.encounter_class), else_=t.c.encounter_class
+        )
+        for column in ("ward", "bed", "attending_clinician"):
+            set_[column] = case((newer, func.coalesce(ex[column], t.c[column])), else_=t.c[column])
+        set_["admit_time"] = fill("admit_time")
+        set_["discharge_time"] = fill("discharge_time")
+        set_["ingested_time"] = ex.ingested_time
+        where = or_(
+            newer,
+            and_(t.c.admit_time.is_(None), ex.admit_time.is_not(None)),
+            and_(t.c.discharge_time.is_(None), ex.discharge_time.is_not(None)),
+        )
+        return stmt.on_conflict_do_update(
+            index_elements=["institution_id", "encounter_id"], set_=set_, where=where
+        ).returning(t.c.institution_id, t.c.encounter_id)
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
+        started = time.perf_counter()
+        if not batch:
+            return StoreWriteResult()
+        now = self._clock()
+        prepared = [prepare(index, item, now) for index, item in enumerate(batch)]
+        outcome = self._transaction(prepared)
+        committed = self._clock()
+        written: dict[str, int] = defaultdict(int)
+        unchanged: dict[str, int] = defaultdict(int)
+        for entry in prepared:
+            (written if entry.index in outcome.written else unchanged)[entry.kind] += 1
+        self._observe(prepared, outcome, committed, time.perf_counter() - started)
+        return StoreWriteResult(dict(written), dict(unchanged))
 
     def write(self, batch: Sequence[SinkItem]) -> WriteResult:
+        """Legacy lab-only path: lab results and their alert drafts, same rules as write_records."""
+        started = time.perf_counter()
         if not batch:
             return WriteResult()
         now = self._clock()
-        observations = list({item.lab.event_id: _observation_row(item, now) for item in batch}.values())
-        alerts = list({a.alert_id: _alert_row(a) for item in batch for a in item.alerts}.values())
-        try:
-            with self._engine.begin() as connection:
-                new_events = self._insert_new(connection, OBSERVATIONS, "event_id", observations)
-                new_alerts = self._insert_new(connection, ALERTS, "alert_id", alerts)
-        except DBAPIError as exc:
-            if is_transient(exc):
-                raise StoreUnavailableError(f"database unavailable: {exc.orig!r}") from exc
-            raise StoreRejectedError(
-                f"database refused the batch: {type(exc.orig).__name__}: {exc.orig}"
-            ) from exc
-        return WriteResult(frozenset(new_events), frozenset(new_alerts))
+        prepared: list[Prepared] = []
+        for item in batch:
+            prepared.append(prepare_legacy_lab(len(prepared), item.lab, now))
+            prepared.extend(
+                prepare_legacy_alert(len(prepared) + n, alert) for n, alert in enumerate(item.alerts)
+            )
+        outcome = self._transaction(prepared)
+        self._observe(prepared, outcome, self._clock(), time.perf_counter() - started)
+        new_alerts = {
+            entry.rows["alerts"][0]["alert_id"]
+            for entry in prepared
+            if entry.kind == "alert" and entry.index in outcome.written
+        }
+        return WriteResult(frozenset(outcome.new_log_ids), frozenset(new_alerts))
 
     def unpublished_alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The outbox: alerts committed to the store but not yet confirmed on Kafka."""
@@ -125,3 +355,322 @@ class SqlStoreSink(Sink):
             if is_transient(exc):
                 raise StoreUnavailableError(f"database unavailable: {exc.orig!r}") from exc
             raise
+
+    # -- the transaction ----------------------------------------------------------------------------
+
+    def _transaction(self, prepared: list[Prepared]) -> _Outcome:
+        try:
+            with self._engine.begin() as connection:
+                return self._apply(connection, prepared)
+        except DBAPIError as exc:
+            if is_transient(exc):
+                self._count_retry(_error_class(exc))
+                raise StoreUnavailableError(f"database unavailable: {_reason(exc)}") from exc
+            raise StoreRejectedError(f"database refused the batch: {_reason(exc)}") from exc
+        except StatementError as exc:  # a value the driver could not even bind
+            raise StoreRejectedError(f"database refused the batch: {_reason(exc)}") from exc
+        except PoolTimeoutError as exc:
+            self._count_retry("PoolTimeout")
+            raise StoreUnavailableError(f"no database connection free: {exc}") from exc
+        except SQLAlchemyError as exc:  # anything else is not the data's fault: retry
+            self._count_retry(type(exc).__name__)
+            raise StoreUnavailableError(f"database error: {exc!r}") from exc
+
+    def _apply(self, connection: Connection, prepared: list[Prepared]) -> _Outcome:
+        outcome = _Outcome()
+        live = self._skip_logged(connection, prepared, outcome)
+        by_table: dict[str, list[tuple[Prepared, Row]]] = defaultdict(list)
+        for entry in live:
+            for table_name, rows in entry.rows.items():
+                by_table[table_name].extend((entry, row) for row in rows)
+
+        observations = by_table.pop("observations", [])
+        if observations:
+            self._versioned(connection, "observations", self._newest_sets(observations), outcome)
+            if any(row["category"] == VITAL_SIGNS for _, row in observations):
+                self._supersede_dropped_measurements(connection, observations)
+        for name in ("medication_orders", "diagnoses"):
+            if by_table.get(name):
+                self._versioned(connection, name, by_table.pop(name), outcome)
+        if by_table.get("encounters"):
+            self._encounters(connection, by_table.pop("encounters"), outcome)
+        for name in APPEND_ONLY:
+            if by_table.get(name):
+                self._append_only(connection, name, by_table.pop(name), outcome)
+        touched_alerts: set[str] = set()
+        if by_table.get("alerts"):
+            touched_alerts |= self._alerts(connection, by_table.pop("alerts"), outcome)
+        touched_alerts |= {
+            entry.rows[name][0]["alert_id"]
+            for entry in live
+            for name in ("alert_escalations", "alert_acknowledgements")
+            if name in entry.rows
+        }
+        if touched_alerts:
+            self._refresh_alert_state(connection, touched_alerts)
+        if by_table.get("identifier_links"):
+            self._identities(
+                connection, by_table.pop("identifier_links"), by_table.pop("patient_aliases", []), outcome
+            )
+        patients = [entry.patient for entry in live if entry.patient is not None]
+        if patients:
+            self._patients(connection, patients, outcome)
+        return outcome
+
+    def _skip_logged(
+        self, connection: Connection, prepared: list[Prepared], outcome: _Outcome
+    ) -> list[Prepared]:
+        """Log the batch's event ids; records whose id was already logged (or repeated) are redeliveries."""
+        logs: dict[str, Row] = {}
+        for entry in prepared:
+            if entry.log_id is not None and entry.log is not None:
+                logs.setdefault(entry.log_id, entry.log)
+        if logs:
+            rows = [logs[key] for key in sorted(logs)]
+            outcome.new_log_ids = {row[0] for row in connection.execute(self._statements["ingest_log"], rows)}
+            outcome.rows["ingest_log"] += len(outcome.new_log_ids)
+        live: list[Prepared] = []
+        claimed: set[str] = set()
+        for entry in prepared:
+            if entry.log_id is None:
+                live.append(entry)
+            elif entry.log_id in outcome.new_log_ids and entry.log_id not in claimed:
+                claimed.add(entry.log_id)
+                live.append(entry)
+        return live
+
+    @staticmethod
+    def _newest_sets(pairs: list[tuple[Prepared, Row]]) -> list[tuple[Prepared, Row]]:
+        """Vitals come as sets: only the newest version of each set in the batch counts."""
+        newest: dict[tuple[str, str], Prepared] = {}
+        for entry, _row in pairs:
+            if entry.set_key is not None:
+                current = newest.get(entry.set_key)
+                if current is None or (entry.version or ()) > (current.version or ()):
+                    newest[entry.set_key] = entry
+        return [
+            (entry, row) for entry, row in pairs if entry.set_key is None or newest[entry.set_key] is entry
+        ]
+
+    def _versioned(
+        self, connection: Connection, name: str, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
+    ) -> None:
+        key_columns = VERSIONED[name]
+        newest: dict[tuple[Any, ...], tuple[Prepared, Row]] = {}
+        for entry, row in pairs:
+            key = tuple(row[k] for k in key_columns)
+            current = newest.get(key)
+            if current is None or _version(row) > _version(current[1]):
+                newest[key] = (entry, row)
+        ordered = [newest[key] for key in sorted(newest)]
+        returned = connection.execute(self._statements[name], [row for _, row in ordered]).all()
+        outcome.rows[name] += len(returned)
+        for key in returned:
+            outcome.written.add(newest[tuple(key)][0].index)
+
+    def _supersede_dropped_measurements(
+        self, connection: Connection, pairs: list[tuple[Prepared, Row]]
+    ) -> None:
+        """A newer version of a vitals set replaces the whole set: measurements it no longer has retire."""
+        sets = {
+            (row["institution_id"], row["result_id"]) for _, row in pairs if row["category"] == VITAL_SIGNS
+        }
+        o, newer = OBSERVATIONS, OBSERVATIONS.alias("newer")
+        stmt = (
+            update(o)
+            .where(
+                o.c.category == VITAL_SIGNS,
+                o.c.status != "superseded",
+                o.c.institution_id.in_({institution for institution, _ in sets}),
+                o.c.result_id.in_({result for _, result in sets}),
+                exists().where(
+                    newer.c.institution_id == o.c.institution_id,
+                    newer.c.category == o.c.category,
+                    newer.c.result_id == o.c.result_id,
+                    or_(
+                        newer.c.event_time > o.c.event_time,
+                        and_(newer.c.event_time == o.c.event_time, newer.c.event_id > o.c.event_id),
+                    ),
+                ),
+            )
+            .values(status="superseded")
+        )
+        connection.execute(stmt)
+
+    def _encounters(
+        self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
+    ) -> None:
+        merged: dict[tuple[str, str], Row] = {}
+        for _, row in sorted(pairs, key=lambda pair: _version(pair[1])):
+            key = (row["institution_id"], row["encounter_id"])
+            merged[key] = _merge_encounter(merged[key], row) if key in merged else row
+        returned = connection.execute(
+            self._statements["encounters"], [merged[k] for k in sorted(merged)]
+        ).all()
+        outcome.rows["encounters"] += len(returned)
+
+    def _append_only(
+        self, connection: Connection, name: str, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
+    ) -> None:
+        key_name = APPEND_ONLY[name]
+        first: dict[str, tuple[Prepared, Row]] = {}
+        for entry, row in pairs:
+            first.setdefault(row[key_name], (entry, row))
+        returned = connection.execute(self._statements[name], [first[k][1] for k in sorted(first)]).all()
+        outcome.rows[name] += len(returned)
+        for (key,) in returned:
+            outcome.written.add(first[key][0].index)
+
+    def _alerts(
+        self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
+    ) -> set[str]:
+        highest: dict[str, tuple[Prepared, Row]] = {}
+        for entry, row in pairs:
+            current = highest.get(row["alert_id"])
+            if current is None or row["suppressed_repeats"] > current[1]["suppressed_repeats"]:
+                highest[row["alert_id"]] = (entry, row)
+        returned = connection.execute(
+            self._statements["alerts"], [highest[k][1] for k in sorted(highest)]
+        ).all()
+        outcome.rows["alerts"] += len(returned)
+        for (alert_id,) in returned:
+            outcome.written.add(highest[alert_id][0].index)
+        return {alert_id for (alert_id,) in returned}
+
+    def _refresh_alert_state(self, connection: Connection, alert_ids: set[str]) -> None:
+        """Escalation level and first acknowledgement from their tables (they may come before the alert)."""
+        a, e, k = ALERTS, ESCALATIONS, ACKS
+
+        def top_escalation(column: Any) -> Any:
+            return (
+                select(column)
+                .where(e.c.alert_id == a.c.alert_id)
+                .order_by(e.c.level.desc(), e.c.escalated_time.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+
+        def first_ack(column: Any) -> Any:
+            return (
+                select(column)
+                .where(k.c.alert_id == a.c.alert_id)
+                .order_by(k.c.acknowledged_time, k.c.ack_id)
+                .limit(1)
+                .scalar_subquery()
+            )
+
+        connection.execute(
+            update(a)
+            .where(a.c.alert_id.in_(sorted(alert_ids)))
+            .values(
+                escalation_level=func.coalesce(top_escalation(e.c.level), literal(0)),
+                escalated_time=top_escalation(e.c.escalated_time),
+                escalation_recipient=top_escalation(e.c.recipient),
+                next_deadline_time=top_escalation(e.c.next_deadline_time),
+                acknowledged_time=first_ack(k.c.acknowledged_time),
+                acknowledged_by=first_ack(k.c.acknowledged_by),
+                ack_channel=first_ack(k.c.channel),
+            )
+        )
+
+    def _identities(
+        self,
+        connection: Connection,
+        links: list[tuple[Prepared, Row]],
+        aliases: list[tuple[Prepared, Row]],
+        outcome: _Outcome,
+    ) -> None:
+        latest: dict[tuple[str, str], tuple[Prepared, Row]] = {}
+        for entry, row in links:
+            key = (row["institution_id"], row["patient_mrn"])
+            if key not in latest or row["linked_time"] > latest[key][1]["linked_time"]:
+                latest[key] = (entry, row)
+        returned = connection.execute(
+            self._statements["identifier_links"], [latest[k][1] for k in sorted(latest)]
+        ).all()
+        outcome.rows["identifier_links"] += len(returned)
+        for key in returned:
+            outcome.written.add(latest[tuple(key)][0].index)
+        if not aliases:
+            return
+        newest_alias: dict[str, tuple[Prepared, Row]] = {}
+        for entry, row in aliases:
+            current = newest_alias.get(row["alias_id"])
+            if current is None or row["linked_time"] > current[1]["linked_time"]:
+                newest_alias[row["alias_id"]] = (entry, row)
+        rows = [newest_alias[k][1] for k in sorted(newest_alias)]
+        # A target is canonical from its link time on: an older alias row of the target itself goes.
+        connection.execute(
+            delete(ALIASES).where(
+                ALIASES.c.alias_id == bindparam("target", type_=ALIASES.c.alias_id.type),
+                ALIASES.c.linked_time < bindparam("linked", type_=ALIASES.c.linked_time.type),
+            ),
+            [{"target": row["regional_patient_id"], "linked": row["linked_time"]} for row in rows],
+        )
+        returned = connection.execute(self._statements["patient_aliases"], rows).all()
+        outcome.rows["patient_aliases"] += len(returned)
+        for (alias_id,) in returned:
+            outcome.written.add(newest_alias[alias_id][0].index)
+        self._compress_aliases(connection)
+
+    @staticmethod
+    def _compress_aliases(connection: Connection) -> None:
+        """Keep every alias one hop from a canonical id: A->B, B->C becomes A->C, B->C."""
+        hop = ALIASES.alias("hop")
+        for _ in range(ALIAS_COMPRESSION_ROUNDS):
+            result = connection.execute(
+                update(ALIASES)
+                .where(ALIASES.c.regional_patient_id.in_(select(hop.c.alias_id)))
+                .values(
+                    regional_patient_id=select(hop.c.regional_patient_id)
+                    .where(hop.c.alias_id == ALIASES.c.regional_patient_id)
+                    .scalar_subquery()
+                )
+            )
+            if not result.rowcount:
+                break
+        connection.execute(delete(ALIASES).where(ALIASES.c.alias_id == ALIASES.c.regional_patient_id))
+
+    def _patients(self, connection: Connection, patients: list[Row], outcome: _Outcome) -> None:
+        merged: dict[str, Row] = {}
+        oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
+        for row in sorted(patients, key=lambda r: r["demographics_time"] or oldest):
+            key = row["regional_patient_id"]
+            if key in merged:
+                previous = merged[key]
+                row = {
+                    **row,
+                    "birth_year": row["birth_year"]
+                    if row["birth_year"] is not None
+                    else previous["birth_year"],
+                    "sex": row["sex"] if row["sex"] is not None else previous["sex"],
+                    "demographics_time": row["demographics_time"] or previous["demographics_time"],
+                }
+            merged[key] = row
+        returned = connection.execute(self._statements["patients"], [merged[k] for k in sorted(merged)]).all()
+        outcome.rows["patients"] += len(returned)
+
+    # -- metrics ------------------------------------------------------------------------------------
+
+    def _count_retry(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.retries.labels(reason=reason).inc()
+
+    def _observe(
+        self, prepared: list[Prepared], outcome: _Outcome, committed: dt.datetime, seconds: float
+    ) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        metrics.batch_records.observe(len(prepared))
+        metrics.batch_seconds.observe(seconds)
+        for table_name, count in outcome.rows.items():
+            if count:
+                metrics.rows_written.labels(table=table_name).inc(count)
+        for entry in prepared:
+            if entry.index in outcome.written:
+                metrics.end_to_end_seconds.labels(kind=entry.kind).observe(
+                    max(0.0, (committed - entry.time).total_seconds())
+                )
+            else:
+                metrics.records_unchanged.labels(kind=entry.kind).inc()

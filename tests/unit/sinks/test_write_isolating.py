@@ -6,9 +6,33 @@ from collections.abc import Sequence
 
 import pytest
 
-from sinks.base import Sink, SinkItem, WriteResult, write_isolating
+from sinks.base import (
+    Sink,
+    SinkItem,
+    StoreRecord,
+    StoreWriteResult,
+    WriteResult,
+    write_isolating,
+    write_records_isolating,
+)
 from sinks.exceptions import StoreRejectedError, StoreUnavailableError
+from tests.unit.sinks.factory import simulated
 from tests.unit.sinks.test_sql_sink import item
+
+CASES = [
+    (1, [0]),
+    (2, [1]),
+    (7, [0]),
+    (7, [6]),
+    (8, [2, 5]),
+    (16, [0, 1, 15]),
+    (5, []),
+    (13, list(range(13))),
+]
+
+
+def _event_id(record: StoreRecord) -> str:
+    return str(record.record["envelope"]["event_id"])
 
 
 class RefusingSink(Sink):
@@ -20,23 +44,48 @@ class RefusingSink(Sink):
         self.stored: list[str] = []
         self.calls = 0
 
-    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
+    def _store(self, ids: list[str]) -> set[str]:
         self.calls += 1
         if self.unavailable:
             raise StoreUnavailableError("down")
-        ids = [item.lab.event_id for item in batch]
         if self.poisoned & set(ids):
             raise StoreRejectedError("value too long for type character varying(8)")
         new = {i for i in ids if i not in self.stored}
         self.stored.extend(sorted(new))
-        return WriteResult(frozenset(new), frozenset())
+        return new
+
+    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
+        new = self._store([_event_id(record) for record in batch])
+        written: dict[str, int] = {}
+        for record in batch:
+            if _event_id(record) in new:
+                written[record.kind] = written.get(record.kind, 0) + 1
+        return StoreWriteResult(written, {})
+
+    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
+        return WriteResult(frozenset(self._store([entry.lab.event_id for entry in batch])), frozenset())
 
 
-@pytest.mark.parametrize(
-    ("size", "poisoned_at"),
-    [(1, [0]), (2, [1]), (7, [0]), (7, [6]), (8, [2, 5]), (16, [0, 1, 15]), (5, [])],
-)
-def test_refused_items_are_isolated_and_the_rest_written_once(size: int, poisoned_at: list[int]) -> None:
+@pytest.mark.parametrize(("size", "poisoned_at"), CASES)
+def test_refused_records_are_isolated_and_the_rest_written_once(size: int, poisoned_at: list[int]) -> None:
+    batch = simulated(seed=size, count=size)
+    poisoned = {_event_id(batch[i]) for i in poisoned_at}
+    sink = RefusingSink(poisoned)
+
+    result, refused = write_records_isolating(sink, batch)
+
+    assert sorted(index for index, _ in refused) == poisoned_at
+    assert all(isinstance(error, StoreRejectedError) for _, error in refused)
+    expected = {_event_id(record) for record in batch} - poisoned
+    assert set(sink.stored) == expected
+    assert len(sink.stored) == len(expected), "no record may be written twice"
+    assert result.total_written == len(expected)
+
+
+@pytest.mark.parametrize(("size", "poisoned_at"), CASES)
+def test_legacy_refused_items_are_isolated_and_the_rest_written_once(
+    size: int, poisoned_at: list[int]
+) -> None:
     batch = [item() for _ in range(size)]
     poisoned = {batch[i].lab.event_id for i in poisoned_at}
     sink = RefusingSink(poisoned)
@@ -44,7 +93,6 @@ def test_refused_items_are_isolated_and_the_rest_written_once(size: int, poisone
     result, refused = write_isolating(sink, batch)
 
     assert sorted(index for index, _ in refused) == poisoned_at
-    assert all(isinstance(error, StoreRejectedError) for _, error in refused)
     expected = {entry.lab.event_id for entry in batch} - poisoned
     assert set(sink.stored) == expected
     assert len(sink.stored) == len(expected), "no item may be written twice"
@@ -53,11 +101,24 @@ def test_refused_items_are_isolated_and_the_rest_written_once(size: int, poisone
 
 def test_a_clean_batch_is_one_write() -> None:
     sink = RefusingSink(set())
+    write_records_isolating(sink, simulated(seed=1, count=50))
     write_isolating(sink, [item() for _ in range(50)])
+    assert sink.calls == 2
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_an_unavailable_store_is_not_mistaken_for_refused_data(legacy: bool) -> None:
+    """An outage must propagate (the batch is retried whole), never turn records into dead letters."""
+    sink = RefusingSink(set(), unavailable=True)
+    with pytest.raises(StoreUnavailableError):
+        if legacy:
+            write_isolating(sink, [item() for _ in range(4)])
+        else:
+            write_records_isolating(sink, simulated(seed=2, count=4))
     assert sink.calls == 1
 
 
-def test_an_unavailable_store_is_not_mistaken_for_refused_data() -> None:
-    """An outage must propagate (the batch is retried whole), never turn items into dead letters."""
-    with pytest.raises(StoreUnavailableError):
-        write_isolating(RefusingSink(set(), unavailable=True), [item() for _ in range(4)])
+def test_results_of_the_halves_are_added_per_kind() -> None:
+    left = StoreWriteResult({"lab": 2, "vitals": 1}, {"lab": 1})
+    right = StoreWriteResult({"lab": 3}, {"alert": 2})
+    assert left + right == StoreWriteResult({"lab": 5, "vitals": 1}, {"lab": 1, "alert": 2})
