@@ -129,7 +129,9 @@ class Observation(Base):
 
 
 class Encounter(Base):
-    """An encounter's latest state, updated by ADT events in event-time order."""
+    """An encounter's current state, derived from its ADT history (encounter_events), so it is the same
+    whatever order the events arrive in: each field comes from the latest event (by event time, then
+    event id) that carries it; UPDATE and UNKNOWN events do not change the status."""
 
     __tablename__ = "encounters"
 
@@ -167,7 +169,10 @@ class EncounterEvent(Base):
     bed: Mapped[str | None] = mapped_column(String(64))
     prior_ward: Mapped[str | None] = mapped_column(String(64))
     prior_bed: Mapped[str | None] = mapped_column(String(64))
+    attending_clinician: Mapped[str | None] = mapped_column(String(64))
     occurred_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    admit_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    discharge_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 

@@ -275,6 +275,8 @@ def _encounter(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepa
     encounter_class = _enum(record.get("encounter_class") or "UNKNOWN")
     occurred = _time(record, "occurred_time")
     ward, bed = _optional_text(record, "ward"), _optional_text(record, "bed")
+    attending = _optional_text(record, "attending_clinician")
+    admit, discharge = _optional_time(record, "admit_time"), _optional_time(record, "discharge_time")
     prepared.rows["encounter_events"] = [
         {
             "event_id": envelope.event_id,
@@ -287,7 +289,10 @@ def _encounter(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepa
             "bed": bed,
             "prior_ward": _optional_text(record, "prior_ward"),
             "prior_bed": _optional_text(record, "prior_bed"),
+            "attending_clinician": attending,
             "occurred_time": occurred,
+            "admit_time": admit,
+            "discharge_time": discharge,
             "event_time": envelope.event_time,
             "ingested_time": now,
         }
@@ -304,10 +309,10 @@ def _encounter(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepa
             "last_event_type": event_type,
             "ward": ward,
             "bed": bed,
-            "attending_clinician": _optional_text(record, "attending_clinician"),
+            "attending_clinician": attending,
             "occurred_time": occurred,
-            "admit_time": _optional_time(record, "admit_time"),
-            "discharge_time": _optional_time(record, "discharge_time"),
+            "admit_time": admit,
+            "discharge_time": discharge,
             "ingested_time": now,
         }
     ]

@@ -31,6 +31,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -57,6 +58,7 @@ from sinks.models import (
     PatientAlias,
 )
 from sinks.records import (
+    ENCOUNTER_STATUS,
     STATUS_KEEPING_EVENTS,
     Prepared,
     Row,
@@ -88,7 +90,6 @@ VERSIONED = {  # table -> natural key
     "observations": ("institution_id", "category", "result_id", "component"),
     "medication_orders": ("institution_id", "order_id"),
     "diagnoses": ("institution_id", "diagnosis_id"),
-    "encounters": ("institution_id", "encounter_id"),
 }
 APPEND_ONLY = {  # table -> key; a second copy is ignored
     "encounter_events": "event_id",
@@ -144,17 +145,48 @@ def _version(row: Row) -> tuple[dt.datetime, str]:
     return (row["event_time"], row["event_id"])
 
 
-def _merge_encounter(older: Row, newer: Row) -> Row:
-    """In-batch twin of the encounter upsert: the newer event wins, gaps are filled from the older."""
-    merged = dict(newer)
-    for column in ("ward", "bed", "attending_clinician", "admit_time", "discharge_time"):
-        if merged[column] is None:
-            merged[column] = older[column]
-    if newer["last_event_type"] in STATUS_KEEPING_EVENTS:
-        merged["status"] = older["status"]
-    if newer["encounter_class"] == "UNKNOWN":
-        merged["encounter_class"] = older["encounter_class"]
-    return merged
+def _encounter_state() -> Any:
+    """UPDATE encounters from their history: each field from the latest event (event time, then event id)
+    that carries it, so the state does not depend on the order events were delivered in."""
+    e, enc = ENCOUNTER_EVENTS, ENCOUNTERS
+
+    def latest(column: Any, *conditions: Any) -> Any:
+        return (
+            select(column)
+            .where(
+                e.c.institution_id == enc.c.institution_id,
+                e.c.encounter_id == enc.c.encounter_id,
+                *conditions,
+            )
+            .order_by(e.c.event_time.desc(), e.c.event_id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    status = case(
+        *[(e.c.event_type == event, value) for event, value in ENCOUNTER_STATUS.items()], else_="unknown"
+    )
+    return (
+        update(enc)
+        .where(tuple_(enc.c.institution_id, enc.c.encounter_id).in_(bindparam("keys", expanding=True)))
+        .values(
+            event_id=latest(e.c.event_id),
+            event_time=latest(e.c.event_time),
+            regional_patient_id=latest(e.c.regional_patient_id),
+            last_event_type=latest(e.c.event_type),
+            occurred_time=latest(e.c.occurred_time),
+            status=func.coalesce(latest(status, e.c.event_type.not_in(STATUS_KEEPING_EVENTS)), "unknown"),
+            encounter_class=func.coalesce(
+                latest(e.c.encounter_class, e.c.encounter_class != "UNKNOWN"), "UNKNOWN"
+            ),
+            ward=latest(e.c.ward, e.c.ward.is_not(None)),
+            bed=latest(e.c.bed, e.c.ward.is_not(None)),
+            attending_clinician=latest(e.c.attending_clinician, e.c.attending_clinician.is_not(None)),
+            admit_time=latest(e.c.admit_time, e.c.admit_time.is_not(None)),
+            discharge_time=latest(e.c.discharge_time, e.c.discharge_time.is_not(None)),
+            ingested_time=bindparam("now", type_=enc.c.ingested_time.type),
+        )
+    )
 
 
 class _Outcome:
@@ -202,7 +234,10 @@ class SqlStoreSink(Sink):
                 set_={c.name: excluded[c.name] for c in table.columns if c.name not in key},
                 where=_newer(excluded, table),
             ).returning(*[table.c[k] for k in key])
-        s["encounters"] = self._encounter_upsert()
+        s["encounters"] = self._insert(ENCOUNTERS).on_conflict_do_nothing(
+            index_elements=["institution_id", "encounter_id"]
+        )
+        s["encounter_state"] = _encounter_state()
         for name, key_name in APPEND_ONLY.items():
             table = TABLES[name]
             s[name] = (
@@ -249,44 +284,6 @@ class SqlStoreSink(Sink):
                 where=stmt.excluded.linked_time > table.c.linked_time,
             ).returning(*[table.c[k] for k in latest_key])
         return s
-
-    def _encounter_upsert(self) -> Any:
-        t = ENCOUNTERS
-        stmt = self._insert(t)
-        ex = stmt.excluded
-        newer = _newer(ex, t)
-
-        def pick(column: str) -> Any:
-            return case((newer, ex[column]), else_=t.c[column])
-
-        def fill(column: str) -> Any:  # newer non-null value wins; an older event only fills a gap
-            return case(
-                (newer, func.coalesce(ex[column], t.c[column])), else_=func.coalesce(t.c[column], ex[column])
-            )
-
-        set_ = {
-            column: pick(column)
-            for column in ("event_id", "event_time", "regional_patient_id", "occurred_time")
-        }
-        set_["last_event_type"] = pick("last_event_type")
-        keeps_status = or_(*[ex.last_event_type == event for event in STATUS_KEEPING_EVENTS])
-        set_["status"] = case((and_(newer, ~keeps_status), ex.status), else_=t.c.status)
-        set_["encounter_class"] = case(
-            (and_(newer, ex.encounter_class != "UNKNOWN"), ex.encounter_class), else_=t.c.encounter_class
-        )
-        for column in ("ward", "bed", "attending_clinician"):
-            set_[column] = case((newer, func.coalesce(ex[column], t.c[column])), else_=t.c[column])
-        set_["admit_time"] = fill("admit_time")
-        set_["discharge_time"] = fill("discharge_time")
-        set_["ingested_time"] = ex.ingested_time
-        where = or_(
-            newer,
-            and_(t.c.admit_time.is_(None), ex.admit_time.is_not(None)),
-            and_(t.c.discharge_time.is_(None), ex.discharge_time.is_not(None)),
-        )
-        return stmt.on_conflict_do_update(
-            index_elements=["institution_id", "encounter_id"], set_=set_, where=where
-        ).returning(t.c.institution_id, t.c.encounter_id)
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -392,11 +389,14 @@ class SqlStoreSink(Sink):
         for name in ("medication_orders", "diagnoses"):
             if by_table.get(name):
                 self._versioned(connection, name, by_table.pop(name), outcome)
-        if by_table.get("encounters"):
-            self._encounters(connection, by_table.pop("encounters"), outcome)
+        new_encounter_events: set[str] = set()
         for name in APPEND_ONLY:
             if by_table.get(name):
-                self._append_only(connection, name, by_table.pop(name), outcome)
+                added = self._append_only(connection, name, by_table.pop(name), outcome)
+                if name == "encounter_events":
+                    new_encounter_events = added
+        if by_table.get("encounters"):
+            self._encounters(connection, by_table.pop("encounters"), new_encounter_events, outcome)
         touched_alerts: set[str] = set()
         if by_table.get("alerts"):
             touched_alerts |= self._alerts(connection, by_table.pop("alerts"), outcome)
@@ -498,20 +498,31 @@ class SqlStoreSink(Sink):
         connection.execute(stmt)
 
     def _encounters(
-        self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
+        self,
+        connection: Connection,
+        pairs: list[tuple[Prepared, Row]],
+        new_events: set[str],
+        outcome: _Outcome,
     ) -> None:
-        merged: dict[tuple[str, str], Row] = {}
-        for _, row in sorted(pairs, key=lambda pair: _version(pair[1])):
-            key = (row["institution_id"], row["encounter_id"])
-            merged[key] = _merge_encounter(merged[key], row) if key in merged else row
-        returned = connection.execute(
-            self._statements["encounters"], [merged[k] for k in sorted(merged)]
-        ).all()
-        outcome.rows["encounters"] += len(returned)
+        """Encounters with a new event get their state derived again from their whole history."""
+        rows = {
+            (row["institution_id"], row["encounter_id"]): row
+            for _, row in pairs
+            if row["event_id"] in new_events
+        }
+        if not rows:
+            return
+        keys = sorted(rows)
+        connection.execute(self._statements["encounters"], [rows[key] for key in keys])
+        result = connection.execute(
+            self._statements["encounter_state"],
+            {"keys": keys, "now": next(iter(rows.values()))["ingested_time"]},
+        )
+        outcome.rows["encounters"] += result.rowcount
 
     def _append_only(
         self, connection: Connection, name: str, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
-    ) -> None:
+    ) -> set[str]:
         key_name = APPEND_ONLY[name]
         first: dict[str, tuple[Prepared, Row]] = {}
         for entry, row in pairs:
@@ -520,6 +531,7 @@ class SqlStoreSink(Sink):
         outcome.rows[name] += len(returned)
         for (key,) in returned:
             outcome.written.add(first[key][0].index)
+        return {key for (key,) in returned}
 
     def _alerts(
         self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
