@@ -1,0 +1,211 @@
+"""Throughput of the store writer against a plain bulk insert of the same rows, on PostgreSQL and SQLite.
+
+    .venv/bin/python benchmarks/sink_bench.py [--rows 20000] [--batch 500] [--skip-postgres]
+
+Starts its own throwaway PostgreSQL (Debian's server, as the integration tests do), migrates a fresh
+database per measurement, and reports rows/s for:
+  sink    SqlStoreSink.write_records: N normalised lab records in batches, one transaction per batch
+          (record conversion, ingest log, versioned upsert, patients: everything a real write does);
+  plain   insert(observations) executemany of the very same rows through the same driver, one
+          transaction per batch, no conflict handling, rows built beforehand;
+  replay  the sink again over the same records (every record a redelivery: nothing changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select
+
+from clinhub.infra import postgres
+from clinhub.infra.process import free_port
+from producers.simulator import simulate_labs
+from sinks.base import StoreRecord
+from sinks.records import prepare
+from sinks.sql import OBSERVATIONS, SqlStoreSink
+from sinks.store import make_engine, upgrade
+
+# (institution, local code) -> (LOINC, factor to the canonical unit, canonical unit) for the simulator.
+LAB_CODES = {
+    ("H001", "K"): ("2823-3", 1.0, "mmol/L"),
+    ("H001", "NA"): ("2951-2", 1.0, "mmol/L"),
+    ("H001", "GLU"): ("2345-7", 0.05551, "mmol/L"),
+    ("H001", "HGB"): ("718-7", 10.0, "g/L"),
+    ("H001", "CREA"): ("2160-0", 88.42, "umol/L"),
+    ("H002", "LAB0101"): ("2823-3", 1.0, "mmol/L"),
+    ("H002", "LAB0102"): ("2951-2", 1.0, "mmol/L"),
+    ("H002", "LAB0201"): ("2345-7", 1.0, "mmol/L"),
+    ("H002", "LAB0301"): ("718-7", 1.0, "g/L"),
+    ("H002", "LAB0302"): ("777-3", 1.0, "10*9/L"),
+    ("C003", "K+"): ("2823-3", 1.0, "mmol/L"),
+    ("C003", "GLUC"): ("2345-7", 0.05551, "mmol/L"),
+}
+
+
+def lab_records(count: int, seed: int = 2026) -> list[StoreRecord]:
+    """Simulated lab results as the normaliser publishes them (decoded: UUIDs, UTC times)."""
+    now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+    records = []
+    for raw in simulate_labs(seed, count, patients=max(20, count // 50), now=now):
+        envelope = raw["envelope"]
+        institution = envelope["institution_id"]
+        material = (
+            f"nid:{raw['patient_national_id']}"
+            if raw["patient_national_id"]
+            else f"mrn:{institution}:{raw['patient_mrn']}"
+        )
+        loinc, factor, unit = LAB_CODES[(institution, raw["local_code"])]
+        for name in ("event_time", "produced_time"):
+            envelope[name] = envelope[name].astimezone(dt.UTC)
+        envelope["event_id"] = uuid.UUID(envelope["event_id"])
+        raw.update(
+            result_time=raw["result_time"].astimezone(dt.UTC),
+            specimen_collected_time=raw["specimen_collected_time"].astimezone(dt.UTC),
+            regional_patient_id="rp-" + hashlib.sha256(material.encode()).hexdigest()[:32],
+            patient_national_id=None,
+            loinc_code=loinc,
+            canonical_value=raw["value_numeric"] * factor,
+            canonical_unit=unit,
+            normalisation_flags=[],
+        )
+        records.append(StoreRecord("lab", raw))
+    return records
+
+
+def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def count_rows(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(OBSERVATIONS)).scalar_one())
+
+
+def check(stored: int, expected: int, what: str) -> None:
+    if stored != expected:
+        raise RuntimeError(f"{what}: {stored} rows stored, expected {expected}")
+
+
+def timed(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+@dataclass
+class Figures:
+    backend: str
+    rows: int
+    sink_seconds: float
+    plain_seconds: float
+    replay_seconds: float
+
+    def line(self) -> str:
+        sink, plain, replay = (
+            self.rows / s for s in (self.sink_seconds, self.plain_seconds, self.replay_seconds)
+        )
+        return (
+            f"{self.backend:10} {self.rows:>7} rows  sink {sink:>9,.0f} rows/s  plain {plain:>9,.0f} rows/s  "
+            f"ratio sink/plain {sink / plain:5.2f}  replay {replay:>9,.0f} rows/s"
+        )
+
+
+def measure(
+    backend: str, new_engine: Callable[[str], Engine], records: list[StoreRecord], batch: int
+) -> Figures:
+    now = dt.datetime.now(dt.UTC)
+    plain_rows = [prepare(i, record, now).rows["observations"][0] for i, record in enumerate(records)]
+
+    sink_engine = new_engine("sink")
+    upgrade(sink_engine)
+    sink = SqlStoreSink(sink_engine)
+    sink.write_records(records[:1])  # warm up: connection, statement compilation caches
+
+    def through_sink() -> None:
+        for chunk in batches(records, batch):
+            sink.write_records(chunk)
+
+    sink_seconds = timed(through_sink)
+    replay_seconds = timed(through_sink)  # every record is now a redelivery
+    check(count_rows(sink_engine), len(records), f"{backend} sink")
+    sink_engine.dispose()
+
+    plain_engine = new_engine("plain")
+    upgrade(plain_engine)
+
+    def plain() -> None:
+        for chunk in batches(plain_rows[1:], batch):
+            with plain_engine.begin() as connection:
+                connection.execute(insert(OBSERVATIONS), chunk)
+
+    with plain_engine.begin() as connection:  # same warm-up
+        connection.execute(insert(OBSERVATIONS), plain_rows[:1])
+    plain_seconds = timed(plain)
+    check(count_rows(plain_engine), len(records), f"{backend} plain insert")
+    plain_engine.dispose()
+    return Figures(backend, len(records), sink_seconds, plain_seconds, replay_seconds)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[postgres.PostgresLayout]:
+    home = Path(tempfile.mkdtemp(prefix="clinhub-bench-pg-"))
+    home.chmod(0o755)  # the server runs as the postgres user
+    layout = postgres.PostgresLayout(home=home, port=free_port())
+    process = postgres.start(layout)
+    try:
+        yield layout
+    finally:
+        process.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=20000, help="lab records to write (default 20000)")
+    parser.add_argument("--batch", type=int, default=500, help="records per transaction (default 500)")
+    parser.add_argument("--skip-postgres", action="store_true", help="only SQLite")
+    args = parser.parse_args(argv)
+
+    records = lab_records(args.rows)
+    print(f"{len(records)} lab records in batches of {args.batch}", flush=True)
+    results = []
+    if not args.skip_postgres:
+        with throwaway_postgres() as layout:
+            results.append(
+                measure(
+                    "postgresql",
+                    lambda name: make_engine(
+                        postgres.create_database(layout, f"bench_{name}_{uuid.uuid4().hex[:8]}")
+                    ),
+                    records,
+                    args.batch,
+                )
+            )
+            print(results[-1].line(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="clinhub-bench-sqlite-") as folder:
+        results.append(
+            measure(
+                "sqlite", lambda name: make_engine(f"sqlite:///{folder}/{name}.sqlite3"), records, args.batch
+            )
+        )
+        print(results[-1].line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
