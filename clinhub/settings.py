@@ -93,6 +93,9 @@ class StreamSettings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
     web_port: int = 6066
     sink_retry_max_seconds: float = Field(default=30.0, gt=0)
+    # Faust table store: "memory://" (state rebuilt from the changelog at start-up) or "rocksdb://"
+    table_store: str = "memory://"
+    escalation_check_seconds: float = Field(default=5.0, gt=0)
 
 
 class InfraSettings(BaseSettings):

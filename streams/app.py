@@ -1,11 +1,16 @@
-"""The Faust app: thin wiring around `pipeline.process_lab_batch`, the sink and the alert outbox.
+"""The Faust app: three thin agents over plain functions.
+
+    raw.<institution>.<kind> ──normaliser──► norm.<kind>, norm.identity, deadletter
+    norm.lab, norm.encounter, alerts.ack, alerts.escalation ──clinical──► alerts.critical, alerts.escalation
+    norm.*, norm.identity, alerts.* ──store──► regional store (one transaction per batch)
 
 Reliability rules that shape this file (see ../shared/reference/faust-reliability.md):
-- an exception escaping an agent acks its message, so nothing escapes the batch handler;
-- events are acked by hand, only after the store commit and the dead-letter sends are confirmed
-  (`noack_take`: Faust's `take_events` acks in a `finally`, i.e. also when a shutdown interrupts a
-  batch whose store write never committed);
-- `concurrency=1` (faust-streaming #606 can commit past an unfinished message).
+- an exception escaping an agent acks its message, so nothing escapes a batch handler;
+- events are acked by hand, only after their outputs are confirmed by the broker or committed in
+  the store (`noack_take`; Faust's `take_events` acks in a `finally`, i.e. also when a shutdown
+  interrupts a batch whose outputs were never confirmed);
+- `concurrency=1` (faust-streaming #606 can commit past an unfinished message);
+- state lives in changelogged tables, so suppression and escalation timers survive restarts.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
@@ -24,34 +29,63 @@ from clinhub.settings import HubSettings
 from schemas import standard
 from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder
-from sinks.base import write_isolating
-from sinks.exceptions import StoreUnavailableError
-from sinks.sql import SqlStoreSink
-from sinks.store import ensure_current, make_engine
+from streams.clinical import ClinicalHandler, ClinicalTables, load_policy
+from streams.codes import CodeMaps, load_codes
 from streams.identity import RegionalIdentity
 from streams.metrics import StreamMetrics, make_stream_metrics
-from streams.normalise import FLAG_UNMAPPED_CODE
-from streams.pipeline import RawMessage, alert_record, dead_letter_record, process_lab_batch
+from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
 from streams.reference import ReferenceData, load_reference
-from streams.topics import TopicNames
+from streams.store_agent import StoreHandler
+from streams.topics import KINDS, TopicNames
 
 log = logging.getLogger("clinhub.streams")
-PROCESSOR_NAME = "streams.lab"
+
+Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
 
 
 @dataclass
-class LabComponents:
-    """Everything the lab agent calls, built once at start-up by `build_components`."""
+class Components:
+    """Everything the agents call, built once at start-up by `build_components`."""
 
-    decode: AvroDecoder
-    encode_alert: AvroEncoder
-    encode_deadletter: AvroEncoder
+    registry: Any
     reference: ReferenceData
+    codes: CodeMaps
     identity: RegionalIdentity
-    sink: SqlStoreSink
+    sink: Any
     metrics: StreamMetrics
     clock: Callable[[], dt.datetime]
     retry_max_seconds: float = 30.0
+    decoders: dict[str, AvroDecoder] = field(default_factory=dict)
+    encoders: dict[str, AvroEncoder] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            schema = standard.load(standard.KIND_SCHEMAS[kind])
+            self.decoders.setdefault(kind, AvroDecoder(self.registry, schema))
+        others = {
+            "identity": standard.IDENTITY_LINK,
+            "alert": standard.CRITICAL_VALUE_ALERT,
+            "escalation": standard.ALERT_ESCALATION,
+            "ack": standard.ALERT_ACKNOWLEDGEMENT,
+            "deadletter": standard.DEAD_LETTER,
+        }
+        for kind, name in others.items():
+            self.decoders.setdefault(kind, AvroDecoder(self.registry, standard.load(name)))
+
+    def encoder(self, kind: str) -> AvroEncoder:
+        """Encoders register their schema on first use, so a worker starts without the registry."""
+        if kind not in self.encoders:
+            name = (
+                standard.KIND_SCHEMAS.get(kind)
+                or {
+                    "identity": standard.IDENTITY_LINK,
+                    "alert": standard.CRITICAL_VALUE_ALERT,
+                    "escalation": standard.ALERT_ESCALATION,
+                    "deadletter": standard.DEAD_LETTER,
+                }[kind]
+            )
+            self.encoders[kind] = make_encoder(self.registry, standard.load(name), check=False)
+        return self.encoders[kind]
 
 
 def _long_enough(key: bytes, setting: str) -> bytes:
@@ -84,15 +118,16 @@ def load_pseudonym_key(settings: HubSettings) -> bytes:
     )
 
 
-def build_components(settings: HubSettings, registry: CollectorRegistry) -> LabComponents:
+def build_components(settings: HubSettings, registry: CollectorRegistry) -> Components:
+    from sinks.sql import SqlStoreSink
+    from sinks.store import ensure_current, make_engine
+
     engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
     ensure_current(engine)
-    schema_registry = ConfluentRegistry(settings.registry.client_config())
-    return LabComponents(
-        decode=AvroDecoder(schema_registry, standard.load(standard.LAB_RESULT)),
-        encode_alert=make_encoder(schema_registry, standard.load(standard.CRITICAL_VALUE_ALERT), check=False),
-        encode_deadletter=make_encoder(schema_registry, standard.load(standard.DEAD_LETTER), check=False),
+    return Components(
+        registry=ConfluentRegistry(settings.registry.client_config()),
         reference=load_reference(),
+        codes=load_codes(),
         identity=RegionalIdentity(load_pseudonym_key(settings)),
         sink=SqlStoreSink(engine),
         metrics=make_stream_metrics(registry),
@@ -101,156 +136,124 @@ def build_components(settings: HubSettings, registry: CollectorRegistry) -> LabC
     )
 
 
-Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
+async def retrying(
+    what: str, action: Callable[[], Awaitable[Any]], metrics: StreamMetrics, max_delay: float
+) -> Any:
+    """Retry until done: a failure must never skip a batch (it would be acked and lost)."""
+    delay = 0.2
+    while True:
+        try:
+            return await action()
+        except asyncio.CancelledError:
+            raise
+        except RegistryUnavailableError as exc:
+            reason = type(exc).__name__
+            log.warning("%s failed (%s), retrying in %.1fs", what, exc, delay)
+        except Exception as exc:  # noqa: BLE001 - unknown failures are retried too, loudly
+            reason = getattr(exc, "retry_reason", None) or type(exc).__name__
+            log.warning("%s failed (%r), retrying in %.1fs", what, exc, delay)
+        metrics.sink_retries.labels(reason=reason).inc()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
 
 
-class LabHandler:
-    """Handles one batch end to end; returns only when the batch is safely stored (or cancelled)."""
+async def send_dead_letters(
+    rejections: Sequence[Rejection], c: Components, topics: TopicNames, send: Send, stage: str, kind: str
+) -> None:
+    """Dead-letter each rejection; returns once the broker has every one."""
+    pending = []
+    for rejection in rejections:
+        value = c.encoder("deadletter")(dead_letter_record(rejection, f"streams.{stage}", c.clock()))
+        headers = {"correlation_id": (rejection.correlation_id or "").encode()}
+        pending.append(send(topics.deadletter_topic, rejection.message.key, value, headers))
+        c.metrics.rejects.labels(kind=kind, reason=rejection.error_class).inc()
+        c.metrics.events.labels(
+            institution=rejection.institution_id or "?", kind=kind, outcome="rejected"
+        ).inc()
+        log.warning(
+            "rejected %s[%d]@%d: %s (%s) correlation_id=%s",
+            rejection.message.topic,
+            rejection.message.partition,
+            rejection.message.offset,
+            rejection.reason,
+            rejection.field,
+            rejection.correlation_id,
+        )
+    await asyncio.gather(*pending)
 
-    def __init__(self, components: LabComponents, topics: TopicNames, send: Send) -> None:
+
+class NormaliserHandler:
+    """raw -> norm.<kind> (keyed by regional patient id), identity links, dead letters."""
+
+    def __init__(self, components: Components, topics: TopicNames, send: Send, links: Any) -> None:
         self.c = components
         self.topics = topics
         self.send = send
-        self._outbox_lock = asyncio.Lock()
-
-    async def _retrying(self, what: str, action: Callable[[], Awaitable[Any]]) -> Any:
-        """Retry until done: a transient failure must never skip the batch (it would be acked)."""
-        delay = 0.2
-        while True:
-            try:
-                return await action()
-            except asyncio.CancelledError:
-                raise
-            except (StoreUnavailableError, RegistryUnavailableError) as exc:
-                reason = type(exc).__name__
-                log.warning("%s failed (%s), retrying in %.1fs", what, exc, delay)
-            except Exception as exc:
-                reason = "unexpected"
-                log.exception("%s failed unexpectedly (%r), retrying in %.1fs", what, exc, delay)
-            self.c.metrics.sink_retries.labels(reason=reason).inc()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.c.retry_max_seconds)
+        self.links = links
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
-        started = self.c.clock()
+        c = self.c
 
-        async def process_and_store() -> Any:
-            now = self.c.clock()
-            outcome = await asyncio.to_thread(
-                process_lab_batch, messages, self.c.decode, self.c.reference, self.c.identity, now
+        async def normalise() -> Any:
+            return await asyncio.to_thread(
+                normalise_batch,
+                messages,
+                c.decoders,
+                c.reference,
+                c.codes,
+                c.identity,
+                self.links.get,
+                c.clock(),
             )
-            result, refused = await asyncio.to_thread(write_isolating, self.c.sink, outcome.items)
-            for index, error in sorted(refused, key=lambda pair: pair[0], reverse=True):
-                outcome.reject_item(index, type(error).__name__, error.reason)
-            return outcome, result
 
-        outcome, result = await self._retrying("store batch", process_and_store)
-        for rejection in outcome.rejections:
-            record = dead_letter_record(rejection, PROCESSOR_NAME, self.c.clock())
-            value = self.c.encode_deadletter(record)
-            await self._retrying(
-                "dead-letter send",
-                lambda v=value, r=rejection: self.send(  # type: ignore[misc]
-                    self.topics.deadletter_topic,
-                    r.message.key,
-                    v,
-                    {"correlation_id": (r.correlation_id or "").encode()},
-                ),
-            )
-            self.c.metrics.rejects.labels(kind="lab", reason=rejection.error_class).inc()
-            self.c.metrics.events.labels(
-                institution=rejection.institution_id or "?", kind="lab", outcome="rejected"
-            ).inc()
-            log.warning(
-                "rejected %s[%d]@%d: %s (%s) correlation_id=%s",
-                rejection.message.topic,
-                rejection.message.partition,
-                rejection.message.offset,
-                rejection.reason,
-                rejection.field,
-                rejection.correlation_id,
-            )
-        committed = self.c.clock()
-        for item in outcome.items:
-            lab = item.lab
-            new = lab.event_id in result.new_event_ids
-            self.c.metrics.events.labels(
-                institution=lab.institution_id, kind="lab", outcome="stored" if new else "duplicate"
-            ).inc()
-            if new:
-                self.c.metrics.end_to_end_seconds.observe(
-                    max(0.0, (committed - lab.event_time).total_seconds())
+        outcome = await retrying("normalise batch", normalise, c.metrics, c.retry_max_seconds)
+
+        async def publish() -> None:
+            pending = []
+            for _message, event in outcome.events:
+                key = event.regional_patient_id.encode()
+                headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
+                pending.append(
+                    self.send(self.topics.norm(event.kind), key, c.encoder(event.kind)(event.record), headers)
                 )
-                if FLAG_UNMAPPED_CODE in lab.flags:
-                    self.c.metrics.unmapped_codes.labels(
-                        institution=lab.institution_id, code=lab.local_code
-                    ).inc()
-        for alert in outcome.alerts:
-            if alert.alert_id in result.new_alert_ids:
-                self.c.metrics.alerts.labels(analyte=alert.analyte, severity=alert.severity).inc()
-        if result.new_alert_ids:
-            await self.publish_outbox()
-        self.c.metrics.batch_seconds.observe((self.c.clock() - started).total_seconds())
+                if event.identity.link is not None:
+                    link_value = c.encoder("identity")(event.identity.link)
+                    pending.append(self.send(self.topics.identity_topic, key, link_value, {}))
+            await asyncio.gather(*pending)
+            await send_dead_letters(outcome.rejections, c, self.topics, self.send, "normaliser", "raw")
 
-    async def publish_outbox(self) -> int:
-        """Send stored alerts not yet confirmed on Kafka; the alert id makes any resend recognisable."""
-        async with self._outbox_lock:
-            try:
-                pending = await asyncio.to_thread(self.c.sink.unpublished_alerts)
-            except StoreUnavailableError as exc:
-                log.warning("alert outbox unavailable: %s", exc)
-                return 0
-            sent = []
-            for row in pending:
-                record = alert_record(row)
-                try:
-                    await self.send(
-                        self.topics.alerts_topic,
-                        record["regional_patient_id"].encode(),
-                        self.c.encode_alert(record),
-                        {"correlation_id": record["correlation_id"].encode()},
-                    )
-                except Exception as exc:  # noqa: BLE001 - left in the outbox, retried by the timer
-                    log.warning("alert %s not published yet: %r", record["alert_id"], exc)
-                    break
-                sent.append(record["alert_id"])
-                log.info(
-                    "ALERT %s %s %s %s (%s) correlation_id=%s",
-                    record["severity"],
-                    record["analyte"],
-                    record["value"],
-                    record["unit"],
-                    record["message"],
-                    record["correlation_id"],
-                )
-            if sent:
-                try:
-                    await asyncio.to_thread(self.c.sink.mark_published, sent)
-                except StoreUnavailableError as exc:
-                    log.warning("alerts sent but not yet marked published (will resend): %s", exc)
-            return len(sent)
+        await retrying("publish normalised batch", publish, c.metrics, c.retry_max_seconds)
+        for key, regional_id in outcome.links.items():
+            self.links[key] = regional_id
+        for _message, event in outcome.events:
+            institution = event.record["envelope"]["institution_id"]
+            c.metrics.events.labels(institution=institution, kind=event.kind, outcome="normalised").inc()
+            for flag in event.flags:
+                if flag.startswith("unmapped"):
+                    code = event.record.get("local_code") or event.record.get("drug_code") or "?"
+                    c.metrics.unmapped_codes.labels(institution=institution, code=str(code)).inc()
 
 
 def to_raw_message(event: Any) -> RawMessage:
     message = event.message
-    headers = (
-        dict(message.headers or []) if isinstance(message.headers, list) else dict(message.headers or {})
+    headers = message.headers or {}
+    return RawMessage(
+        message.topic, message.partition, message.offset, message.key, message.value, dict(headers)
     )
-    return RawMessage(message.topic, message.partition, message.offset, message.key, message.value, headers)
 
 
 def create_app(
     settings: HubSettings,
-    components: LabComponents | None = None,
+    components: Components | None = None,
     metrics_registry: CollectorRegistry | None = None,
 ) -> faust.App:
-    """Build the Faust app. Nothing connects until the worker starts."""
-    stream_settings = settings.stream
-    topics = TopicNames(prefix=stream_settings.topic_prefix)
+    """Build the Faust app and its agents. Connections are made when the worker starts."""
+    stream = settings.stream
+    topics = TopicNames(prefix=stream.topic_prefix)
     app = faust.App(
-        stream_settings.app_id,
+        stream.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
-        store="memory://",
+        store=stream.table_store,
         autodiscover=False,
         processing_guarantee="at_least_once",
         producer_acks=-1,
@@ -258,39 +261,75 @@ def create_app(
         stream_wait_empty=False,
         topic_partitions=settings.kafka.topic_partitions,
         topic_replication_factor=settings.kafka.topic_replication,
+        table_standby_replicas=0,
         web_enabled=False,
-        datadir=str(stream_settings.data_dir),
+        datadir=str(stream.data_dir),
         broker_commit_every=1000,
         broker_commit_interval=1.0,
     )
-    source = app.topic(
-        *[topics.raw(inst, "lab") for inst in stream_settings.institutions],
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    c = components or build_components(settings, metrics_registry or CollectorRegistry())
+
+    def raw_topic(*names: str) -> faust.TopicT:
+        return app.topic(*names, key_serializer="raw", value_serializer="raw")
 
     async def send(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
         pending = await app.send(
             topic, key=key, value=value, headers=headers, key_serializer="raw", value_serializer="raw"
         )
-        await pending  # wait for the broker's acknowledgement (acks=all)
+        await pending  # the broker's acknowledgement (acks=all)
 
-    built = components or build_components(settings, metrics_registry or CollectorRegistry())
-    handler = LabHandler(built, topics, send)
+    def table(name: str) -> Any:
+        # use_partitioner: the changelog partition follows the key's hash (murmur2, as the SDK's keys),
+        # so tables can be written from batch handlers and timers, not only inside stream iteration.
+        return app.Table(name, default=None, partitions=settings.kafka.topic_partitions, use_partitioner=True)
 
-    @app.agent(source, concurrency=1, name="lab-results")
-    async def lab_results(stream_t: faust.StreamT[Any]) -> None:
-        stream = cast("faust.Stream[Any]", stream_t)  # the concrete class has noack_take
-        # noack_take yields the buffered *events* (not values) and leaves acking to us.
-        async for events in stream.noack_take(
-            stream_settings.batch_size, stream_settings.batch_within_seconds
-        ):
-            await handler.handle([to_raw_message(event) for event in events])
+    normaliser = NormaliserHandler(c, topics, send, table("identity-links"))
+    clinical = ClinicalHandler(
+        c,
+        topics,
+        send,
+        ClinicalTables(
+            analytes=table("analyte-state"), open_alerts=table("open-alerts"), wards=table("wards")
+        ),
+        load_policy(),
+    )
+    store = StoreHandler(c, topics, send)
+
+    async def run_batches(
+        stream_t: faust.StreamT[Any], handle: Callable[[list[RawMessage]], Awaitable[None]]
+    ) -> None:
+        agent_stream = cast("faust.Stream[Any]", stream_t)  # the concrete class has noack_take
+        async for events in agent_stream.noack_take(stream.batch_size, stream.batch_within_seconds):
+            await handle([to_raw_message(event) for event in events])
             for event in events:
-                await stream.ack(event)
+                await agent_stream.ack(event)
 
-    @app.timer(interval=5.0)
-    async def sweep_alert_outbox() -> None:
-        await handler.publish_outbox()
+    raw_source = raw_topic(*[topics.raw(inst, kind) for inst in stream.institutions for kind in KINDS])
+    clinical_source = raw_topic(
+        topics.norm("lab"), topics.norm("encounter"), topics.acks_topic, topics.escalations_topic
+    )
+    store_source = raw_topic(
+        *[topics.norm(kind) for kind in KINDS],
+        topics.identity_topic,
+        topics.alerts_topic,
+        topics.escalations_topic,
+        topics.acks_topic,
+    )
+
+    @app.agent(raw_source, concurrency=1, name="normaliser")
+    async def normaliser_agent(events: faust.StreamT[Any]) -> None:
+        await run_batches(events, normaliser.handle)
+
+    @app.agent(clinical_source, concurrency=1, name="clinical")
+    async def clinical_agent(events: faust.StreamT[Any]) -> None:
+        await run_batches(events, clinical.handle)
+
+    @app.agent(store_source, concurrency=1, name="store")
+    async def store_agent(events: faust.StreamT[Any]) -> None:
+        await run_batches(events, store.handle)
+
+    @app.timer(interval=stream.escalation_check_seconds)
+    async def escalation_timer() -> None:
+        await clinical.escalate_due()
 
     return app
