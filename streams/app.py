@@ -29,12 +29,12 @@ from clinhub.settings import HubSettings
 from schemas import standard
 from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder
-from streams.clinical import ClinicalHandler, ClinicalTables, load_policy
+from streams.clinical import ClinicalHandler, ClinicalTables
 from streams.codes import CodeMaps, load_codes
 from streams.identity import RegionalIdentity
 from streams.metrics import StreamMetrics, make_stream_metrics
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
-from streams.reference import ReferenceData, load_reference
+from streams.reference import DATA_DIR, ReferenceData, load_reference
 from streams.store_agent import StoreHandler
 from streams.topics import KINDS, TopicNames
 
@@ -126,8 +126,8 @@ def build_components(settings: HubSettings, registry: CollectorRegistry) -> Comp
     ensure_current(engine)
     return Components(
         registry=ConfluentRegistry(settings.registry.client_config()),
-        reference=load_reference(),
-        codes=load_codes(),
+        reference=load_reference(settings.stream.reference_dir or DATA_DIR),
+        codes=load_codes(settings.stream.reference_dir or DATA_DIR),
         identity=RegionalIdentity(load_pseudonym_key(settings)),
         sink=SqlStoreSink(engine),
         metrics=make_stream_metrics(registry),
@@ -291,7 +291,7 @@ def create_app(
         ClinicalTables(
             analytes=table("analyte-state"), open_alerts=table("open-alerts"), wards=table("wards")
         ),
-        load_policy(),
+        c.reference.policy,
     )
     store = StoreHandler(c, topics, send)
 

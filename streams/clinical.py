@@ -30,7 +30,7 @@ from streams.escalation import (
     prune,
 )
 from streams.pipeline import RawMessage, Rejection
-from streams.reference import AlertPolicy, load_reference
+from streams.reference import AlertPolicy
 from streams.rules import AnalyteState, LabFacts, alert_record, evaluate
 from streams.topics import TopicNames
 
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clinhub.streams.clinical")
 Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
-
-
-def load_policy() -> AlertPolicy:
-    return load_reference().policy
 
 
 @dataclass

@@ -121,18 +121,27 @@ class HubEnv:
             "CLINHUB_LOG_LEVEL": "INFO",
         }
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "clinhub.cli", "stream", "worker"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env(),
+            env={**self.env(), **(extra_env or {})},
             start_new_session=True,
             cwd=self.workdir,
         )
         self.workers.append(proc)
         return proc
+
+    def stop_worker(self, proc: subprocess.Popen[bytes], kill: bool = False) -> None:
+        """Stop one worker on purpose (SIGTERM, or SIGKILL for crash tests); it is no longer watched."""
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+        proc.wait(60)
+        self.workers.remove(proc)
 
     def worker_log(self) -> str:
         return "\n".join(

@@ -1,0 +1,140 @@
+"""Critical-value alerting on the real broker: escalation until acknowledged, state across restarts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from producers.publisher import make_publisher
+from schemas import standard
+from schemas.wire import ConfluentRegistry, make_encoder
+from streams.reference import DATA_DIR
+from tests.integration.conftest import HubEnv
+from tests.integration.test_lab_path import lab, wait_for
+
+
+def fast_escalation(tmp_path: Path, minutes: float) -> dict[str, str]:
+    """Reference data whose acknowledgement deadlines are seconds, not minutes, and a quick timer."""
+    folder = tmp_path / "reference"
+    shutil.copytree(DATA_DIR, folder)
+    rules_path = folder / "critical_rules.json"
+    rules = json.loads(rules_path.read_text())
+    deadlines = rules["escalation"]["ack_deadline_minutes"]
+    rules["escalation"]["ack_deadline_minutes"] = dict.fromkeys(deadlines, minutes)
+    rules["escalation"]["repeat_minutes"] = minutes
+    rules_path.write_text(json.dumps(rules))
+    return {"CLINHUB_STREAM_REFERENCE_DIR": str(folder), "CLINHUB_STREAM_ESCALATION_CHECK_SECONDS": "0.5"}
+
+
+def decoded(hub: HubEnv, topic: str, timeout: float, until: Any = lambda m: False) -> list[dict[str, Any]]:
+    decode = hub.decoder()
+    return [decode(m.value()) for m in hub.consume_all(topic, timeout, until)]
+
+
+def alerts_for(hub: HubEnv, event_ids: set[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+
+    def collect() -> bool:
+        for alert in decoded(hub, hub.topics.alerts_topic, 3):
+            if str(alert["source_event_id"]) in event_ids:
+                found[str(alert["source_event_id"])] = alert
+        return set(found) == event_ids
+
+    wait_for(collect, hub, timeout, what=f"alerts for {event_ids}")
+    return found
+
+
+def acknowledge(hub: HubEnv, alert: dict[str, Any]) -> None:
+    encoder = make_encoder(
+        ConfluentRegistry(hub.settings.registry.client_config()),
+        standard.load(standard.ALERT_ACKNOWLEDGEMENT),
+    )
+    record = {
+        "ack_id": str(uuid.uuid4()),
+        "alert_id": str(alert["alert_id"]),
+        "acknowledged_by": "DR0042",
+        "role": "attending",
+        "channel": "PHONE",
+        "read_back": True,
+        "acknowledged_time": dt.datetime.now(dt.UTC),
+        "note": "read back 6.9 mmol/L",
+        "regional_patient_id": alert["regional_patient_id"],
+    }
+    producer = hub.producer()
+    producer.produce(hub.topics.acks_topic, key=alert["regional_patient_id"].encode(), value=encoder(record))
+    assert producer.flush(30) == 0
+
+
+def escalations_by_alert(hub: HubEnv, timeout: float) -> dict[str, list[int]]:
+    levels: dict[str, list[int]] = {}
+    for escalation in decoded(hub, hub.topics.escalations_topic, timeout):
+        levels.setdefault(str(escalation["alert_id"]), []).append(escalation["level"])
+    return levels
+
+
+def test_an_unacknowledged_alert_escalates_and_an_acknowledged_one_does_not(
+    hub: HubEnv, tmp_path: Path
+) -> None:
+    publisher = make_publisher(hub.settings, "H001")
+    ignored = lab("H001", "K", 6.9, "mmol/L", mrn="MRN-IGNORED")
+    answered = lab("H001", "K", 6.9, "mmol/L", mrn="MRN-ANSWERED")
+    publisher.publish_lab(ignored)
+    publisher.publish_lab(answered)
+    publisher.close()
+
+    hub.start_worker(fast_escalation(tmp_path, minutes=0.2))  # 12 s to acknowledge
+    alerts = alerts_for(hub, {ignored["envelope"]["event_id"], answered["envelope"]["event_id"]})
+    acknowledge(hub, alerts[answered["envelope"]["event_id"]])
+    ignored_id = str(alerts[ignored["envelope"]["event_id"]]["alert_id"])
+    answered_id = str(alerts[answered["envelope"]["event_id"]]["alert_id"])
+
+    wait_for(lambda: 2 in escalations_by_alert(hub, 2).get(ignored_id, []), hub, 90, what="second escalation")
+    levels = escalations_by_alert(hub, 3)
+    assert sorted(set(levels[ignored_id]))[:2] == [1, 2], "escalates level by level until acknowledged"
+    assert answered_id not in levels, "an acknowledged alert never escalates"
+
+
+def test_a_restart_keeps_suppression_state_and_escalation_timers(hub: HubEnv, tmp_path: Path) -> None:
+    env = fast_escalation(tmp_path, minutes=0.25)  # 15 s to acknowledge
+    publisher = make_publisher(hub.settings, "H002")
+    first = lab("H002", "LAB0101", 6.9, "mmol/L", mrn="0000077777")
+    earlier = first["result_time"] - dt.timedelta(minutes=40)
+    first["result_time"] = first["envelope"]["event_time"] = earlier
+    publisher.publish_lab(first)
+
+    worker = hub.start_worker(env)
+    alert = alerts_for(hub, {first["envelope"]["event_id"]})[first["envelope"]["event_id"]]
+    hub.stop_worker(worker)
+
+    repeat = lab("H002", "LAB0101", 6.7, "mmol/L", mrn="0000077777")  # critical again, but not worse
+    repeat["result_time"] = repeat["envelope"]["event_time"] = earlier + dt.timedelta(minutes=30)
+    publisher.publish_lab(repeat)
+    publisher.close()
+
+    hub.start_worker(env)  # same app id: tables recover from their changelogs
+
+    def suppressed_count() -> int:
+        updates = [
+            a
+            for a in decoded(hub, hub.topics.alerts_topic, 2)
+            if str(a["alert_id"]) == str(alert["alert_id"])
+        ]
+        return max((a["suppressed_repeats"] for a in updates), default=0)
+
+    wait_for(lambda: suppressed_count() == 1, hub, 90, what="the repeat counted on the open alert")
+    new_alerts = [
+        a
+        for a in decoded(hub, hub.topics.alerts_topic, 2)
+        if str(a["source_event_id"]) == repeat["envelope"]["event_id"]
+    ]
+    assert new_alerts == [], "the restarted worker remembered the open alert and suppressed the repeat"
+    wait_for(
+        lambda: 1 in escalations_by_alert(hub, 2).get(str(alert["alert_id"]), []),
+        hub,
+        90,
+        what="the escalation timer, restored from the changelog, fires after the restart",
+    )
