@@ -119,6 +119,7 @@ def load_pseudonym_key(settings: HubSettings) -> bytes:
 
 
 def build_components(settings: HubSettings, registry: CollectorRegistry) -> Components:
+    from sinks.metrics import make_sink_metrics
     from sinks.sql import SqlStoreSink
     from sinks.store import ensure_current, make_engine
 
@@ -129,7 +130,7 @@ def build_components(settings: HubSettings, registry: CollectorRegistry) -> Comp
         reference=load_reference(settings.stream.reference_dir or DATA_DIR),
         codes=load_codes(settings.stream.reference_dir or DATA_DIR),
         identity=RegionalIdentity(load_pseudonym_key(settings)),
-        sink=SqlStoreSink(engine),
+        sink=SqlStoreSink(engine, metrics=make_sink_metrics(registry)),
         metrics=make_stream_metrics(registry),
         clock=lambda: dt.datetime.now(dt.UTC),
         retry_max_seconds=settings.stream.sink_retry_max_seconds,
