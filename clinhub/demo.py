@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,38 @@ def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
     return marks
 
 
+def _show_shared_timeline(engine: Any) -> None:
+    """The point of the hub: one patient's events from several institutions on one timeline."""
+    from sinks.models import IdentifierLink
+    from sinks.queries import patient_timeline
+
+    with engine.connect() as conn:
+        links = conn.execute(select(IdentifierLink.regional_patient_id, IdentifierLink.institution_id)).all()
+    institutions: dict[str, set[str]] = {}
+    for patient, institution in links:
+        institutions.setdefault(patient, set()).add(institution)
+    if not institutions:
+        return
+    patient = max(institutions, key=lambda p: (len(institutions[p]), p))
+    page = patient_timeline(engine, patient, limit=12, newest_first=True)
+    typer.echo(
+        f"\nOne regional timeline, patient {patient[:15]} "
+        f"(known at {', '.join(sorted(institutions[patient]))}):"
+    )
+    for entry in page.entries:
+        value = f"{entry.value:g} {entry.unit or ''}" if entry.value is not None else ""
+        typer.echo(
+            f"  {entry.time:%Y-%m-%d %H:%M} {entry.institution_id:5} {entry.kind:10} "
+            f"{entry.code or '':10} {entry.display or '':28.28} {value}"
+        )
+
+
 def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
     from producers.publisher import make_publisher
-    from producers.simulator import simulate_labs
+    from producers.simulator import simulate_events
     from schemas.registration import register_standard
     from schemas.wire import ConfluentRegistry
-    from sinks.models import Alert, Observation
+    from sinks.models import Alert, IngestLog, Observation
     from sinks.store import make_engine, upgrade
     from streams.reference import load_reference
     from streams.topics import TopicNames, create_topics
@@ -110,19 +137,26 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
     try:
         alert_marks = _high_watermarks(settings, topics.alerts_topic)
         seed = int(time.time())
-        records = simulate_labs(seed, count, critical_share=0.15)
-        typer.echo(f"4/6 publishing {len(records)} lab results from H001, H002 and C003 (seed {seed})...")
+        events = simulate_events(seed, count, critical_share=0.15)
+        kinds = Counter(kind for kind, _ in events)
+        typer.echo(
+            f"4/6 publishing {len(events)} events from H001, H002 and C003 (seed {seed}): "
+            + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        )
         delivered = 0
-        for institution in sorted({r["envelope"]["institution_id"] for r in records}):
+        for institution in sorted({r["envelope"]["institution_id"] for _, r in events}):
             publisher = make_publisher(settings, institution)
-            mine = [r for r in records if r["envelope"]["institution_id"] == institution]
-            delivered += sum(1 for r in publisher.publish_many_labs(mine) if not isinstance(r, Exception))
+            for kind in kinds:
+                mine = [r for k, r in events if k == kind and r["envelope"]["institution_id"] == institution]
+                delivered += sum(
+                    1 for r in publisher.publish_many(kind, mine) if not isinstance(r, Exception)
+                )
             publisher.close()
         typer.echo(f"    {delivered} durably accepted by Kafka (acks=all)")
 
-        typer.echo("5/6 waiting for the processor to store them...")
-        ids = [r["envelope"]["event_id"] for r in records]
-        deadline = time.monotonic() + 120
+        typer.echo("5/6 waiting for the processor to normalise, judge and store them...")
+        ids = [r["envelope"]["event_id"] for _, r in events]
+        deadline = time.monotonic() + 180
         stored = 0
         while time.monotonic() < deadline:
             if worker.poll() is not None:
@@ -130,14 +164,15 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
                 raise typer.Exit(1)
             with engine.connect() as conn:
                 stored = conn.execute(
-                    select(func.count()).select_from(Observation).where(Observation.event_id.in_(ids))
+                    select(func.count()).select_from(IngestLog).where(IngestLog.event_id.in_(ids))
                 ).scalar_one()
             if stored >= len(ids):
                 break
             time.sleep(1)
+        lab_ids = [r["envelope"]["event_id"] for k, r in events if k == "lab"]
         with engine.connect() as conn:
             expected_alerts = conn.execute(
-                select(func.count()).select_from(Alert).where(Alert.source_event_id.in_(ids))
+                select(func.count()).select_from(Alert).where(Alert.source_event_id.in_(lab_ids))
             ).scalar_one()
         alerts = _consume_alerts(settings, topics.alerts_topic, alert_marks, expected_alerts, 30)
 
@@ -152,21 +187,22 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
                 f"patient {alert['regional_patient_id'][:15]}"
                 f"  {alert['message']}"
             )
-        typer.echo("\nRows in the regional store (latest 10 of this run):")
+        typer.echo("\nLab results in the regional store (latest 8 of this run):")
         with engine.connect() as conn:
             rows = conn.execute(
                 select(Observation)
-                .where(Observation.event_id.in_(ids))
-                .order_by(Observation.result_time.desc())
-                .limit(10)
+                .where(Observation.event_id.in_(lab_ids))
+                .order_by(Observation.effective_time.desc())
+                .limit(8)
             ).all()
         for row in rows:
             typer.echo(
                 f"  {row.institution_id} {row.local_code:8} -> LOINC {row.loinc_code or '(unmapped)':8} "
                 f"{row.original_value:>8g} {row.original_unit or '':7} = "
                 f"{row.value:>8.4g} {row.unit or '':7} "
-                f"patient {row.regional_patient_id[:15]} at {row.result_time:%H:%M:%S}"
+                f"patient {row.regional_patient_id[:15]} at {row.effective_time:%H:%M:%S}"
             )
+        _show_shared_timeline(engine)
         typer.echo(
             f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
             f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
