@@ -1,9 +1,10 @@
-"""One batch of raw messages in, store items and dead letters out; no Kafka, no database."""
+"""One batch of raw messages in, normalised events and dead letters out; no Kafka, no database."""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,18 +12,21 @@ import pytest
 from schemas import standard
 from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder, validate_record
+from streams.codes import load_codes
 from streams.identity import RegionalIdentity
 from streams.pipeline import (
+    NormaliseOutcome,
     RawMessage,
     Rejection,
     dead_letter_record,
     institution_from_topic,
-    process_lab_batch,
+    normalise_batch,
 )
 from streams.reference import load_reference
 from streams.topics import KINDS, TopicNames
 
 REFERENCE = load_reference()
+CODES = load_codes()
 IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 RESULT_TIME = dt.datetime(2026, 11, 23, 11, 55, 0, 250000, tzinfo=dt.UTC)
@@ -79,44 +83,92 @@ def message(value: bytes | None, offset: int, topic: str = "raw.H001.lab", parti
     return RawMessage(topic=topic, partition=partition, offset=offset, key=b"H001|MRN0000042", value=value)
 
 
-def test_mixed_batch_splits_into_items_and_rejections(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
-    """Bad messages become dead letters with their position and reason; good ones go on, in order."""
+def normalise(
+    messages: list[RawMessage], decode: Callable[[bytes | None], dict[str, Any]]
+) -> NormaliseOutcome:
+    """The normaliser's batch step over lab topics, with an empty link table."""
+    return normalise_batch(messages, {"lab": decode}, REFERENCE, CODES, IDENTITY, lambda _key: None, NOW)
+
+
+def event_ids(outcome: NormaliseOutcome) -> list[str]:
+    return [str(event.record["envelope"]["event_id"]) for _, event in outcome.events]
+
+
+def _unknown_schema_id(encode: AvroEncoder) -> bytes:
+    good = encode(lab())
+    return b"\x00" + (encode.schema_id + 999).to_bytes(4, "big") + good[5:]
+
+
+def _event_id_not_a_uuid(encode: AvroEncoder) -> bytes:
+    """The store keys on a 36-character UUID; a producer that skipped validation wrote anything else."""
+    foreign = AvroEncoder(encode.schema_id, encode.schema, check=False)
+    record = lab()
+    record["envelope"]["event_id"] = "H001-LIS-20261123-000000000000000000000000042"
+    return foreign(record)
+
+
+# description -> (the poison message's bytes, expected error class, expected field)
+POISON: dict[str, tuple[Callable[[AvroEncoder], bytes | None], str, str]] = {
+    "wrong magic byte": (lambda encode: b"\x01" + encode(lab())[1:], "MagicByteError", "header"),
+    "truncated Avro body": (lambda encode: encode(lab())[:-3], "PayloadDecodeError", "payload"),
+    "impossible value": (lambda encode: encode(lab(value=40.0)), "ImplausibleValueError", "value_numeric"),
+    "tombstone without a value": (lambda encode: None, "ShortHeaderError", "header"),
+    "unit unknown for the analyte": (
+        lambda encode: encode(lab(local_code="GLU", value=90.0, unit="mg%")),
+        "UnknownUnitError",
+        "unit",
+    ),
+    "institution other than the topic's": (
+        lambda encode: encode(lab(institution="H002", local_code="LAB0101")),
+        "RejectedEvent",
+        "envelope.institution_id",
+    ),
+    "schema id unknown to the registry": (_unknown_schema_id, "UnknownSchemaIdError", "schema_id"),
+    "event id that is not a UUID": (_event_id_not_a_uuid, "PayloadDecodeError", "payload"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POISON))
+def test_a_poison_message_is_dead_lettered_and_its_neighbours_go_on(
+    codec: tuple[AvroEncoder, AvroDecoder], case: str
+) -> None:
+    """A message's own fault (not an outage) rejects that message only, naming class and field."""
     encode, decode = codec
-    normal, critical, impossible = lab(value=4.2), lab(value=7.5), lab(value=40.0)
-    wrong_unit = lab(local_code="GLU", value=90.0, unit="mg%")
-    on_wrong_topic = lab(institution="H002", local_code="LAB0101")
-    good_bytes = encode(normal)
-    batch = [
-        message(good_bytes, 10),
-        message(b"\x01" + good_bytes[1:], 11),
-        message(encode(critical), 12),
-        message(good_bytes[:-3], 13),
-        message(encode(impossible), 14),
-        message(None, 15),  # a tombstone has no value
-        message(encode(wrong_unit), 16),
-        message(encode(on_wrong_topic), 17),
-    ]
+    poison, error_class, field_name = POISON[case]
+    before, after = lab(), lab(value=7.5)  # a critical value is news, not poison
+    batch = [message(encode(before), 1), message(poison(encode), 2), message(encode(after), 3)]
 
-    outcome = process_lab_batch(batch, decode, REFERENCE, IDENTITY, NOW)
+    outcome = normalise(batch, decode)
 
-    assert [item.lab.event_id for item in outcome.items] == [
-        normal["envelope"]["event_id"],
-        critical["envelope"]["event_id"],
+    assert event_ids(outcome) == [before["envelope"]["event_id"], after["envelope"]["event_id"]]
+    (rejection,) = outcome.rejections
+    assert (rejection.message, rejection.error_class, rejection.field) == (batch[1], error_class, field_name)
+    assert rejection.reason
+
+
+def test_mixed_batch_splits_into_events_and_rejections(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
+    """Every kind of poison in one batch: each is dead-lettered in order, good events keep their order."""
+    encode, decode = codec
+    cases = sorted(POISON)
+    # potassium up to 7.0 mmol/L: critical values are news, not poison
+    good = [lab(local_code="GLU", value=90.0, unit="mg/dL")] + [
+        lab(value=3.5 + n / 2) for n in range(1, len(cases))
     ]
-    assert [a.source_event_id for a in outcome.alerts] == [critical["envelope"]["event_id"]]
+    batch: list[RawMessage] = []
+    for n, (record, case) in enumerate(zip(good, cases, strict=True)):
+        batch += [message(encode(record), 2 * n), message(POISON[case][0](encode), 2 * n + 1)]
+
+    outcome = normalise(batch, decode)
+
+    assert event_ids(outcome) == [record["envelope"]["event_id"] for record in good]
     got = [(r.message.offset, r.error_class, r.field) for r in outcome.rejections]
-    assert got == [
-        (11, "MagicByteError", "header"),
-        (13, "PayloadDecodeError", "payload"),
-        (14, "ImplausibleValueError", "value_numeric"),
-        (15, "ShortHeaderError", "header"),
-        (16, "UnknownUnitError", "unit"),
-        (17, "RejectedEvent", "envelope.institution_id"),
-    ]
+    assert got == [(2 * n + 1, POISON[case][1], POISON[case][2]) for n, case in enumerate(cases)]
     for rejection in outcome.rejections:
-        assert rejection.reason
         assert (rejection.message.topic, rejection.message.partition) == ("raw.H001.lab", 1)
         assert rejection.message in batch
+    glucose = next(event.record for _, event in outcome.events if event.record["local_code"] == "GLU")
+    factor = REFERENCE.analytes[glucose["loinc_code"]].factors["mg/dL"]
+    assert glucose["canonical_value"] == pytest.approx(90.0 * factor)
 
 
 def test_rejection_keeps_what_could_be_read(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
@@ -124,27 +176,21 @@ def test_rejection_keeps_what_could_be_read(codec: tuple[AvroEncoder, AvroDecode
     encode, decode = codec
     impossible = lab(value=40.0)
     batch = [message(encode(impossible), 1), message(b"\x00\x00", 2, topic="raw.H002.lab")]
-    decoded_rejection, undecodable = process_lab_batch(batch, decode, REFERENCE, IDENTITY, NOW).rejections
+    decoded_rejection, undecodable = normalise(batch, decode).rejections
     assert decoded_rejection.correlation_id == impossible["envelope"]["correlation_id"]
     assert decoded_rejection.institution_id == "H001"
     assert (undecodable.institution_id, undecodable.correlation_id) == ("H002", None)
 
 
-def test_unknown_schema_id_is_a_dead_letter_not_an_outage(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
-    """A schema id the registry does not have is the message's fault: dead-lettered, batch continues."""
-    encode, decode = codec
-    good = encode(lab())
-    bogus = b"\x00" + (encode.schema_id + 999).to_bytes(4, "big") + good[5:]
-    outcome = process_lab_batch([message(bogus, 1), message(good, 2)], decode, REFERENCE, IDENTITY, NOW)
-    assert [(r.error_class, r.field) for r in outcome.rejections] == [("UnknownSchemaIdError", "schema_id")]
-    assert len(outcome.items) == 1
-
-
-def test_non_schema_errors_of_a_record_are_dead_lettered() -> None:
+@pytest.mark.parametrize(
+    ("decoded", "error_class"),
+    [({"envelope": None}, "TypeError"), ({}, "KeyError"), ({"envelope": {}}, "KeyError")],
+)
+def test_non_schema_errors_of_a_record_are_dead_lettered(decoded: dict[str, Any], error_class: str) -> None:
     """A decoder that returns something odd must not crash the batch."""
-    outcome = process_lab_batch([message(b"x", 3)], lambda _: {"envelope": None}, REFERENCE, IDENTITY, NOW)
+    outcome = normalise([message(b"x", 3)], lambda _: decoded)
     (rejection,) = outcome.rejections
-    assert rejection.error_class == "TypeError"
+    assert rejection.error_class == error_class
     assert rejection.field is None and rejection.reason
 
 
@@ -163,7 +209,7 @@ def test_registry_outage_propagates_so_the_batch_is_retried(codec: tuple[AvroEnc
     encode, _ = codec
     decode = AvroDecoder(DownRegistry(), standard.load(standard.LAB_RESULT))
     with pytest.raises(RegistryUnavailableError):
-        process_lab_batch([message(encode(lab()), 1)], decode, REFERENCE, IDENTITY, NOW)
+        normalise([message(encode(lab()), 1)], decode)
 
 
 def rejection(topic: str = "raw.H001.lab", partition: int = 0, offset: int = 5, **kw: Any) -> Rejection:
@@ -240,14 +286,3 @@ def test_unknown_event_kind_has_no_topic() -> None:
     """A typo in the kind must not create a stray topic."""
     with pytest.raises(ValueError, match="unknown event kind"):
         TopicNames().raw("H001", "labs")
-
-
-def test_event_id_that_is_not_a_uuid_is_dead_lettered(codec: tuple[AvroEncoder, AvroDecoder]) -> None:
-    """The store keys on a 36-character UUID; a producer that wrote anything else is dead-lettered."""
-    encode, decode = codec
-    foreign = AvroEncoder(encode.schema_id, encode.schema, check=False)  # a producer that skipped validation
-    record = lab()
-    record["envelope"]["event_id"] = "H001-LIS-20261123-000000000000000000000000042"
-    outcome = process_lab_batch([message(foreign(record), 1)], decode, REFERENCE, IDENTITY, NOW)
-    assert outcome.items == []
-    assert [(r.error_class, r.field) for r in outcome.rejections] == [("PayloadDecodeError", "payload")]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from streams.exceptions import ReferenceDataError
-from streams.reference import DATA_DIR, load_reference
+from streams.reference import DATA_DIR, ThresholdRule, load_reference
 
 REFERENCE = load_reference()
 RULES_DOC = json.loads((DATA_DIR / "critical_rules.json").read_text(encoding="utf-8"))
@@ -21,7 +21,7 @@ UNITS_DOC = json.loads((DATA_DIR / "units.json").read_text(encoding="utf-8"))
 
 def test_default_files_load_with_versions() -> None:
     """The processor can start on the shipped files, and knows which versions it runs."""
-    assert REFERENCE.analytes and REFERENCE.rules and REFERENCE.terminology
+    assert REFERENCE.analytes and REFERENCE.rulebook.thresholds and REFERENCE.terminology
     assert all(version not in ("", "None") for version in REFERENCE.versions.values())
     assert set(REFERENCE.versions) == {"terminology", "units", "rules"}
 
@@ -49,17 +49,28 @@ def test_policies_cite_a_known_source(section: str) -> None:
     assert RULES_DOC[section]["source"] in RULES_DOC["sources"]
 
 
-@pytest.mark.parametrize("loinc", sorted(REFERENCE.rules))
-def test_every_rule_analyte_has_units(loinc: str) -> None:
+# every threshold rule, banded or not, and the examples that are checked but not applied
+THRESHOLD_RULES = [
+    *(rule for rules in REFERENCE.rulebook.thresholds.values() for rule in rules),
+    *REFERENCE.example_rules,
+]
+
+
+def _rule_id(rule: ThresholdRule) -> str:
+    return f"{rule.loinc}:{rule.describe_band()}"
+
+
+@pytest.mark.parametrize("rule", THRESHOLD_RULES, ids=_rule_id)
+def test_every_rule_analyte_has_units(rule: ThresholdRule) -> None:
     """A rule is compared in the canonical unit, so its analyte must be in units.json under the same name."""
-    assert loinc in UNITS_DOC["analytes"]
-    assert REFERENCE.rules[loinc].analyte == REFERENCE.analytes[loinc].name
+    assert rule.loinc in UNITS_DOC["analytes"]
+    assert rule.analyte == REFERENCE.analytes[rule.loinc].name
 
 
-@pytest.mark.parametrize("loinc", sorted(REFERENCE.rules))
-def test_rule_limits_are_ordered_and_possible(loinc: str) -> None:
+@pytest.mark.parametrize("rule", THRESHOLD_RULES, ids=_rule_id)
+def test_rule_limits_are_ordered_and_possible(rule: ThresholdRule) -> None:
     """A limit outside the plausible range could never fire, since such values are rejected first."""
-    rule, analyte = REFERENCE.rules[loinc], REFERENCE.analytes[loinc]
+    analyte = REFERENCE.analytes[rule.loinc]
     limits = [limit for limit in (rule.low, rule.high) if limit is not None]
     assert limits, "a rule needs at least one limit"
     assert all(analyte.plausible_low < limit < analyte.plausible_high for limit in limits)

@@ -16,9 +16,8 @@ from schemas import standard
 from schemas.wire import validate_record
 from streams.identity import RegionalIdentity
 from streams.normalise import NormalisedLab, normalise_lab
-from streams.pipeline import alert_record
 from streams.reference import ThresholdRule, load_reference
-from streams.rules import DEFAULT_ACK_DEADLINE, alert_id_for, crossed_limit, evaluate_thresholds
+from streams.rules import AlertDraft, LabFacts, alert_id_for, alert_record, crossed_limit, evaluate
 
 REFERENCE = load_reference()
 IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
@@ -141,9 +140,16 @@ def lab_record(
     }
 
 
-def alerts_for(local_code: str, value: float, unit: str, status: str = "final") -> list[Any]:
-    lab = normalise_lab(lab_record(local_code, value, unit, status), REFERENCE, IDENTITY, "H001", NOW)
-    return evaluate_thresholds(lab, REFERENCE.rules, NOW)
+def judge(lab: NormalisedLab, now: dt.datetime = NOW) -> list[AlertDraft]:
+    """The alerts a normalised result raises for a patient with no history (no state, nothing to suppress)."""
+    facts = LabFacts.from_normalised(lab)
+    if facts is None:
+        return []
+    return list(evaluate(facts, None, REFERENCE.rulebook, now, REFERENCE.policy).alerts)
+
+
+def alerts_for(local_code: str, value: float, unit: str, status: str = "final") -> list[AlertDraft]:
+    return judge(normalise_lab(lab_record(local_code, value, unit, status), REFERENCE, IDENTITY, "H001", NOW))
 
 
 # (H001 local code, value as sent, unit as sent, expected limit kind); limits as the cited sources print them.
@@ -243,14 +249,14 @@ def _lab(**changes: Any) -> NormalisedLab:
 )
 def test_nothing_to_judge_means_no_alert(changes: dict[str, Any]) -> None:
     """Without value, unit, code or rule there is nothing to compare, so no alert."""
-    assert evaluate_thresholds(_lab(**changes), REFERENCE.rules, NOW) == []
+    assert judge(_lab(**changes)) == []
 
 
 def test_same_event_gives_the_same_alert_id() -> None:
     """Reprocessing after a crash must not raise a second alert: the id depends on the event, not time."""
     lab = _lab()
-    first = evaluate_thresholds(lab, REFERENCE.rules, NOW)
-    again = evaluate_thresholds(lab, REFERENCE.rules, NOW + dt.timedelta(hours=3))
+    first = judge(lab)
+    again = judge(lab, NOW + dt.timedelta(hours=3))
     assert [a.alert_id for a in first] == [a.alert_id for a in again]
     assert uuid.UUID(first[0].alert_id).version == 5
 
@@ -269,16 +275,16 @@ def test_alert_ids_differ_by_event_analyte_and_side() -> None:
 
 def test_alert_carries_what_the_clinician_needs() -> None:
     """Value, limit, source and an acknowledgement deadline travel with the alert."""
-    (alert,) = evaluate_thresholds(_lab(), REFERENCE.rules, NOW)
+    (alert,) = judge(_lab())
     assert (alert.limit_kind, alert.limit_value, alert.value, alert.unit) == ("HIGH", 6.1, 7.5, "mmol/L")
     assert alert.rule_source.startswith("ARUP")
     assert alert.raised_time == NOW
-    assert alert.deadline_time == NOW + DEFAULT_ACK_DEADLINE == NOW + dt.timedelta(minutes=15)
+    assert alert.deadline_time == NOW + dt.timedelta(minutes=15)  # clinical.md: critical, 15 minutes
     assert "> 6.1" in alert.message
     assert alert.correlation_id == "corr-rules"
 
 
 def test_alert_record_matches_the_alert_schema() -> None:
     """The draft turns into a CriticalValueAlert the registry schema accepts."""
-    (alert,) = evaluate_thresholds(_lab(), REFERENCE.rules, NOW)
+    (alert,) = judge(_lab())
     validate_record(alert_record(alert), standard.load(standard.CRITICAL_VALUE_ALERT))
