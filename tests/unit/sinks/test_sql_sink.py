@@ -1,10 +1,11 @@
-"""The SQL sink on a SQLite file: idempotent batches, the alert outbox, and the migration guard."""
+"""The SQL sink on a SQLite file: what the normaliser and the rules hand over is stored once, and the
+migration guard."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,43 +14,35 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from schemas import standard
-from schemas.wire import validate_record
-from sinks.base import SinkItem, WriteResult
+from sinks.base import StoreRecord
 from sinks.exceptions import StoreOutOfDateError, StoreUnavailableError
 from sinks.sql import ALERTS, OBSERVATIONS, SqlStoreSink, is_transient
 from sinks.store import current_revision, ensure_current, head_revision, make_engine, upgrade
+from streams.codes import load_codes
+from streams.events import normalise_event
 from streams.identity import RegionalIdentity
 from streams.normalise import normalise_lab
-from streams.pipeline import alert_record
 from streams.reference import load_reference
-from streams.rules import evaluate_thresholds
+from streams.rules import LabFacts, alert_record, evaluate
 
 REFERENCE = load_reference()
+CODES = load_codes()
 IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 NID = "11010519491231002X"
 
 
-class Clock:
-    """A settable clock, so stored times are known exactly."""
-
-    def __init__(self, now: dt.datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-
-def item(
+def delivery(
     local_code: str = "K",
     value: float = 4.2,
     unit: str = "mmol/L",
     minutes_ago: int = 5,
     national_id: str | None = NID,
-) -> SinkItem:
+) -> list[StoreRecord]:
+    """One raw lab result as the store agent receives it: the normalised record, then the alerts the
+    rules raised for it (a patient without history), as published on their topics."""
     when = NOW - dt.timedelta(minutes=minutes_ago)
-    record = {
+    raw = {
         "envelope": {
             "event_id": uuid.uuid4(),
             "institution_id": "H001",
@@ -66,9 +59,10 @@ def item(
         "status": "final",
         "result_time": when,
     }
-    lab = normalise_lab(record, REFERENCE, IDENTITY, "H001", now=NOW)
-    # raise alerts at the result time so their outbox order is known
-    return SinkItem(lab=lab, alerts=tuple(evaluate_thresholds(lab, REFERENCE.rules, when)))
+    event = normalise_event("lab", raw, REFERENCE, CODES, IDENTITY, lambda _key: None, "H001", NOW)
+    facts = LabFacts.from_normalised(normalise_lab(raw, REFERENCE, IDENTITY, "H001", NOW))
+    alerts = () if facts is None else evaluate(facts, None, REFERENCE.rulebook, when, REFERENCE.policy).alerts
+    return [StoreRecord("lab", event.record), *(StoreRecord("alert", alert_record(a)) for a in alerts)]
 
 
 @pytest.fixture
@@ -80,13 +74,8 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock(NOW)
-
-
-@pytest.fixture
-def sink(engine: Engine, clock: Clock) -> SqlStoreSink:
-    return SqlStoreSink(engine, clock=clock)
+def sink(engine: Engine) -> SqlStoreSink:
+    return SqlStoreSink(engine, clock=lambda: NOW)
 
 
 def count(engine: Engine, table: Any) -> int:
@@ -94,105 +83,77 @@ def count(engine: Engine, table: Any) -> int:
         return int(connection.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def test_writing_a_batch_twice_stores_it_once(sink: SqlStoreSink, engine: Engine) -> None:
-    """Redelivery after a crash must not duplicate results or alerts; the second write reports nothing new."""
-    batch = [item(value=4.2), item(value=7.5), item(local_code="GLU", value=40.0, unit="mg/dL")]
-    event_ids = {i.lab.event_id for i in batch}
-    alert_ids = {a.alert_id for i in batch for a in i.alerts}
-    assert len(alert_ids) == 2
-
-    first = sink.write(batch)
-    second = sink.write(batch)
-
-    assert first == WriteResult(frozenset(event_ids), frozenset(alert_ids))
-    assert second.new_event_ids == frozenset() and second.new_alert_ids == frozenset()
-    assert count(engine, OBSERVATIONS) == 3
-    assert count(engine, ALERTS) == 2
+def _key(record: StoreRecord) -> tuple[str, str]:
+    data = record.record
+    return record.kind, str(data["alert_id"] if record.kind == "alert" else data["envelope"]["event_id"])
 
 
-def test_overlapping_batch_reports_only_the_new_items(sink: SqlStoreSink, engine: Engine) -> None:
-    """A batch that partly repeats an earlier one stores and reports only what is new."""
-    old, new = item(value=7.5), item(value=2.1)
-    sink.write([old])
-    result = sink.write([old, new])
-    assert result.new_event_ids == {new.lab.event_id}
-    assert result.new_alert_ids == {a.alert_id for a in new.alerts}
-    assert count(engine, OBSERVATIONS) == 2
+# (local code, value, unit): normal, critical high, critical low after conversion, critical low
+RESULTS = [("K", 4.2, "mmol/L"), ("K", 7.5, "mmol/L"), ("GLU", 40.0, "mg/dL"), ("K", 2.1, "mmol/L")]
+DELIVERIES = {  # description -> (results delivered earlier, results of the batch under test)
+    "a first delivery": ([], [0, 1, 2]),
+    "the same batch again": ([0, 1, 2], [0, 1, 2]),
+    "the same batch again, reversed": ([0, 1, 2], [2, 1, 0]),
+    "a batch overlapping an earlier one": ([1], [1, 3]),
+    "the same result twice in one batch": ([], [1, 1]),
+    "a redelivered result twice in one batch": ([1], [1, 1, 0]),
+}
 
 
-def test_duplicates_inside_one_batch_are_written_once(sink: SqlStoreSink, engine: Engine) -> None:
-    """The same event twice in one batch (redelivered within the window) is one row."""
-    one = item(value=7.5)
-    result = sink.write([one, one])
-    assert result.new_event_ids == {one.lab.event_id}
-    assert (count(engine, OBSERVATIONS), count(engine, ALERTS)) == (1, 1)
+@pytest.mark.parametrize("case", sorted(DELIVERIES))
+def test_redelivery_stores_once_and_reports_only_what_is_new(
+    sink: SqlStoreSink, engine: Engine, case: str
+) -> None:
+    """A crash and replay must not duplicate results or alerts; each write reports only what it added."""
+    earlier, now = DELIVERIES[case]
+    results = [delivery(*spec) for spec in RESULTS]
+    if earlier:
+        sink.write_records([record for i in earlier for record in results[i]])
+    batch = [record for i in now for record in results[i]]
+
+    result = sink.write_records(batch)
+
+    stored_before = {_key(record) for i in earlier for record in results[i]}
+    new = {_key(record) for record in batch} - stored_before
+    assert result.written == Counter(kind for kind, _ in new)
+    assert result.unchanged == Counter(record.kind for record in batch) - Counter(kind for kind, _ in new)
+    everything = Counter(
+        kind for kind, _ in {_key(record) for i in {*earlier, *now} for record in results[i]}
+    )
+    assert everything["alert"] >= 1, "every case carries a critical result"
+    assert (count(engine, OBSERVATIONS), count(engine, ALERTS)) == (everything["lab"], everything["alert"])
 
 
-def test_empty_batch_changes_nothing(sink: SqlStoreSink, engine: Engine) -> None:
-    """An empty batch is a no-op, not an error."""
-    assert sink.write([]) == WriteResult()
-    assert count(engine, OBSERVATIONS) == 0
-
-
-def test_stored_row_has_canonical_value_and_no_national_id(sink: SqlStoreSink, engine: Engine) -> None:
-    """The store holds SI values and a pseudonym, never the raw national identifier."""
-    glucose = item(local_code="GLU", value=90.0, unit="mg/dL")
-    sink.write([glucose])
+@pytest.mark.parametrize(
+    ("local_code", "value", "unit"), [("GLU", 90.0, "mg/dL"), ("HGB", 12.5, "g/dL"), ("K", 4.2, "mmol/L")]
+)
+def test_stored_row_has_canonical_value_and_no_national_id(
+    sink: SqlStoreSink, engine: Engine, local_code: str, value: float, unit: str
+) -> None:
+    """The store holds SI values, the value as sent and a pseudonym, never the raw national identifier."""
+    sink.write_records(delivery(local_code, value, unit)[:1])
     with engine.connect() as connection:
         row = connection.execute(select(OBSERVATIONS)).one()._mapping
-    assert row["value"] == pytest.approx(90.0 * 0.05551)
-    assert (row["unit"], row["original_value"], row["original_unit"]) == ("mmol/L", 90.0, "mg/dL")
+    analyte = REFERENCE.analytes[REFERENCE.terminology["H001"][local_code]]
+    assert row["value"] == pytest.approx(value * analyte.factors[unit])
+    assert (row["unit"], row["original_value"], row["original_unit"]) == (analyte.canonical_unit, value, unit)
     assert row["regional_patient_id"] == IDENTITY.from_national_id(NID)
-    assert all(NID not in str(value) for value in row.values())
+    assert all(NID not in str(column) for column in row.values())
 
 
-def test_outbox_cycle(sink: SqlStoreSink, clock: Clock) -> None:
-    """Alerts wait in the outbox, oldest first, until marked published; marking twice is harmless."""
-    older, newer = item(value=7.5, minutes_ago=30), item(value=1.5, minutes_ago=5)
-    sink.write([newer, older])
-    pending = sink.unpublished_alerts()
-    assert [a["alert_id"] for a in pending] == [older.alerts[0].alert_id, newer.alerts[0].alert_id]
-    assert all(a["published_time"] is None for a in pending)
-
-    clock.now = NOW + dt.timedelta(seconds=3)
-    sink.mark_published([older.alerts[0].alert_id])
-    assert [a["alert_id"] for a in sink.unpublished_alerts()] == [newer.alerts[0].alert_id]
-
-    sink.mark_published([newer.alerts[0].alert_id, older.alerts[0].alert_id])
-    sink.mark_published([])
-    assert sink.unpublished_alerts() == []
-
-
-def test_outbox_limit(sink: SqlStoreSink) -> None:
-    """The publisher can take the outbox in slices."""
-    sink.write([item(value=7.5, minutes_ago=m) for m in (1, 2, 3, 4)])
-    assert len(sink.unpublished_alerts(limit=3)) == 3
-
-
-def test_publishing_stamps_the_clock_time(sink: SqlStoreSink, engine: Engine, clock: Clock) -> None:
-    """published_time records when Kafka confirmed the alert."""
-    critical = item(value=7.5)
-    sink.write([critical])
-    clock.now = NOW + dt.timedelta(minutes=1)
-    sink.mark_published([a.alert_id for a in critical.alerts])
+def test_a_stored_alert_keeps_every_field_it_was_raised_with(sink: SqlStoreSink, engine: Engine) -> None:
+    """SQLite hands times back naive; read as UTC they, and every other field, are what the rules raised."""
+    batch = delivery(value=7.5)
+    (alert,) = [record.record for record in batch if record.kind == "alert"]
+    sink.write_records(batch)
     with engine.connect() as connection:
-        stamped = connection.execute(select(ALERTS.c.published_time)).scalar_one()
-    assert stamped.replace(tzinfo=stamped.tzinfo or dt.UTC) == clock.now
-
-
-def test_alert_read_back_from_the_outbox_is_a_valid_alert_record(sink: SqlStoreSink) -> None:
-    """Rows come back with naive SQLite datetimes; alert_record still yields a valid CriticalValueAlert."""
-    critical = item(value=7.5)
-    sink.write([critical])
-    (row,) = sink.unpublished_alerts()
-    record = alert_record(row)
-    validate_record(record, standard.load(standard.CRITICAL_VALUE_ALERT))
-    draft = critical.alerts[0]
-    assert record["result_time"] == draft.result_time
-    assert record["deadline_time"] == draft.deadline_time
-    assert {k: record[k] for k in ("alert_id", "value", "limit_value")} == {
-        k: v for k, v in dataclasses.asdict(draft).items() if k in ("alert_id", "value", "limit_value")
+        row = connection.execute(select(ALERTS)).one()._mapping
+    stored = {
+        name: value.replace(tzinfo=value.tzinfo or dt.UTC) if isinstance(value, dt.datetime) else value
+        for name, value in row.items()
+        if name in alert
     }
+    assert stored == alert
 
 
 def test_ensure_current_refuses_an_empty_database(tmp_path: Path) -> None:
@@ -214,7 +175,7 @@ def test_unreachable_database_is_transient(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'no-such-dir' / 'x.sqlite3'}")
     try:
         with pytest.raises(StoreUnavailableError):
-            SqlStoreSink(engine).write([item()])
+            SqlStoreSink(engine).write_records(delivery())
     finally:
         engine.dispose()
 

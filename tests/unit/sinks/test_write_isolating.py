@@ -1,23 +1,15 @@
-"""A batch the store refuses is bisected: refused items are isolated, every other item is written once."""
+"""A batch the store refuses is bisected: refused records are isolated, every other record is written once."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import pytest
 
-from sinks.base import (
-    Sink,
-    SinkItem,
-    StoreRecord,
-    StoreWriteResult,
-    WriteResult,
-    write_isolating,
-    write_records_isolating,
-)
+from sinks.base import Sink, StoreRecord, StoreWriteResult, write_records_isolating
 from sinks.exceptions import StoreRejectedError, StoreUnavailableError
 from tests.unit.sinks.factory import simulated
-from tests.unit.sinks.test_sql_sink import item
 
 CASES = [
     (1, [0]),
@@ -44,26 +36,20 @@ class RefusingSink(Sink):
         self.stored: list[str] = []
         self.calls = 0
 
-    def _store(self, ids: list[str]) -> set[str]:
+    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
         self.calls += 1
+        ids = [_event_id(record) for record in batch]
         if self.unavailable:
             raise StoreUnavailableError("down")
         if self.poisoned & set(ids):
             raise StoreRejectedError("value too long for type character varying(8)")
         new = {i for i in ids if i not in self.stored}
         self.stored.extend(sorted(new))
-        return new
-
-    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
-        new = self._store([_event_id(record) for record in batch])
         written: dict[str, int] = {}
         for record in batch:
             if _event_id(record) in new:
                 written[record.kind] = written.get(record.kind, 0) + 1
         return StoreWriteResult(written, {})
-
-    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
-        return WriteResult(frozenset(self._store([entry.lab.event_id for entry in batch])), frozenset())
 
 
 @pytest.mark.parametrize(("size", "poisoned_at"), CASES)
@@ -79,42 +65,20 @@ def test_refused_records_are_isolated_and_the_rest_written_once(size: int, poiso
     expected = {_event_id(record) for record in batch} - poisoned
     assert set(sink.stored) == expected
     assert len(sink.stored) == len(expected), "no record may be written twice"
-    assert result.total_written == len(expected)
-
-
-@pytest.mark.parametrize(("size", "poisoned_at"), CASES)
-def test_legacy_refused_items_are_isolated_and_the_rest_written_once(
-    size: int, poisoned_at: list[int]
-) -> None:
-    batch = [item() for _ in range(size)]
-    poisoned = {batch[i].lab.event_id for i in poisoned_at}
-    sink = RefusingSink(poisoned)
-
-    result, refused = write_isolating(sink, batch)
-
-    assert sorted(index for index, _ in refused) == poisoned_at
-    expected = {entry.lab.event_id for entry in batch} - poisoned
-    assert set(sink.stored) == expected
-    assert len(sink.stored) == len(expected), "no item may be written twice"
-    assert result.new_event_ids == frozenset(expected)
+    assert result.written == Counter(record.kind for record in batch if _event_id(record) not in poisoned)
 
 
 def test_a_clean_batch_is_one_write() -> None:
     sink = RefusingSink(set())
     write_records_isolating(sink, simulated(seed=1, count=50))
-    write_isolating(sink, [item() for _ in range(50)])
-    assert sink.calls == 2
+    assert sink.calls == 1
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_an_unavailable_store_is_not_mistaken_for_refused_data(legacy: bool) -> None:
+def test_an_unavailable_store_is_not_mistaken_for_refused_data() -> None:
     """An outage must propagate (the batch is retried whole), never turn records into dead letters."""
     sink = RefusingSink(set(), unavailable=True)
     with pytest.raises(StoreUnavailableError):
-        if legacy:
-            write_isolating(sink, [item() for _ in range(4)])
-        else:
-            write_records_isolating(sink, simulated(seed=2, count=4))
+        write_records_isolating(sink, simulated(seed=2, count=4))
     assert sink.calls == 1
 
 
