@@ -1,10 +1,5 @@
-"""The sink contract: idempotent, all-or-nothing batch writes.
-
-Two entry points:
-- `write_records(batch of StoreRecord)`: the regional standard's decoded records of every kind (the
-  normalised topology);
-- `write(batch of SinkItem)`: the first lab-only path (`streams/app.py` today), kept until it is retired.
-"""
+"""The sink contract: idempotent, all-or-nothing batch writes of the regional standard's decoded records
+of every kind (`write_records(batch of StoreRecord)`)."""
 
 from __future__ import annotations
 
@@ -12,13 +7,9 @@ import abc
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sinks.exceptions import StoreRejectedError
-
-if TYPE_CHECKING:  # only for annotations: the sink must not depend on the stream code at run time
-    from streams.normalise import NormalisedLab
-    from streams.rules import AlertDraft
 
 KINDS = ("lab", "vitals", "encounter", "medication", "diagnosis", "alert", "escalation", "ack", "identity")
 
@@ -62,22 +53,6 @@ class StoreWriteResult:
         return sum(self.written.values())
 
 
-@dataclass(frozen=True)
-class SinkItem:
-    """Legacy path: one normalised lab result and the alerts it raised, written together."""
-
-    lab: NormalisedLab
-    alerts: tuple[AlertDraft, ...] = ()
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """Legacy path: ids new to the store. Redelivered items appear in neither set."""
-
-    new_event_ids: frozenset[str] = field(default_factory=frozenset)
-    new_alert_ids: frozenset[str] = field(default_factory=frozenset)
-
-
 class Sink(abc.ABC):
     @abc.abstractmethod
     def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
@@ -86,10 +61,6 @@ class Sink(abc.ABC):
         Raise StoreUnavailableError when a retry of the whole batch may succeed, StoreRejectedError
         when the data itself is refused (then `write_records_isolating` finds the culprits).
         """
-
-    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
-        """Legacy lab-only path; same transaction and error rules as `write_records`."""
-        raise NotImplementedError(f"{type(self).__name__} does not take legacy SinkItem batches")
 
 
 def write_records_isolating(
@@ -110,19 +81,3 @@ def write_records_isolating(
     left, left_rejected = write_records_isolating(sink, batch[:middle])
     right, right_rejected = write_records_isolating(sink, batch[middle:])
     return left + right, left_rejected + [(index + middle, exc) for index, exc in right_rejected]
-
-
-def write_isolating(
-    sink: Sink, batch: Sequence[SinkItem]
-) -> tuple[WriteResult, list[tuple[int, StoreRejectedError]]]:
-    """Legacy twin of `write_records_isolating` for SinkItem batches."""
-    try:
-        return sink.write(batch), []
-    except StoreRejectedError as exc:
-        if len(batch) == 1:
-            return WriteResult(), [(0, exc)]
-    middle = len(batch) // 2
-    left, left_rejected = write_isolating(sink, batch[:middle])
-    right, right_rejected = write_isolating(sink, batch[middle:])
-    merged = WriteResult(left.new_event_ids | right.new_event_ids, left.new_alert_ids | right.new_alert_ids)
-    return merged, left_rejected + [(index + middle, exc) for index, exc in right_rejected]

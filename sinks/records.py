@@ -10,15 +10,11 @@ import datetime as dt
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sinks.base import KINDS, StoreRecord
 from sinks.exceptions import StoreRejectedError
 from sinks.models import LAB, VITAL_SIGNS
-
-if TYPE_CHECKING:
-    from streams.normalise import NormalisedLab
-    from streams.rules import AlertDraft
 
 Row = dict[str, Any]
 
@@ -542,94 +538,3 @@ def prepare(index: int, item: StoreRecord, now: dt.datetime) -> Prepared:
         raise StoreRejectedError(f"record {index} ({item.kind}): {exc.field_name}: {exc.reason}") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise StoreRejectedError(f"record {index} ({item.kind}): {type(exc).__name__}: {exc}") from None
-
-
-def prepare_legacy_lab(index: int, lab: NormalisedLab, now: dt.datetime) -> Prepared:
-    """The first path's NormalisedLab as a lab row (value and unit as that normaliser set them)."""
-    event_id = str(lab.event_id)
-    event_time = lab.event_time.astimezone(dt.UTC)
-    row = {
-        "institution_id": lab.institution_id,
-        "category": LAB,
-        "result_id": lab.result_id,
-        "component": "",
-        "event_id": event_id,
-        "event_time": event_time,
-        "source_system": lab.source_system,
-        "correlation_id": lab.correlation_id,
-        "regional_patient_id": lab.regional_patient_id,
-        "encounter_id": lab.encounter_id,
-        "local_code": lab.local_code,
-        "loinc_code": lab.loinc_code,
-        "analyte": lab.analyte,
-        "value": lab.value,
-        "unit": lab.unit,
-        "original_value": lab.original_value,
-        "original_unit": lab.original_unit,
-        "value_text": lab.value_text,
-        "status": lab.status,
-        "abnormal_flag": lab.abnormal_flag,
-        "flags": ",".join(lab.flags),
-        "effective_time": lab.result_time.astimezone(dt.UTC),
-        "specimen_collected_time": lab.specimen_collected_time,
-        "device_id": None,
-        "ingested_time": now,
-    }
-    log = {
-        "event_id": event_id,
-        "kind": "lab",
-        "institution_id": lab.institution_id,
-        "event_time": event_time,
-        "ingested_time": now,
-    }
-    patient = {
-        "regional_patient_id": lab.regional_patient_id,
-        "birth_year": None,
-        "sex": None,
-        "demographics_time": None,
-        "created_time": now,
-    }
-    return Prepared(
-        index=index,
-        kind="lab",
-        time=event_time,
-        log_id=event_id,
-        log=log,
-        version=(event_time, event_id),
-        rows={"observations": [row]},
-        patient=patient,
-    )
-
-
-def prepare_legacy_alert(index: int, alert: AlertDraft) -> Prepared:
-    row: Row = {
-        key: getattr(alert, key)
-        for key in (
-            "alert_id",
-            "source_event_id",
-            "regional_patient_id",
-            "institution_id",
-            "loinc_code",
-            "analyte",
-            "value",
-            "unit",
-            "limit_kind",
-            "limit_value",
-            "severity",
-            "message",
-            "rule_source",
-            "correlation_id",
-            "result_time",
-            "raised_time",
-            "deadline_time",
-        )
-    }
-    row.update(
-        published_time=None,
-        ward=None,
-        previous_value=None,
-        previous_time=None,
-        suppressed_repeats=0,
-        escalation_level=0,
-    )
-    return Prepared(index=index, kind="alert", time=alert.raised_time, rows={"alerts": [row]})

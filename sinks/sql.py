@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from sinks.base import Sink, SinkItem, StoreRecord, StoreWriteResult, WriteResult
+from sinks.base import Sink, StoreRecord, StoreWriteResult
 from sinks.exceptions import StoreRejectedError, StoreUnavailableError
 from sinks.metrics import SinkMetrics
 from sinks.models import (
@@ -66,8 +66,6 @@ from sinks.records import (
     Prepared,
     Row,
     prepare,
-    prepare_legacy_alert,
-    prepare_legacy_lab,
 )
 
 
@@ -326,57 +324,6 @@ class SqlStoreSink(Sink):
             (written if entry.index in outcome.written else unchanged)[entry.kind] += 1
         self._observe(prepared, outcome, committed, time.perf_counter() - started)
         return StoreWriteResult(dict(written), dict(unchanged))
-
-    def write(self, batch: Sequence[SinkItem]) -> WriteResult:
-        """Legacy lab-only path: lab results and their alert drafts, same rules as write_records."""
-        started = time.perf_counter()
-        if not batch:
-            return WriteResult()
-        now = self._clock()
-        prepared: list[Prepared] = []
-        for item in batch:
-            prepared.append(prepare_legacy_lab(len(prepared), item.lab, now))
-            prepared.extend(
-                prepare_legacy_alert(len(prepared) + n, alert) for n, alert in enumerate(item.alerts)
-            )
-        outcome = self._transaction(prepared)
-        self._observe(prepared, outcome, self._clock(), time.perf_counter() - started)
-        new_alerts = {
-            entry.rows["alerts"][0]["alert_id"]
-            for entry in prepared
-            if entry.kind == "alert" and entry.index in outcome.written
-        }
-        return WriteResult(frozenset(outcome.new_log_ids), frozenset(new_alerts))
-
-    def unpublished_alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
-        """The outbox: alerts committed to the store but not yet confirmed on Kafka."""
-        try:
-            with self._engine.connect() as connection:
-                rows = connection.execute(
-                    select(ALERTS)
-                    .where(ALERTS.c.published_time.is_(None))
-                    .order_by(ALERTS.c.raised_time)
-                    .limit(limit)
-                )
-                return [dict(row._mapping) for row in rows]
-        except DBAPIError as exc:
-            if is_transient(exc):
-                raise StoreUnavailableError(f"database unavailable: {exc.orig!r}") from exc
-            raise
-
-    def mark_published(self, alert_ids: Iterable[str]) -> None:
-        ids = list(alert_ids)
-        if not ids:
-            return
-        try:
-            with self._engine.begin() as connection:
-                connection.execute(
-                    update(ALERTS).where(ALERTS.c.alert_id.in_(ids)).values(published_time=self._clock())
-                )
-        except DBAPIError as exc:
-            if is_transient(exc):
-                raise StoreUnavailableError(f"database unavailable: {exc.orig!r}") from exc
-            raise
 
     # -- the transaction ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""One batch of raw lab messages in, store items and dead letters out. No Kafka, no Faust, no database."""
+"""One batch of raw messages in, normalised events and dead letters out. No Kafka, no Faust, no database."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.exceptions import RegistryUnavailableError, SchemaError
-from sinks.base import SinkItem
 from streams.codes import CodeMaps
 from streams.events import NormalisedEvent, link_key, normalise_event
 from streams.exceptions import RejectedEvent
 from streams.identity import RegionalIdentity
-from streams.normalise import normalise_lab
 from streams.reference import ReferenceData
-from streams.rules import AlertDraft, evaluate_thresholds
 
 DEADLETTER_NAMESPACE = uuid.UUID("0b7a3c55-2f4e-4a8e-b3d1-9c2e6f1a4d77")
 
@@ -43,61 +40,12 @@ class Rejection:
     correlation_id: str | None = None
 
 
-@dataclass
-class BatchOutcome:
-    items: list[SinkItem] = field(default_factory=list)
-    rejections: list[Rejection] = field(default_factory=list)
-    item_messages: list[RawMessage] = field(default_factory=list)  # the message each item came from
-
-    def reject_item(self, index: int, error_class: str, reason: str) -> None:
-        """Move an item the store refused to the rejections, keeping its original message."""
-        item = self.items.pop(index)
-        message = self.item_messages.pop(index)
-        self.rejections.append(
-            Rejection(message, error_class, None, reason, item.lab.institution_id, item.lab.correlation_id)
-        )
-
-    @property
-    def alerts(self) -> list[AlertDraft]:
-        return [alert for item in self.items for alert in item.alerts]
-
-
 def institution_from_topic(topic: str) -> str | None:
     """`raw.<institution>.<kind>` (optionally behind a prefix) -> institution; None for other names."""
     parts = topic.split(".")
     if len(parts) >= 3 and parts[-3].endswith("raw"):
         return parts[-2]
     return None
-
-
-def process_lab_batch(
-    messages: Iterable[RawMessage],
-    decode: Callable[[bytes | None], dict[str, Any]],
-    reference: ReferenceData,
-    identity: RegionalIdentity,
-    now: dt.datetime,
-) -> BatchOutcome:
-    """Decode, normalise and evaluate each message; any per-message failure becomes a rejection.
-
-    A registry outage is not the message's fault, so RegistryUnavailableError propagates and the
-    whole batch is retried instead of being dead-lettered.
-    """
-    outcome = BatchOutcome()
-    for message in messages:
-        record: dict[str, Any] | None = None
-        try:
-            record = decode(message.value)
-            lab = normalise_lab(record, reference, identity, institution_from_topic(message.topic), now)
-            alerts = evaluate_thresholds(lab, reference.rules, now)
-            outcome.items.append(SinkItem(lab=lab, alerts=tuple(alerts)))
-            outcome.item_messages.append(message)
-        except RegistryUnavailableError:
-            raise
-        except (SchemaError, RejectedEvent) as exc:
-            outcome.rejections.append(_rejection(message, exc, exc.field, exc.reason, record))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            outcome.rejections.append(_rejection(message, exc, None, f"{type(exc).__name__}: {exc}", record))
-    return outcome
 
 
 def _rejection(
@@ -135,36 +83,6 @@ def dead_letter_record(rejection: Rejection, processor: str, now: dt.datetime) -
         "failed_time": now,
         "processor": processor,
     }
-
-
-def alert_record(alert: AlertDraft | Mapping[str, Any]) -> dict[str, Any]:
-    """The CriticalValueAlert Avro record from a draft or a stored outbox row."""
-    source = alert.__dict__ if isinstance(alert, AlertDraft) else alert
-    keys = (
-        "alert_id",
-        "source_event_id",
-        "regional_patient_id",
-        "institution_id",
-        "loinc_code",
-        "analyte",
-        "value",
-        "unit",
-        "limit_kind",
-        "limit_value",
-        "severity",
-        "message",
-        "rule_source",
-        "result_time",
-        "raised_time",
-        "deadline_time",
-        "correlation_id",
-    )
-    record = {key: source[key] for key in keys}
-    for key in ("result_time", "raised_time", "deadline_time"):
-        if record[key].tzinfo is None:  # SQLite hands back naive UTC
-            record[key] = record[key].replace(tzinfo=dt.UTC)
-    record.update({"ward": None, "previous_value": None, "previous_time": None})
-    return record
 
 
 def kind_from_topic(topic: str) -> str | None:

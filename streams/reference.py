@@ -200,13 +200,6 @@ class RuleBook:
     def deltas_for(self, loinc: str) -> tuple[DeltaRule, ...]:
         return self.deltas.get(loinc, ())
 
-    def defaults(self) -> dict[str, ThresholdRule]:
-        """The unbanded rule of each LOINC code."""
-        return {
-            loinc: next(rule for rule in rules if rule.specificity == 0)
-            for loinc, rules in self.thresholds.items()
-        }
-
 
 @dataclass(frozen=True)
 class EscalationPolicy:
@@ -246,13 +239,11 @@ class AlertPolicy:
 class ReferenceData:
     """Everything the normaliser and rule engine look up, immutable once loaded.
 
-    `rules` holds the unbanded rule per LOINC code (what the legacy evaluate_thresholds uses);
-    `rulebook` holds all threshold bands and delta checks.
+    `rulebook` holds all threshold bands and delta checks, `policy` suppression and escalation.
     """
 
     terminology: dict[str, dict[str, str]]
     analytes: dict[str, Analyte]
-    rules: dict[str, ThresholdRule]
     versions: dict[str, str] = field(default_factory=dict)
     rulebook: RuleBook = field(default_factory=RuleBook)
     policy: AlertPolicy = field(default_factory=AlertPolicy)
@@ -479,7 +470,6 @@ def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
     return ReferenceData(
         terminology=terminology,
         analytes=analytes,
-        rules=rulebook.defaults(),
         versions={
             "terminology": str(terminology_doc.get("version")),
             "units": str(units_doc.get("version")),

@@ -60,7 +60,6 @@ from streams.reference import AlertPolicy, DeltaRule, EscalationPolicy, RuleBook
 
 __all__ = [
     "ALERT_NAMESPACE",
-    "DEFAULT_ACK_DEADLINE",
     "LIMIT_KINDS",
     "RECENT_EVENTS",
     "AlertDraft",
@@ -79,12 +78,10 @@ __all__ = [
     "crossed_limit",
     "epoch_ms",
     "evaluate",
-    "evaluate_thresholds",
     "from_epoch_ms",
 ]
 
 ALERT_NAMESPACE = uuid.UUID("6f1c2d9e-58a3-4c1b-9a57-0c6f5e2b7d10")
-DEFAULT_ACK_DEADLINE = dt.timedelta(minutes=15)
 LIMIT_KINDS = ("LOW", "HIGH", "DELTA")
 RECENT_EVENTS = 32  # event ids remembered per patient and analyte to recognise redelivery
 STATE_FORMAT = 1
@@ -553,45 +550,3 @@ _ALERT_FIELDS = (
 def alert_record(draft: AlertDraft) -> dict[str, Any]:
     """The CriticalValueAlert (v2) Avro record of a draft: exactly the schema's fields, UTC datetimes."""
     return {name: getattr(draft, name) for name in _ALERT_FIELDS}
-
-
-def evaluate_thresholds(
-    lab: NormalisedLab,
-    rules: dict[str, ThresholdRule],
-    now: dt.datetime,
-    deadline: dt.timedelta = DEFAULT_ACK_DEADLINE,
-) -> list[AlertDraft]:
-    """Stateless threshold check with one rule per LOINC (no bands, deltas or suppression).
-
-    Kept for streams.pipeline until it moves to `evaluate`; cancelled results never alert.
-    """
-    if lab.loinc_code is None or lab.value is None or lab.unit is None or lab.status == "cancelled":
-        return []
-    rule = rules.get(lab.loinc_code)
-    if rule is None:
-        return []
-    crossed = crossed_limit(lab.value, rule)
-    if crossed is None:
-        return []
-    kind, limit = crossed
-    return [
-        AlertDraft(
-            alert_id=alert_id_for(lab.event_id, lab.loinc_code, kind),
-            source_event_id=lab.event_id,
-            regional_patient_id=lab.regional_patient_id,
-            institution_id=lab.institution_id,
-            loinc_code=lab.loinc_code,
-            analyte=rule.analyte,
-            value=lab.value,
-            unit=lab.unit,
-            limit_kind=kind,
-            limit_value=limit,
-            severity=rule.severity,
-            message=f"{rule.message}: {lab.value:.4g} {lab.unit} ({_sign(kind, rule)} {limit:g} {lab.unit})",
-            rule_source=rule.source,
-            result_time=lab.result_time,
-            raised_time=now,
-            deadline_time=now + deadline,
-            correlation_id=lab.correlation_id,
-        )
-    ]
