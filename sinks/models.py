@@ -230,7 +230,7 @@ class Diagnosis(Base):
 
 
 class Alert(Base):
-    """A critical-value alert with its escalation and acknowledgement state; also the publishing outbox."""
+    """A critical-value alert as published on the alerts topic, with its escalation and acknowledgement."""
 
     __tablename__ = "alerts"
 
@@ -251,7 +251,6 @@ class Alert(Base):
     result_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     raised_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     deadline_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
-    published_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     ward: Mapped[str | None] = mapped_column(String(64))
     previous_value: Mapped[float | None] = mapped_column(Float)
     previous_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
@@ -264,10 +263,7 @@ class Alert(Base):
     acknowledged_by: Mapped[str | None] = mapped_column(String(64))
     ack_channel: Mapped[str | None] = mapped_column(String(16))
 
-    __table_args__ = (
-        Index(None, "regional_patient_id", "raised_time"),
-        Index(None, "published_time"),
-    )
+    __table_args__ = (Index(None, "regional_patient_id", "raised_time"),)
 
 
 class AlertEscalation(Base):

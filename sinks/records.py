@@ -391,7 +391,6 @@ def _alert(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
         "result_time": _time(record, "result_time"),
         "raised_time": raised,
         "deadline_time": _time(record, "deadline_time"),
-        "published_time": None,
         "ward": _optional_text(record, "ward"),
         "previous_value": _number(record.get("previous_value"), "previous_value"),
         "previous_time": _optional_time(record, "previous_time"),

@@ -7,6 +7,11 @@ Create Date: 2026-11-23 15:20:00
 0001 kept one observation row per event id (a correction was a second row). From 0002 on, a row is
 one result at its latest version, keyed by its natural key; the upgrade keeps the latest version of
 each 0001 result and records every 0001 event id in the ingest log, so redeliveries stay no-ops.
+
+0001's alerts table was also the publishing outbox (`published_time` NULL until Kafka confirmed the
+alert). From 0002 on, the clinical agent publishes alerts itself and the store takes them from the
+alerts topic, so the column goes. A downgrade brings it back stamped with the raised time: every alert
+a 0002 store holds has been on Kafka, and 0001 code would otherwise publish them all again.
 """
 
 from __future__ import annotations
@@ -305,6 +310,8 @@ def upgrade() -> None:
     with op.batch_alter_table("alerts") as batch_op:
         for column in _alert_columns():
             batch_op.add_column(column)
+        batch_op.drop_index(batch_op.f("ix_alerts_published_time"))
+        batch_op.drop_column("published_time")
 
     _set_aside_observations(
         ["ix_observations_institution_id_result_id", "ix_observations_regional_patient_id_result_time"],
@@ -372,6 +379,9 @@ def downgrade() -> None:
     with op.batch_alter_table("alerts") as batch_op:
         for column in reversed(_alert_columns()):
             batch_op.drop_column(column.name)
+        batch_op.add_column(sa.Column("published_time", T, nullable=True))
+        batch_op.create_index(batch_op.f("ix_alerts_published_time"), ["published_time"])
+    op.execute("UPDATE alerts SET published_time = raised_time")
     for table in (
         "alert_acknowledgements",
         "alert_escalations",
