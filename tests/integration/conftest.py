@@ -187,6 +187,20 @@ class HubEnv:
         consumer.close()
         return messages
 
+    def caught_up(self, group: str, topic: str) -> bool:
+        """True when `group` has committed offsets at the end of every partition of `topic`."""
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka.bootstrap_servers, "group.id": group})
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+            for tp in committed:
+                high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)[1]
+                if high > 0 and tp.offset < high:
+                    return False
+            return True
+        finally:
+            consumer.close()
+
     def decoder(self) -> AvroDecoder:
         return AvroDecoder(ConfluentRegistry(self.settings.registry.client_config()))
 
