@@ -66,6 +66,7 @@ def test_refused_records_are_isolated_and_the_rest_written_once(size: int, poiso
     assert set(sink.stored) == expected
     assert len(sink.stored) == len(expected), "no record may be written twice"
     assert result.written == Counter(record.kind for record in batch if _event_id(record) not in poisoned)
+    assert result.total_written == len(expected)
 
 
 def test_a_clean_batch_is_one_write() -> None:
