@@ -1,0 +1,235 @@
+"""Throughput of the Faust path against a plain consume-and-decode loop over the same topic, same run.
+
+    .venv/bin/python benchmarks/stream_bench.py [--events 20000]
+
+Starts its own Kafka (KRaft) and schema registry on free loopback ports, publishes N simulated lab
+results to the raw topics, then measures:
+  baseline    a confluent-kafka consumer reading the raw topics and decoding every message with the
+              hub's AvroDecoder (fastavro, schema cached by id): the floor any processor pays;
+  normalise   the Faust normaliser: raw -> decode -> validate -> LOINC/units/identity -> norm.lab,
+              from its first output to its last (Kafka create times of norm.lab);
+  +alert      normaliser and clinical agent: until the clinical agent's committed offsets reach the
+              end of norm.lab (rules, suppression state, alert publishing included);
+  +store      the whole pipeline until every event is in the SQLite store.
+Figures are events/s and ratios to the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+from sqlalchemy import func, select
+
+from clinhub.infra import kafka, registry
+from clinhub.infra.process import free_port
+from clinhub.settings import (
+    DatabaseSettings,
+    HubSettings,
+    InfraSettings,
+    KafkaSettings,
+    RegistrySettings,
+    SecuritySettings,
+    StreamSettings,
+)
+from producers.publisher import make_publisher
+from producers.simulator import simulate_labs
+from schemas.registration import register_standard
+from schemas.wire import AvroDecoder, ConfluentRegistry
+from sinks.models import IngestLog
+from sinks.store import make_engine, upgrade
+from streams.topics import TopicNames, create_topics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def services(workdir: Path) -> Iterator[tuple[str, str]]:
+    broker = kafka.KafkaLayout(
+        workdir / "kafka", free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
+    )
+    schema_registry = registry.RegistryLayout(
+        workdir / "registry", free_port(), persistent=False, shared_app=ROOT / ".infra" / "registry-app"
+    )
+    broker_process = kafka.start(broker)
+    registry_process = registry.start(schema_registry)
+    try:
+        yield broker.bootstrap, schema_registry.url
+    finally:
+        registry_process.stop()
+        broker_process.stop()
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-probe"})
+    ends = {}
+    for topic in topics:
+        for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+            ends[(topic, partition)] = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10
+            )[1]
+    consumer.close()
+    return ends
+
+
+def baseline(bootstrap: str, registry_url: str, topics: list[str], count: int) -> float:
+    """Events/s of consume + decode, from the first message polled to the last decoded."""
+    decode = AvroDecoder(ConfluentRegistry({"url": registry_url}))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-baseline-{secrets.token_hex(4)}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe(topics)
+    seen, started = 0, 0.0
+    while seen < count:
+        for message in consumer.consume(num_messages=1000, timeout=1.0):
+            if message.error() is None:
+                if not started:
+                    started = time.perf_counter()
+                decode(message.value())
+                seen += 1
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return count / elapsed
+
+
+def committed_to_end(bootstrap: str, group: str, ends: dict[tuple[str, int], int]) -> bool:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        committed = consumer.committed([TopicPartition(t, p) for t, p in ends], timeout=10)
+        return all(
+            tp.offset >= ends[(tp.topic, tp.partition)] for tp in committed if ends[(tp.topic, tp.partition)]
+        )
+    finally:
+        consumer.close()
+
+
+def norm_span(bootstrap: str, topic: str) -> tuple[float, float, int]:
+    """(first, last) create time in seconds and the count of messages on the topic."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-span-{secrets.token_hex(4)}"})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    ends = end_offsets(bootstrap, [topic])
+    total = sum(ends.values())
+    stamps: list[float] = []
+    while len(stamps) < total:
+        for message in consumer.consume(num_messages=1000, timeout=1.0):
+            if message.error() is None:
+                stamps.append(message.timestamp()[1] / 1000)
+    consumer.close()
+    return min(stamps), max(stamps), total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=20000)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="clinhub-stream-bench-"))
+    try:
+        with services(workdir) as (bootstrap, registry_url):
+            run(workdir, bootstrap, registry_url, args.events)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(workdir: Path, bootstrap: str, registry_url: str, count: int) -> None:
+    db_url = f"sqlite:///{workdir / 'store.sqlite3'}"
+    engine = make_engine(db_url)
+    upgrade(engine)
+    app_id = f"bench-{secrets.token_hex(4)}"
+    settings = HubSettings(
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        registry=RegistrySettings(url=registry_url),
+        database=DatabaseSettings(url=db_url),  # type: ignore[arg-type]
+        security=SecuritySettings(),
+        stream=StreamSettings(app_id=app_id, data_dir=workdir / "faust"),
+        infra=InfraSettings(metrics_port=0),
+    )
+    topics = TopicNames()
+    institutions = settings.stream.institutions
+    create_topics(settings.kafka.client_config(), topics.all_for(institutions), 3, 1)
+    register_standard(ConfluentRegistry({"url": registry_url}))
+
+    records = simulate_labs(seed=7, count=count, critical_share=0.05, patients=500)
+    started = time.perf_counter()
+    for institution in institutions:
+        publisher = make_publisher(settings, institution, delivery_timeout=120)
+        mine = [r for r in records if r["envelope"]["institution_id"] == institution]
+        for chunk in range(0, len(mine), 5000):
+            publisher.publish_many_labs(mine[chunk : chunk + 5000])
+        publisher.close()
+    print(f"published {count} lab results in {time.perf_counter() - started:.1f}s")
+
+    raw_topics = [topics.raw(institution, "lab") for institution in institutions]
+    base = baseline(bootstrap, registry_url, raw_topics, count)
+    print(f"baseline   consume + decode         {base:9.0f} events/s   1.00x")
+
+    env = {
+        **os.environ,
+        "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "CLINHUB_REGISTRY_URL": registry_url,
+        "CLINHUB_DATABASE_URL": db_url,
+        "CLINHUB_STREAM_APP_ID": app_id,
+        "CLINHUB_STREAM_DATA_DIR": str(workdir / "faust"),
+        "CLINHUB_SECURITY_PSEUDONYM_KEY": secrets.token_hex(32),
+        "CLINHUB_INFRA_METRICS_PORT": "0",
+        "CLINHUB_LOG_LEVEL": "WARNING",
+    }
+    log = (workdir / "worker.log").open("ab")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "clinhub.cli", "stream", "worker", "--loglevel", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=workdir,
+    )
+    try:
+        norm_ends: dict[tuple[str, int], int] = {}
+        alert_done = store_done = 0.0
+        while not store_done:
+            if worker.poll() is not None:
+                raise SystemExit(f"worker exited: {(workdir / 'worker.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+            now = time.time()  # wall clock, comparable with Kafka create times
+            if not norm_ends:
+                ends = end_offsets(bootstrap, [topics.norm("lab")])
+                if sum(ends.values()) >= count:
+                    norm_ends = ends
+            if norm_ends and not alert_done and committed_to_end(bootstrap, app_id, norm_ends):
+                alert_done = now
+            with engine.connect() as connection:
+                stored = connection.execute(select(func.count()).select_from(IngestLog)).scalar_one()
+            if stored >= count and alert_done:
+                store_done = now
+        first, last, normalised = norm_span(bootstrap, topics.norm("lab"))
+        normalise_rate = normalised / max(last - first, 1e-3)
+        # spans start at the first normalised output, so the worker's start-up is not counted
+        alert_rate = count / max(alert_done - first, 1e-3)
+        store_rate = count / max(store_done - first, 1e-3)
+        ratio = normalise_rate / base
+        print(f"normalise  Faust raw -> norm.lab    {normalise_rate:9.0f} events/s   {ratio:.2f}x")
+        print(f"+alert     normalise + rules        {alert_rate:9.0f} events/s   {alert_rate / base:.2f}x")
+        print(f"+store     whole pipeline to SQLite {store_rate:9.0f} events/s   {store_rate / base:.2f}x")
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
+if __name__ == "__main__":
+    main()
