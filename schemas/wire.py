@@ -234,6 +234,13 @@ class AvroDecoder:
         self._registry = registry
         self._reader = reader
         self._writers: dict[int, Any] = {}
+        # Per writer id: the reader schema to resolve to, or None when writer and reader are the same
+        # schema. fastavro compares and resolves on every call when given a reader schema, which costs
+        # more than the decode itself, so resolution is only asked for when it changes the result.
+        self._resolve_to: dict[int, Any] = {}
+        self._reader_form = (
+            fastavro.schema.to_parsing_canonical_form(reader.parsed) if reader is not None else None
+        )
         self._lock = threading.Lock()
 
     def writer_schema(self, schema_id: int) -> Any:
@@ -246,7 +253,9 @@ class AvroDecoder:
                 raise PayloadDecodeError(
                     f"schema id {schema_id} is not a usable Avro schema: {exc}", field="schema_id"
                 ) from exc
+            same = self._reader_form == fastavro.schema.to_parsing_canonical_form(parsed)
             with self._lock:
+                self._resolve_to[schema_id] = None if same or self._reader is None else self._reader.parsed
                 self._writers[schema_id] = parsed
         return parsed
 
@@ -262,7 +271,7 @@ class AvroDecoder:
         writer = self.writer_schema(schema_id)
         body = io.BytesIO(data)
         body.seek(HEADER.size)
-        reader = self._reader.parsed if self._reader is not None else None
+        reader = self._resolve_to[schema_id]
         try:
             record = fastavro.schemaless_reader(body, writer, reader)
         except fastavro.read.SchemaResolutionError as exc:
