@@ -96,6 +96,8 @@ class StreamSettings(BaseSettings):
     # Faust table store: "memory://" (state rebuilt from the changelog at start-up) or "rocksdb://"
     table_store: str = "memory://"
     escalation_check_seconds: float = Field(default=5.0, gt=0)
+    # Folder of the reference data (terminology, units, rules); None: the files shipped in streams/data
+    reference_dir: Path | None = None
 
 
 class InfraSettings(BaseSettings):

@@ -46,7 +46,7 @@ def _comparable(value: Any) -> Any:
 
 
 def _as_sent(decoded: dict[str, Any], record: dict[str, Any]) -> Any:
-    """The decoded record restricted to the fields the producer set (the reader fills defaults for the rest)."""
+    """The decoded record, restricted to the fields the producer set (the reader fills the rest)."""
     return _comparable({key: decoded[key] for key in record})
 
 
