@@ -247,8 +247,12 @@ def create_app(
     settings: HubSettings,
     components: Components | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    send_override: Send | None = None,
 ) -> faust.App:
-    """Build the Faust app and its agents. Connections are made when the worker starts."""
+    """Build the Faust app and its agents. Connections are made when the worker starts.
+
+    `send_override` replaces publishing to Kafka, for `agent.test_context()` tests.
+    """
     stream = settings.stream
     topics = TopicNames(prefix=stream.topic_prefix)
     app = faust.App(
@@ -278,6 +282,8 @@ def create_app(
             topic, key=key, value=value, headers=headers, key_serializer="raw", value_serializer="raw"
         )
         await pending  # the broker's acknowledgement (acks=all)
+
+    send = send_override or send
 
     def table(name: str) -> Any:
         # use_partitioner: the changelog partition follows the key's hash (murmur2, as the SDK's keys),

@@ -1,0 +1,198 @@
+"""The Faust agents as thin wiring, driven with `agent.test_context()`: no broker, no database."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from faust.types import Message
+from prometheus_client import CollectorRegistry
+
+from clinhub.settings import (
+    DatabaseSettings,
+    HubSettings,
+    InfraSettings,
+    KafkaSettings,
+    RegistrySettings,
+    SecuritySettings,
+    StreamSettings,
+)
+from producers.simulator import simulate_labs
+from schemas import standard
+from schemas.wire import ConfluentRegistry, make_encoder
+from sinks.base import Sink, StoreRecord, StoreWriteResult
+from streams.app import Components, create_app
+from streams.codes import load_codes
+from streams.identity import RegionalIdentity
+from streams.metrics import make_stream_metrics
+from streams.reference import load_reference
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+
+
+class MemorySink(Sink):
+    def __init__(self) -> None:
+        self.records: list[StoreRecord] = []
+
+    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
+        self.records.extend(batch)
+        return StoreWriteResult(written={"lab": len(batch)}, unchanged={})
+
+
+def settings(tmp_path: Any) -> HubSettings:
+    return HubSettings(
+        kafka=KafkaSettings(),
+        registry=RegistrySettings(url="mock://agents"),
+        database=DatabaseSettings(),
+        security=SecuritySettings(),
+        stream=StreamSettings(app_id="agents-test", data_dir=tmp_path, batch_within_seconds=0.05),
+        infra=InfraSettings(metrics_port=0),
+    )
+
+
+@pytest.fixture()
+def wiring(tmp_path: Any) -> tuple[Any, list[tuple[str, bytes | None, bytes]], Components]:
+    registry = ConfluentRegistry({"url": "mock://agents"})
+    components = Components(
+        registry=registry,
+        reference=load_reference(),
+        codes=load_codes(),
+        identity=RegionalIdentity(b"t" * 32),
+        sink=MemorySink(),
+        metrics=make_stream_metrics(CollectorRegistry()),
+        clock=lambda: NOW,
+    )
+    sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def capture(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
+        sent.append((topic, key, value))
+
+    app = create_app(settings(tmp_path), components=components, send_override=capture)
+    return app, sent, components
+
+
+def agent_named(app: Any, suffix: str) -> Any:
+    return next(agent for name, agent in app.agents.items() if name.endswith(suffix))
+
+
+async def put_on(context: Any, topic: str, key: bytes, value: bytes, offset: int) -> None:
+    """test_context names multi-topic agents' messages '<internal>'; give each its real topic."""
+
+    def to_message(key: Any, value: Any, **_kwargs: Any) -> Message:
+        return Message(
+            topic,
+            0,
+            offset,
+            NOW.timestamp(),
+            0,
+            None,
+            key,
+            value,
+            b"",
+            generation_id=context.app.consumer_generation_id,  # else the stream skips it as stale
+        )
+
+    context.to_message = to_message
+    await context.put(key=key, value=value, wait=False)  # the agent batches; it acks after confirming
+
+
+async def wait_until(condition: Any, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met")
+
+
+def test_normaliser_agent_publishes_normalised_events_and_dead_letters(wiring: Any) -> None:
+    asyncio.run(_normaliser_scenario(*wiring))
+
+
+async def _normaliser_scenario(app: Any, sent: list[Any], components: Components) -> None:
+    records = [
+        r for r in simulate_labs(seed=4, count=20, now=NOW) if r["envelope"]["institution_id"] == "H001"
+    ][:3]
+    encode = make_encoder(components.registry, standard.load(standard.LAB_RESULT))
+    agent = agent_named(app, "normaliser")
+    async with agent.test_context() as context:
+        for offset, record in enumerate(records):
+            await put_on(context, "raw.H001.lab", b"H001|x", encode(record), offset)
+        await put_on(context, "raw.H001.lab", b"H001|x", b"\x01junk", 99)
+        await wait_until(lambda: len(sent) >= len(records) + 2)
+    topics = [topic for topic, _, _ in sent]
+    assert topics.count("norm.lab") == len(records)
+    assert topics.count("deadletter") == 1
+    decode = components.decoders["lab"]
+    normalised = [decode(value) for topic, _, value in sent if topic == "norm.lab"]
+    assert all(r["loinc_code"] and r["patient_national_id"] is None for r in normalised)
+    keys = {key for topic, key, _ in sent if topic == "norm.lab"}
+    assert keys == {r["regional_patient_id"].encode() for r in normalised}, "keyed by regional patient id"
+
+
+def test_store_agent_writes_decoded_standard_records(wiring: Any) -> None:
+    asyncio.run(_store_scenario(*wiring))
+
+
+async def _store_scenario(app: Any, _sent: list[Any], components: Components) -> None:
+    alert_encoder = make_encoder(components.registry, standard.load(standard.CRITICAL_VALUE_ALERT))
+    from streams.rules import AlertDraft, alert_record
+
+    draft = AlertDraft(
+        alert_id="0b0e58f2-5a8e-5c0f-9a47-0d9c2b7e2f11",
+        source_event_id="6f1c2d9e-58a3-4c1b-9a57-0c6f5e2b7d10",
+        regional_patient_id="rp-1",
+        institution_id="H001",
+        loinc_code="2823-3",
+        analyte="Potassium",
+        value=6.8,
+        unit="mmol/L",
+        limit_kind="HIGH",
+        limit_value=6.1,
+        severity="CRITICAL",
+        message="Critical potassium",
+        rule_source="ARUP",
+        result_time=NOW,
+        raised_time=NOW,
+        deadline_time=NOW + dt.timedelta(minutes=15),
+        correlation_id="c-1",
+    )
+    agent = agent_named(app, "store")
+    async with agent.test_context() as context:
+        await put_on(context, "alerts.critical", b"rp-1", alert_encoder(alert_record(draft)), 0)
+        await wait_until(lambda: len(components.sink.records) == 1)
+    (stored,) = components.sink.records
+    assert stored.kind == "alert"
+    assert str(stored.record["alert_id"]) == draft.alert_id
+
+
+def test_clinical_agent_alerts_once_per_critical_result(wiring: Any) -> None:
+    asyncio.run(_clinical_scenario(*wiring))
+
+
+async def _clinical_scenario(app: Any, sent: list[Any], components: Components) -> None:
+    from streams.events import normalise_event
+
+    raw = next(
+        r for r in simulate_labs(seed=6, count=40, now=NOW) if r["envelope"]["institution_id"] == "H001"
+    )
+    raw.update({"local_code": "K", "unit": "mmol/L", "value_numeric": 6.9})
+    event = normalise_event(
+        "lab", raw, components.reference, components.codes, components.identity, {}.get, "H001", NOW
+    )
+    value = components.encoder("lab")(event.record)
+    key = event.regional_patient_id.encode()
+    agent = agent_named(app, "clinical")
+    async with agent.test_context() as context:
+        await put_on(context, "norm.lab", key, value, 0)
+        await put_on(context, "norm.lab", key, value, 1)  # redelivered: no second alert
+        await wait_until(lambda: any(topic == "alerts.critical" for topic, _, _ in sent))
+        await asyncio.sleep(0.3)
+    alerts = [components.decoders["alert"](v) for topic, _, v in sent if topic == "alerts.critical"]
+    assert len(alerts) == 1
+    (alert,) = alerts
+    assert (alert["loinc_code"], alert["limit_kind"], alert["value"]) == ("2823-3", "HIGH", 6.9)
+    assert alert["regional_patient_id"] == event.regional_patient_id
+    assert [k for topic, k, _ in sent if topic == "alerts.critical"] == [key]
