@@ -277,13 +277,13 @@ def create_app(
     def raw_topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_serializer="raw", value_serializer="raw")
 
-    async def send(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
+    async def send_to_kafka(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
         pending = await app.send(
             topic, key=key, value=value, headers=headers, key_serializer="raw", value_serializer="raw"
         )
         await pending  # the broker's acknowledgement (acks=all)
 
-    send = send_override or send
+    send: Send = send_override or send_to_kafka
 
     def table(name: str) -> Any:
         # use_partitioner: the changelog partition follows the key's hash (murmur2, as the SDK's keys),

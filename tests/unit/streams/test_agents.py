@@ -179,8 +179,9 @@ async def _clinical_scenario(app: Any, sent: list[Any], components: Components) 
         r for r in simulate_labs(seed=6, count=40, now=NOW) if r["envelope"]["institution_id"] == "H001"
     )
     raw.update({"local_code": "K", "unit": "mmol/L", "value_numeric": 6.9})
+    no_links: dict[str, str] = {}
     event = normalise_event(
-        "lab", raw, components.reference, components.codes, components.identity, {}.get, "H001", NOW
+        "lab", raw, components.reference, components.codes, components.identity, no_links.get, "H001", NOW
     )
     value = components.encoder("lab")(event.record)
     key = event.regional_patient_id.encode()
