@@ -94,26 +94,31 @@ class _Overlay:
     """Batch-local view of the tables: reads fall through, writes wait until outputs are confirmed."""
 
     tables: ClinicalTables
-    analytes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    open_alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    analytes: dict[str, AnalyteState] = field(default_factory=dict)
+    open_alerts: dict[str, OpenAlerts] = field(default_factory=dict)
     wards: dict[str, str] = field(default_factory=dict)
 
     def analyte(self, key: str) -> AnalyteState | None:
-        raw = self.analytes.get(key) or self.tables.analytes.get(key)
+        if key in self.analytes:
+            return self.analytes[key]
+        raw = self.tables.analytes.get(key)
         return AnalyteState.from_dict(raw) if raw else None
 
     def alerts_of(self, patient: str) -> OpenAlerts | None:
-        raw = self.open_alerts.get(patient) or self.tables.open_alerts.get(patient)
+        if patient in self.open_alerts:
+            return self.open_alerts[patient]
+        raw = self.tables.open_alerts.get(patient)
         return OpenAlerts.from_dict(raw) if raw else None
 
     def ward(self, patient: str) -> str | None:
         return self.wards.get(patient) or self.tables.wards.get(patient)
 
     def write_back(self) -> None:
+        """One changelog write per key and batch, serialised once."""
         for key, analyte in self.analytes.items():
-            self.tables.analytes[key] = analyte
+            self.tables.analytes[key] = analyte.to_dict()
         for key, alerts in self.open_alerts.items():
-            self.tables.open_alerts[key] = alerts
+            self.tables.open_alerts[key] = alerts.to_dict()
         for key, ward in self.wards.items():
             self.tables.wards[key] = ward
 
@@ -169,14 +174,14 @@ class ClinicalHandler:
                 return
             key = f"{patient}|{facts.loinc_code}"
             decision = evaluate(facts, overlay.analyte(key), c.reference.rulebook, c.clock(), self.policy)
-            overlay.analytes[key] = decision.state.to_dict()
+            overlay.analytes[key] = decision.state
             if decision.duplicate:
                 # State is written only after outputs are confirmed, so a duplicate's alerts are out already.
                 c.metrics.events.labels(
                     institution=facts.institution_id, kind="lab", outcome="duplicate"
                 ).inc()
                 return
-            alerts = overlay.alerts_of(patient)
+            alerts = overlay.alerts_of(patient) if decision.alerts else None
             headers = {"correlation_id": facts.correlation_id.encode()}
             for draft in decision.alerts:
                 alerts = open_alert(alerts, draft)
@@ -188,7 +193,7 @@ class ClinicalHandler:
                 value = c.encoder("alert")(alert_record(draft))
                 outputs.append((topics.alerts_topic, patient.encode(), value, headers))
             if alerts is not None and decision.alerts:
-                overlay.open_alerts[patient] = alerts.to_dict()
+                overlay.open_alerts[patient] = alerts
         elif message.topic == topics.acks_topic:
             record = c.decoders["ack"](message.value)
             patient = record.get("regional_patient_id") or (message.key or b"").decode()
@@ -196,12 +201,12 @@ class ClinicalHandler:
             if result.outcome is AckOutcome.UNKNOWN_ALERT:
                 log.warning("acknowledgement %s for unknown alert %s", record["ack_id"], record["alert_id"])
             else:
-                overlay.open_alerts[patient] = result.state.to_dict()
+                overlay.open_alerts[patient] = result.state
         elif message.topic == topics.escalations_topic:
             escalation = escalation_from_record(c.decoders["escalation"](message.value))
             self._escalations_in_flight.discard(escalation.escalation_id)
             patient = escalation.regional_patient_id
-            overlay.open_alerts[patient] = apply_escalation(overlay.alerts_of(patient), escalation).to_dict()
+            overlay.open_alerts[patient] = apply_escalation(overlay.alerts_of(patient), escalation)
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
         import asyncio
