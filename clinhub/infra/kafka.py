@@ -12,11 +12,11 @@ from pathlib import Path
 from clinhub.exceptions import ServiceError
 from clinhub.infra.process import (
     ServiceProcess,
-    pid_alive,
+    pid_from_file,
     port_open,
     run_checked,
     spawn,
-    stop_pid,
+    stop_recorded,
     wait_until,
 )
 
@@ -205,17 +205,8 @@ def start(layout: KafkaLayout, timeout: float = 120.0) -> ServiceProcess:
 
 
 def running_pid(layout: KafkaLayout) -> int | None:
-    try:
-        pid = int(layout.pid_path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
+    return pid_from_file(layout.pid_path)
 
 
 def stop(layout: KafkaLayout) -> bool:
-    pid = running_pid(layout)
-    if pid is None:
-        return False
-    stop_pid(pid)
-    layout.pid_path.unlink(missing_ok=True)
-    return True
+    return stop_recorded(layout.pid_path)

@@ -96,6 +96,25 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
         _reap(pid, 10.0)
 
 
+def pid_from_file(pid_path: Path) -> int | None:
+    """The pid a launcher recorded, if that process is still alive."""
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def stop_recorded(pid_path: Path) -> bool:
+    """Stop the process recorded in `pid_path`; False when nothing was running."""
+    pid = pid_from_file(pid_path)
+    if pid is None:
+        return False
+    stop_pid(pid)
+    pid_path.unlink(missing_ok=True)
+    return True
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
