@@ -180,11 +180,15 @@ def stream_worker(loglevel: str = "info") -> None:
     from prometheus_client import REGISTRY, start_http_server
 
     from streams.app import create_app
+    from streams.topics import TopicNames, discover_raw_topics
 
     settings = _settings()
     if settings.infra.metrics_port:
         start_http_server(settings.infra.metrics_port, addr=settings.infra.metrics_host, registry=REGISTRY)
-    faust_app = create_app(settings, metrics_registry=REGISTRY)
+    raw_topics = discover_raw_topics(
+        settings.kafka.client_config(), TopicNames(prefix=settings.stream.topic_prefix)
+    )
+    faust_app = create_app(settings, metrics_registry=REGISTRY, raw_topics=raw_topics)
     worker = faust.Worker(faust_app, loglevel=loglevel, override_logging=True)
     worker.execute_from_commandline()
 

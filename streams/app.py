@@ -248,10 +248,12 @@ def create_app(
     components: Components | None = None,
     metrics_registry: CollectorRegistry | None = None,
     send_override: Send | None = None,
+    raw_topics: Sequence[str] = (),
 ) -> faust.App:
     """Build the Faust app and its agents. Connections are made when the worker starts.
 
-    `send_override` replaces publishing to Kafka, for `agent.test_context()` tests.
+    `raw_topics` adds raw topics found on the cluster (`topics.discover_raw_topics`) to those of the
+    configured institutions. `send_override` replaces publishing to Kafka, for `agent.test_context()` tests.
     """
     stream = settings.stream
     topics = TopicNames(prefix=stream.topic_prefix)
@@ -311,7 +313,9 @@ def create_app(
             for event in events:
                 await agent_stream.ack(event)
 
-    raw_source = raw_topic(*[topics.raw(inst, kind) for inst in stream.institutions for kind in KINDS])
+    configured = [topics.raw(inst, kind) for inst in stream.institutions for kind in KINDS]
+    raw_names = sorted(set(configured) | set(raw_topics or ()))
+    raw_source = raw_topic(*raw_names)
     clinical_source = raw_topic(
         topics.norm("lab"), topics.norm("encounter"), topics.acks_topic, topics.escalations_topic
     )

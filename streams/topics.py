@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,11 @@ class TopicNames:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}; one of {', '.join(KINDS)}")
         return f"{self.prefix}raw.{institution}.{kind}"
+
+    def raw_pattern(self) -> re.Pattern[str]:
+        """Every `raw.<institution>.<kind>` topic under this prefix, whatever the institution."""
+        kinds = "|".join(map(re.escape, KINDS))
+        return re.compile(rf"^{re.escape(self.prefix)}raw\.[A-Za-z0-9_-]+\.({kinds})$")
 
     def norm(self, kind: str) -> str:
         """`norm.<kind>`, keyed by regional patient id so that one patient's events stay in order."""
@@ -93,3 +99,17 @@ def create_topics(
                 continue
             raise
     return created
+
+
+def discover_raw_topics(admin_config: Mapping[str, Any], names: TopicNames) -> list[str]:
+    """Raw topics on the cluster that match the raw pattern.
+
+    Faust's own pattern subscription does not work with its aiokafka driver (the driver says so in a
+    comment, and a pattern topic replaced every other subscription of the app when tried), so the
+    worker resolves the pattern itself at start-up.
+    """
+    from confluent_kafka.admin import AdminClient
+
+    pattern = names.raw_pattern()
+    listed = AdminClient(dict(admin_config)).list_topics(timeout=15).topics
+    return sorted(name for name in listed if pattern.match(name))

@@ -214,3 +214,28 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_its_neighbours_store
     assert decode(dead[0]["original_value"])["envelope"]["event_id"] == uuid.UUID(
         refused["envelope"]["event_id"]
     )
+
+
+def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None:
+    """X009 is in no configuration: its raw.X009.* topics are discovered when the worker starts."""
+    from streams.topics import KINDS, create_topics
+
+    created = create_topics(
+        hub.settings.kafka.client_config(), [hub.topics.raw("X009", kind) for kind in KINDS], 3, 1
+    )
+    assert len(created) == len(KINDS)
+    publisher = make_publisher(hub.settings, "X009")
+    record = lab("X009", "NEWCODE", 12.5, "U/L", mrn="X-1")
+    record["loinc_code"] = "2823-3"  # the producer sends LOINC itself; its local codes are not mapped yet
+    record["unit"] = "mmol/L"
+    record["value_numeric"] = 4.4
+    publisher.publish_lab(record)
+    publisher.close()
+
+    hub.start_worker()  # CLINHUB_STREAM_INSTITUTIONS is ["H001","H002"]
+    wait_for(lambda: rows_for(hub, record["envelope"]["event_id"]) == 1, hub, what="X009 result stored")
+    with hub.engine.connect() as conn:
+        stored = conn.execute(
+            select(Observation).where(Observation.event_id == record["envelope"]["event_id"])
+        ).one()
+    assert (stored.institution_id, stored.loinc_code) == ("X009", "2823-3")

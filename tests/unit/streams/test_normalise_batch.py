@@ -82,3 +82,13 @@ def test_kind_from_topic() -> None:
     assert kind_from_topic("raw.H001.lab") == "lab"
     assert kind_from_topic("t1234.raw.C003.vitals") == "vitals"
     assert kind_from_topic("norm.lab") is None
+
+
+def test_raw_pattern_matches_every_institution_and_kind_under_the_prefix() -> None:
+    from streams.topics import KINDS, TopicNames
+
+    names = TopicNames(prefix="t1.")
+    pattern = names.raw_pattern()
+    assert all(pattern.match(names.raw(inst, kind)) for inst in ("H001", "X-9", "c_3") for kind in KINDS)
+    for other in ("raw.H001.lab", "t1.raw.H001.xray", "t1.norm.lab", "t1.raw.H0.01.lab", "t2.raw.H001.lab"):
+        assert not pattern.match(other), other
