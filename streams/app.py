@@ -339,6 +339,19 @@ def create_app(
     async def store_agent(events: faust.StreamT[Any]) -> None:
         await run_batches(events, store.handle)
 
+    @app.timer(interval=60.0)
+    async def watch_raw_topics() -> None:
+        """A raw topic created after start-up is not consumed until a restart: say so, loudly."""
+        from streams.topics import discover_raw_topics
+
+        try:
+            found = await asyncio.to_thread(discover_raw_topics, settings.kafka.client_config(), topics)
+        except Exception as exc:  # noqa: BLE001 - a failed look-up is retried at the next tick
+            log.warning("could not list raw topics: %r", exc)
+            return
+        for name in sorted(set(found) - set(raw_names)):
+            log.warning("raw topic %s appeared after start-up; restart the worker to consume it", name)
+
     @app.timer(interval=stream.escalation_check_seconds)
     async def escalation_timer() -> None:
         await clinical.escalate_due()
