@@ -280,10 +280,10 @@ def create_app(
         return app.topic(*names, key_serializer="raw", value_serializer="raw")
 
     async def send_to_kafka(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
-        pending = await app.send(
-            topic, key=key, value=value, headers=headers, key_serializer="raw", value_serializer="raw"
-        )
-        await pending  # the broker's acknowledgement (acks=all)
+        # Straight to the app's producer: values are already Avro bytes, and App.send would build a
+        # Topic object and run Faust's serializers for every message.
+        delivered = await app.producer.send(topic, key, value, None, None, list(headers.items()))
+        await delivered  # the broker's acknowledgement (acks=all)
 
     send: Send = send_override or send_to_kafka
 
