@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -37,51 +36,20 @@ from sinks.records import prepare
 from sinks.sql import OBSERVATIONS, SqlStoreSink
 from sinks.store import make_engine, upgrade
 
-# (institution, local code) -> (LOINC, factor to the canonical unit, canonical unit) for the simulator.
-LAB_CODES = {
-    ("H001", "K"): ("2823-3", 1.0, "mmol/L"),
-    ("H001", "NA"): ("2951-2", 1.0, "mmol/L"),
-    ("H001", "GLU"): ("2345-7", 0.05551, "mmol/L"),
-    ("H001", "HGB"): ("718-7", 10.0, "g/L"),
-    ("H001", "CREA"): ("2160-0", 88.42, "umol/L"),
-    ("H002", "LAB0101"): ("2823-3", 1.0, "mmol/L"),
-    ("H002", "LAB0102"): ("2951-2", 1.0, "mmol/L"),
-    ("H002", "LAB0201"): ("2345-7", 1.0, "mmol/L"),
-    ("H002", "LAB0301"): ("718-7", 1.0, "g/L"),
-    ("H002", "LAB0302"): ("777-3", 1.0, "10*9/L"),
-    ("C003", "K+"): ("2823-3", 1.0, "mmol/L"),
-    ("C003", "GLUC"): ("2345-7", 0.05551, "mmol/L"),
-}
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the shared record factories live in tests/, which is not installed
+    sys.path.insert(0, str(ROOT))
+
+from tests.factories import normalised  # noqa: E402
 
 
 def lab_records(count: int, seed: int = 2026) -> list[StoreRecord]:
-    """Simulated lab results as the normaliser publishes them (decoded: UUIDs, UTC times)."""
+    """Simulated lab results as the real normaliser publishes them (decoded: UUIDs, UTC times)."""
     now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
-    records = []
-    for raw in simulate_labs(seed, count, patients=max(20, count // 50), now=now):
-        envelope = raw["envelope"]
-        institution = envelope["institution_id"]
-        material = (
-            f"nid:{raw['patient_national_id']}"
-            if raw["patient_national_id"]
-            else f"mrn:{institution}:{raw['patient_mrn']}"
-        )
-        loinc, factor, unit = LAB_CODES[(institution, raw["local_code"])]
-        for name in ("event_time", "produced_time"):
-            envelope[name] = envelope[name].astimezone(dt.UTC)
-        envelope["event_id"] = uuid.UUID(envelope["event_id"])
-        raw.update(
-            result_time=raw["result_time"].astimezone(dt.UTC),
-            specimen_collected_time=raw["specimen_collected_time"].astimezone(dt.UTC),
-            regional_patient_id="rp-" + hashlib.sha256(material.encode()).hexdigest()[:32],
-            patient_national_id=None,
-            loinc_code=loinc,
-            canonical_value=raw["value_numeric"] * factor,
-            canonical_unit=unit,
-            normalisation_flags=[],
-        )
-        records.append(StoreRecord("lab", raw))
-    return records
+    return [
+        StoreRecord("lab", normalised("lab", raw, now))
+        for raw in simulate_labs(seed, count, patients=max(20, count // 50), now=now)
+    ]
 
 
 def batches(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -13,8 +13,9 @@ from producers.publisher import make_publisher
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
 from streams.reference import DATA_DIR
+from tests.factories import lab_record
 from tests.integration.conftest import HubEnv
-from tests.integration.test_lab_path import lab, wait_for
+from tests.integration.test_lab_path import wait_for
 
 
 def fast_escalation(tmp_path: Path, minutes: float) -> dict[str, str]:
@@ -80,8 +81,8 @@ def test_an_unacknowledged_alert_escalates_and_an_acknowledged_one_does_not(
     hub: HubEnv, tmp_path: Path
 ) -> None:
     publisher = make_publisher(hub.settings, "H001")
-    ignored = lab("H001", "K", 6.9, "mmol/L", mrn="MRN-IGNORED")
-    answered = lab("H001", "K", 6.9, "mmol/L", mrn="MRN-ANSWERED")
+    ignored = lab_record("H001", "K", 6.9, "mmol/L", mrn="MRN-IGNORED")
+    answered = lab_record("H001", "K", 6.9, "mmol/L", mrn="MRN-ANSWERED")
     publisher.publish_lab(ignored)
     publisher.publish_lab(answered)
     publisher.close()
@@ -101,7 +102,7 @@ def test_an_unacknowledged_alert_escalates_and_an_acknowledged_one_does_not(
 def test_a_restart_keeps_suppression_state_and_escalation_timers(hub: HubEnv, tmp_path: Path) -> None:
     env = fast_escalation(tmp_path, minutes=0.25)  # 15 s to acknowledge
     publisher = make_publisher(hub.settings, "H002")
-    first = lab("H002", "LAB0101", 6.9, "mmol/L", mrn="0000077777")
+    first = lab_record("H002", "LAB0101", 6.9, "mmol/L", mrn="0000077777")
     earlier = first["result_time"] - dt.timedelta(minutes=40)
     first["result_time"] = first["envelope"]["event_time"] = earlier
     publisher.publish_lab(first)
@@ -110,7 +111,7 @@ def test_a_restart_keeps_suppression_state_and_escalation_timers(hub: HubEnv, tm
     alert = alerts_for(hub, {first["envelope"]["event_id"]})[first["envelope"]["event_id"]]
     hub.stop_worker(worker)
 
-    repeat = lab("H002", "LAB0101", 6.7, "mmol/L", mrn="0000077777")  # critical again, but not worse
+    repeat = lab_record("H002", "LAB0101", 6.7, "mmol/L", mrn="0000077777")  # critical again, but not worse
     repeat["result_time"] = repeat["envelope"]["event_time"] = earlier + dt.timedelta(minutes=30)
     publisher.publish_lab(repeat)
     publisher.close()

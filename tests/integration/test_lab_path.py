@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
@@ -14,44 +13,8 @@ from producers.publisher import make_publisher, message_key
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.models import Alert, Observation
+from tests.factories import lab_record
 from tests.integration.conftest import HubEnv
-
-
-def lab(institution: str, code: str, value: float, unit: str, mrn: str = "MRN0000001") -> dict[str, Any]:
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    return {
-        "envelope": {
-            "event_id": str(uuid.uuid4()),
-            "institution_id": institution,
-            "source_system": "LIS",
-            "source_message_id": None,
-            "event_time": now,
-            "produced_time": now,
-            "schema_version": "1",
-            "correlation_id": str(uuid.uuid4()),
-        },
-        "result_id": f"R-{uuid.uuid4().hex[:10]}",
-        "patient_mrn": mrn,
-        "patient_national_id": None,
-        "patient_birth_year": 1960,
-        "patient_sex": "female",
-        "encounter_id": None,
-        "local_code": code,
-        "local_code_system": None,
-        "local_display": None,
-        "loinc_code": None,
-        "value_numeric": value,
-        "value_text": None,
-        "unit": unit,
-        "reference_low": None,
-        "reference_high": None,
-        "abnormal_flag": None,
-        "status": "final",
-        "specimen_collected_time": None,
-        "result_time": now,
-        "performing_lab": None,
-        "ordering_clinician": None,
-    }
 
 
 def wait_for(
@@ -79,8 +42,9 @@ def rows_for(hub: HubEnv, event_id: str) -> int:
 def test_event_published_twice_is_stored_exactly_once(hub: HubEnv) -> None:
     """A redelivered event (same event id) must never create a second row."""
     publisher = make_publisher(hub.settings, "H001")
-    record = lab("H001", "K", 4.2, "mmol/L")
-    sentinel = lab("H001", "NA", 140.0, "mmol/L")  # same patient: same partition, so processed after both
+    record = lab_record("H001", "K", 4.2, "mmol/L")
+    # same patient: same partition, so processed after both
+    sentinel = lab_record("H001", "NA", 140.0, "mmol/L")
     first = publisher.publish_lab(record)
     second = publisher.publish_lab(record)
     publisher.publish_lab(sentinel)
@@ -102,8 +66,8 @@ def test_event_published_twice_is_stored_exactly_once(hub: HubEnv) -> None:
 def test_critical_potassium_raises_exactly_one_alert(hub: HubEnv) -> None:
     """6.8 mmol/L crosses the potassium limit: one alert on the alerts topic, even if the event repeats."""
     publisher = make_publisher(hub.settings, "H002")
-    record = lab("H002", "LAB0101", 6.8, "mmol/L", mrn="0000012345")
-    sentinel = lab("H002", "LAB0102", 140.0, "mmol/L", mrn="0000012345")
+    record = lab_record("H002", "LAB0101", 6.8, "mmol/L", mrn="0000012345")
+    sentinel = lab_record("H002", "LAB0102", 140.0, "mmol/L", mrn="0000012345")
     publisher.publish_lab(record)
     publisher.publish_lab(record)
     publisher.publish_lab(sentinel)
@@ -139,7 +103,7 @@ def test_poison_messages_go_to_dead_letter_and_the_next_good_one_is_processed(hu
     encoder = make_encoder(
         ConfluentRegistry(hub.settings.registry.client_config()), standard.load(standard.LAB_RESULT)
     )
-    good = lab("H001", "GLU", 90.0, "mg/dL", mrn="MRN0000777")
+    good = lab_record("H001", "GLU", 90.0, "mg/dL", mrn="MRN0000777")
     key = message_key(good)
     good_bytes = encoder(good)
     wrong_magic = b"\x01" + good_bytes[1:]
@@ -191,10 +155,10 @@ def test_poison_messages_go_to_dead_letter_and_the_next_good_one_is_processed(hu
 def test_a_record_the_database_refuses_is_dead_lettered_and_its_neighbours_stored(hub: HubEnv) -> None:
     """PostgreSQL enforces column lengths: one refused row must not block the partition forever."""
     publisher = make_publisher(hub.settings, "H001")
-    before = lab("H001", "K", 4.1, "mmol/L", mrn="MRN0000555")
-    refused = lab("H001", "K", 4.2, "mmol/L", mrn="MRN0000555")
+    before = lab_record("H001", "K", 4.1, "mmol/L", mrn="MRN0000555")
+    refused = lab_record("H001", "K", 4.2, "mmol/L", mrn="MRN0000555")
     refused["abnormal_flag"] = "HIGH-HIGH-HIGH"  # longer than the column allows
-    after = lab("H001", "K", 4.3, "mmol/L", mrn="MRN0000555")
+    after = lab_record("H001", "K", 4.3, "mmol/L", mrn="MRN0000555")
     for record in (before, refused, after):
         publisher.publish_lab(record)
     publisher.close()
@@ -225,7 +189,7 @@ def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None
     )
     assert len(created) == len(KINDS)
     publisher = make_publisher(hub.settings, "X009")
-    record = lab("X009", "NEWCODE", 12.5, "U/L", mrn="X-1")
+    record = lab_record("X009", "NEWCODE", 12.5, "U/L", mrn="X-1")
     record["loinc_code"] = "2823-3"  # the producer sends LOINC itself; its local codes are not mapped yet
     record["unit"] = "mmol/L"
     record["value_numeric"] = 4.4

@@ -9,20 +9,20 @@ import pytest
 from clinhub.infra.process import free_port
 from clinhub.settings import HubSettings, KafkaSettings
 from producers.exceptions import DeliveryFailedError
-from producers.publisher import Receipt, make_publisher
+from producers.publisher import Publisher, Receipt, make_publisher
 from producers.simulator import simulate_events
 from schemas.exceptions import RecordValidationError
+from tests.factories import lab_record
 from tests.integration.conftest import HubEnv
-from tests.integration.test_lab_path import lab
 
 
 def test_delivery_is_confirmed_with_topic_partition_and_offset(hub: HubEnv) -> None:
     publisher = make_publisher(hub.settings, "H001")
-    records = [lab("H001", "K", 4.0 + i / 10, "mmol/L", mrn=f"MRN{i:07d}") for i in range(20)]
+    records = [lab_record("H001", "K", 4.0 + i / 10, "mmol/L", mrn=f"MRN{i:07d}") for i in range(20)]
     receipts = publisher.publish_many_labs(records)
     publisher.close()
     assert all(isinstance(r, Receipt) for r in receipts)
-    assert [r.event_id for r in receipts] == [r["envelope"]["event_id"] for r in records]  # type: ignore[union-attr]
+    assert [r.event_id for r in receipts] == [r["envelope"]["event_id"] for r in records]
     on_topic = hub.consume_all(hub.topics.raw("H001", "lab"), 20, lambda m: len(m) >= 20)
     positions = {(m.partition(), m.offset()) for m in on_topic}
     assert {(r.partition, r.offset) for r in receipts} == positions  # type: ignore[union-attr]
@@ -30,10 +30,10 @@ def test_delivery_is_confirmed_with_topic_partition_and_offset(hub: HubEnv) -> N
 
 def test_events_of_one_patient_keep_their_order_on_one_partition(hub: HubEnv) -> None:
     publisher = make_publisher(hub.settings, "H002")
-    same_patient = [lab("H002", "LAB0101", 4.0, "mmol/L", mrn="0000000042") for _ in range(30)]
+    same_patient = [lab_record("H002", "LAB0101", 4.0, "mmol/L", mrn="0000000042") for _ in range(30)]
     for sequence, record in enumerate(same_patient):
         record["result_id"] = f"SEQ-{sequence:03d}"
-    others = [lab("H002", "LAB0101", 4.0, "mmol/L", mrn=f"00000{n:05d}") for n in range(30)]
+    others = [lab_record("H002", "LAB0101", 4.0, "mmol/L", mrn=f"00000{n:05d}") for n in range(30)]
     interleaved = [r for pair in zip(same_patient, others, strict=True) for r in pair]
     results = publisher.publish_many_labs(interleaved)
     publisher.close()
@@ -53,15 +53,15 @@ def test_events_of_one_patient_keep_their_order_on_one_partition(hub: HubEnv) ->
 
 def test_invalid_events_are_refused_before_anything_is_sent(hub: HubEnv) -> None:
     publisher = make_publisher(hub.settings, "H001")
-    good = lab("H001", "K", 4.0, "mmol/L")
-    bad_value = lab("H001", "K", 4.0, "mmol/L")
+    good = lab_record("H001", "K", 4.0, "mmol/L")
+    bad_value = lab_record("H001", "K", 4.0, "mmol/L")
     bad_value["value_numeric"] = "high"
     with pytest.raises(RecordValidationError) as caught:
         publisher.publish_many_labs([good, bad_value])
     assert caught.value.field == "value_numeric"
     assert "'high'" in str(caught.value) and "double" in str(caught.value)
 
-    other_institution = lab("H002", "K", 4.0, "mmol/L")
+    other_institution = lab_record("H002", "K", 4.0, "mmol/L")
     with pytest.raises(RecordValidationError) as caught:
         publisher.publish_lab(other_institution)
     assert caught.value.field == "envelope.institution_id"
@@ -73,7 +73,7 @@ def test_every_kind_is_published_to_its_own_raw_topic(hub: HubEnv) -> None:
     events = simulate_events(seed=11, count=40)
     kinds = {kind for kind, _ in events}
     assert kinds >= {"lab", "vitals", "encounter", "medication", "diagnosis"}
-    publishers = {}
+    publishers: dict[str, Publisher] = {}
     for kind, record in events:
         institution = record["envelope"]["institution_id"]
         if institution not in hub.settings.stream.institutions:
@@ -98,7 +98,7 @@ def test_a_broker_that_is_down_gives_a_clear_error_within_the_timeout(hub: HubEn
     publisher = make_publisher(unreachable, "H001", delivery_timeout=3.0)
     started = time.monotonic()
     with pytest.raises(DeliveryFailedError) as caught:
-        publisher.publish_lab(lab("H001", "K", 4.0, "mmol/L"))
+        publisher.publish_lab(lab_record("H001", "K", 4.0, "mmol/L"))
     elapsed = time.monotonic() - started
     assert elapsed < 15, f"publish waited {elapsed:.1f}s"
     assert caught.value.reason

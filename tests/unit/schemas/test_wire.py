@@ -33,6 +33,7 @@ from schemas.wire import (
     make_encoder,
     validate_record,
 )
+from tests.factories import lab_record
 
 # Millisecond precision: timestamp-millis cannot carry microseconds.
 T0 = dt.datetime(2026, 11, 23, 8, 30, 15, 123000, tzinfo=dt.UTC)
@@ -57,41 +58,34 @@ def registry(request: pytest.FixtureRequest) -> ConfluentRegistry:
 
 
 def lab_result(**overrides: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "envelope": {
-            "event_id": str(uuid.uuid4()),
-            "institution_id": "H002",
+    """A LabResult with every field filled in."""
+    return lab_record(
+        "H002",
+        "LAB0301",
+        131.0,
+        "g/L",
+        mrn="0000012345",
+        at=T0,
+        **{
             "source_system": "LIS-LabWin",
             "source_message_id": "MSG000000001",
-            "event_time": T0,
             "produced_time": T0 + dt.timedelta(seconds=1),
-            "schema_version": "1",
-            "correlation_id": str(uuid.uuid4()),
+            "result_id": "H002-R000000001",
+            "patient_national_id": NATIONAL_ID,
+            "patient_birth_year": 1949,
+            "patient_sex": "male",
+            "encounter_id": "V000001",
+            "local_code_system": "LIS-H002",
+            "local_display": "血红蛋白 Hemoglobin",
+            "reference_low": 115.0,
+            "reference_high": 150.0,
+            "abnormal_flag": "N",
+            "specimen_collected_time": T0 - dt.timedelta(minutes=40),
+            "performing_lab": "Riverside University Hospital Central Laboratory",
+            "ordering_clinician": "DR0001",
+            **overrides,
         },
-        "result_id": "H002-R000000001",
-        "patient_mrn": "0000012345",
-        "patient_national_id": NATIONAL_ID,
-        "patient_birth_year": 1949,
-        "patient_sex": "male",
-        "encounter_id": "V000001",
-        "local_code": "LAB0301",
-        "local_code_system": "LIS-H002",
-        "local_display": "血红蛋白 Hemoglobin",
-        "loinc_code": None,
-        "value_numeric": 131.0,
-        "value_text": None,
-        "unit": "g/L",
-        "reference_low": 115.0,
-        "reference_high": 150.0,
-        "abnormal_flag": "N",
-        "status": "final",
-        "specimen_collected_time": T0 - dt.timedelta(minutes=40),
-        "result_time": T0,
-        "performing_lab": "Riverside University Hospital Central Laboratory",
-        "ordering_clinician": "DR0001",
-    }
-    record.update(overrides)
-    return record
+    )
 
 
 def lab_result_all_nulls() -> dict[str, Any]:

@@ -1,16 +1,16 @@
 """Store records as the normaliser hands them to the sink, built from the simulator's realistic traffic.
 
-Records look like fastavro's output: uuid fields as uuid.UUID, times as aware UTC datetimes, the
-regional patient id filled in and the national id removed.
+Clinical records are the real normaliser's output (tests.factories.normalised), as fastavro decodes
+it: event ids as uuid.UUID, times as aware UTC datetimes, the regional patient id filled in and the
+national id removed.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -18,73 +18,9 @@ from sqlalchemy import Engine, select
 from producers.simulator import simulate_events
 from sinks.base import StoreRecord
 from sinks.models import Base
+from tests.factories import NOW, normalised
 
-NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 NAMESPACE = uuid.UUID("2b3f1e0c-9d7a-4c55-8e61-3f0a1b2c4d5e")
-
-# (institution, local code) -> (LOINC, factor to the canonical unit, canonical unit); the simulator's tests.
-LAB_CODES = {
-    ("H001", "K"): ("2823-3", 1.0, "mmol/L"),
-    ("H001", "NA"): ("2951-2", 1.0, "mmol/L"),
-    ("H001", "GLU"): ("2345-7", 0.05551, "mmol/L"),
-    ("H001", "HGB"): ("718-7", 10.0, "g/L"),
-    ("H001", "CREA"): ("2160-0", 88.42, "umol/L"),
-    ("H002", "LAB0101"): ("2823-3", 1.0, "mmol/L"),
-    ("H002", "LAB0102"): ("2951-2", 1.0, "mmol/L"),
-    ("H002", "LAB0201"): ("2345-7", 1.0, "mmol/L"),
-    ("H002", "LAB0301"): ("718-7", 1.0, "g/L"),
-    ("H002", "LAB0302"): ("777-3", 1.0, "10*9/L"),
-    ("C003", "K+"): ("2823-3", 1.0, "mmol/L"),
-    ("C003", "GLUC"): ("2345-7", 0.05551, "mmol/L"),
-}
-TIME_FIELDS = (
-    "event_time",
-    "produced_time",
-    "result_time",
-    "specimen_collected_time",
-    "measured_time",
-    "occurred_time",
-    "admit_time",
-    "discharge_time",
-    "ordered_time",
-    "start_time",
-    "end_time",
-    "recorded_time",
-)
-
-
-def regional_id(institution: str, mrn: str, national_id: str | None = None) -> str:
-    """Stand-in for the normaliser's keyed pseudonym: from the national id when known, else the MRN."""
-    material = f"nid:{national_id}" if national_id else f"mrn:{institution}:{mrn}"
-    return "rp-" + hashlib.sha256(material.encode()).hexdigest()[:32]
-
-
-def _as_decoded(record: dict[str, Any]) -> dict[str, Any]:
-    for name in TIME_FIELDS:
-        if isinstance(record.get(name), dt.datetime):
-            record[name] = record[name].astimezone(dt.UTC)
-    return record
-
-
-def normalised(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """What the normaliser publishes for a simulated record."""
-    record = copy.deepcopy(raw)
-    envelope = _as_decoded(record["envelope"])
-    envelope["event_id"] = uuid.UUID(envelope["event_id"])
-    institution = envelope["institution_id"]
-    record["regional_patient_id"] = regional_id(
-        institution, record["patient_mrn"], record["patient_national_id"]
-    )
-    record["patient_national_id"] = None
-    if kind == "lab":
-        loinc, factor, unit = LAB_CODES[(institution, record["local_code"])]
-        record.update(
-            loinc_code=loinc,
-            canonical_value=record["value_numeric"] * factor,
-            canonical_unit=unit,
-            normalisation_flags=[],
-        )
-    return _as_decoded(record)
 
 
 def simulated(
@@ -190,9 +126,9 @@ def realistic_batch(seed: int, count: int) -> list[StoreRecord]:
     return records + extra
 
 
-def revised(record: dict[str, Any], minutes_later: float, **changes: Any) -> dict[str, Any]:
+def revised(record: Mapping[str, Any], minutes_later: float, **changes: Any) -> dict[str, Any]:
     """A new version of a clinical record: new event id, later (or earlier) event time, some changes."""
-    copy_ = copy.deepcopy(record)
+    copy_ = copy.deepcopy(dict(record))
     envelope = copy_["envelope"]
     envelope["event_id"] = uuid.uuid4()
     envelope["event_time"] = envelope["event_time"] + dt.timedelta(minutes=minutes_later)

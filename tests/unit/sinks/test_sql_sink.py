@@ -24,6 +24,7 @@ from streams.identity import RegionalIdentity
 from streams.normalise import normalise_lab
 from streams.reference import load_reference
 from streams.rules import LabFacts, alert_record, evaluate
+from tests.factories import lab_record
 
 REFERENCE = load_reference()
 CODES = load_codes()
@@ -42,23 +43,18 @@ def delivery(
     """One raw lab result as the store agent receives it: the normalised record, then the alerts the
     rules raised for it (a patient without history), as published on their topics."""
     when = NOW - dt.timedelta(minutes=minutes_ago)
-    raw = {
-        "envelope": {
-            "event_id": uuid.uuid4(),
-            "institution_id": "H001",
-            "source_system": "LIS",
-            "event_time": when,
-            "correlation_id": f"corr-{uuid.uuid4().hex[:8]}",
-        },
-        "result_id": f"H001-R{uuid.uuid4().hex[:8]}",
-        "patient_mrn": "MRN0000042",
-        "patient_national_id": national_id,
-        "local_code": local_code,
-        "value_numeric": value,
-        "unit": unit,
-        "status": "final",
-        "result_time": when,
-    }
+    raw = lab_record(
+        "H001",
+        local_code,
+        value,
+        unit,
+        mrn="MRN0000042",
+        at=when,
+        event_id=uuid.uuid4(),
+        patient_national_id=national_id,
+        patient_birth_year=None,
+        patient_sex=None,
+    )
     event = normalise_event("lab", raw, REFERENCE, CODES, IDENTITY, lambda _key: None, "H001", NOW)
     facts = LabFacts.from_normalised(normalise_lab(raw, REFERENCE, IDENTITY, "H001", NOW))
     alerts = () if facts is None else evaluate(facts, None, REFERENCE.rulebook, when, REFERENCE.policy).alerts

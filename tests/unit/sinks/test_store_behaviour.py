@@ -25,6 +25,7 @@ from sinks.models import Base
 from sinks.queries import InvalidCursorError, TimelineEntry, latest_by_analyte, patient_timeline
 from sinks.sql import ALERTS, ENCOUNTERS, INGEST_LOG, OBSERVATIONS, PATIENTS, SqlStoreSink
 from sinks.store import current_revision, downgrade, ensure_current, head_revision, make_engine, upgrade
+from tests.factories import regional_id
 from tests.unit.sinks.factory import (
     NOW,
     ack_for,
@@ -33,7 +34,6 @@ from tests.unit.sinks.factory import (
     first,
     identity,
     realistic_batch,
-    regional_id,
     revised,
     simulated,
     snapshot,

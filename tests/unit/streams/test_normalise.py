@@ -16,6 +16,7 @@ from streams.exceptions import ImplausibleTimeError, ImplausibleValueError, Reje
 from streams.identity import RegionalIdentity
 from streams.normalise import FLAG_INVALID_NATIONAL_ID, FLAG_UNMAPPED_CODE, normalise_lab
 from streams.reference import load_reference
+from tests.factories import lab_record
 
 REFERENCE = load_reference()
 IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
@@ -24,43 +25,32 @@ NID = "11010519491231002X"  # the GB 11643-1999 sample number
 NID_BAD_CHECK = "110105194912310021"
 
 
-def record(envelope: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+def record(envelope: dict[str, Any] | None = None, /, **fields: Any) -> dict[str, Any]:
     """A decoded LabResult as AvroDecoder returns it (aware UTC datetimes, UUID event id)."""
-    rec: dict[str, Any] = {
-        "envelope": {
+    rec = lab_record(
+        "H001",
+        "K",
+        4.2,
+        "mmol/L",
+        mrn="MRN0000001",
+        at=NOW - dt.timedelta(minutes=5),
+        **{
             "event_id": uuid.UUID("5f0c8a52-0d6e-4a4f-a0b6-0a2b1c3d4e5f"),
-            "institution_id": "H001",
             "source_system": "LIS-Cerner",
-            "source_message_id": None,
-            "event_time": NOW - dt.timedelta(minutes=5),
-            "produced_time": NOW - dt.timedelta(minutes=5),
-            "schema_version": "1",
             "correlation_id": "corr-1",
+            "result_id": "H001-R1",
+            "patient_birth_year": 1949,
+            "patient_sex": "male",
+            "encounter_id": "V000001",
+            "local_code_system": "LIS-H001",
+            "local_display": "Potassium",
+            "reference_low": 3.5,
+            "reference_high": 5.1,
+            "specimen_collected_time": NOW - dt.timedelta(minutes=60),
+            **fields,
         },
-        "result_id": "H001-R1",
-        "patient_mrn": "MRN0000001",
-        "patient_national_id": None,
-        "patient_birth_year": 1949,
-        "patient_sex": "male",
-        "encounter_id": "V000001",
-        "local_code": "K",
-        "local_code_system": "LIS-H001",
-        "local_display": "Potassium",
-        "loinc_code": None,
-        "value_numeric": 4.2,
-        "value_text": None,
-        "unit": "mmol/L",
-        "reference_low": 3.5,
-        "reference_high": 5.1,
-        "abnormal_flag": None,
-        "status": "final",
-        "specimen_collected_time": NOW - dt.timedelta(minutes=60),
-        "result_time": NOW - dt.timedelta(minutes=5),
-        "performing_lab": None,
-        "ordering_clinician": None,
-    }
+    )
     rec["envelope"].update(envelope or {})
-    rec.update(fields)
     return rec
 
 

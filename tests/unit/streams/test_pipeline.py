@@ -24,6 +24,7 @@ from streams.pipeline import (
 )
 from streams.reference import load_reference
 from streams.topics import KINDS, TopicNames
+from tests.factories import lab_record
 
 REFERENCE = load_reference()
 CODES = load_codes()
@@ -35,41 +36,18 @@ RESULT_TIME = dt.datetime(2026, 11, 23, 11, 55, 0, 250000, tzinfo=dt.UTC)
 def lab(
     institution: str = "H001", local_code: str = "K", value: float = 4.2, unit: str = "mmol/L", **fields: Any
 ) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "envelope": {
-            "event_id": str(uuid.uuid4()),
-            "institution_id": institution,
-            "source_system": "LIS",
-            "source_message_id": None,
-            "event_time": RESULT_TIME,
-            "produced_time": RESULT_TIME,
-            "schema_version": "1",
-            "correlation_id": f"corr-{uuid.uuid4().hex[:8]}",
-        },
-        "result_id": f"{institution}-R{uuid.uuid4().hex[:8]}",
-        "patient_mrn": "MRN0000042",
-        "patient_national_id": None,
-        "patient_birth_year": None,
-        "patient_sex": None,
-        "encounter_id": None,
-        "local_code": local_code,
-        "local_code_system": None,
-        "local_display": None,
-        "loinc_code": None,
-        "value_numeric": value,
-        "value_text": None,
-        "unit": unit,
-        "reference_low": None,
-        "reference_high": None,
-        "abnormal_flag": None,
-        "status": "final",
-        "specimen_collected_time": None,
-        "result_time": RESULT_TIME,
-        "performing_lab": None,
-        "ordering_clinician": None,
-    }
-    record.update(fields)
-    return record
+    """A result of MRN0000042 (no known age or sex) taken at RESULT_TIME."""
+    return lab_record(
+        institution,
+        local_code,
+        value,
+        unit,
+        mrn="MRN0000042",
+        at=RESULT_TIME,
+        patient_birth_year=None,
+        patient_sex=None,
+        **fields,
+    )
 
 
 @pytest.fixture

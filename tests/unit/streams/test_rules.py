@@ -18,6 +18,7 @@ from streams.identity import RegionalIdentity
 from streams.normalise import NormalisedLab, normalise_lab
 from streams.reference import ThresholdRule, load_reference
 from streams.rules import AlertDraft, LabFacts, alert_id_for, alert_record, crossed_limit, evaluate
+from tests.factories import lab_record
 
 REFERENCE = load_reference()
 IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
@@ -98,46 +99,23 @@ def test_missing_limits_never_fire(
     assert crossed_limit(value, rule(low=low, high=high)) == expected
 
 
-def lab_record(
-    local_code: str,
-    value: float,
-    unit: str,
-    status: str = "final",
-    event_id: str = "2b0e7d4a-8c1f-4e59-9d3a-6f7b8c9d0e1f",
-) -> dict[str, Any]:
-    return {
-        "envelope": {
-            "event_id": uuid.UUID(event_id),
-            "institution_id": "H001",
-            "source_system": "LIS-Cerner",
-            "source_message_id": None,
-            "event_time": NOW,
-            "produced_time": NOW,
-            "schema_version": "1",
-            "correlation_id": "corr-rules",
-        },
-        "result_id": "H001-R7",
-        "patient_mrn": "MRN0000007",
-        "patient_national_id": None,
-        "patient_birth_year": None,
-        "patient_sex": None,
-        "encounter_id": None,
-        "local_code": local_code,
-        "local_code_system": None,
-        "local_display": None,
-        "loinc_code": None,
-        "value_numeric": value,
-        "value_text": None,
-        "unit": unit,
-        "reference_low": None,
-        "reference_high": None,
-        "abnormal_flag": None,
-        "status": status,
-        "specimen_collected_time": None,
-        "result_time": NOW,
-        "performing_lab": None,
-        "ordering_clinician": None,
-    }
+def raw_lab(local_code: str, value: float, unit: str, status: str = "final") -> dict[str, Any]:
+    """A result of MRN0000007 at H001 (no known age or sex) with a fixed event id, sent at NOW."""
+    return lab_record(
+        "H001",
+        local_code,
+        value,
+        unit,
+        mrn="MRN0000007",
+        at=NOW,
+        status=status,
+        event_id=uuid.UUID("2b0e7d4a-8c1f-4e59-9d3a-6f7b8c9d0e1f"),
+        source_system="LIS-Cerner",
+        correlation_id="corr-rules",
+        result_id="H001-R7",
+        patient_birth_year=None,
+        patient_sex=None,
+    )
 
 
 def judge(lab: NormalisedLab, now: dt.datetime = NOW) -> list[AlertDraft]:
@@ -149,7 +127,7 @@ def judge(lab: NormalisedLab, now: dt.datetime = NOW) -> list[AlertDraft]:
 
 
 def alerts_for(local_code: str, value: float, unit: str, status: str = "final") -> list[AlertDraft]:
-    return judge(normalise_lab(lab_record(local_code, value, unit, status), REFERENCE, IDENTITY, "H001", NOW))
+    return judge(normalise_lab(raw_lab(local_code, value, unit, status), REFERENCE, IDENTITY, "H001", NOW))
 
 
 # (H001 local code, value as sent, unit as sent, expected limit kind); limits as the cited sources print them.
@@ -234,7 +212,7 @@ def test_cancelled_results_never_alert(value: float, unit: str) -> None:
 
 
 def _lab(**changes: Any) -> NormalisedLab:
-    lab = normalise_lab(lab_record("K", 7.5, "mmol/L"), REFERENCE, IDENTITY, "H001", NOW)
+    lab = normalise_lab(raw_lab("K", 7.5, "mmol/L"), REFERENCE, IDENTITY, "H001", NOW)
     return dataclasses.replace(lab, **changes)
 
 

@@ -31,6 +31,7 @@ from streams.rules import (
     evaluate,
     from_epoch_ms,
 )
+from tests.factories import lab_record
 
 REFERENCE = load_reference()
 RULES = REFERENCE.rulebook
@@ -120,39 +121,18 @@ def test_thresholds_at_and_around_the_published_limits(loinc: str, value: float,
 
 
 def _raw_lab(local_code: str, value: float, unit: str) -> dict[str, Any]:
-    return {
-        "envelope": {
-            "event_id": uuid.UUID("5a0c6e2d-7b3f-4c81-9e2a-1d4f6b8c0e97"),
-            "institution_id": "H001",
-            "source_system": "LIS",
-            "source_message_id": None,
-            "event_time": T0,
-            "produced_time": T0,
-            "schema_version": "2",
-            "correlation_id": "corr-engine",
-        },
-        "result_id": "R-55",
-        "patient_mrn": "MRN55",
-        "patient_national_id": None,
-        "patient_birth_year": 1960,
-        "patient_sex": "female",
-        "encounter_id": None,
-        "local_code": local_code,
-        "local_code_system": None,
-        "local_display": None,
-        "loinc_code": None,
-        "value_numeric": value,
-        "value_text": None,
-        "unit": unit,
-        "reference_low": None,
-        "reference_high": None,
-        "abnormal_flag": None,
-        "status": "final",
-        "specimen_collected_time": None,
-        "result_time": T0,
-        "performing_lab": None,
-        "ordering_clinician": None,
-    }
+    return lab_record(
+        "H001",
+        local_code,
+        value,
+        unit,
+        mrn="MRN55",
+        at=T0,
+        event_id=uuid.UUID("5a0c6e2d-7b3f-4c81-9e2a-1d4f6b8c0e97"),
+        schema_version="2",
+        correlation_id="corr-engine",
+        result_id="R-55",
+    )
 
 
 @pytest.mark.parametrize(
