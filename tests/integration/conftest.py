@@ -114,7 +114,7 @@ class HubEnv:
             "CLINHUB_STREAM_DATA_DIR": str(self.workdir / "faust"),
             "CLINHUB_STREAM_BATCH_WITHIN_SECONDS": "0.2",
             "CLINHUB_STREAM_SINK_RETRY_MAX_SECONDS": "2",
-            "CLINHUB_SECURITY_PSEUDONYM_KEY": s.security.pseudonym_key.get_secret_value()  # type: ignore[union-attr]
+            "CLINHUB_SECURITY_PSEUDONYM_KEY": s.security.pseudonym_key.get_secret_value()
             if s.security.pseudonym_key
             else "",
             "CLINHUB_INFRA_METRICS_PORT": "0",
