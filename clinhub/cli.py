@@ -195,40 +195,45 @@ def stream_worker(loglevel: str = "info") -> None:
 
 @app.command("simulate")
 def simulate(
-    count: Annotated[int, typer.Option(help="Number of lab results.")] = 40,
+    count: Annotated[int, typer.Option(help="Number of events.")] = 40,
     seed: Annotated[int, typer.Option(help="Same seed, same traffic.")] = 7,
-    critical_share: Annotated[float, typer.Option(help="Share of critical values.")] = 0.15,
+    critical_share: Annotated[float, typer.Option(help="Share of critical lab values.")] = 0.15,
+    abnormal_share: Annotated[float, typer.Option(help="Share of abnormal, not critical, lab values.")] = 0.2,
+    labs_only: Annotated[
+        bool, typer.Option(help="Lab results only, no vitals, ADT, orders, diagnoses.")
+    ] = False,
     rate: Annotated[float, typer.Option(help="Events per second (0 = as fast as possible).")] = 0.0,
 ) -> None:
-    """Publish realistic lab results from the simulated hospitals."""
+    """Publish realistic traffic from the simulated institutions, each confirmed by Kafka."""
     from producers.publisher import make_publisher, receipts_ok
-    from producers.simulator import simulate_labs
+    from producers.simulator import simulate_events
 
     settings = _settings()
-    records = simulate_labs(seed, count, critical_share)
+    events = simulate_events(
+        seed, count, critical_share, abnormal_share, kinds={"lab": 1.0} if labs_only else None
+    )
     publishers = {}
     failures = 0
-    for record in records:
+    for kind, record in events:
         institution = record["envelope"]["institution_id"]
         if institution not in publishers:
             publishers[institution] = make_publisher(settings, institution)
-        results = publishers[institution].publish_many_labs([record])
-        failures += 0 if receipts_ok(results) else 1
+        failures += 0 if receipts_ok(publishers[institution].publish_many(kind, [record])) else 1
         if rate > 0:
             time.sleep(1.0 / rate)
     for publisher in publishers.values():
         publisher.close()
-    typer.echo(f"published {len(records) - failures} of {len(records)} lab results")
+    typer.echo(f"published {len(events) - failures} of {len(events)} events")
     if failures:
         raise typer.Exit(1)
 
 
 @app.command("demo")
 def demo(
-    count: Annotated[int, typer.Option(help="Lab results to publish.")] = 40,
+    count: Annotated[int, typer.Option(help="Events to publish.")] = 40,
     keep_running: Annotated[bool, typer.Option(help="Leave Kafka and the registry running.")] = False,
 ) -> None:
-    """The main job end to end on embedded defaults (SQLite): services, processor, two hospitals, results."""
+    """The main job end to end on embedded defaults (SQLite): services, processor, three institutions."""
     from clinhub.demo import run_demo
 
     run_demo(_settings(), count, keep_running)
