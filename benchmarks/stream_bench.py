@@ -139,16 +139,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument(
+        "--split", action="store_true", help="one worker process per stage instead of one for all three"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clinhub-stream-bench-"))
     try:
         with services(workdir) as (bootstrap, registry_url):
-            run(workdir, bootstrap, registry_url, args.events)
+            run(workdir, bootstrap, registry_url, args.events, args.split)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(workdir: Path, bootstrap: str, registry_url: str, count: int) -> None:
+def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: bool) -> None:
     db_url = f"sqlite:///{workdir / 'store.sqlite3'}"
     engine = make_engine(db_url)
     upgrade(engine)
@@ -192,18 +195,21 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int) -> None:
         "CLINHUB_LOG_LEVEL": "WARNING",
     }
     log = (workdir / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "clinhub.cli", "stream", "worker", "--loglevel", "warning"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=workdir,
-    )
+    base_argv = [sys.executable, "-m", "clinhub.cli", "stream", "worker", "--loglevel", "warning"]
+    role_sets = [["--role", "normaliser"], ["--role", "clinical"], ["--role", "store"]] if split else [[]]
+    workers = [
+        subprocess.Popen(  # noqa: S603 - the project's own worker
+            [*base_argv, *roles], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+        )
+        for roles in role_sets
+    ]
+    clinical_group = f"{app_id}-clinical" if split else app_id
+    print(f"workers    {len(workers)} process(es): {'one per stage' if split else 'all stages in one'}")
     try:
         norm_ends: dict[tuple[str, int], int] = {}
         alert_done = store_done = 0.0
         while not store_done:
-            if worker.poll() is not None:
+            if any(worker.poll() is not None for worker in workers):
                 raise SystemExit(f"worker exited: {(workdir / 'worker.log').read_text()[-3000:]}")
             time.sleep(0.5)
             now = time.time()  # wall clock, comparable with Kafka create times
@@ -211,7 +217,7 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int) -> None:
                 ends = end_offsets(bootstrap, [topics.norm("lab")])
                 if sum(ends.values()) >= count:
                     norm_ends = ends
-            if norm_ends and not alert_done and committed_to_end(bootstrap, app_id, norm_ends):
+            if norm_ends and not alert_done and committed_to_end(bootstrap, clinical_group, norm_ends):
                 alert_done = now
             with engine.connect() as connection:
                 stored = connection.execute(select(func.count()).select_from(IngestLog)).scalar_one()
@@ -227,8 +233,10 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int) -> None:
         print(f"+alert     normalise + rules        {alert_rate:9.0f} events/s   {alert_rate / base:.2f}x")
         print(f"+store     whole pipeline to SQLite {store_rate:9.0f} events/s   {store_rate / base:.2f}x")
     finally:
-        worker.terminate()
-        worker.wait(60)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(60)
 
 
 if __name__ == "__main__":

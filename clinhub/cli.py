@@ -174,12 +174,20 @@ def schemas_docs() -> None:
 
 
 @stream_app.command("worker")
-def stream_worker(loglevel: str = "info") -> None:
+def stream_worker(
+    loglevel: str = "info",
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this stage (normaliser, clinical, store); repeat for several. Default: all."
+        ),
+    ] = None,
+) -> None:
     """Run the Faust stream processor until interrupted."""
     import faust
     from prometheus_client import REGISTRY, start_http_server
 
-    from streams.app import create_app
+    from streams.app import ROLES, create_app
     from streams.topics import TopicNames, discover_raw_topics
 
     settings = _settings()
@@ -188,7 +196,8 @@ def stream_worker(loglevel: str = "info") -> None:
     raw_topics = discover_raw_topics(
         settings.kafka.client_config(), TopicNames(prefix=settings.stream.topic_prefix)
     )
-    faust_app = create_app(settings, metrics_registry=REGISTRY, raw_topics=raw_topics)
+    roles = tuple(role) if role else ROLES
+    faust_app = create_app(settings, metrics_registry=REGISTRY, raw_topics=raw_topics, roles=roles)
     worker = faust.Worker(faust_app, loglevel=loglevel, override_logging=True)
     worker.execute_from_commandline()
 

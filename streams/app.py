@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,6 +41,7 @@ from streams.topics import KINDS, TopicNames
 log = logging.getLogger("clinhub.streams")
 
 Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
+ROLES = ("normaliser", "clinical", "store")
 
 
 @dataclass
@@ -249,16 +250,24 @@ def create_app(
     metrics_registry: CollectorRegistry | None = None,
     send_override: Send | None = None,
     raw_topics: Sequence[str] = (),
+    roles: Collection[str] = ROLES,
 ) -> faust.App:
     """Build the Faust app and its agents. Connections are made when the worker starts.
 
     `raw_topics` adds raw topics found on the cluster (`topics.discover_raw_topics`) to those of the
-    configured institutions. `send_override` replaces publishing to Kafka, for `agent.test_context()` tests.
+    configured institutions. `roles` picks the agents this worker runs: all three by default, or a
+    subset so that the stages run in separate processes (each subset is its own Faust app and consumer
+    group, e.g. `clinhub-streams-normaliser`). `send_override` replaces publishing to Kafka, for
+    `agent.test_context()` tests.
     """
+    unknown = set(roles) - set(ROLES)
+    if unknown or not roles:
+        raise ValueError(f"roles must be a non-empty subset of {', '.join(ROLES)}, not {sorted(roles)}")
     stream = settings.stream
     topics = TopicNames(prefix=stream.topic_prefix)
+    app_id = stream.app_id if set(roles) == set(ROLES) else "-".join([stream.app_id, *sorted(roles)])
     app = faust.App(
-        stream.app_id,
+        app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
         store=stream.table_store,
         autodiscover=False,
@@ -292,18 +301,6 @@ def create_app(
         # so tables can be written from batch handlers and timers, not only inside stream iteration.
         return app.Table(name, default=None, partitions=settings.kafka.topic_partitions, use_partitioner=True)
 
-    normaliser = NormaliserHandler(c, topics, send, table("identity-links"))
-    clinical = ClinicalHandler(
-        c,
-        topics,
-        send,
-        ClinicalTables(
-            analytes=table("analyte-state"), open_alerts=table("open-alerts"), wards=table("wards")
-        ),
-        c.reference.policy,
-    )
-    store = StoreHandler(c, topics, send)
-
     async def run_batches(
         stream_t: faust.StreamT[Any], handle: Callable[[list[RawMessage]], Awaitable[None]]
     ) -> None:
@@ -327,33 +324,50 @@ def create_app(
         topics.acks_topic,
     )
 
-    @app.agent(raw_source, concurrency=1, name="normaliser")
-    async def normaliser_agent(events: faust.StreamT[Any]) -> None:
-        await run_batches(events, normaliser.handle)
+    if "normaliser" in roles:
+        normaliser = NormaliserHandler(c, topics, send, table("identity-links"))
 
-    @app.agent(clinical_source, concurrency=1, name="clinical")
-    async def clinical_agent(events: faust.StreamT[Any]) -> None:
-        await run_batches(events, clinical.handle)
+        @app.agent(raw_source, concurrency=1, name="normaliser")
+        async def normaliser_agent(events: faust.StreamT[Any]) -> None:
+            await run_batches(events, normaliser.handle)
 
-    @app.agent(store_source, concurrency=1, name="store")
-    async def store_agent(events: faust.StreamT[Any]) -> None:
-        await run_batches(events, store.handle)
+        @app.timer(interval=60.0)
+        async def watch_raw_topics() -> None:
+            """A raw topic created after start-up is not consumed until a restart: say so, loudly."""
+            from streams.topics import discover_raw_topics
 
-    @app.timer(interval=60.0)
-    async def watch_raw_topics() -> None:
-        """A raw topic created after start-up is not consumed until a restart: say so, loudly."""
-        from streams.topics import discover_raw_topics
+            try:
+                found = await asyncio.to_thread(discover_raw_topics, settings.kafka.client_config(), topics)
+            except Exception as exc:  # noqa: BLE001 - a failed look-up is retried at the next tick
+                log.warning("could not list raw topics: %r", exc)
+                return
+            for name in sorted(set(found) - set(raw_names)):
+                log.warning("raw topic %s appeared after start-up; restart the worker to consume it", name)
 
-        try:
-            found = await asyncio.to_thread(discover_raw_topics, settings.kafka.client_config(), topics)
-        except Exception as exc:  # noqa: BLE001 - a failed look-up is retried at the next tick
-            log.warning("could not list raw topics: %r", exc)
-            return
-        for name in sorted(set(found) - set(raw_names)):
-            log.warning("raw topic %s appeared after start-up; restart the worker to consume it", name)
+    if "clinical" in roles:
+        clinical = ClinicalHandler(
+            c,
+            topics,
+            send,
+            ClinicalTables(
+                analytes=table("analyte-state"), open_alerts=table("open-alerts"), wards=table("wards")
+            ),
+            c.reference.policy,
+        )
 
-    @app.timer(interval=stream.escalation_check_seconds)
-    async def escalation_timer() -> None:
-        await clinical.escalate_due()
+        @app.agent(clinical_source, concurrency=1, name="clinical")
+        async def clinical_agent(events: faust.StreamT[Any]) -> None:
+            await run_batches(events, clinical.handle)
+
+        @app.timer(interval=stream.escalation_check_seconds)
+        async def escalation_timer() -> None:
+            await clinical.escalate_due()
+
+    if "store" in roles:
+        store = StoreHandler(c, topics, send)
+
+        @app.agent(store_source, concurrency=1, name="store")
+        async def store_agent(events: faust.StreamT[Any]) -> None:
+            await run_batches(events, store.handle)
 
     return app

@@ -197,3 +197,33 @@ async def _clinical_scenario(app: Any, sent: list[Any], components: Components) 
     assert (alert["loinc_code"], alert["limit_kind"], alert["value"]) == ("2823-3", "HIGH", 6.9)
     assert alert["regional_patient_id"] == event.regional_patient_id
     assert [k for topic, k, _ in sent if topic == "alerts.critical"] == [key]
+
+
+@pytest.mark.parametrize(
+    ("roles", "agents", "app_id"),
+    [
+        (("normaliser", "clinical", "store"), {"normaliser", "clinical", "store"}, "agents-test"),
+        (("store",), {"store"}, "agents-test-store"),
+        (("normaliser", "clinical"), {"normaliser", "clinical"}, "agents-test-clinical-normaliser"),
+    ],
+)
+def test_a_worker_runs_the_stages_it_is_given_as_its_own_app(
+    tmp_path: Any, roles: tuple[str, ...], agents: set[str], app_id: str
+) -> None:
+    components = Components(
+        registry=ConfluentRegistry({"url": "mock://roles"}),
+        reference=load_reference(),
+        codes=load_codes(),
+        identity=RegionalIdentity(b"r" * 32),
+        sink=MemorySink(),
+        metrics=make_stream_metrics(CollectorRegistry()),
+        clock=lambda: NOW,
+    )
+    app = create_app(settings(tmp_path), components=components, roles=roles)
+    assert {name.rsplit(".", 1)[-1].removesuffix("_agent") for name in app.agents} == agents
+    assert app.conf.id == app_id  # one consumer group (and table namespace) per stage set
+
+
+def test_unknown_roles_are_refused(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="roles"):
+        create_app(settings(tmp_path), components=None, roles=("normaliser", "reporting"))
