@@ -121,16 +121,17 @@ def normalise_lab(
     mrn = record["patient_mrn"].strip()
     if not mrn:
         raise RejectedEvent("patient_mrn", "empty local patient identifier")
-    regional_id = identity.from_local(institution, mrn)
-    raw_nid = record.get("patient_national_id")
-    if raw_nid:
-        nid = normalise_national_id(raw_nid)
-        if nid is None:
-            flags.append(FLAG_INVALID_NATIONAL_ID)
-        else:
-            regional_id = identity.from_national_id(nid)
     if regional_patient_id is not None:
-        regional_id = regional_patient_id
+        regional_id = regional_patient_id  # resolved by the caller (streams.events), with its flags
+    else:
+        regional_id = identity.from_local(institution, mrn)
+        raw_nid = record.get("patient_national_id")
+        if raw_nid:
+            nid = normalise_national_id(raw_nid)
+            if nid is None:
+                flags.append(FLAG_INVALID_NATIONAL_ID)
+            else:
+                regional_id = identity.from_national_id(nid)
 
     return NormalisedLab(
         event_id=str(envelope["event_id"]),
