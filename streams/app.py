@@ -27,7 +27,6 @@ from prometheus_client import CollectorRegistry
 
 from clinhub.settings import HubSettings
 from schemas import standard
-from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder
 from streams.clinical import ClinicalHandler, ClinicalTables
 from streams.codes import CodeMaps, load_codes
@@ -42,6 +41,16 @@ log = logging.getLogger("clinhub.streams")
 
 Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
 ROLES = ("normaliser", "clinical", "store")
+
+# Every record the agents read or write, by the short name the store and the handlers use.
+RECORD_SCHEMAS = {
+    **standard.KIND_SCHEMAS,
+    "identity": standard.IDENTITY_LINK,
+    "alert": standard.CRITICAL_VALUE_ALERT,
+    "escalation": standard.ALERT_ESCALATION,
+    "ack": standard.ALERT_ACKNOWLEDGEMENT,
+    "deadletter": standard.DEAD_LETTER,
+}
 
 
 @dataclass
@@ -60,32 +69,14 @@ class Components:
     encoders: dict[str, AvroEncoder] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for kind in KINDS:
-            schema = standard.load(standard.KIND_SCHEMAS[kind])
-            self.decoders.setdefault(kind, AvroDecoder(self.registry, schema))
-        others = {
-            "identity": standard.IDENTITY_LINK,
-            "alert": standard.CRITICAL_VALUE_ALERT,
-            "escalation": standard.ALERT_ESCALATION,
-            "ack": standard.ALERT_ACKNOWLEDGEMENT,
-            "deadletter": standard.DEAD_LETTER,
-        }
-        for kind, name in others.items():
+        for kind, name in RECORD_SCHEMAS.items():
             self.decoders.setdefault(kind, AvroDecoder(self.registry, standard.load(name)))
 
     def encoder(self, kind: str) -> AvroEncoder:
         """Encoders register their schema on first use, so a worker starts without the registry."""
         if kind not in self.encoders:
-            name = (
-                standard.KIND_SCHEMAS.get(kind)
-                or {
-                    "identity": standard.IDENTITY_LINK,
-                    "alert": standard.CRITICAL_VALUE_ALERT,
-                    "escalation": standard.ALERT_ESCALATION,
-                    "deadletter": standard.DEAD_LETTER,
-                }[kind]
-            )
-            self.encoders[kind] = make_encoder(self.registry, standard.load(name), check=False)
+            schema = standard.load(RECORD_SCHEMAS[kind])
+            self.encoders[kind] = make_encoder(self.registry, schema, check=False)
         return self.encoders[kind]
 
 
@@ -148,13 +139,9 @@ async def retrying(
             return await action()
         except asyncio.CancelledError:
             raise
-        except RegistryUnavailableError as exc:
-            reason = type(exc).__name__
-            log.warning("%s failed (%s), retrying in %.1fs", what, exc, delay)
-        except Exception as exc:  # noqa: BLE001 - unknown failures are retried too, loudly
-            reason = getattr(exc, "retry_reason", None) or type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - transient or not, retried loudly rather than skipped
             log.warning("%s failed (%r), retrying in %.1fs", what, exc, delay)
-        metrics.sink_retries.labels(reason=reason).inc()
+            metrics.sink_retries.labels(reason=type(exc).__name__).inc()
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay)
 
