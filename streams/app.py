@@ -32,6 +32,7 @@ from streams.clinical import ClinicalHandler, ClinicalTables
 from streams.codes import CodeMaps, load_codes
 from streams.identity import RegionalIdentity
 from streams.metrics import StreamMetrics, make_stream_metrics
+from streams.outputs import Output, Publish, make_outputs
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
 from streams.reference import DATA_DIR, ReferenceData, load_reference
 from streams.store_agent import StoreHandler
@@ -39,7 +40,6 @@ from streams.topics import KINDS, TopicNames
 
 log = logging.getLogger("clinhub.streams")
 
-Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
 ROLES = ("normaliser", "clinical", "store")
 
 # Every record the agents read or write, by the short name the store and the handlers use.
@@ -147,14 +147,23 @@ async def retrying(
 
 
 async def send_dead_letters(
-    rejections: Sequence[Rejection], c: Components, topics: TopicNames, send: Send, stage: str, kind: str
+    rejections: Sequence[Rejection],
+    c: Components,
+    topics: TopicNames,
+    publish: Publish,
+    stage: str,
+    kind: str,
 ) -> None:
     """Dead-letter each rejection; returns once the broker has every one."""
-    pending = []
+    if not rejections:
+        return
+    outputs = []
     for rejection in rejections:
         value = c.encoder("deadletter")(dead_letter_record(rejection, f"streams.{stage}", c.clock()))
         headers = {"correlation_id": (rejection.correlation_id or "").encode()}
-        pending.append(send(topics.deadletter_topic, rejection.message.key, value, headers))
+        outputs.append(Output(topics.deadletter_topic, rejection.message.key, value, headers))
+    await publish(outputs)
+    for rejection in rejections:
         c.metrics.rejects.labels(kind=kind, reason=rejection.error_class).inc()
         c.metrics.events.labels(
             institution=rejection.institution_id or "?", kind=kind, outcome="rejected"
@@ -168,16 +177,15 @@ async def send_dead_letters(
             rejection.field,
             rejection.correlation_id,
         )
-    await asyncio.gather(*pending)
 
 
 class NormaliserHandler:
     """raw -> norm.<kind> (keyed by regional patient id), identity links, dead letters."""
 
-    def __init__(self, components: Components, topics: TopicNames, send: Send, links: Any) -> None:
+    def __init__(self, components: Components, topics: TopicNames, publish: Publish, links: Any) -> None:
         self.c = components
         self.topics = topics
-        self.send = send
+        self.publish = publish
         self.links = links
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
@@ -197,19 +205,19 @@ class NormaliserHandler:
 
         outcome = await retrying("normalise batch", normalise, c.metrics, c.retry_max_seconds)
 
+        outputs = []
+        for _message, event in outcome.events:
+            key = event.regional_patient_id.encode()
+            headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
+            value = c.encoder(event.kind)(event.record)
+            outputs.append(Output(self.topics.norm(event.kind), key, value, headers))
+            if event.identity.link is not None:
+                link_value = c.encoder("identity")(event.identity.link)
+                outputs.append(Output(self.topics.identity_topic, key, link_value, {}))
+
         async def publish() -> None:
-            pending = []
-            for _message, event in outcome.events:
-                key = event.regional_patient_id.encode()
-                headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
-                pending.append(
-                    self.send(self.topics.norm(event.kind), key, c.encoder(event.kind)(event.record), headers)
-                )
-                if event.identity.link is not None:
-                    link_value = c.encoder("identity")(event.identity.link)
-                    pending.append(self.send(self.topics.identity_topic, key, link_value, {}))
-            await asyncio.gather(*pending)
-            await send_dead_letters(outcome.rejections, c, self.topics, self.send, "normaliser", "raw")
+            await self.publish(outputs)
+            await send_dead_letters(outcome.rejections, c, self.topics, self.publish, "normaliser", "raw")
 
         await retrying("publish normalised batch", publish, c.metrics, c.retry_max_seconds)
         for key, regional_id in outcome.links.items():
@@ -235,7 +243,7 @@ def create_app(
     settings: HubSettings,
     components: Components | None = None,
     metrics_registry: CollectorRegistry | None = None,
-    send_override: Send | None = None,
+    publish_override: Publish | None = None,
     raw_topics: Sequence[str] = (),
     roles: Collection[str] = ROLES,
 ) -> faust.App:
@@ -244,7 +252,7 @@ def create_app(
     `raw_topics` adds raw topics found on the cluster (`topics.discover_raw_topics`) to those of the
     configured institutions. `roles` picks the agents this worker runs: all three by default, or a
     subset so that the stages run in separate processes (each subset is its own Faust app and consumer
-    group, e.g. `clinhub-streams-normaliser`). `send_override` replaces publishing to Kafka, for
+    group, e.g. `clinhub-streams-normaliser`). `publish_override` replaces publishing to Kafka, for
     `agent.test_context()` tests.
     """
     unknown = set(roles) - set(ROLES)
@@ -269,19 +277,24 @@ def create_app(
         datadir=str(stream.data_dir),
         broker_commit_every=1000,
         broker_commit_interval=1.0,
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
     )
     c = components or build_components(settings, metrics_registry or CollectorRegistry())
 
     def raw_topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_serializer="raw", value_serializer="raw")
 
-    async def send_to_kafka(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
-        # Straight to the app's producer: values are already Avro bytes, and App.send would build a
-        # Topic object and run Faust's serializers for every message.
-        delivered = await app.producer.send(topic, key, value, None, None, list(headers.items()))
-        await delivered  # the broker's acknowledgement (acks=all)
+    if publish_override is not None:
+        publish = publish_override
+    else:
+        outputs = make_outputs(settings)
+        publish = outputs.publish
 
-    send: Send = send_override or send_to_kafka
+        async def close_outputs(_app: Any, **_kwargs: Any) -> None:
+            await asyncio.to_thread(outputs.close)
+
+        app.on_before_shutdown.connect(cast(Any, close_outputs))  # mode's handler type is narrower
 
     def table(name: str) -> Any:
         # use_partitioner: the changelog partition follows the key's hash (murmur2, as the SDK's keys),
@@ -312,7 +325,7 @@ def create_app(
     )
 
     if "normaliser" in roles:
-        normaliser = NormaliserHandler(c, topics, send, table("identity-links"))
+        normaliser = NormaliserHandler(c, topics, publish, table("identity-links"))
 
         @app.agent(raw_source, concurrency=1, name="normaliser")
         async def normaliser_agent(events: faust.StreamT[Any]) -> None:
@@ -335,7 +348,7 @@ def create_app(
         clinical = ClinicalHandler(
             c,
             topics,
-            send,
+            publish,
             ClinicalTables(
                 analytes=table("analyte-state"), open_alerts=table("open-alerts"), wards=table("wards")
             ),
@@ -351,7 +364,7 @@ def create_app(
             await clinical.escalate_due()
 
     if "store" in roles:
-        store = StoreHandler(c, topics, send)
+        store = StoreHandler(c, topics, publish)
 
         @app.agent(store_source, concurrency=1, name="store")
         async def store_agent(events: faust.StreamT[Any]) -> None:

@@ -13,7 +13,7 @@ which yields the same alert ids (the engine de-duplicates by event id within the
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from streams.escalation import (
     open_alert,
     prune,
 )
+from streams.outputs import Output, Publish
 from streams.pipeline import RawMessage, Rejection
 from streams.reference import AlertPolicy
 from streams.rules import AnalyteState, LabFacts, alert_record, evaluate
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from streams.app import Components
 
 log = logging.getLogger("clinhub.streams.clinical")
-Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
 
 
 @dataclass
@@ -128,22 +128,20 @@ class ClinicalHandler:
         self,
         components: Components,
         topics: TopicNames,
-        send: Send,
+        publish: Publish,
         tables: ClinicalTables,
         policy: AlertPolicy,
     ) -> None:
         self.c = components
         self.topics = topics
-        self.send = send
+        self.publish = publish
         self.tables = tables
         self.policy = policy
         self._escalations_in_flight: set[str] = set()
 
-    def _evaluate(
-        self, messages: Sequence[RawMessage]
-    ) -> tuple[_Overlay, list[tuple[str, bytes, bytes, dict[str, bytes]]], list[Rejection]]:
+    def _evaluate(self, messages: Sequence[RawMessage]) -> tuple[_Overlay, list[Output], list[Rejection]]:
         overlay = _Overlay(self.tables)
-        outputs: list[tuple[str, bytes, bytes, dict[str, bytes]]] = []  # (topic, key, value, headers)
+        outputs: list[Output] = []
         rejections: list[Rejection] = []
         for message in messages:
             try:
@@ -159,7 +157,7 @@ class ClinicalHandler:
         self,
         message: RawMessage,
         overlay: _Overlay,
-        outputs: list[tuple[str, bytes, bytes, dict[str, bytes]]],
+        outputs: list[Output],
     ) -> None:
         c, topics = self.c, self.topics
         if message.topic == topics.norm("encounter"):
@@ -186,12 +184,12 @@ class ClinicalHandler:
             for draft in decision.alerts:
                 alerts = open_alert(alerts, draft)
                 value = c.encoder("alert")(alert_record(draft))
-                outputs.append((topics.alerts_topic, patient.encode(), value, headers))
+                outputs.append(Output(topics.alerts_topic, patient.encode(), value, headers))
                 c.metrics.alerts.labels(analyte=draft.analyte, severity=draft.severity).inc()
                 log.info("ALERT %s %s correlation_id=%s", draft.severity, draft.message, draft.correlation_id)
             for draft in decision.updated_alerts:
                 value = c.encoder("alert")(alert_record(draft))
-                outputs.append((topics.alerts_topic, patient.encode(), value, headers))
+                outputs.append(Output(topics.alerts_topic, patient.encode(), value, headers))
             if alerts is not None and decision.alerts:
                 overlay.open_alerts[patient] = alerts
         elif message.topic == topics.acks_topic:
@@ -217,7 +215,7 @@ class ClinicalHandler:
 
         async def evaluate_and_publish() -> tuple[_Overlay, list[Rejection]]:
             overlay, outputs, rejections = await asyncio.to_thread(self._evaluate, messages)
-            await asyncio.gather(*(self.send(*output) for output in outputs))
+            await self.publish(outputs)
             return overlay, rejections
 
         overlay, rejections = await retrying(
@@ -225,7 +223,7 @@ class ClinicalHandler:
         )
         await retrying(
             "dead-letter clinical rejects",
-            lambda: send_dead_letters(rejections, c, self.topics, self.send, "clinical", "norm"),
+            lambda: send_dead_letters(rejections, c, self.topics, self.publish, "clinical", "norm"),
             c.metrics,
             c.retry_max_seconds,
         )
@@ -247,7 +245,7 @@ class ClinicalHandler:
                     continue
                 value = self.c.encoder("escalation")(escalation_record(draft))
                 try:
-                    await self.send(self.topics.escalations_topic, patient.encode(), value, {})
+                    await self.publish([Output(self.topics.escalations_topic, patient.encode(), value, {})])
                 except Exception as exc:  # noqa: BLE001 - retried on the next tick
                     log.warning("escalation %s not published yet: %r", draft.escalation_id, exc)
                     return sent

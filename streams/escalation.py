@@ -90,7 +90,7 @@ class OpenAlertState:
         return self.acknowledged_ms is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(vars(self))  # flat fields; dataclasses.asdict deep-copies each one
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OpenAlertState:

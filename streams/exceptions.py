@@ -32,3 +32,13 @@ class ImplausibleTimeError(RejectedEvent):
 
 class ReferenceDataError(StreamError):
     """A terminology, unit or rule file is malformed; the processor refuses to start."""
+
+
+class OutputDeliveryError(StreamError):
+    """The broker refused (or timed out) some of a batch's outputs; the batch is retried, not acked."""
+
+    def __init__(self, topic: str, reason: str, failed: int) -> None:
+        super().__init__(f"{failed} output message(s) not delivered, first to {topic}: {reason}")
+        self.topic = topic
+        self.reason = reason
+        self.failed = failed

@@ -132,7 +132,7 @@ class AlertDraft:
     suppressed_repeats: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = dict(vars(self))  # flat fields: dataclasses.asdict would deep-copy each one, per event
         for key in ("result_time", "raised_time", "deadline_time", "previous_time"):
             if data[key] is not None:
                 data[key] = epoch_ms(data[key])

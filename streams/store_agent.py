@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas.exceptions import RegistryUnavailableError, SchemaError
 from sinks.base import StoreRecord, write_records_isolating
+from streams.outputs import Publish
 from streams.pipeline import RawMessage, Rejection
 from streams.topics import KINDS, TopicNames
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from streams.app import Components
 
 log = logging.getLogger("clinhub.streams.store")
-Send = Callable[[str, bytes | None, bytes, dict[str, bytes]], Awaitable[None]]
 
 
 def kinds_by_topic(topics: TopicNames) -> dict[str, str]:
@@ -33,10 +33,10 @@ def kinds_by_topic(topics: TopicNames) -> dict[str, str]:
 
 
 class StoreHandler:
-    def __init__(self, components: Components, topics: TopicNames, send: Send) -> None:
+    def __init__(self, components: Components, topics: TopicNames, publish: Publish) -> None:
         self.c = components
         self.topics = topics
-        self.send = send
+        self.publish = publish
         self.kinds = kinds_by_topic(topics)
 
     def _decode(
@@ -82,7 +82,7 @@ class StoreHandler:
         )
         await retrying(
             "dead-letter refused records",
-            lambda: send_dead_letters(rejections, c, self.topics, self.send, "store", "norm"),
+            lambda: send_dead_letters(rejections, c, self.topics, self.publish, "store", "norm"),
             c.metrics,
             c.retry_max_seconds,
         )

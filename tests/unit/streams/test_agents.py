@@ -28,6 +28,7 @@ from streams.app import Components, create_app
 from streams.codes import load_codes
 from streams.identity import RegionalIdentity
 from streams.metrics import make_stream_metrics
+from streams.outputs import Output
 from streams.reference import load_reference
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -67,10 +68,10 @@ def wiring(tmp_path: Any) -> tuple[Any, list[tuple[str, bytes | None, bytes]], C
     )
     sent: list[tuple[str, bytes | None, bytes]] = []
 
-    async def capture(topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes]) -> None:
-        sent.append((topic, key, value))
+    async def capture(outputs: Sequence[Output]) -> None:
+        sent.extend((output.topic, output.key, output.value) for output in outputs)
 
-    app = create_app(settings(tmp_path), components=components, send_override=capture)
+    app = create_app(settings(tmp_path), components=components, publish_override=capture)
     return app, sent, components
 
 
