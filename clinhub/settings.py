@@ -93,9 +93,9 @@ class StreamSettings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
     web_port: int = 6066
     sink_retry_max_seconds: float = Field(default=30.0, gt=0)
-    # Faust table store. Only "memory://" (state rebuilt from the changelogs at start-up) works with the
-    # agents: they write tables from batch handlers, and Faust's RocksDB store needs a current event.
-    table_store: str = "memory://"
+    # Faust table store: "rocksdb://" keeps state on disk under data_dir (a restart reads only the changelog
+    # tail; see streams/tables.py), "memory://" rebuilds it from the changelogs at every start.
+    table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     escalation_check_seconds: float = Field(default=5.0, gt=0)
     # Folder of the reference data (terminology, units, rules); None: the files shipped in streams/data
     reference_dir: Path | None = None

@@ -36,6 +36,7 @@ from streams.outputs import Output, Publish, make_outputs
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
 from streams.reference import DATA_DIR, ReferenceData, load_reference
 from streams.store_agent import StoreHandler
+from streams.tables import RawKeyTable, store_url
 from streams.topics import KINDS, TopicNames
 
 log = logging.getLogger("clinhub.streams")
@@ -264,7 +265,8 @@ def create_app(
     app = faust.App(
         app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
-        store=stream.table_store,
+        store=store_url(stream.table_store),
+        Table=RawKeyTable,
         autodiscover=False,
         processing_guarantee="at_least_once",
         producer_acks=-1,
@@ -297,8 +299,9 @@ def create_app(
         app.on_before_shutdown.connect(cast(Any, close_outputs))  # mode's handler type is narrower
 
     def table(name: str) -> Any:
-        # use_partitioner: the changelog partition follows the key's hash (murmur2, as the SDK's keys),
-        # so tables can be written from batch handlers and timers, not only inside stream iteration.
+        # use_partitioner: the changelog partition follows the key's hash (murmur2 of the raw key, as on
+        # the topics the agent reads), so tables can be written from batch handlers and timers, not only
+        # inside stream iteration. Every table is keyed by a key of its agent's source topics.
         return app.Table(name, default=None, partitions=settings.kafka.topic_partitions, use_partitioner=True)
 
     async def run_batches(
@@ -350,7 +353,7 @@ def create_app(
             topics,
             publish,
             ClinicalTables(
-                analytes=table("analyte-state"), open_alerts=table("open-alerts"), wards=table("wards")
+                analytes=table("patient-analytes"), open_alerts=table("open-alerts"), wards=table("wards")
             ),
             c.reference.policy,
         )

@@ -1,7 +1,8 @@
 """The clinical agent's handler: critical-value rules and escalation over changelogged tables.
 
-Tables (all keyed by regional patient id, the key of every topic this agent reads):
-- `analytes`: "<patient>|<LOINC>" -> AnalyteState (last value, open alerts per limit kind);
+Tables (all keyed by regional patient id, the key of every topic this agent reads, so each table
+partition is the partition of the events that write it):
+- `analytes`: "<patient>" -> {LOINC: AnalyteState} (last value, open alerts per limit kind);
 - `open_alerts`: "<patient>" -> OpenAlerts (escalation level and deadline of each alert);
 - `wards`: "<patient>" -> the ward of the latest encounter event.
 
@@ -94,15 +95,19 @@ class _Overlay:
     """Batch-local view of the tables: reads fall through, writes wait until outputs are confirmed."""
 
     tables: ClinicalTables
-    analytes: dict[str, AnalyteState] = field(default_factory=dict)
+    analytes: dict[str, dict[str, AnalyteState]] = field(default_factory=dict)  # patient -> LOINC -> new
     open_alerts: dict[str, OpenAlerts] = field(default_factory=dict)
     wards: dict[str, str] = field(default_factory=dict)
 
-    def analyte(self, key: str) -> AnalyteState | None:
-        if key in self.analytes:
-            return self.analytes[key]
-        raw = self.tables.analytes.get(key)
+    def analyte(self, patient: str, loinc: str) -> AnalyteState | None:
+        changed = self.analytes.get(patient, {})
+        if loinc in changed:
+            return changed[loinc]
+        raw = (self.tables.analytes.get(patient) or {}).get(loinc)
         return AnalyteState.from_dict(raw) if raw else None
+
+    def set_analyte(self, patient: str, loinc: str, state: AnalyteState) -> None:
+        self.analytes.setdefault(patient, {})[loinc] = state
 
     def alerts_of(self, patient: str) -> OpenAlerts | None:
         if patient in self.open_alerts:
@@ -114,9 +119,13 @@ class _Overlay:
         return self.wards.get(patient) or self.tables.wards.get(patient)
 
     def write_back(self) -> None:
-        """One changelog write per key and batch, serialised once."""
-        for key, analyte in self.analytes.items():
-            self.tables.analytes[key] = analyte.to_dict()
+        """One changelog write per key and batch; only the analytes this batch changed are serialised."""
+        for patient, changed in self.analytes.items():
+            stored = self.tables.analytes.get(patient) or {}
+            self.tables.analytes[patient] = {
+                **stored,
+                **{loinc: state.to_dict() for loinc, state in changed.items()},
+            }
         for key, alerts in self.open_alerts.items():
             self.tables.open_alerts[key] = alerts.to_dict()
         for key, ward in self.wards.items():
@@ -170,9 +179,9 @@ class ClinicalHandler:
             facts = lab_facts(record, overlay.ward(patient))
             if facts is None:
                 return
-            key = f"{patient}|{facts.loinc_code}"
-            decision = evaluate(facts, overlay.analyte(key), c.reference.rulebook, c.clock(), self.policy)
-            overlay.analytes[key] = decision.state
+            previous = overlay.analyte(patient, facts.loinc_code)
+            decision = evaluate(facts, previous, c.reference.rulebook, c.clock(), self.policy)
+            overlay.set_analyte(patient, facts.loinc_code, decision.state)
             if decision.duplicate:
                 # State is written only after outputs are confirmed, so a duplicate's alerts are out already.
                 c.metrics.events.labels(

@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from producers.publisher import make_publisher
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
@@ -99,8 +101,17 @@ def test_an_unacknowledged_alert_escalates_and_an_acknowledged_one_does_not(
     assert answered_id not in levels, "an acknowledged alert never escalates"
 
 
-def test_a_restart_keeps_suppression_state_and_escalation_timers(hub: HubEnv, tmp_path: Path) -> None:
-    env = fast_escalation(tmp_path, minutes=0.25)  # 15 s to acknowledge
+@pytest.mark.parametrize("local_state", ["kept", "deleted"])
+def test_a_restart_keeps_suppression_state_and_escalation_timers(
+    hub: HubEnv, tmp_path: Path, local_state: str
+) -> None:
+    """RocksDB tables: restarted on its own state (changelog tail only), or with it deleted (all of it)."""
+    state_dir = tmp_path / "worker-state"
+    env = {
+        **fast_escalation(tmp_path, minutes=0.25),  # 15 s to acknowledge
+        "CLINHUB_STREAM_TABLE_STORE": "rocksdb://",
+        "CLINHUB_STREAM_DATA_DIR": str(state_dir),
+    }
     publisher = make_publisher(hub.settings, "H002")
     first = lab_record("H002", "LAB0101", 6.9, "mmol/L", mrn="0000077777")
     earlier = first["result_time"] - dt.timedelta(minutes=40)
@@ -110,13 +121,16 @@ def test_a_restart_keeps_suppression_state_and_escalation_timers(hub: HubEnv, tm
     worker = hub.start_worker(env)
     alert = alerts_for(hub, {first["envelope"]["event_id"]})[first["envelope"]["event_id"]]
     hub.stop_worker(worker)
+    assert any(state_dir.rglob("*.sst")) or any(state_dir.rglob("*.log")), "tables were on RocksDB"
+    if local_state == "deleted":
+        shutil.rmtree(state_dir)
 
     repeat = lab_record("H002", "LAB0101", 6.7, "mmol/L", mrn="0000077777")  # critical again, but not worse
     repeat["result_time"] = repeat["envelope"]["event_time"] = earlier + dt.timedelta(minutes=30)
     publisher.publish_lab(repeat)
     publisher.close()
 
-    hub.start_worker(env)  # same app id: tables recover from their changelogs
+    hub.start_worker(env)  # same app id: tables recover from their changelogs (all, or past the local state)
 
     def suppressed_count() -> int:
         updates = [

@@ -49,7 +49,9 @@ def settings(tmp_path: Any) -> HubSettings:
         registry=RegistrySettings(url="mock://agents"),
         database=DatabaseSettings(),
         security=SecuritySettings(),
-        stream=StreamSettings(app_id="agents-test", data_dir=tmp_path, batch_within_seconds=0.05),
+        stream=StreamSettings(
+            app_id="agents-test", data_dir=tmp_path, batch_within_seconds=0.05, table_store="memory://"
+        ),
         infra=InfraSettings(metrics_port=0),
     )
 

@@ -1,0 +1,67 @@
+"""Tables for state written outside stream iteration (batch handlers, timers), on RocksDB or in memory.
+
+Faust's RocksDB store (faust/stores/rocksdb.py) keeps one RocksDB database per changelog partition and
+picks the database of a write from the *current event* (`_set` asserts there is one). The clinical and
+normaliser agents write their tables after a `noack_take` batch, and the escalation timer writes with no
+event at all, so the stock store fails there.
+
+The tables are created with `use_partitioner=True`: the changelog partition of a key is the producer's
+partitioner's choice for the serialised key (aiokafka's DefaultPartitioner, murmur2 like Java). This store
+puts the local copy in the database of that same partition, so the local database of partition N holds
+exactly the keys of changelog partition N: recovery (which writes changelog records into the database of
+their partition), the persisted changelog offsets and rebalancing all stay consistent.
+
+Reads need no override: for `use_partitioner` tables Faust's `_get`/`_contains` already look the key up in
+the key index or in every open partition database; `_del` deletes from the indexed or every database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust import stores
+from faust.stores import rocksdb
+
+SCHEME = "rocksdb-keyed"
+
+
+class KeyPartitionedRocksDBStore(rocksdb.Store):
+    def _key_partition(self, key: bytes) -> int:
+        # The very computation Table.send_changelog made for this key a moment ago (eager_partitioning).
+        table: Any = self.table  # the concrete Collection has changelog_topic_name
+        return self.app.producer.key_partition(table.changelog_topic_name, key).partition
+
+    def _set(self, key: bytes, value: bytes | None) -> None:
+        if not self.table.use_partitioner:
+            super()._set(key, value)  # co-partitioned tables: the current event's partition, as in Faust
+            return
+        partition = self._key_partition(key)
+        self._db_for_partition(partition).put(key, value)
+        self._key_index[key] = partition
+
+
+def store_url(configured: str) -> str:
+    """The Faust store URL for the configured one: "rocksdb://..." means this store."""
+    if configured.startswith("rocksdb://"):
+        # faust.stores resolves a store URL by its scheme through these aliases
+        stores.STORES.aliases.setdefault(SCHEME, f"{__name__}:KeyPartitionedRocksDBStore")
+        return SCHEME + configured[len("rocksdb") :]
+    return configured
+
+
+class RawKeyTable(faust.Table):
+    """A table whose str keys go to the changelog and the store as their UTF-8 bytes, not as JSON.
+
+    Faust derives a table's key serializer from `key_type` only (json unless the type is bytes or a
+    model), so a str key "rp-1" is written as b'"rp-1"' and `use_partitioner` hashes the quotes too: the
+    changelog partition is then not the partition of the same key on the source topics (b"rp-1").
+    `App(..., Table=RawKeyTable)` makes every `app.Table` of the app use raw str keys.
+    """
+
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("key_type", str)
+        super().__init__(app, **kwargs)
+        if self.key_type is str:
+            # before TableManager.add builds the changelog topic and before the store is made
+            self.key_serializer = "raw"
