@@ -97,6 +97,8 @@ class StreamSettings(BaseSettings):
     # tail; see streams/tables.py), "memory://" rebuilds it from the changelogs at every start.
     table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     escalation_check_seconds: float = Field(default=5.0, gt=0)
+    # How often the normaliser looks for raw.<institution>.<kind> topics created since it started
+    raw_topic_scan_seconds: float = Field(default=60.0, gt=0)
     # Folder of the reference data (terminology, units, rules); None: the files shipped in streams/data
     reference_dir: Path | None = None
 

@@ -37,7 +37,7 @@ from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalis
 from streams.reference import DATA_DIR, ReferenceData, load_reference
 from streams.store_agent import StoreHandler
 from streams.tables import RawKeyTable, store_url
-from streams.topics import KINDS, TopicNames
+from streams.topics import KINDS, TopicNames, discover_raw_topics, subscribe_more
 
 log = logging.getLogger("clinhub.streams")
 
@@ -334,18 +334,20 @@ def create_app(
         async def normaliser_agent(events: faust.StreamT[Any]) -> None:
             await run_batches(events, normaliser.handle)
 
-        @app.timer(interval=60.0)
+        @app.timer(interval=stream.raw_topic_scan_seconds)
         async def watch_raw_topics() -> None:
-            """A raw topic created after start-up is not consumed until a restart: say so, loudly."""
-            from streams.topics import discover_raw_topics
-
+            """Raw topics created after start-up (a new institution, a new kind) join the subscription."""
             try:
                 found = await asyncio.to_thread(discover_raw_topics, settings.kafka.client_config(), topics)
             except Exception as exc:  # noqa: BLE001 - a failed look-up is retried at the next tick
                 log.warning("could not list raw topics: %r", exc)
                 return
-            for name in sorted(set(found) - set(raw_names)):
-                log.warning("raw topic %s appeared after start-up; restart the worker to consume it", name)
+            new = sorted(set(found) - set(raw_names))
+            if new and subscribe_more(
+                app, raw_names[0], new, settle_seconds=min(45.0, stream.raw_topic_scan_seconds)
+            ):
+                log.warning("raw topics %s appeared after start-up; subscribing to them", ", ".join(new))
+                raw_names.extend(new)
 
     if "clinical" in roles:
         clinical = ClinicalHandler(

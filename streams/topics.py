@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,10 +106,29 @@ def discover_raw_topics(admin_config: Mapping[str, Any], names: TopicNames) -> l
 
     Faust's own pattern subscription does not work with its aiokafka driver (the driver says so in a
     comment, and a pattern topic replaced every other subscription of the app when tried), so the
-    worker resolves the pattern itself at start-up.
+    worker resolves the pattern itself, at start-up and then periodically (`subscribe_more`).
     """
     from confluent_kafka.admin import AdminClient
 
     pattern = names.raw_pattern()
     listed = AdminClient(dict(admin_config)).list_topics(timeout=15).topics
     return sorted(name for name in listed if pattern.match(name))
+
+
+def subscribe_more(app: Any, known: str, names: Sequence[str], settle_seconds: float) -> int:
+    """Add `names` to every subscribed channel that reads topic `known`; returns how many channels.
+
+    The conductor (`app.topics`) holds the channels agents iterate; it resubscribes the consumer when
+    told its subscriptions changed, after waiting `settle_seconds` (Faust's default is 45 s) so that
+    several changes make one rebalance. The new topics' partitions then reach the same agent.
+    """
+    conductor = app.topics
+    changed = 0
+    for channel in list(conductor):
+        if known in channel.topics:
+            channel.topics = [*channel.topics, *(n for n in names if n not in channel.topics)]
+            changed += 1
+    if changed:
+        conductor._resubscribe_sleep_lock_seconds = settle_seconds
+        conductor._flag_changes()  # what Conductor.add/discard call; there is no public "topics changed"
+    return changed

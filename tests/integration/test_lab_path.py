@@ -203,3 +203,23 @@ def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None
             select(Observation).where(Observation.event_id == record["envelope"]["event_id"])
         ).one()
     assert (stored.institution_id, stored.loinc_code) == ("X009", "2823-3")
+
+
+def test_raw_topics_created_after_start_up_join_the_subscription(hub: HubEnv) -> None:
+    """A hospital that joins while the worker runs: its topics are found at the next scan, no restart."""
+    from streams.topics import KINDS, create_topics
+
+    hub.start_worker({"CLINHUB_STREAM_RAW_TOPIC_SCAN_SECONDS": "2"})
+    known = lab_record("H001", "K", 4.1, "mmol/L", mrn="MRN-KNOWN")
+    publisher = make_publisher(hub.settings, "H001")
+    publisher.publish_lab(known)
+    publisher.close()
+    wait_for(lambda: rows_for(hub, known["envelope"]["event_id"]) == 1, hub, what="worker running")
+
+    create_topics(hub.settings.kafka.client_config(), [hub.topics.raw("X010", kind) for kind in KINDS], 3, 1)
+    newcomer = lab_record("X010", "NEWCODE", 4.4, "mmol/L", mrn="X-10", loinc_code="2823-3")
+    publisher = make_publisher(hub.settings, "X010")
+    publisher.publish_lab(newcomer)
+    publisher.close()
+    wait_for(lambda: rows_for(hub, newcomer["envelope"]["event_id"]) == 1, hub, 90, what="X010 result stored")
+    assert [worker.poll() for worker in hub.workers] == [None], "the one worker, never restarted"
