@@ -70,13 +70,18 @@ def write_records_isolating(
 
     Good records end up written exactly once (writes are idempotent); refused ones come back with their
     index in `batch`, for the dead-letter topic. StoreUnavailableError propagates: retry the whole batch.
-    A batch of n records with k refused takes about 2k·log2(n) writes.
+    A record is only called refused when a second write of it alone is refused too: an error the
+    database raised once (a trigger, a check on changing state) must not dead-letter a good record.
+    A batch of n records with k refused takes about 2k·log2(n) + k writes.
     """
     try:
         return sink.write_records(batch), []
-    except StoreRejectedError as exc:
+    except StoreRejectedError:
         if len(batch) == 1:
-            return StoreWriteResult(), [(0, exc)]
+            try:
+                return sink.write_records(batch), []
+            except StoreRejectedError as again:
+                return StoreWriteResult(), [(0, again)]
     middle = len(batch) // 2
     left, left_rejected = write_records_isolating(sink, batch[:middle])
     right, right_rejected = write_records_isolating(sink, batch[middle:])

@@ -87,3 +87,26 @@ def test_results_of_the_halves_are_added_per_kind() -> None:
     left = StoreWriteResult({"lab": 2, "vitals": 1}, {"lab": 1})
     right = StoreWriteResult({"lab": 3}, {"alert": 2})
     assert left + right == StoreWriteResult({"lab": 5, "vitals": 1}, {"lab": 1, "alert": 2})
+
+
+class FlakySink(RefusingSink):
+    """Refuses its first write only, as a trigger or check that fails once would."""
+
+    def write_records(self, batch: Sequence[StoreRecord]) -> StoreWriteResult:
+        if self.calls == 0:
+            self.calls += 1
+            raise StoreRejectedError("injected failure")
+        return super().write_records(batch)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7])
+def test_a_refusal_that_does_not_repeat_dead_letters_nothing(size: int) -> None:
+    """A single record is only called refused when a second write of it is refused too."""
+    batch = simulated(seed=size, count=size)
+    sink = FlakySink(set())
+
+    result, refused = write_records_isolating(sink, batch)
+
+    assert refused == []
+    assert sorted(sink.stored) == sorted({_event_id(record) for record in batch})
+    assert result.total_written == size
