@@ -82,8 +82,8 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
     return ends
 
 
-def baseline(bootstrap: str, registry_url: str, topics: list[str], count: int) -> float:
-    """Events/s of consume + decode, from the first message polled to the last decoded."""
+def baseline(bootstrap: str, registry_url: str, topics: list[str], count: int) -> tuple[float, float]:
+    """Events/s of consume + decode, from the first message polled to the last decoded; CPU s per event."""
     decode = AvroDecoder(ConfluentRegistry({"url": registry_url}))
     consumer = Consumer(
         {
@@ -94,17 +94,23 @@ def baseline(bootstrap: str, registry_url: str, topics: list[str], count: int) -
         }
     )
     consumer.subscribe(topics)
-    seen, started = 0, 0.0
+    seen, started, cpu_started = 0, 0.0, 0.0
     while seen < count:
         for message in consumer.consume(num_messages=1000, timeout=1.0):
             if message.error() is None:
                 if not started:
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                 decode(message.value())
                 seen += 1
     elapsed = time.perf_counter() - started
     consumer.close()
-    return count / elapsed
+    return count / elapsed, (time.process_time() - cpu_started) / count
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc), for CPU per event beside the rates."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def committed_to_end(bootstrap: str, group: str, ends: dict[tuple[str, int], int]) -> bool:
@@ -180,8 +186,9 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
     print(f"published {count} lab results in {time.perf_counter() - started:.1f}s")
 
     raw_topics = [topics.raw(institution, "lab") for institution in institutions]
-    base = baseline(bootstrap, registry_url, raw_topics, count)
-    print(f"baseline   consume + decode         {base:9.0f} events/s   1.00x")
+    base, base_cpu = baseline(bootstrap, registry_url, raw_topics, count)
+    base_figures = f"{base:9.0f} events/s   1.00x   {base_cpu * 1e6:.0f} us CPU/event"
+    print(f"baseline   consume + decode         {base_figures}")
 
     env = {
         **os.environ,
@@ -208,6 +215,7 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
     try:
         norm_ends: dict[tuple[str, int], int] = {}
         alert_done = store_done = 0.0
+        start_cpu = -1.0  # the workers' CPU once the first event is normalised: start-up excluded
         while not store_done:
             if any(worker.poll() is not None for worker in workers):
                 raise SystemExit(f"worker exited: {(workdir / 'worker.log').read_text()[-3000:]}")
@@ -215,6 +223,8 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
             now = time.time()  # wall clock, comparable with Kafka create times
             if not norm_ends:
                 ends = end_offsets(bootstrap, [topics.norm("lab")])
+                if start_cpu < 0 and sum(ends.values()):
+                    start_cpu = sum(cpu_seconds(worker.pid) for worker in workers)
                 if sum(ends.values()) >= count:
                     norm_ends = ends
             if norm_ends and not alert_done and committed_to_end(bootstrap, clinical_group, norm_ends):
@@ -232,6 +242,11 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
         print(f"normalise  Faust raw -> norm.lab    {normalise_rate:9.0f} events/s   {ratio:.2f}x")
         print(f"+alert     normalise + rules        {alert_rate:9.0f} events/s   {alert_rate / base:.2f}x")
         print(f"+store     whole pipeline to SQLite {store_rate:9.0f} events/s   {store_rate / base:.2f}x")
+        cpu = sum(cpu_seconds(worker.pid) for worker in workers) - start_cpu
+        print(
+            f"workers    {cpu:.1f} s CPU after start-up: {cpu / count * 1e6:.0f} us CPU/event, "
+            f"{cpu / count / base_cpu:.1f}x the baseline's"
+        )
     finally:
         for worker in workers:
             worker.terminate()

@@ -98,12 +98,19 @@ class _Overlay:
     analytes: dict[str, dict[str, AnalyteState]] = field(default_factory=dict)  # patient -> LOINC -> new
     open_alerts: dict[str, OpenAlerts] = field(default_factory=dict)
     wards: dict[str, str] = field(default_factory=dict)
+    # Each patient's stored analyte map, read (and deserialised by the store) once per batch
+    stored_analytes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _stored(self, patient: str) -> dict[str, Any]:
+        if patient not in self.stored_analytes:
+            self.stored_analytes[patient] = self.tables.analytes.get(patient) or {}
+        return self.stored_analytes[patient]
 
     def analyte(self, patient: str, loinc: str) -> AnalyteState | None:
         changed = self.analytes.get(patient, {})
         if loinc in changed:
             return changed[loinc]
-        raw = (self.tables.analytes.get(patient) or {}).get(loinc)
+        raw = self._stored(patient).get(loinc)
         return AnalyteState.from_dict(raw) if raw else None
 
     def set_analyte(self, patient: str, loinc: str, state: AnalyteState) -> None:
@@ -121,9 +128,8 @@ class _Overlay:
     def write_back(self) -> None:
         """One changelog write per key and batch; only the analytes this batch changed are serialised."""
         for patient, changed in self.analytes.items():
-            stored = self.tables.analytes.get(patient) or {}
             self.tables.analytes[patient] = {
-                **stored,
+                **self._stored(patient),
                 **{loinc: state.to_dict() for loinc, state in changed.items()},
             }
         for key, alerts in self.open_alerts.items():
