@@ -93,6 +93,11 @@ class StreamSettings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
     web_port: int = 6066
     sink_retry_max_seconds: float = Field(default=30.0, gt=0)
+    # How often acked offsets are committed: a crash replays at most this much (outputs are idempotent)
+    commit_interval_seconds: float = Field(default=1.0, gt=0)
+    # How long the group waits for a worker that stopped heartbeating (crashed) before its partitions
+    # move: the failover time. Heartbeats run on the event loop, which handlers never block.
+    session_timeout_seconds: float = Field(default=30.0, ge=6)
     # Faust table store: "rocksdb://" keeps state on disk under data_dir (a restart reads only the changelog
     # tail; see streams/tables.py), "memory://" rebuilds it from the changelogs at every start.
     table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")

@@ -278,7 +278,9 @@ def create_app(
         web_enabled=False,
         datadir=str(stream.data_dir),
         broker_commit_every=1000,
-        broker_commit_interval=1.0,
+        broker_commit_interval=stream.commit_interval_seconds,
+        broker_session_timeout=stream.session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, stream.session_timeout_seconds / 3),
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
     )

@@ -114,6 +114,7 @@ class HubEnv:
             "CLINHUB_STREAM_DATA_DIR": str(self.workdir / "faust"),
             "CLINHUB_STREAM_BATCH_WITHIN_SECONDS": "0.2",
             "CLINHUB_STREAM_SINK_RETRY_MAX_SECONDS": "2",
+            "CLINHUB_STREAM_SESSION_TIMEOUT_SECONDS": "10",  # a killed worker's partitions move in 10 s
             "CLINHUB_SECURITY_PSEUDONYM_KEY": s.security.pseudonym_key.get_secret_value()
             if s.security.pseudonym_key
             else "",
@@ -122,12 +123,16 @@ class HubEnv:
         }
 
     def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
+        # Each worker its own table store (RocksDB locks its directory); pass CLINHUB_STREAM_DATA_DIR
+        # in extra_env to restart a worker on the state another one left.
+        index = len(self.workers)
+        log = (self.workdir / f"worker-{index}.log").open("ab")
+        own_state = {"CLINHUB_STREAM_DATA_DIR": str(self.workdir / f"faust-{index}")}
         proc = subprocess.Popen(
             [sys.executable, "-m", "clinhub.cli", "stream", "worker"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**self.env(), **(extra_env or {})},
+            env={**self.env(), **own_state, **(extra_env or {})},
             start_new_session=True,
             cwd=self.workdir,
         )
@@ -205,6 +210,32 @@ class HubEnv:
         return AvroDecoder(ConfluentRegistry(self.settings.registry.client_config()))
 
 
+def make_hub(
+    bootstrap: str, schema_registry_url: str, postgres_cluster: postgres.PostgresLayout, workdir: Path
+) -> HubEnv:
+    """A private topic prefix, consumer group and database on the given broker; workers started on demand."""
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    db_url = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
+    engine = make_engine(db_url)
+    upgrade(engine)
+    settings = HubSettings(
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        registry=RegistrySettings(url=schema_registry_url),
+        database=DatabaseSettings(url=SecretStr(db_url)),
+        security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
+        stream=StreamSettings(
+            topic_prefix=prefix,
+            app_id=f"clinhub-test-{prefix[:-1]}",
+            institutions=("H001", "H002"),
+            data_dir=workdir / "faust",
+        ),
+        infra=InfraSettings(metrics_port=0),
+    )
+    topics = TopicNames(prefix=prefix)
+    create_topics(settings.kafka.client_config(), topics.all_for(settings.stream.institutions), 3, 1)
+    return HubEnv(settings=settings, topics=topics, engine=engine, db_url=db_url, workdir=workdir)
+
+
 @pytest.fixture()
 def hub(
     kafka_broker: kafka.KafkaLayout,
@@ -213,26 +244,7 @@ def hub(
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
     """A private topic prefix, consumer group and database for one test; workers started on demand."""
-    prefix = f"t{uuid.uuid4().hex[:8]}."
-    db_url = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
-    engine = make_engine(db_url)
-    upgrade(engine)
-    settings = HubSettings(
-        kafka=KafkaSettings(bootstrap_servers=kafka_broker.bootstrap),
-        registry=RegistrySettings(url=schema_registry_url),
-        database=DatabaseSettings(url=SecretStr(db_url)),
-        security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
-        stream=StreamSettings(
-            topic_prefix=prefix,
-            app_id=f"clinhub-test-{prefix[:-1]}",
-            institutions=("H001", "H002"),
-            data_dir=tmp_path / "faust",
-        ),
-        infra=InfraSettings(metrics_port=0),
-    )
-    topics = TopicNames(prefix=prefix)
-    create_topics(settings.kafka.client_config(), topics.all_for(settings.stream.institutions), 3, 1)
-    env = HubEnv(settings=settings, topics=topics, engine=engine, db_url=db_url, workdir=tmp_path)
+    env = make_hub(kafka_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path)
     yield env
     env.stop_workers()
-    engine.dispose()
+    env.engine.dispose()
