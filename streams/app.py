@@ -206,17 +206,16 @@ class NormaliserHandler:
 
         outcome = await retrying("normalise batch", normalise, c.metrics, c.retry_max_seconds)
 
-        outputs = []
-        for _message, event in outcome.events:
-            key = event.regional_patient_id.encode()
-            headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
-            value = c.encoder(event.kind)(event.record)
-            outputs.append(Output(self.topics.norm(event.kind), key, value, headers))
-            if event.identity.link is not None:
-                link_value = c.encoder("identity")(event.identity.link)
-                outputs.append(Output(self.topics.identity_topic, key, link_value, {}))
-
         async def publish() -> None:
+            outputs = []  # encoded in here: an encoder's first call registers its schema, and may fail
+            for _message, event in outcome.events:
+                key = event.regional_patient_id.encode()
+                headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
+                value = c.encoder(event.kind)(event.record)
+                outputs.append(Output(self.topics.norm(event.kind), key, value, headers))
+                if event.identity.link is not None:
+                    link_value = c.encoder("identity")(event.identity.link)
+                    outputs.append(Output(self.topics.identity_topic, key, link_value, {}))
             await self.publish(outputs)
             await send_dead_letters(outcome.rejections, c, self.topics, self.publish, "normaliser", "raw")
 

@@ -258,8 +258,8 @@ class ClinicalHandler:
             for draft in due_escalations(pruned, now, self.policy.escalation):
                 if draft.escalation_id in self._escalations_in_flight:
                     continue
-                value = self.c.encoder("escalation")(escalation_record(draft))
                 try:
+                    value = self.c.encoder("escalation")(escalation_record(draft))
                     await self.publish([Output(self.topics.escalations_topic, patient.encode(), value, {})])
                 except Exception as exc:  # noqa: BLE001 - retried on the next tick
                     log.warning("escalation %s not published yet: %r", draft.escalation_id, exc)
