@@ -22,14 +22,17 @@ from clinhub.settings import (
 )
 from producers.simulator import simulate_labs
 from schemas import standard
+from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.base import Sink, StoreRecord, StoreWriteResult
-from streams.app import Components, create_app
+from streams.app import Components, NormaliserHandler, create_app
 from streams.codes import load_codes
 from streams.identity import RegionalIdentity
 from streams.metrics import make_stream_metrics
 from streams.outputs import Output
+from streams.pipeline import RawMessage
 from streams.reference import load_reference
+from streams.topics import TopicNames
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
@@ -230,3 +233,49 @@ def test_a_worker_runs_the_stages_it_is_given_as_its_own_app(
 def test_unknown_roles_are_refused(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="roles"):
         create_app(settings(tmp_path), components=None, roles=("normaliser", "reporting"))
+
+
+class RegistryDownForFirstRegistrations:
+    """The real mock registry, refusing the first `failures` registrations as an unreachable one would."""
+
+    def __init__(self, inner: ConfluentRegistry, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def register(self, subject: str, schema_text: str) -> int:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RegistryUnavailableError("registry unreachable", retry_after=0.0)
+        return self.inner.register(subject, schema_text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_registry_outage_when_registering_an_output_schema_is_retried_not_escaped() -> None:
+    """An exception escaping the handler would ack the batch unpublished; it must be retried instead."""
+    registry = ConfluentRegistry({"url": "mock://agents-flaky"})
+    components = Components(
+        registry=RegistryDownForFirstRegistrations(registry, failures=2),
+        reference=load_reference(),
+        codes=load_codes(),
+        identity=RegionalIdentity(b"t" * 32),
+        sink=MemorySink(),
+        metrics=make_stream_metrics(CollectorRegistry()),
+        clock=lambda: NOW,
+        retry_max_seconds=0.05,
+    )
+    published: list[Output] = []
+
+    async def publish(outputs: Sequence[Output]) -> None:
+        published.extend(outputs)
+
+    encode = make_encoder(registry, standard.load(standard.LAB_RESULT))
+    record = simulate_labs(seed=9, count=1, now=NOW)[0]
+    message = RawMessage(f"raw.{record['envelope']['institution_id']}.lab", 0, 0, b"k", encode(record), {})
+    handler = NormaliserHandler(components, TopicNames(), publish, {})
+
+    asyncio.run(handler.handle([message]))
+
+    assert [output.topic for output in published if output.topic == "norm.lab"] == ["norm.lab"]
+    assert components.metrics.sink_retries.labels(reason="RegistryUnavailableError")._value.get() == 2
