@@ -261,6 +261,7 @@ def create_app(
     stream = settings.stream
     topics = TopicNames(prefix=stream.topic_prefix)
     app_id = stream.app_id if set(roles) == set(ROLES) else "-".join([stream.app_id, *sorted(roles)])
+    stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
     app = faust.App(
         app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
@@ -275,7 +276,7 @@ def create_app(
         topic_replication_factor=settings.kafka.topic_replication,
         table_standby_replicas=0,
         web_enabled=False,
-        datadir=str(stream.data_dir),
+        datadir=str(stream.data_dir / app_id),  # table state belongs to one app id (consumer group)
         broker_commit_every=1000,
         broker_commit_interval=stream.commit_interval_seconds,
         broker_session_timeout=stream.session_timeout_seconds,

@@ -125,7 +125,7 @@ class HubEnv:
     def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         # Each worker its own table store (RocksDB locks its directory); pass CLINHUB_STREAM_DATA_DIR
         # in extra_env to restart a worker on the state another one left.
-        index = len(self.workers)
+        index = len(list(self.workdir.glob("worker-*.log")))  # stopped workers' files are kept
         log = (self.workdir / f"worker-{index}.log").open("ab")
         own_state = {"CLINHUB_STREAM_DATA_DIR": str(self.workdir / f"faust-{index}")}
         proc = subprocess.Popen(
