@@ -179,7 +179,8 @@ def stream_worker(
     role: Annotated[
         list[str] | None,
         typer.Option(
-            help="Run only this stage (normaliser, clinical, store); repeat for several. Default: all."
+            help="Run only this stage (normaliser, clinical, store); repeat for several. "
+            "Default: CLINHUB_STREAM_ROLES, else all three."
         ),
     ] = None,
 ) -> None:
@@ -187,7 +188,7 @@ def stream_worker(
     import faust
     from prometheus_client import REGISTRY, start_http_server
 
-    from streams.app import ROLES, create_app
+    from streams.app import create_app
     from streams.topics import TopicNames, discover_raw_topics
 
     settings = _settings()
@@ -196,7 +197,7 @@ def stream_worker(
     raw_topics = discover_raw_topics(
         settings.kafka.client_config(), TopicNames(prefix=settings.stream.topic_prefix)
     )
-    roles = tuple(role) if role else ROLES
+    roles = tuple(role) if role else settings.stream.roles
     faust_app = create_app(settings, metrics_registry=REGISTRY, raw_topics=raw_topics, roles=roles)
     worker = faust.Worker(faust_app, loglevel=loglevel, override_logging=True)
     worker.execute_from_commandline()

@@ -88,6 +88,11 @@ class StreamSettings(BaseSettings):
     app_id: str = "clinhub-streams"
     topic_prefix: str = ""
     institutions: tuple[str, ...] = ("H001", "H002", "C003")
+    # Stages this worker runs: all three in one Faust app (one consumer group), or a subset, each subset
+    # its own app and group "<app_id>-<role>". Run several workers of a group (scaling out) with one
+    # role each: with all three in one app, a message two agents share can be committed after a
+    # rebalance when only one of them got it (faust-streaming 0.15.3).
+    roles: tuple[str, ...] = ("normaliser", "clinical", "store")
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.5, gt=0)
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
@@ -98,6 +103,11 @@ class StreamSettings(BaseSettings):
     # How long the group waits for a worker that stopped heartbeating (crashed) before its partitions
     # move: the failover time. Heartbeats run on the event loop, which handlers never block.
     session_timeout_seconds: float = Field(default=30.0, ge=6)
+    # A partition whose commit has not moved for this long while events wait behind it, with no batch in
+    # flight that long, is read again from its commit (streams/stalls.py: Faust loses track after some
+    # rebalances). Checked every stall_check_seconds.
+    stall_patience_seconds: float = Field(default=120.0, gt=0)
+    stall_check_seconds: float = Field(default=15.0, gt=0)
     # Faust table store: "rocksdb://" keeps state on disk under data_dir (a restart reads only the changelog
     # tail; see streams/tables.py), "memory://" rebuilds it from the changelogs at every start.
     table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -35,6 +36,7 @@ from streams.metrics import StreamMetrics, make_stream_metrics
 from streams.outputs import Output, Publish, make_outputs
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
 from streams.reference import DATA_DIR, ReferenceData, load_reference
+from streams.stalls import StallDetector, contiguous_offsets_app, group_positions, reread_from_committed
 from streams.store_agent import StoreHandler
 from streams.tables import RawKeyTable, store_url
 from streams.topics import KINDS, TopicNames, discover_raw_topics, subscribe_more
@@ -262,7 +264,7 @@ def create_app(
     topics = TopicNames(prefix=stream.topic_prefix)
     app_id = stream.app_id if set(roles) == set(ROLES) else "-".join([stream.app_id, *sorted(roles)])
     stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
-    app = faust.App(
+    app = contiguous_offsets_app(faust.App)(
         app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
         store=store_url(stream.table_store),
@@ -306,12 +308,18 @@ def create_app(
         # inside stream iteration. Every table is keyed by a key of its agent's source topics.
         return app.Table(name, default=None, partitions=settings.kafka.topic_partitions, use_partitioner=True)
 
+    in_flight: dict[str, float] = {}  # agent -> when its current batch started (for the stall watchdog)
+
     async def run_batches(
-        stream_t: faust.StreamT[Any], handle: Callable[[list[RawMessage]], Awaitable[None]]
+        stream_t: faust.StreamT[Any], handle: Callable[[list[RawMessage]], Awaitable[None]], agent: str
     ) -> None:
         agent_stream = cast("faust.Stream[Any]", stream_t)  # the concrete class has noack_take
         async for events in agent_stream.noack_take(stream.batch_size, stream.batch_within_seconds):
-            await handle([to_raw_message(event) for event in events])
+            in_flight[agent] = time.monotonic()
+            try:
+                await handle([to_raw_message(event) for event in events])
+            finally:
+                del in_flight[agent]
             for event in events:
                 await agent_stream.ack(event)
 
@@ -334,7 +342,7 @@ def create_app(
 
         @app.agent(raw_source, concurrency=1, name="normaliser")
         async def normaliser_agent(events: faust.StreamT[Any]) -> None:
-            await run_batches(events, normaliser.handle)
+            await run_batches(events, normaliser.handle, "normaliser")
 
         @app.timer(interval=stream.raw_topic_scan_seconds)
         async def watch_raw_topics() -> None:
@@ -364,7 +372,7 @@ def create_app(
 
         @app.agent(clinical_source, concurrency=1, name="clinical")
         async def clinical_agent(events: faust.StreamT[Any]) -> None:
-            await run_batches(events, clinical.handle)
+            await run_batches(events, clinical.handle, "clinical")
 
         @app.timer(interval=stream.escalation_check_seconds)
         async def escalation_timer() -> None:
@@ -375,6 +383,44 @@ def create_app(
 
         @app.agent(store_source, concurrency=1, name="store")
         async def store_agent(events: faust.StreamT[Any]) -> None:
-            await run_batches(events, store.handle)
+            await run_batches(events, store.handle, "store")
+
+    stalls = StallDetector(patience=stream.stall_patience_seconds)
+
+    @app.timer(interval=stream.stall_check_seconds)
+    async def watch_stalls() -> None:
+        """Faust can stop delivering a partition after a rebalance; read it again (streams/stalls.py)."""
+        if app.rebalancing or app.in_recovery:
+            return
+        sources = set(raw_names) if "normaliser" in roles else set()  # raw_names grows with new topics
+        if "clinical" in roles:
+            sources.update(clinical_source.topics)
+        if "store" in roles:
+            sources.update(store_source.topics)
+        assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in sources)
+        if not assigned:
+            return
+        try:
+            committed, ends = await asyncio.to_thread(
+                group_positions, settings.kafka.client_config(), app.conf.id, assigned
+            )
+        except Exception as exc:  # noqa: BLE001 - looked up again at the next tick
+            log.warning("could not read the group's positions: %r", exc)
+            return
+        busy_since = min(in_flight.values(), default=None)
+        for topic, partition in stalls.observe(time.monotonic(), committed, ends, busy_since):
+            offset = committed[(topic, partition)]
+            log.warning(
+                "%s[%d] committed %d of %d and has not moved for %.0fs with nothing in flight: "
+                "reading it again from %d (faust-streaming #596)",
+                topic,
+                partition,
+                offset,
+                ends[(topic, partition)],
+                stream.stall_patience_seconds,
+                offset,
+            )
+            c.metrics.stalls_reread.labels(topic=topic).inc()
+            await reread_from_committed(app.consumer, topic, partition, offset)
 
     return app

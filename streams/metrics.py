@@ -16,6 +16,7 @@ class StreamMetrics:
     sink_retries: Counter
     batch_seconds: Histogram
     end_to_end_seconds: Histogram
+    stalls_reread: Counter
 
 
 def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
@@ -57,6 +58,12 @@ def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
             "clinhub_end_to_end_seconds",
             "From the event's produced time to its commit in the store.",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        ),
+        stalls_reread=Counter(
+            "clinhub_stalled_partitions_reread",
+            "Partitions whose commit had stopped with events waiting, read again from the commit.",
+            ["topic"],
             registry=registry,
         ),
     )

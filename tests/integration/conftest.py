@@ -115,6 +115,8 @@ class HubEnv:
             "CLINHUB_STREAM_BATCH_WITHIN_SECONDS": "0.2",
             "CLINHUB_STREAM_SINK_RETRY_MAX_SECONDS": "2",
             "CLINHUB_STREAM_SESSION_TIMEOUT_SECONDS": "10",  # a killed worker's partitions move in 10 s
+            "CLINHUB_STREAM_STALL_PATIENCE_SECONDS": "10",  # a partition Faust lost is read again soon
+            "CLINHUB_STREAM_STALL_CHECK_SECONDS": "2",
             "CLINHUB_SECURITY_PSEUDONYM_KEY": s.security.pseudonym_key.get_secret_value()
             if s.security.pseudonym_key
             else "",
