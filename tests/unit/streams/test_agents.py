@@ -59,10 +59,9 @@ def settings(tmp_path: Any) -> HubSettings:
     )
 
 
-@pytest.fixture()
-def wiring(tmp_path: Any) -> tuple[Any, list[tuple[str, bytes | None, bytes]], Components]:
-    registry = ConfluentRegistry({"url": "mock://agents"})
-    components = Components(
+def make_components(registry: Any, retry_max_seconds: float = 30.0) -> Components:
+    """The real processing components over the given registry, an in-memory sink and a fixed clock."""
+    return Components(
         registry=registry,
         reference=load_reference(),
         codes=load_codes(),
@@ -70,7 +69,14 @@ def wiring(tmp_path: Any) -> tuple[Any, list[tuple[str, bytes | None, bytes]], C
         sink=MemorySink(),
         metrics=make_stream_metrics(CollectorRegistry()),
         clock=lambda: NOW,
+        retry_max_seconds=retry_max_seconds,
     )
+
+
+@pytest.fixture()
+def wiring(tmp_path: Any) -> tuple[Any, list[tuple[str, bytes | None, bytes]], Components]:
+    registry = ConfluentRegistry({"url": "mock://agents"})
+    components = make_components(registry)
     sent: list[tuple[str, bytes | None, bytes]] = []
 
     async def capture(outputs: Sequence[Output]) -> None:
@@ -216,15 +222,7 @@ async def _clinical_scenario(app: Any, sent: list[Any], components: Components) 
 def test_a_worker_runs_the_stages_it_is_given_as_its_own_app(
     tmp_path: Any, roles: tuple[str, ...], agents: set[str], app_id: str
 ) -> None:
-    components = Components(
-        registry=ConfluentRegistry({"url": "mock://roles"}),
-        reference=load_reference(),
-        codes=load_codes(),
-        identity=RegionalIdentity(b"r" * 32),
-        sink=MemorySink(),
-        metrics=make_stream_metrics(CollectorRegistry()),
-        clock=lambda: NOW,
-    )
+    components = make_components(ConfluentRegistry({"url": "mock://roles"}))
     app = create_app(settings(tmp_path), components=components, roles=roles)
     assert {name.rsplit(".", 1)[-1].removesuffix("_agent") for name in app.agents} == agents
     assert app.conf.id == app_id  # one consumer group (and table namespace) per stage set
@@ -255,15 +253,8 @@ class RegistryDownForFirstRegistrations:
 def test_a_registry_outage_when_registering_an_output_schema_is_retried_not_escaped() -> None:
     """An exception escaping the handler would ack the batch unpublished; it must be retried instead."""
     registry = ConfluentRegistry({"url": "mock://agents-flaky"})
-    components = Components(
-        registry=RegistryDownForFirstRegistrations(registry, failures=2),
-        reference=load_reference(),
-        codes=load_codes(),
-        identity=RegionalIdentity(b"t" * 32),
-        sink=MemorySink(),
-        metrics=make_stream_metrics(CollectorRegistry()),
-        clock=lambda: NOW,
-        retry_max_seconds=0.05,
+    components = make_components(
+        RegistryDownForFirstRegistrations(registry, failures=2), retry_max_seconds=0.05
     )
     published: list[Output] = []
 
