@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,18 @@ def hub(
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
     """A private topic prefix, consumer group and database for one test; workers started on demand."""
-    env = make_hub(kafka_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path)
-    yield env
-    env.stop_workers()
-    env.engine.dispose()
+    with running_hub(kafka_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as env:
+        yield env
+
+
+@contextmanager
+def running_hub(
+    bootstrap: str, schema_registry_url: str, postgres_cluster: postgres.PostgresLayout, workdir: Path
+) -> Iterator[HubEnv]:
+    """`make_hub`, with its workers stopped and its connections closed afterwards."""
+    env = make_hub(bootstrap, schema_registry_url, postgres_cluster, workdir)
+    try:
+        yield env
+    finally:
+        env.stop_workers()
+        env.engine.dispose()

@@ -33,7 +33,7 @@ from schemas.exceptions import SchemaError
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.models import Alert
 from tests.factories import lab_record
-from tests.integration.conftest import INFRA_HOME, HubEnv, make_hub
+from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
 from tests.integration.test_faults import assert_exactly_once, stored_counts, traffic
 from tests.integration.test_lab_path import rows_for, wait_for
 
@@ -267,10 +267,8 @@ def restart_hub(
     postgres_cluster: postgres.PostgresLayout,
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
-    env = make_hub(own_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path)
-    yield env
-    env.stop_workers()
-    env.engine.dispose()
+    with running_hub(own_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as env:
+        yield env
 
 
 def stop_broker(layout: kafka.KafkaLayout, how: str) -> None:

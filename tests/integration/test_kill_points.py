@@ -12,20 +12,8 @@ from sqlalchemy import text
 
 from tests.integration.conftest import HubEnv
 from tests.integration.test_faults import assert_exactly_once, publish, stored_counts, traffic
+from tests.integration.test_faults_more import install_trigger
 from tests.integration.test_lab_path import wait_for
-
-STALL_FIRST_INSERT = """
-CREATE SEQUENCE stall_once;
-CREATE FUNCTION stall_once() RETURNS trigger AS $$
-BEGIN
-    IF nextval('stall_once') = 1 THEN  -- sequences are not rolled back: this stalls one statement only
-        PERFORM pg_sleep(600);
-    END IF;
-    RETURN NULL;
-END $$ LANGUAGE plpgsql;
-CREATE TRIGGER stall_once BEFORE INSERT ON observations
-    FOR EACH STATEMENT EXECUTE FUNCTION stall_once();
-"""
 
 
 def stalled_backends(hub: HubEnv) -> list[int]:
@@ -42,7 +30,9 @@ def stalled_backends(hub: HubEnv) -> list[int]:
 
 def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
     with hub.engine.begin() as conn:
-        conn.execute(text(STALL_FIRST_INSERT))
+        conn.execute(text("CREATE SEQUENCE stall_once_seq"))
+    # sequences are not rolled back: this stalls the store's first insert statement only
+    install_trigger(hub, "stall_once", "IF nextval('stall_once_seq') = 1 THEN PERFORM pg_sleep(600); END IF;")
     acknowledged = publish(hub, traffic(seed=21, count=60))
     worker = hub.start_worker()
     wait_for(lambda: bool(stalled_backends(hub)), hub, what="the store agent inside its first transaction")
