@@ -151,8 +151,16 @@ def _java(layout: KafkaLayout, main: str, *args: str) -> list[str]:
     ]
 
 
-def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+def cluster_id() -> str:
+    """A random KRaft cluster id that the storage tool's argument parser accepts.
+
+    About one id in 64 starts with "-", which argparse takes for an option; Kafka's own
+    ``Uuid.randomUuid`` redraws those too.
+    """
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
 
 
 def prepare(layout: KafkaLayout) -> None:
@@ -167,8 +175,8 @@ def prepare(layout: KafkaLayout) -> None:
                 layout,
                 STORAGE_TOOL,
                 "format",
-                "-t",
-                _cluster_id(),
+                "--cluster-id",
+                cluster_id(),
                 "-c",
                 str(layout.config_path),
                 "--standalone",
