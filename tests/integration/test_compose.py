@@ -11,13 +11,16 @@ import json
 import os
 import re
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.main
 from prometheus_client import CollectorRegistry
 
-from clinhub.settings import InfraSettings
+from clinhub.cli import app as cli_app
+from clinhub.settings import InfraSettings, StreamSettings
 from streams.metrics import make_stream_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +29,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 INSTALL_FAILED = 3  # the validator's status when Compose v2 can be neither found nor built
+# One stream worker service per stage (`clinhub stream worker --role <stage>`): the layout that scales out.
+WORKERS = {"worker-normaliser": "normaliser", "worker-clinical": "clinical", "worker-store": "store"}
 
 # A first run builds Compose from source (2-3 minutes on 2 cores); later runs take well under a second.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -68,8 +73,50 @@ def services(model: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+@pytest.fixture(scope="module")
+def prometheus(validator: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml as parsed by a real YAML loader: Compose's, as an extension field
+    of an otherwise empty project (the venv has no YAML library; `$` is escaped from interpolation)."""
+    wrapper = tmp_path_factory.mktemp("prometheus") / "docker-compose.yml"
+    config = textwrap.indent(PROMETHEUS_CONFIG.read_text().replace("$", "$$"), "  ")
+    wrapper.write_text(f"name: prometheus-config\nservices: {{}}\nx-prometheus:\n{config}")
+    result = run_validator("--json", str(wrapper))
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, Any] = json.loads(result.stdout)["x-prometheus"]
+    return parsed
+
+
 def kafka_nodes(services: dict[str, Any]) -> list[str]:
     return sorted(name for name in services if name.startswith("kafka"))
+
+
+def hub_services() -> list[str]:
+    """The services that run the hub's image."""
+    return ["init", *WORKERS, "simulator"]
+
+
+def relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, str]:
+    """Prometheus' `replace` relabelling (the only action prometheus.yml uses), enough to read its labels."""
+    out = dict(labels)
+    for config in configs:
+        assert config.get("action", "replace") == "replace", config
+        value = config.get("separator", ";").join(out.get(name, "") for name in config["source_labels"])
+        match = re.fullmatch(config.get("regex", "(.*)"), value)  # Prometheus anchors the regex
+        if match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", config.get("replacement", "$1"))
+            out[config["target_label"]] = match.expand(replacement)
+    return out
+
+
+def worker_job(prometheus: dict[str, Any]) -> dict[str, Any]:
+    """The scrape job whose DNS discovery names the worker services."""
+    jobs = [
+        job
+        for job in prometheus["scrape_configs"]
+        if any(set(sd["names"]) & set(WORKERS) for sd in job.get("dns_sd_configs", []))
+    ]
+    assert len(jobs) == 1, jobs
+    return jobs[0]
 
 
 def test_compose_accepts_the_file() -> None:
@@ -89,7 +136,7 @@ BROKEN = {
         "condition: service_finished",
         "depends_on.init.condition",
     ),
-    "worker depends on a service that does not exist": (
+    "the workers depend on a service that does not exist": (
         "\n  init:\n",
         "\n  setup:\n",
         'undefined service "init"',
@@ -100,6 +147,12 @@ BROKEN = {
         "additional properties 'service' not allowed",
     ),
     "port that is not a port": ('"127.0.0.1:5433:5432"', '"127.0.0.1:5433:postgres"', "containerPort"),
+    # The worker services share their settings through the x-worker anchor, so it must be the one they use.
+    "worker services merge an anchor that does not exist": (
+        "<<: *worker\n",
+        "<<: *workers\n",
+        "unknown anchor 'workers' referenced",
+    ),
 }
 
 
@@ -116,13 +169,15 @@ def test_compose_rejects_a_broken_copy(validator: str, tmp_path: Path, name: str
 
 
 def test_every_service_the_readme_promises_exists(services: dict[str, Any]) -> None:
-    for name in ("registry", "postgres", "init", "worker", "prometheus", "grafana"):
+    for name in ("registry", "postgres", "init", *WORKERS, "prometheus", "grafana"):
         assert name in services, f"no {name} service"
     assert kafka_nodes(services) == ["kafka-1", "kafka-2", "kafka-3"]
+    # Exactly one worker per stage; no all-stages `worker` left beside them.
+    assert sorted(name for name in services if name.startswith("worker")) == sorted(WORKERS)
     assert services["simulator"]["profiles"] == ["demo"]
-    for name in ("init", "worker", "simulator"):
+    for name in hub_services():
         assert services[name]["build"]["context"] == str(ROOT)
-        assert services[name]["image"] == services["worker"]["image"]
+        assert services[name]["image"] == services["init"]["image"]
 
 
 def test_kafka_is_a_three_node_kraft_cluster_and_topics_use_replication_3(services: dict[str, Any]) -> None:
@@ -139,7 +194,7 @@ def test_kafka_is_a_three_node_kraft_cluster_and_topics_use_replication_3(servic
         assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
         assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
     bootstrap = ",".join(f"{node}:19092" for node in nodes)
-    for name in ("init", "worker", "simulator"):
+    for name in hub_services():
         env = services[name]["environment"]
         assert env["CLINHUB_KAFKA_TOPIC_REPLICATION"] == "3", name
         assert env["CLINHUB_KAFKA_BOOTSTRAP_SERVERS"] == bootstrap, name
@@ -163,9 +218,17 @@ def test_infrastructure_has_healthchecks(services: dict[str, Any]) -> None:
         assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
 
 
-def test_worker_starts_after_init_completes_and_init_after_healthy_services(services: dict[str, Any]) -> None:
-    assert services["worker"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
-    assert services["simulator"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+def test_workers_start_after_init_completes_and_init_after_healthy_services(services: dict[str, Any]) -> None:
+    for worker in WORKERS:
+        depends_on = services[worker]["depends_on"]
+        assert depends_on["init"]["condition"] == "service_completed_successfully", worker
+        for name in [*kafka_nodes(services), "registry", "postgres"]:
+            assert depends_on[name]["condition"] == "service_healthy", (worker, name)
+        assert services[worker]["restart"] == "unless-stopped", worker
+    simulator = services["simulator"]["depends_on"]
+    assert simulator["init"]["condition"] == "service_completed_successfully"
+    for worker in WORKERS:
+        assert simulator[worker]["condition"] == "service_started", worker
     init = services["init"]
     for name in [*kafka_nodes(services), "registry", "postgres"]:
         assert init["depends_on"][name]["condition"] == "service_healthy", name
@@ -173,25 +236,80 @@ def test_worker_starts_after_init_completes_and_init_after_healthy_services(serv
     command = " ".join(init["command"])
     for step in ("clinhub db upgrade", "clinhub topics", "clinhub schemas register"):
         assert step in command
-    assert services["worker"]["command"] == ["clinhub", "stream", "worker"]
 
 
-def test_pseudonym_key_reaches_the_worker_only_as_a_secret(model: dict[str, Any]) -> None:
+def test_each_worker_runs_one_stage_and_together_they_run_all(services: dict[str, Any]) -> None:
+    # The stages are the ones the hub knows (all of them run by a worker given no role).
+    assert sorted(WORKERS.values()) == sorted(StreamSettings.model_fields["roles"].default)
+    worker_command = typer.main.get_command(cli_app).commands["stream"].commands["worker"]  # type: ignore[attr-defined]
+    for name, role in WORKERS.items():
+        command = services[name]["command"]
+        assert command[:3] == ["clinhub", "stream", "worker"], name
+        # Parsed by the `clinhub` command itself: an option it does not know is an error here.
+        params = worker_command.make_context("worker", list(command[3:])).params
+        assert params["role"] == [role], (name, command)
+
+
+def test_workers_are_safe_to_scale_and_never_share_table_state(model: dict[str, Any]) -> None:
+    named_volumes = set(model.get("volumes") or {})
+    for name in WORKERS:
+        worker = model["services"][name]
+        # Replicas of a scaled service cannot share a container name or a host port.
+        assert "container_name" not in worker, name
+        assert not worker.get("ports"), name
+        # RocksDB state under the data dir belongs to one process: an anonymous volume (one per
+        # container, no source), never a named volume or bind mount every replica would open.
+        data_dir = Path(worker["environment"]["CLINHUB_STREAM_DATA_DIR"])
+        mounts = [v for v in worker.get("volumes") or [] if data_dir.is_relative_to(v["target"])]
+        assert len(mounts) == 1, (name, worker.get("volumes"))
+        assert mounts[0]["type"] == "volume", (name, mounts[0])
+        assert not mounts[0].get("source"), f"{name} shares its table state: {mounts[0]}"
+        for volume in worker.get("volumes") or []:
+            assert volume.get("source") not in named_volumes, (name, volume)
+
+
+def test_pseudonym_key_reaches_the_workers_only_as_a_secret(model: dict[str, Any]) -> None:
     assert model["secrets"]["pseudonym_key"]["environment"] == "CLINHUB_SECURITY_PSEUDONYM_KEY"
-    worker = model["services"]["worker"]
-    assert {s["source"] for s in worker["secrets"]} >= {"pseudonym_key"}
-    assert worker["environment"]["CLINHUB_SECURITY_PSEUDONYM_KEY_FILE"] == "/run/secrets/pseudonym_key"
+    # Every worker, not only the normaliser: the stream worker loads the key whatever its roles.
+    holders = {
+        name
+        for name, service in model["services"].items()
+        if "pseudonym_key" in {s["source"] for s in service.get("secrets") or []}
+    }
+    assert holders == set(WORKERS)
+    for name in WORKERS:
+        env = model["services"][name]["environment"]
+        assert env["CLINHUB_SECURITY_PSEUDONYM_KEY_FILE"] == "/run/secrets/pseudonym_key", name
     for name, service in model["services"].items():
         assert "CLINHUB_SECURITY_PSEUDONYM_KEY" not in (service.get("environment") or {}), name
 
 
-def test_prometheus_scrapes_the_worker_on_all_interfaces(
-    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+def test_prometheus_scrapes_every_replica_of_every_worker_on_all_interfaces(
+    services: dict[str, Any], prometheus: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = services["worker"]["environment"]
-    assert env["CLINHUB_INFRA_METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - inside the container network
-    port = env["CLINHUB_INFRA_METRICS_PORT"]
-    assert f'"worker:{port}"' in PROMETHEUS_CONFIG.read_text()
+    ports = set()
+    for name in WORKERS:
+        env = services[name]["environment"]
+        assert env["CLINHUB_INFRA_METRICS_HOST"] == "0.0.0.0", name  # noqa: S104 - in the container network
+        ports.add(env["CLINHUB_INFRA_METRICS_PORT"])
+        assert env["CLINHUB_INFRA_METRICS_PORT"] in services[name]["expose"], name
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{env['CLINHUB_INFRA_METRICS_PORT']}/metrics" in probe, name
+    assert len(ports) == 1, ports
+    port = ports.pop()
+    # DNS discovery (type A): a service's name resolves to all its replicas, so `--scale` adds targets.
+    job = worker_job(prometheus)
+    discovered = {}
+    for sd in job["dns_sd_configs"]:
+        assert sd["type"] == "A" and sd["port"] == int(port), sd
+        discovered.update(dict.fromkeys(sd["names"], sd))
+    assert sorted(discovered) == sorted(WORKERS)
+    for name, role in WORKERS.items():
+        labels = relabel(
+            {"__address__": f"172.18.0.9:{port}", "__meta_dns_name": name}, job["relabel_configs"]
+        )
+        assert labels["role"] == role, labels
+        assert labels["service"] == name, labels
     mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"]}
     assert mounts["/etc/prometheus/prometheus.yml"] == str(PROMETHEUS_CONFIG)
     # The variable the compose file sets is the one the settings read.
@@ -217,7 +335,9 @@ def exported_metric_names() -> set[str]:
     return names
 
 
-def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics(services: dict[str, Any]) -> None:
+def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics(
+    services: dict[str, Any], prometheus: dict[str, Any]
+) -> None:
     mounts = {v["target"]: v["source"] for v in services["grafana"]["volumes"] if v["type"] == "bind"}
     assert mounts["/etc/grafana/provisioning"] == str(GRAFANA_DIR / "provisioning")
     assert mounts["/etc/grafana/dashboards"] == str(GRAFANA_DIR / "dashboards")
@@ -239,6 +359,18 @@ def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics(services: dict[
         "clinhub_stream_batch_seconds_bucket",
     } <= used
     assert any("histogram_quantile(0.95" in e and "clinhub_end_to_end_seconds_bucket" in e for e in exprs)
+    # Jobs the dashboard selects are jobs Prometheus scrapes, and the workers' panel names labels they carry.
+    jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
+    used_jobs = {job for expr in exprs for job in re.findall(r'\bjob="([^"]+)"', expr)}
+    assert used_jobs and used_jobs <= jobs, used_jobs - jobs
+    worker_labels = {"job", "instance"} | {
+        c["target_label"] for c in worker_job(prometheus)["relabel_configs"]
+    }
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            if f'job="{worker_job(prometheus)["job_name"]}"' in target["expr"]:
+                legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+                assert legend <= worker_labels, (panel["title"], legend - worker_labels)
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "prometheus", panel["title"]
 
