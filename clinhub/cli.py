@@ -185,12 +185,15 @@ def stream_worker(
     ] = None,
 ) -> None:
     """Run the Faust stream processor until interrupted."""
+    import faulthandler
+
     import faust
     from prometheus_client import REGISTRY, start_http_server
 
     from streams.app import create_app
     from streams.topics import TopicNames, discover_raw_topics
 
+    faulthandler.enable()  # a crash in native code (librdkafka, RocksDB) logs every thread's stack
     settings = _settings()
     if settings.infra.metrics_port:
         start_http_server(settings.infra.metrics_port, addr=settings.infra.metrics_host, registry=REGISTRY)

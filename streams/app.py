@@ -1,8 +1,10 @@
-"""The Faust app: three thin agents over plain functions.
+"""The stream worker: two thin Faust agents and the store stage, over plain functions.
 
     raw.<institution>.<kind> ──normaliser──► norm.<kind>, norm.identity, deadletter
     norm.lab, norm.encounter, alerts.ack, alerts.escalation ──clinical──► alerts.critical, alerts.escalation
     norm.*, norm.identity, alerts.* ──store──► regional store (one transaction per batch)
+
+The store stage needs no tables and runs on a plain librdkafka consumer (streams/store_consumer.py).
 
 Reliability rules that shape this file (see ../shared/reference/faust-reliability.md):
 - an exception escaping an agent acks its message, so nothing escapes a batch handler;
@@ -37,7 +39,8 @@ from streams.outputs import Output, Publish, make_outputs
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
 from streams.reference import DATA_DIR, ReferenceData, load_reference
 from streams.stalls import StallDetector, contiguous_offsets_app, group_positions, reread_from_committed
-from streams.store_agent import StoreHandler
+from streams.store_consumer import StoreConsumer, consumer_config, store_group
+from streams.store_handler import StoreHandler, store_topics
 from streams.tables import RawKeyTable, store_url
 from streams.topics import KINDS, TopicNames, discover_raw_topics, subscribe_more
 
@@ -329,13 +332,6 @@ def create_app(
     clinical_source = raw_topic(
         topics.norm("lab"), topics.norm("encounter"), topics.acks_topic, topics.escalations_topic
     )
-    store_source = raw_topic(
-        *[topics.norm(kind) for kind in KINDS],
-        topics.identity_topic,
-        topics.alerts_topic,
-        topics.escalations_topic,
-        topics.acks_topic,
-    )
 
     if "normaliser" in roles:
         normaliser = NormaliserHandler(c, topics, publish, table("identity-links"))
@@ -379,11 +375,31 @@ def create_app(
             await clinical.escalate_due()
 
     if "store" in roles:
-        store = StoreHandler(c, topics, publish)
+        # Not a Faust agent: a librdkafka consumer in its own group that marks offsets done only after
+        # the store transaction (streams/store_consumer.py).
+        store = StoreConsumer(
+            consumer_config(
+                settings.kafka.client_config(),
+                store_group(stream.app_id),
+                stream.commit_interval_seconds,
+                stream.session_timeout_seconds,
+            ),
+            store_topics(topics),
+            StoreHandler(c, topics, publish).handle,
+            stream.batch_size,
+            stream.batch_within_seconds,
+        )
 
-        @app.agent(store_source, concurrency=1, name="store")
-        async def store_agent(events: faust.StreamT[Any]) -> None:
-            await run_batches(events, store.handle, "store")
+        @app.task
+        async def store_stage() -> None:
+            try:
+                await store.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.critical("the store stage stopped: %r", exc)
+                await app.crash(exc)  # a worker without its store stage must not look healthy
+                raise
 
     stalls = StallDetector(patience=stream.stall_patience_seconds)
 
@@ -395,8 +411,6 @@ def create_app(
         sources = set(raw_names) if "normaliser" in roles else set()  # raw_names grows with new topics
         if "clinical" in roles:
             sources.update(clinical_source.topics)
-        if "store" in roles:
-            sources.update(store_source.topics)
         assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in sources)
         if not assigned:
             return

@@ -7,7 +7,9 @@ critical result.
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,6 +18,8 @@ from clinhub.infra import postgres
 from producers.publisher import Receipt, make_publisher
 from producers.simulator import simulate_labs
 from sinks.models import Alert, IngestLog, Observation
+from streams.stalls import group_positions
+from streams.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_lab_path import wait_for
 
@@ -65,22 +69,70 @@ def assert_exactly_once(hub: HubEnv, acknowledged: set[str]) -> None:
     assert all(count == 1 for _, _, count in per_result), "one alert per critical result"
 
 
-def test_database_outage_mid_stream_loses_and_duplicates_nothing(hub: HubEnv, postgres_cluster: Any) -> None:
-    hub.start_worker()
+OUTAGE_SECONDS = 120  # "for minutes" (faust-reliability.md, test 4); the store's retry delay tops out at 2 s
+
+
+def worker_rss_bytes(proc: subprocess.Popen[bytes]) -> int:
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for worker {proc.pid}")
+
+
+def store_positions(hub: HubEnv) -> dict[tuple[str, int], int]:
+    """The store consumer group's committed offsets on the standard lab topic."""
+    topic = hub.topics.norm("lab")
+    partitions = [(topic, p) for p in range(hub.settings.kafka.topic_partitions)]
+    committed, _ends = group_positions(
+        hub.settings.kafka.client_config(), store_group(hub.settings.stream.app_id), partitions
+    )
+    return committed
+
+
+def test_database_outage_for_minutes_loses_nothing_and_holds_memory(
+    hub: HubEnv, postgres_cluster: Any
+) -> None:
+    """PostgreSQL is down for two minutes while two bursts arrive. The store consumer's committed
+    offsets stay where the store is; the worker's memory does not grow with the backlog (the second
+    burst doubles it); once the database is back the backlog drains, every event stored once."""
+    worker = hub.start_worker()
     before = publish(hub, traffic(seed=1, count=40))
     wait_for(lambda: stored_counts(hub, before)[1] == len(before), hub, what="first traffic stored")
+    wait_for(lambda: hub.caught_up(store_group(hub.settings.stream.app_id), hub.topics.norm("lab")), hub)
+    positions_at_outage = store_positions(hub)
 
+    started = time.monotonic()
     postgres.stop(postgres_cluster)
     try:
-        during = publish(hub, traffic(seed=2, count=60))  # Kafka keeps accepting while the store is down
-        time.sleep(8)  # the store agent retries with back-off meanwhile, acking nothing
+        # Kafka keeps accepting while the store is down; normaliser and clinical keep going.
+        first_burst = publish(hub, traffic(seed=2, count=3000))
+        time.sleep(max(0.0, started + OUTAGE_SECONDS / 2 - time.monotonic()))
+        rss_after_first = worker_rss_bytes(worker)
+        assert store_positions(hub) == positions_at_outage, "the store group committed past the store"
+        second_burst = publish(hub, traffic(seed=3, count=3000))
+        time.sleep(max(0.0, started + OUTAGE_SECONDS - time.monotonic()))
+        rss_after_second = worker_rss_bytes(worker)
+        assert store_positions(hub) == positions_at_outage, "the store group committed past the store"
+        assert worker.poll() is None, hub.worker_log()
     finally:
         postgres.start(postgres_cluster)
     hub.engine.dispose()  # drop the test's own dead connections
 
-    wait_for(lambda: stored_counts(hub, during)[1] == len(during), hub, 180, what="backlog drained")
+    during = first_burst | second_burst
+    wait_for(lambda: stored_counts(hub, during)[1] == len(during), hub, 240, what="backlog drained")
+    wait_for(
+        lambda: hub.caught_up(store_group(hub.settings.stream.app_id), hub.topics.norm("lab")),
+        hub,
+        60,
+        what="the store group's lag drained",
+    )
     assert_exactly_once(hub, before | during)
     assert "store batch failed" in hub.worker_log(), "the outage was really seen and retried"
+    growth = rss_after_second - rss_after_first
+    print(f"worker RSS {rss_after_first / 2**20:.0f} MiB -> {rss_after_second / 2**20:.0f} MiB")
+    # The backlog doubled (3,000 more events, about 3 MB on the wire); what the store stage holds is
+    # one batch plus librdkafka's bounded prefetch (16 MiB), so memory must not grow by the backlog.
+    assert growth < 48 * 2**20, f"worker memory grew {growth / 2**20:.0f} MiB with the backlog"
 
 
 def test_processor_killed_mid_stream_resumes_without_loss_or_duplicates(hub: HubEnv) -> None:
@@ -106,7 +158,7 @@ def test_consumer_group_replay_from_zero_changes_nothing(hub: HubEnv) -> None:
     worker = hub.start_worker()
     acknowledged = publish(hub, traffic(seed=5, count=40))
     wait_for(lambda: stored_counts(hub, acknowledged)[1] == len(acknowledged), hub, what="stored")
-    group = hub.settings.stream.app_id
+    group = store_group(hub.settings.stream.app_id)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     hub.stop_worker(worker)
     with hub.engine.connect() as conn:
@@ -120,7 +172,7 @@ def test_consumer_group_replay_from_zero_changes_nothing(hub: HubEnv) -> None:
     assert first_pass, "the traffic had critical values"
 
     # A new consumer group starts from offset 0 and re-reads every topic, with fresh tables: the
-    # clinical agent raises every alert again (same ids), the store agent writes everything again.
+    # clinical agent raises every alert again (same ids), the store stage writes everything again.
     hub.start_worker({"CLINHUB_STREAM_APP_ID": hub.settings.stream.app_id + "-replay"})  # group id = app id
 
     def replayed() -> bool:
@@ -130,7 +182,7 @@ def test_consumer_group_replay_from_zero_changes_nothing(hub: HubEnv) -> None:
     wait_for(replayed, hub, 120, what="the replay re-raising every alert")
     second_pass = [decode(m.value()) for m in hub.consume_all(hub.topics.alerts_topic, 5, lambda m: False)]
     assert {str(a["alert_id"]) for a in second_pass} == {str(a["alert_id"]) for a in first_pass}
-    replay_group = hub.settings.stream.app_id + "-replay"
+    replay_group = store_group(hub.settings.stream.app_id + "-replay")
     wait_for(
         lambda: hub.caught_up(replay_group, hub.topics.alerts_topic), hub, 60, what="replay stored the alerts"
     )

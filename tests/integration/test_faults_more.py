@@ -32,6 +32,7 @@ from schemas import standard
 from schemas.exceptions import SchemaError
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.models import Alert
+from streams.store_consumer import store_group
 from tests.factories import lab_record
 from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
 from tests.integration.test_faults import assert_exactly_once, stored_counts, traffic
@@ -112,25 +113,26 @@ def dead_lettered_event_ids(hub: HubEnv, letters: list[dict[str, Any]]) -> set[s
     return found
 
 
-def settled(hub: HubEnv, group: str | None = None) -> bool:
-    """The worker group has committed the end of every topic a lab result passes through."""
-    group = group or hub.settings.stream.app_id
+def settled(hub: HubEnv) -> bool:
+    """Both groups have committed the end of every topic a lab result passes through: the Faust
+    agents' (normaliser, clinical) and the store consumer's."""
     topics = hub.topics
+    faust_group, store = hub.settings.stream.app_id, store_group(hub.settings.stream.app_id)
     return all(
         hub.caught_up(group, topic)
-        for topic in (
-            topics.raw("H001", "lab"),
-            topics.raw("H002", "lab"),
-            topics.norm("lab"),
-            topics.identity_topic,
-            topics.alerts_topic,
+        for group, topic in (
+            (faust_group, topics.raw("H001", "lab")),
+            (faust_group, topics.raw("H002", "lab")),
+            (faust_group, topics.norm("lab")),
+            (store, topics.norm("lab")),
+            (store, topics.identity_topic),
+            (store, topics.alerts_topic),
         )
     )
 
 
-def lag_report(hub: HubEnv, group: str | None = None) -> str:
+def lag_report(hub: HubEnv, group: str) -> str:
     """Partitions where the group's committed offset is behind the end of the topic, for failure messages."""
-    group = group or hub.settings.stream.app_id
     consumer = Consumer({"bootstrap.servers": hub.settings.kafka.bootstrap_servers, "group.id": group})
     lines = []
     try:
@@ -153,8 +155,12 @@ def wait_reporting_lag(
     try:
         wait_for(condition, hub, timeout, what=what)
     except AssertionError as exc:
-        group = hub.settings.stream.app_id
-        raise AssertionError(f"{exc}\n{state()}\nlag of {group}:\n{lag_report(hub)}") from None
+        app_id = hub.settings.stream.app_id
+        lags = "\n".join(
+            f"lag of {group}:\n{lag_report(hub, group)}"
+            for group in (app_id, store_group(app_id), f"{app_id}-normaliser", f"{app_id}-clinical")
+        )
+        raise AssertionError(f"{exc}\n{state()}\n{lags}") from None
 
 
 def alerts_per_result(hub: HubEnv, event_ids: set[str]) -> dict[str, int]:
@@ -458,8 +464,13 @@ def start_node(hub: HubEnv) -> dict[str, subprocess.Popen[bytes]]:
 def stages_settled(hub: HubEnv) -> bool:
     """Every stage's group has committed the end of every topic it reads."""
     app_id = hub.settings.stream.app_id
+    group = {
+        "normaliser": f"{app_id}-normaliser",
+        "clinical": f"{app_id}-clinical",
+        "store": store_group(app_id),
+    }
     return all(
-        hub.caught_up(f"{app_id}-{role}", topic)
+        hub.caught_up(group[role], topic)
         for role, sources in ROLE_SOURCES.items()
         for topic in sources(hub.topics)
     )
@@ -511,14 +522,17 @@ def test_rebalance_under_load_workers_added_killed_and_stopped(hub: HubEnv) -> N
 
 def test_a_slow_and_then_stuck_store_causes_no_rebalance(hub: HubEnv) -> None:
     """Every insert into observations sleeps, then the test locks the table for longer than the consumer
-    session timeout. The store agent waits in a thread, so heartbeats go on: the group keeps its
-    generation, and once the lock goes everything is stored exactly once."""
+    session timeout. The store stage waits in a thread while librdkafka's own thread heartbeats: neither
+    the Faust group nor the store consumer's group rebalances, and once the lock goes everything is
+    stored exactly once."""
     log_path = next_worker_log(hub)
     hub.start_worker({"CLINHUB_STREAM_SESSION_TIMEOUT_SECONDS": str(SESSION_TIMEOUT)})
     warm_up = publish(hub, traffic(seed=51, count=40))
     wait_for(lambda: stored_counts(hub, warm_up)[1] == len(warm_up), hub, what="warm-up stored")
     joined_before = generations(full_log(log_path))
     assert joined_before, "the worker's log shows its group join"
+    store_assignments = full_log(log_path).count("store consumer assigned")
+    assert store_assignments == 1, "the store consumer joined its group once"
 
     install_trigger(hub, "slow_store", "PERFORM pg_sleep(0.3);")
     slow = publish(hub, traffic(seed=52, count=200))
@@ -539,3 +553,5 @@ def test_a_slow_and_then_stuck_store_causes_no_rebalance(hub: HubEnv) -> None:
     log_text = full_log(log_path)
     assert generations(log_text) == joined_before, f"the group rebalanced: {generations(log_text)}"
     assert "Heartbeat session expired" not in log_text
+    assert log_text.count("store consumer revoked") == 0, "the store consumer's group rebalanced"
+    assert log_text.count("store consumer assigned") == store_assignments

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from streams.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_faults import assert_exactly_once, publish, stored_counts, traffic
 from tests.integration.test_faults_more import install_trigger
@@ -35,7 +36,7 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
     install_trigger(hub, "stall_once", "IF nextval('stall_once_seq') = 1 THEN PERFORM pg_sleep(600); END IF;")
     acknowledged = publish(hub, traffic(seed=21, count=60))
     worker = hub.start_worker()
-    wait_for(lambda: bool(stalled_backends(hub)), hub, what="the store agent inside its first transaction")
+    wait_for(lambda: bool(stalled_backends(hub)), hub, what="the store stage inside its first transaction")
 
     hub.stop_worker(worker, kill=True)
     with hub.engine.connect() as conn:
@@ -51,13 +52,13 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
         180,
         what="all stored on restart",
     )
-    group = hub.settings.stream.app_id
+    group = store_group(hub.settings.stream.app_id)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
 
 
 def test_killed_between_store_commit_and_offset_commit(hub: HubEnv) -> None:
-    group = hub.settings.stream.app_id
+    group = store_group(hub.settings.stream.app_id)
     acknowledged = publish(hub, traffic(seed=22, count=60))
     worker = hub.start_worker({"CLINHUB_STREAM_COMMIT_INTERVAL_SECONDS": "600"})  # offsets wait
     wait_for(lambda: stored_counts(hub, acknowledged)[1] == len(acknowledged), hub, what="all stored")

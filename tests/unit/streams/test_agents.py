@@ -32,6 +32,7 @@ from streams.metrics import make_stream_metrics
 from streams.outputs import Output
 from streams.pipeline import RawMessage
 from streams.reference import load_reference
+from streams.store_handler import StoreHandler
 from streams.topics import TopicNames
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -144,11 +145,11 @@ async def _normaliser_scenario(app: Any, sent: list[Any], components: Components
     assert keys == {r["regional_patient_id"].encode() for r in normalised}, "keyed by regional patient id"
 
 
-def test_store_agent_writes_decoded_standard_records(wiring: Any) -> None:
+def test_store_stage_writes_decoded_standard_records(wiring: Any) -> None:
     asyncio.run(_store_scenario(*wiring))
 
 
-async def _store_scenario(app: Any, _sent: list[Any], components: Components) -> None:
+async def _store_scenario(_app: Any, sent: list[Any], components: Components) -> None:
     alert_encoder = make_encoder(components.registry, standard.load(standard.CRITICAL_VALUE_ALERT))
     from streams.rules import AlertDraft, alert_record
 
@@ -171,10 +172,16 @@ async def _store_scenario(app: Any, _sent: list[Any], components: Components) ->
         deadline_time=NOW + dt.timedelta(minutes=15),
         correlation_id="c-1",
     )
-    agent = agent_named(app, "store")
-    async with agent.test_context() as context:
-        await put_on(context, "alerts.critical", b"rp-1", alert_encoder(alert_record(draft)), 0)
-        await wait_until(lambda: len(components.sink.records) == 1)
+
+    async def publish(outputs: Sequence[Output]) -> None:
+        sent.extend((o.topic, o.key, o.value) for o in outputs)
+
+    handler = StoreHandler(components, TopicNames(), publish)
+    value = alert_encoder(alert_record(draft))
+    await handler.handle(
+        [RawMessage("alerts.critical", 0, 7, b"rp-1", value), RawMessage("norm.lab", 1, 3, b"rp-1", b"\x00")]
+    )
+    assert [topic for topic, _, _ in sent] == ["deadletter"], "the undecodable one is dead-lettered"
     (stored,) = components.sink.records
     assert stored.kind == "alert"
     assert str(stored.record["alert_id"]) == draft.alert_id
@@ -214,8 +221,8 @@ async def _clinical_scenario(app: Any, sent: list[Any], components: Components) 
 @pytest.mark.parametrize(
     ("roles", "agents", "app_id"),
     [
-        (("normaliser", "clinical", "store"), {"normaliser", "clinical", "store"}, "agents-test"),
-        (("store",), {"store"}, "agents-test-store"),
+        (("normaliser", "clinical", "store"), {"normaliser", "clinical"}, "agents-test"),
+        (("store",), set(), "agents-test-store"),
         (("normaliser", "clinical"), {"normaliser", "clinical"}, "agents-test-clinical-normaliser"),
     ],
 )
@@ -226,6 +233,8 @@ def test_a_worker_runs_the_stages_it_is_given_as_its_own_app(
     app = create_app(settings(tmp_path), components=components, roles=roles)
     assert {name.rsplit(".", 1)[-1].removesuffix("_agent") for name in app.agents} == agents
     assert app.conf.id == app_id  # one consumer group (and table namespace) per stage set
+    tasks = {task.__name__ for task in app._app_tasks}  # the store stage is a task, not an agent
+    assert ("store_stage" in tasks) == ("store" in roles)
 
 
 def test_unknown_roles_are_refused(tmp_path: Any) -> None:

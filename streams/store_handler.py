@@ -1,4 +1,4 @@
-"""The store agent's handler: decoded standard records in, one idempotent transaction per batch."""
+"""The store stage's handler: decoded standard records in, one idempotent transaction per batch."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def kinds_by_topic(topics: TopicNames) -> dict[str, str]:
         }
     )
     return mapping
+
+
+def store_topics(topics: TopicNames) -> list[str]:
+    """Every topic whose records the store keeps."""
+    return sorted(kinds_by_topic(topics))
 
 
 class StoreHandler:
