@@ -190,8 +190,14 @@ def stream_worker(
     import faust
     from prometheus_client import REGISTRY, start_http_server
 
-    from streams.app import create_app
+    from streams.app import ROLES, create_app
     from streams.topics import TopicNames, discover_raw_topics
+
+    unknown = sorted(set(role or ()) - set(ROLES))
+    if unknown:
+        raise typer.BadParameter(
+            f"{', '.join(unknown)}: a stage is one of {', '.join(ROLES)}", param_hint="--role"
+        )
 
     faulthandler.enable()  # a crash in native code (librdkafka, RocksDB) logs every thread's stack
     settings = _settings()

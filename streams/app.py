@@ -38,7 +38,7 @@ from streams.metrics import StreamMetrics, make_stream_metrics
 from streams.outputs import Output, Publish, make_outputs
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
 from streams.reference import DATA_DIR, ReferenceData, load_reference
-from streams.stalls import StallDetector, contiguous_offsets_app, group_positions, reread_from_committed
+from streams.stalls import GroupPositions, StallDetector, contiguous_offsets_app, reread_from_committed
 from streams.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.store_handler import StoreHandler, store_topics
 from streams.tables import RawKeyTable, store_url
@@ -66,8 +66,8 @@ class Components:
     registry: Any
     reference: ReferenceData
     codes: CodeMaps
-    identity: RegionalIdentity
-    sink: Any
+    identity: RegionalIdentity | None  # only the normaliser holds the pseudonymisation key
+    sink: Any  # only the store stage connects to the database (None elsewhere)
     metrics: StreamMetrics
     clock: Callable[[], dt.datetime]
     retry_max_seconds: float = 30.0
@@ -116,19 +116,26 @@ def load_pseudonym_key(settings: HubSettings) -> bytes:
     )
 
 
-def build_components(settings: HubSettings, registry: CollectorRegistry) -> Components:
+def build_components(
+    settings: HubSettings, registry: CollectorRegistry, roles: Collection[str] = ROLES
+) -> Components:
+    """What the given stages need, and no more: the key only where pseudonyms are computed, the
+    database only where the store is written, so a stage's process holds no secret it does not use."""
     from sinks.metrics import make_sink_metrics
     from sinks.sql import SqlStoreSink
     from sinks.store import ensure_current, make_engine
 
-    engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
-    ensure_current(engine)
+    sink = None
+    if "store" in roles:
+        engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
+        ensure_current(engine)
+        sink = SqlStoreSink(engine, metrics=make_sink_metrics(registry))
     return Components(
         registry=ConfluentRegistry(settings.registry.client_config()),
         reference=load_reference(settings.stream.reference_dir or DATA_DIR),
         codes=load_codes(settings.stream.reference_dir or DATA_DIR),
-        identity=RegionalIdentity(load_pseudonym_key(settings)),
-        sink=SqlStoreSink(engine, metrics=make_sink_metrics(registry)),
+        identity=RegionalIdentity(load_pseudonym_key(settings)) if "normaliser" in roles else None,
+        sink=sink,
         metrics=make_stream_metrics(registry),
         clock=lambda: dt.datetime.now(dt.UTC),
         retry_max_seconds=settings.stream.sink_retry_max_seconds,
@@ -189,6 +196,9 @@ class NormaliserHandler:
     """raw -> norm.<kind> (keyed by regional patient id), identity links, dead letters."""
 
     def __init__(self, components: Components, topics: TopicNames, publish: Publish, links: Any) -> None:
+        if components.identity is None:
+            raise ValueError("the normaliser needs the regional identity (the pseudonymisation key)")
+        self.identity = components.identity
         self.c = components
         self.topics = topics
         self.publish = publish
@@ -204,7 +214,7 @@ class NormaliserHandler:
                 c.decoders,
                 c.reference,
                 c.codes,
-                c.identity,
+                self.identity,
                 self.links.get,
                 c.clock(),
             )
@@ -289,7 +299,7 @@ def create_app(
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
     )
-    c = components or build_components(settings, metrics_registry or CollectorRegistry())
+    c = components or build_components(settings, metrics_registry or CollectorRegistry(), roles)
 
     def raw_topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_serializer="raw", value_serializer="raw")
@@ -402,6 +412,12 @@ def create_app(
                 raise
 
     stalls = StallDetector(patience=stream.stall_patience_seconds)
+    positions = GroupPositions(settings.kafka.client_config(), app_id)
+
+    async def close_positions(_app: Any, **_kwargs: Any) -> None:
+        await asyncio.to_thread(positions.close)
+
+    app.on_before_shutdown.connect(cast(Any, close_positions))
 
     @app.timer(interval=stream.stall_check_seconds)
     async def watch_stalls() -> None:
@@ -415,9 +431,7 @@ def create_app(
         if not assigned:
             return
         try:
-            committed, ends = await asyncio.to_thread(
-                group_positions, settings.kafka.client_config(), app.conf.id, assigned
-            )
+            committed, ends = await asyncio.to_thread(positions.read, assigned)
         except Exception as exc:  # noqa: BLE001 - looked up again at the next tick
             log.warning("could not read the group's positions: %r", exc)
             return

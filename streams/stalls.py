@@ -17,6 +17,7 @@ idempotent.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,20 +62,49 @@ class StallDetector:
         return stalled
 
 
-def group_positions(
-    client_config: Mapping[str, Any], group: str, partitions: list[TopicPartition]
-) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-    """The group's committed offsets and the partitions' ends, as the broker sees them (blocking)."""
-    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions
-    from confluent_kafka import TopicPartition as KafkaTopicPartition
-    from confluent_kafka.admin import AdminClient
+class GroupPositions:
+    """Reads a group's committed offsets and the partitions' ends, as the broker sees them (blocking).
 
-    wanted = [KafkaTopicPartition(topic, partition) for topic, partition in partitions]
-    admin = AdminClient(dict(client_config))
-    future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, wanted)])[group]
-    committed = {(tp.topic, tp.partition): tp.offset for tp in future.result(timeout=15).topic_partitions}
-    probe = Consumer({**client_config, "group.id": f"{group}-stall-probe", "enable.auto.commit": False})
-    try:
+    One admin client and one probe consumer for the worker's life: creating and dropping librdkafka
+    clients every few seconds, some with requests still pending while the broker is away, is how a
+    worker crashed in native code (SIGSEGV) after a broker restart.
+    """
+
+    def __init__(self, client_config: Mapping[str, Any], group: str) -> None:
+        self.client_config = dict(client_config)
+        self.group = group
+        self._admin: Any = None
+        self._probe: Any = None
+        self._lock = threading.Lock()  # close() never runs under a read in another thread
+
+    def read(
+        self, partitions: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        from confluent_kafka import Consumer
+        from confluent_kafka.admin import AdminClient
+
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminClient(self.client_config)
+                self._probe = Consumer(
+                    {
+                        **self.client_config,
+                        "group.id": f"{self.group}-stall-probe",
+                        "enable.auto.commit": False,
+                    }
+                )
+            return self._read(self._admin, self._probe, partitions)
+
+    def _read(
+        self, admin: Any, probe: Any, partitions: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        from confluent_kafka import ConsumerGroupTopicPartitions
+        from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+        wanted = [KafkaTopicPartition(topic, partition) for topic, partition in partitions]
+        request = [ConsumerGroupTopicPartitions(self.group, wanted)]
+        future = admin.list_consumer_group_offsets(request, request_timeout=15)[self.group]
+        committed = {(tp.topic, tp.partition): tp.offset for tp in future.result().topic_partitions}
         ends = {}
         for topic, partition in partitions:
             low, high = probe.get_watermark_offsets(KafkaTopicPartition(topic, partition), timeout=15)
@@ -82,9 +112,24 @@ def group_positions(
             # never committed: the group starts at the earliest offset still there
             if committed.get((topic, partition), -1) < 0:
                 committed[(topic, partition)] = low
+        return committed, ends
+
+    def close(self) -> None:
+        with self._lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = self._admin = None
+
+
+def group_positions(
+    client_config: Mapping[str, Any], group: str, partitions: list[TopicPartition]
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """One reading of `GroupPositions`, for callers that look once."""
+    positions = GroupPositions(client_config, group)
+    try:
+        return positions.read(partitions)
     finally:
-        probe.close()
-    return committed, ends
+        positions.close()
 
 
 async def reread_from_committed(consumer: Any, topic: str, partition: int, committed: int) -> None:

@@ -39,6 +39,8 @@ def store_topics(topics: TopicNames) -> list[str]:
 
 class StoreHandler:
     def __init__(self, components: Components, topics: TopicNames, publish: Publish) -> None:
+        if components.sink is None:
+            raise ValueError("the store stage needs a sink (the database)")
         self.c = components
         self.topics = topics
         self.publish = publish

@@ -270,16 +270,18 @@ def test_workers_are_safe_to_scale_and_never_share_table_state(model: dict[str, 
 
 def test_pseudonym_key_reaches_the_workers_only_as_a_secret(model: dict[str, Any]) -> None:
     assert model["secrets"]["pseudonym_key"]["environment"] == "CLINHUB_SECURITY_PSEUDONYM_KEY"
-    # Every worker, not only the normaliser: the stream worker loads the key whatever its roles.
+    # Only the normaliser computes pseudonyms; the other stages start without the key.
     holders = {
         name
         for name, service in model["services"].items()
         if "pseudonym_key" in {s["source"] for s in service.get("secrets") or []}
     }
-    assert holders == set(WORKERS)
+    assert holders == {"worker-normaliser"}
     for name in WORKERS:
         env = model["services"][name]["environment"]
-        assert env["CLINHUB_SECURITY_PSEUDONYM_KEY_FILE"] == "/run/secrets/pseudonym_key", name
+        expected = "/run/secrets/pseudonym_key" if name in holders else None
+        assert env.get("CLINHUB_SECURITY_PSEUDONYM_KEY_FILE") == expected, name
+        assert env["CLINHUB_INFRA_METRICS_PORT"] in ("9464", 9464), name
     for name, service in model["services"].items():
         assert "CLINHUB_SECURITY_PSEUDONYM_KEY" not in (service.get("environment") or {}), name
 

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from faust.types import Message
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
+from clinhub.exceptions import ConfigurationError
 from clinhub.settings import (
     DatabaseSettings,
     HubSettings,
@@ -25,7 +27,7 @@ from schemas import standard
 from schemas.exceptions import RegistryUnavailableError
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.base import Sink, StoreRecord, StoreWriteResult
-from streams.app import Components, NormaliserHandler, create_app
+from streams.app import Components, NormaliserHandler, build_components, create_app
 from streams.codes import load_codes
 from streams.identity import RegionalIdentity
 from streams.metrics import make_stream_metrics
@@ -279,3 +281,24 @@ def test_a_registry_outage_when_registering_an_output_schema_is_retried_not_esca
 
     assert [output.topic for output in published if output.topic == "norm.lab"] == ["norm.lab"]
     assert components.metrics.sink_retries.labels(reason="RegistryUnavailableError")._value.get() == 2
+
+
+def test_each_stage_gets_only_the_secrets_it_uses(tmp_path: Any) -> None:
+    base = settings(tmp_path)  # no pseudonymisation key; the database URL points nowhere useful
+    clinical = build_components(base, CollectorRegistry(), roles=("clinical",))
+    assert (clinical.identity, clinical.sink) == (None, None)
+    with pytest.raises(ConfigurationError, match="CLINHUB_SECURITY_PSEUDONYM_KEY"):
+        build_components(base, CollectorRegistry(), roles=("normaliser", "clinical"))
+
+    keyed = base.model_copy(update={"security": SecuritySettings(pseudonym_key=SecretStr("k" * 32))})
+    normaliser = build_components(keyed, CollectorRegistry(), roles=("normaliser",))
+    assert isinstance(normaliser.identity, RegionalIdentity) and normaliser.sink is None
+
+
+def test_handlers_refuse_components_without_what_their_stage_needs() -> None:
+    bare = make_components(ConfluentRegistry({"url": "mock://bare"}))
+    bare.identity, bare.sink = None, None
+    with pytest.raises(ValueError, match="pseudonymisation key"):
+        NormaliserHandler(bare, TopicNames(), publish=None, links={})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="database"):
+        StoreHandler(bare, TopicNames(), publish=None)  # type: ignore[arg-type]
