@@ -65,15 +65,16 @@ class StallDetector:
 class GroupPositions:
     """Reads a group's committed offsets and the partitions' ends, as the broker sees them (blocking).
 
-    One admin client and one probe consumer for the worker's life: creating and dropping librdkafka
-    clients every few seconds, some with requests still pending while the broker is away, is how a
-    worker crashed in native code (SIGSEGV) after a broker restart.
+    One probe consumer in the watched group for the worker's life. It never subscribes, so it never
+    joins the group; it only fetches the group's committed offsets and the partitions' watermarks.
+    Not the admin client: its offset listing hit a librdkafka assertion
+    (`rd_kafka_enq_once_del_source_return`; the process aborted) when the broker came back from a
+    restart while a request waited.
     """
 
     def __init__(self, client_config: Mapping[str, Any], group: str) -> None:
         self.client_config = dict(client_config)
         self.group = group
-        self._admin: Any = None
         self._probe: Any = None
         self._lock = threading.Lock()  # close() never runs under a read in another thread
 
@@ -81,44 +82,33 @@ class GroupPositions:
         self, partitions: list[TopicPartition]
     ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
         from confluent_kafka import Consumer
-        from confluent_kafka.admin import AdminClient
-
-        with self._lock:
-            if self._admin is None:
-                self._admin = AdminClient(self.client_config)
-                self._probe = Consumer(
-                    {
-                        **self.client_config,
-                        "group.id": f"{self.group}-stall-probe",
-                        "enable.auto.commit": False,
-                    }
-                )
-            return self._read(self._admin, self._probe, partitions)
-
-    def _read(
-        self, admin: Any, probe: Any, partitions: list[TopicPartition]
-    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-        from confluent_kafka import ConsumerGroupTopicPartitions
         from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-        wanted = [KafkaTopicPartition(topic, partition) for topic, partition in partitions]
-        request = [ConsumerGroupTopicPartitions(self.group, wanted)]
-        future = admin.list_consumer_group_offsets(request, request_timeout=15)[self.group]
-        committed = {(tp.topic, tp.partition): tp.offset for tp in future.result().topic_partitions}
-        ends = {}
-        for topic, partition in partitions:
-            low, high = probe.get_watermark_offsets(KafkaTopicPartition(topic, partition), timeout=15)
-            ends[(topic, partition)] = high
-            # never committed: the group starts at the earliest offset still there
-            if committed.get((topic, partition), -1) < 0:
-                committed[(topic, partition)] = low
-        return committed, ends
+        with self._lock:
+            if self._probe is None:
+                self._probe = Consumer(
+                    {**self.client_config, "group.id": self.group, "enable.auto.commit": False}
+                )
+            wanted = [KafkaTopicPartition(topic, partition) for topic, partition in partitions]
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in self._probe.committed(wanted, timeout=15)
+            }
+            ends = {}
+            for topic, partition in partitions:
+                low, high = self._probe.get_watermark_offsets(
+                    KafkaTopicPartition(topic, partition), timeout=15
+                )
+                ends[(topic, partition)] = high
+                # never committed: the group starts at the earliest offset still there
+                if committed.get((topic, partition), -1) < 0:
+                    committed[(topic, partition)] = low
+            return committed, ends
 
     def close(self) -> None:
         with self._lock:
             if self._probe is not None:
                 self._probe.close()
-                self._probe = self._admin = None
+                self._probe = None
 
 
 def group_positions(
