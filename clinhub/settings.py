@@ -88,10 +88,10 @@ class StreamSettings(BaseSettings):
     app_id: str = "clinhub-streams"
     topic_prefix: str = ""
     institutions: tuple[str, ...] = ("H001", "H002", "C003")
-    # Stages this worker runs: all three in one Faust app (one consumer group), or a subset, each subset
-    # its own app and group "<app_id>-<role>". Run several workers of a group (scaling out) with one
-    # role each: with all three in one app, a message two agents share can be committed after a
-    # rebalance when only one of them got it (faust-streaming 0.15.3).
+    # Stages this worker runs: all three, or a subset. The Faust agents (normaliser, clinical) of one
+    # worker form one app and group, "<app_id>" for all stages or "<app_id>-<roles>" for a subset; the
+    # store stage is a librdkafka consumer in group "<app_id>-sink" whatever the subset. Scale out with
+    # one role per worker, the layout the rebalance fault test runs.
     roles: tuple[str, ...] = ("normaliser", "clinical", "store")
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.5, gt=0)
