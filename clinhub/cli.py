@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -187,7 +187,6 @@ def stream_worker(
     """Run the Faust stream processor until interrupted."""
     import faulthandler
 
-    import faust
     from prometheus_client import REGISTRY, start_http_server
 
     from streams.app import ROLES, create_app
@@ -208,8 +207,21 @@ def stream_worker(
     )
     roles = tuple(role) if role else settings.stream.roles
     faust_app = create_app(settings, metrics_registry=REGISTRY, raw_topics=raw_topics, roles=roles)
+    faust_worker(faust_app, loglevel).execute_from_commandline()
+
+
+def faust_worker(faust_app: Any, loglevel: str) -> Any:
+    """Faust's worker without its terminal spinner.
+
+    At --loglevel warning and above Faust feeds the spinner every log record by setting the root
+    logger to DEBUG, so each debug call in aiokafka and Faust built a record: 7% of the clinical
+    stage's time under load.
+    """
+    import faust
+
     worker = faust.Worker(faust_app, loglevel=loglevel, override_logging=True)
-    worker.execute_from_commandline()
+    worker.spinner = None
+    return worker
 
 
 @app.command("simulate")
