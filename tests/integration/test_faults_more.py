@@ -456,9 +456,24 @@ ROLE_SOURCES = {
 }
 
 
+# What a stage's process is not given: it must run without it (least privilege, as in docker-compose.yml)
+WITHHELD = {
+    "normaliser": {"CLINHUB_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none"},
+    "clinical": {
+        "CLINHUB_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none",
+        "CLINHUB_SECURITY_PSEUDONYM_KEY": "",
+    },
+    "store": {"CLINHUB_SECURITY_PSEUDONYM_KEY": ""},
+}
+
+
 def start_node(hub: HubEnv) -> dict[str, subprocess.Popen[bytes]]:
-    """One node of a scaled-out deployment: a worker process per stage, each in its stage's group."""
-    return {role: hub.start_worker({"CLINHUB_STREAM_ROLES": f'["{role}"]'}) for role in ROLE_SOURCES}
+    """One node of a scaled-out deployment: a worker process per stage, each in its stage's group, each
+    without the secrets its stage does not use."""
+    return {
+        role: hub.start_worker({"CLINHUB_STREAM_ROLES": f'["{role}"]', **WITHHELD[role]})
+        for role in ROLE_SOURCES
+    }
 
 
 def stages_settled(hub: HubEnv) -> bool:
