@@ -34,6 +34,7 @@ from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encod
 from streams.clinical import ClinicalHandler, ClinicalTables
 from streams.codes import CodeMaps, load_codes
 from streams.identity import RegionalIdentity
+from streams.lag import LagReport, lag_by_topic
 from streams.metrics import StreamMetrics, make_stream_metrics
 from streams.outputs import Output, Publish, make_outputs
 from streams.pipeline import RawMessage, Rejection, dead_letter_record, normalise_batch
@@ -400,6 +401,19 @@ def create_app(
             stream.batch_within_seconds,
         )
 
+        store_positions = GroupPositions(settings.kafka.client_config(), store_group(stream.app_id))
+        store_lag = LagReport(c.metrics.consumer_lag, "store")
+
+        @app.timer(interval=stream.stall_check_seconds)
+        async def watch_store_lag() -> None:
+            try:
+                owned = await store.assignment()
+                committed, ends = await asyncio.to_thread(store_positions.read, owned) if owned else ({}, {})
+            except Exception as exc:  # noqa: BLE001 - looked up again at the next tick
+                log.warning("could not read the store group's positions: %r", exc)
+                return
+            store_lag.update(lag_by_topic(committed, ends))
+
         @app.task
         async def store_stage() -> None:
             try:
@@ -419,22 +433,28 @@ def create_app(
 
     app.on_before_shutdown.connect(cast(Any, close_positions))
 
+    lag_reports = {stage: LagReport(c.metrics.consumer_lag, stage) for stage in ("normaliser", "clinical")}
+
     @app.timer(interval=stream.stall_check_seconds)
     async def watch_stalls() -> None:
-        """Faust can stop delivering a partition after a rebalance; read it again (streams/stalls.py)."""
+        """Faust can stop delivering a partition after a rebalance; read it again (streams/stalls.py).
+        The same reading gives the Faust stages' lag."""
         if app.rebalancing or app.in_recovery:
             return
-        sources = set(raw_names) if "normaliser" in roles else set()  # raw_names grows with new topics
-        if "clinical" in roles:
-            sources.update(clinical_source.topics)
+        stage_topics = {
+            "normaliser": set(raw_names) if "normaliser" in roles else set(),  # grows with new topics
+            "clinical": set(clinical_source.topics) if "clinical" in roles else set(),
+        }
+        sources = stage_topics["normaliser"] | stage_topics["clinical"]
         assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in sources)
-        if not assigned:
-            return
         try:
-            committed, ends = await asyncio.to_thread(positions.read, assigned)
+            committed, ends = await asyncio.to_thread(positions.read, assigned) if assigned else ({}, {})
         except Exception as exc:  # noqa: BLE001 - looked up again at the next tick
             log.warning("could not read the group's positions: %r", exc)
             return
+        lag = lag_by_topic(committed, ends)
+        for stage, report in lag_reports.items():
+            report.update(lag, stage_topics[stage])
         busy_since = min(in_flight.values(), default=None)
         for topic, partition in stalls.observe(time.monotonic(), committed, ends, busy_since):
             offset = committed[(topic, partition)]

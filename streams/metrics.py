@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class StreamMetrics:
     batch_seconds: Histogram
     end_to_end_seconds: Histogram
     stalls_reread: Counter
+    consumer_lag: Gauge
 
 
 def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
@@ -64,6 +65,12 @@ def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
             "clinhub_stalled_partitions_reread",
             "Partitions whose commit had stopped with events waiting, read again from the commit.",
             ["topic"],
+            registry=registry,
+        ),
+        consumer_lag=Gauge(
+            "clinhub_consumer_lag_messages",
+            "Messages not yet committed by a stage, on the partitions this worker owns (sum the workers).",
+            ["stage", "topic"],
             registry=registry,
         ),
     )

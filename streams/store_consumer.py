@@ -92,6 +92,7 @@ class StoreConsumer:
         self.batch_within_seconds = batch_within_seconds
         self.consumer_factory = consumer_factory or _confluent_consumer
         self.in_flight_since: float | None = None  # loop time the current batch started, if any
+        self._consumer: Any = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-consumer")
 
     async def _blocking(self, call: Callable[..., Any], *args: Any) -> Any:
@@ -99,7 +100,7 @@ class StoreConsumer:
 
     async def run(self) -> None:
         """Consume until cancelled; the handler retries a failing batch itself, so nothing is skipped."""
-        consumer = await self._blocking(self.consumer_factory, self.config)
+        consumer = self._consumer = await self._blocking(self.consumer_factory, self.config)
         try:
             await self._blocking(
                 lambda: consumer.subscribe(self.topics, on_assign=_log_assigned, on_revoke=_log_revoked)
@@ -123,8 +124,17 @@ class StoreConsumer:
         finally:
             # close() commits what was marked stored and leaves the group at once, so the partitions
             # move without waiting for the session timeout.
+            self._consumer = None
             await asyncio.shield(self._blocking(_close, consumer))
             self._thread.shutdown(wait=False)
+
+    async def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this worker's store consumer owns now (none before it has started)."""
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        owned = await self._blocking(consumer.assignment)
+        return sorted((tp.topic, tp.partition) for tp in owned)
 
     async def _mark_stored(self, consumer: Any, messages: Sequence[RawMessage]) -> None:
         from confluent_kafka import KafkaException, TopicPartition

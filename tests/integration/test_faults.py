@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from clinhub.infra import postgres
+from clinhub.infra.process import free_port
 from producers.publisher import Receipt, make_publisher
 from producers.simulator import simulate_labs
 from sinks.models import Alert, IngestLog, Observation
@@ -89,13 +92,29 @@ def store_positions(hub: HubEnv) -> dict[tuple[str, int], int]:
     return committed
 
 
+def store_lag(port: int, topic: str) -> float | None:
+    """The store stage's lag on `topic` as the worker's /metrics shows it (None before the first report)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "clinhub_consumer_lag_messages" and sample.labels == {
+                "stage": "store",
+                "topic": topic,
+            }:
+                return float(sample.value)
+    return None
+
+
 def test_database_outage_for_minutes_loses_nothing_and_holds_memory(
     hub: HubEnv, postgres_cluster: Any
 ) -> None:
     """PostgreSQL is down for two minutes while two bursts arrive. The store consumer's committed
     offsets stay where the store is; the worker's memory does not grow with the backlog (the second
-    burst doubles it); once the database is back the backlog drains, every event stored once."""
-    worker = hub.start_worker()
+    burst doubles it); the lag operators watch grows, and once the database is back the backlog drains,
+    every event stored once."""
+    metrics_port = free_port()
+    worker = hub.start_worker({"CLINHUB_INFRA_METRICS_PORT": str(metrics_port)})
     before = publish(hub, traffic(seed=1, count=40))
     wait_for(lambda: stored_counts(hub, before)[1] == len(before), hub, what="first traffic stored")
     wait_for(lambda: hub.caught_up(store_group(hub.settings.stream.app_id), hub.topics.norm("lab")), hub)
@@ -113,6 +132,8 @@ def test_database_outage_for_minutes_loses_nothing_and_holds_memory(
         time.sleep(max(0.0, started + OUTAGE_SECONDS - time.monotonic()))
         rss_after_second = worker_rss_bytes(worker)
         assert store_positions(hub) == positions_at_outage, "the store group committed past the store"
+        lag_during = store_lag(metrics_port, hub.topics.norm("lab"))
+        assert lag_during is not None and lag_during > 0, f"the store's lag on /metrics: {lag_during}"
         assert worker.poll() is None, hub.worker_log()
     finally:
         postgres.start(postgres_cluster)
@@ -128,6 +149,7 @@ def test_database_outage_for_minutes_loses_nothing_and_holds_memory(
     )
     assert_exactly_once(hub, before | during)
     assert "store batch failed" in hub.worker_log(), "the outage was really seen and retried"
+    wait_for(lambda: store_lag(metrics_port, hub.topics.norm("lab")) == 0, hub, 30, what="lag 0 on /metrics")
     growth = rss_after_second - rss_after_first
     print(f"worker RSS {rss_after_first / 2**20:.0f} MiB -> {rss_after_second / 2**20:.0f} MiB")
     # The backlog doubled (3,000 more events, about 3 MB on the wire); what the store stage holds is

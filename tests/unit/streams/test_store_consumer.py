@@ -63,6 +63,11 @@ class FakeConsumer:
         if self.refuse_store:
             raise KafkaException(KafkaError(KafkaError._STATE, "partition not assigned"))
 
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("norm.lab", 1), TopicPartition("alerts.critical", 0)]
+
     def close(self) -> None:
         self.calls.append(("close", None))
 
@@ -150,3 +155,25 @@ def test_the_consumer_commits_only_what_was_marked_stored() -> None:
     assert (config["enable.auto.commit"], config["enable.auto.offset.store"]) == (True, False)
     assert config["auto.commit.interval.ms"] == 1500
     assert config["auto.offset.reset"] == "earliest"
+
+
+def test_assignment_is_read_on_the_consumers_thread_and_empty_before_start() -> None:
+    consumer = FakeConsumer([])
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        return None
+
+    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.01, consumer_factory=lambda _config: consumer)
+
+    async def scenario() -> list[list[tuple[str, int]]]:
+        before = await store.assignment()
+        task = asyncio.create_task(store.run())
+        while store._consumer is None:
+            await asyncio.sleep(0.01)
+        during = await store.assignment()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [before, during, await store.assignment()]
+
+    assert asyncio.run(scenario()) == [[], [("alerts.critical", 0), ("norm.lab", 1)], []]
