@@ -7,6 +7,7 @@ neither, these tests fail (they never skip). The structural facts are read from 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from clinhub.cli import app as cli_app
 from clinhub.settings import InfraSettings, StreamSettings
-from streams.metrics import make_stream_metrics
+from sinks.metrics import SinkMetrics, make_sink_metrics
+from streams.metrics import StreamMetrics, make_stream_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATOR = ROOT / "scripts" / "validate-compose.sh"
@@ -323,18 +325,38 @@ def test_prometheus_scrapes_every_replica_of_every_worker_on_all_interfaces(
     assert InfraSettings().metrics_host == "127.0.0.1"
 
 
-def exported_metric_names() -> set[str]:
+def exported_metrics() -> dict[str, frozenset[str]]:
+    """Every sample name a worker exports for the hub, with its labels: the real metric factories (the
+    stream stages' and the store writer's) on a fresh registry. Counters export `<name>_total`,
+    histograms `_bucket` (labelled `le`), `_sum` and `_count`."""
     registry = CollectorRegistry()
-    make_stream_metrics(registry)
-    names = set()
+    built: list[StreamMetrics | SinkMetrics] = [make_stream_metrics(registry), make_sink_metrics(registry)]
+    # prometheus_client shows a metric's label names on the metric object only, not on its collected family.
+    labels = {
+        metric._name: frozenset(metric._labelnames)
+        for metrics in built
+        for metric in (getattr(metrics, field.name) for field in dataclasses.fields(metrics))
+    }
+    names: dict[str, frozenset[str]] = {}
     for family in registry.collect():
+        assert family.name in labels, f"{family.name} is registered outside the metrics dataclasses"
+        own = labels[family.name]
         if family.type == "counter":
-            names.add(f"{family.name}_total")
+            names[f"{family.name}_total"] = own
         elif family.type == "histogram":
-            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+            names[f"{family.name}_bucket"] = own | {"le"}
+            names.update(dict.fromkeys((f"{family.name}_sum", f"{family.name}_count"), own))
         else:
-            names.add(family.name)
+            names[family.name] = own
     return names
+
+
+# An aggregation keeps only the labels of its `by (...)` clause (none without one). The dashboard writes
+# the clause before the operand: `sum by (stage) (...)`.
+AGGREGATION = re.compile(
+    r"\b(?:sum|avg|min|max|count|group|stddev|stdvar|topk|bottomk|quantile)\s*(?:by\s*\(([^)]*)\))?\s*\("
+)
+SELECTOR = re.compile(r"\b([a-z_][a-z0-9_]*)\{([^}]*)\}")
 
 
 def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics(
@@ -350,31 +372,51 @@ def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics(
     assert "path: /etc/grafana/dashboards" in provider
 
     dashboard = json.loads((GRAFANA_DIR / "dashboards" / "clinhub.json").read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    exported = exported_metrics()
     used = {name for expr in exprs for name in re.findall(r"\bclinhub_[a-z0-9_]+", expr)}
-    assert used <= exported_metric_names(), used - exported_metric_names()
+    assert used <= set(exported), used - set(exported)
     assert {
         "clinhub_stream_events_total",
         "clinhub_stream_rejects_total",
         "clinhub_alerts_raised_total",
         "clinhub_end_to_end_seconds_bucket",
         "clinhub_stream_batch_seconds_bucket",
+        "clinhub_consumer_lag_messages",
     } <= used
     assert any("histogram_quantile(0.95" in e and "clinhub_end_to_end_seconds_bucket" in e for e in exprs)
-    # Jobs the dashboard selects are jobs Prometheus scrapes, and the workers' panel names labels they carry.
+    # Jobs the dashboard selects are jobs Prometheus scrapes.
     jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
     used_jobs = {job for expr in exprs for job in re.findall(r'\bjob="([^"]+)"', expr)}
     assert used_jobs and used_jobs <= jobs, used_jobs - jobs
-    worker_labels = {"job", "instance"} | {
-        c["target_label"] for c in worker_job(prometheus)["relabel_configs"]
-    }
+    # Labels a query filters on or a legend names are ones its series carry: the metric's own or those of
+    # the workers' scrape (all `up` has); an aggregation keeps only its `by` labels. Every query reads the
+    # workers' job, so those are the scrape labels to allow.
+    workers = worker_job(prometheus)
+    scrape_labels = {"job", "instance"} | {c["target_label"] for c in workers["relabel_configs"]}
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            if f'job="{worker_job(prometheus)["job_name"]}"' in target["expr"]:
-                legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
-                assert legend <= worker_labels, (panel["title"], legend - worker_labels)
+            expr = target["expr"]
+            assert set(re.findall(r'\bjob="([^"]+)"', expr)) <= {workers["job_name"]}, (panel["title"], expr)
+            for name, matchers in SELECTOR.findall(expr):
+                assert name == "up" or name in exported, (panel["title"], name)
+                own = scrape_labels | exported.get(name, frozenset())
+                filtered = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
+                assert filtered <= own, (panel["title"], name, filtered - own)
+                stages = set(re.findall(r'\bstage="([^"]*)"', matchers))
+                assert stages <= set(WORKERS.values()), (panel["title"], stages)
+            metrics = re.findall(r"\bclinhub_[a-z0-9_]+", expr)
+            carried = scrape_labels.union(*(exported[name] for name in metrics))
+            for kept in AGGREGATION.findall(expr):
+                carried &= {label.strip() for label in kept.split(",") if label.strip()}
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert legend <= carried, (panel["title"], legend - carried)
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "prometheus", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
 
 
 def test_image_is_built_as_non_root_from_the_sources_only() -> None:
