@@ -91,7 +91,6 @@ class StoreConsumer:
         self.batch_size = batch_size
         self.batch_within_seconds = batch_within_seconds
         self.consumer_factory = consumer_factory or _confluent_consumer
-        self.in_flight_since: float | None = None  # loop time the current batch started, if any
         self._consumer: Any = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-consumer")
 
@@ -115,11 +114,7 @@ class StoreConsumer:
                     messages.append(raw_message(message))
                 if not messages:
                     continue
-                self.in_flight_since = asyncio.get_running_loop().time()
-                try:
-                    await self.handle(messages)
-                finally:
-                    self.in_flight_since = None
+                await self.handle(messages)
                 await self._mark_stored(consumer, messages)
         finally:
             # close() commits what was marked stored and leaves the group at once, so the partitions
