@@ -215,7 +215,7 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
     try:
         norm_ends: dict[tuple[str, int], int] = {}
         alert_done = store_done = 0.0
-        start_cpu = -1.0  # the workers' CPU once the first event is normalised: start-up excluded
+        start_cpu: list[float] = []  # each worker's CPU once the first event is normalised: start-up excluded
         while not store_done:
             if any(worker.poll() is not None for worker in workers):
                 raise SystemExit(f"worker exited: {(workdir / 'worker.log').read_text()[-3000:]}")
@@ -223,8 +223,8 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
             now = time.time()  # wall clock, comparable with Kafka create times
             if not norm_ends:
                 ends = end_offsets(bootstrap, [topics.norm("lab")])
-                if start_cpu < 0 and sum(ends.values()):
-                    start_cpu = sum(cpu_seconds(worker.pid) for worker in workers)
+                if not start_cpu and sum(ends.values()):
+                    start_cpu = [cpu_seconds(worker.pid) for worker in workers]
                 if sum(ends.values()) >= count:
                     norm_ends = ends
             if norm_ends and not alert_done and committed_to_end(bootstrap, clinical_group, norm_ends):
@@ -242,11 +242,15 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
         print(f"normalise  Faust raw -> norm.lab    {normalise_rate:9.0f} events/s   {ratio:.2f}x")
         print(f"+alert     normalise + rules        {alert_rate:9.0f} events/s   {alert_rate / base:.2f}x")
         print(f"+store     whole pipeline to SQLite {store_rate:9.0f} events/s   {store_rate / base:.2f}x")
-        cpu = sum(cpu_seconds(worker.pid) for worker in workers) - start_cpu
+        used = [cpu_seconds(worker.pid) - before for worker, before in zip(workers, start_cpu, strict=True)]
+        cpu = sum(used)
         print(
             f"workers    {cpu:.1f} s CPU after start-up: {cpu / count * 1e6:.0f} us CPU/event, "
             f"{cpu / count / base_cpu:.1f}x the baseline's"
         )
+        if split:
+            for roles, stage_cpu in zip(role_sets, used, strict=True):
+                print(f"  {roles[-1]:<10} {stage_cpu / count * 1e6:6.0f} us CPU/event")
     finally:
         for worker in workers:
             worker.terminate()

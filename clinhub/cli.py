@@ -263,11 +263,14 @@ def simulate(
 def demo(
     count: Annotated[int, typer.Option(help="Events to publish.")] = 40,
     keep_running: Annotated[bool, typer.Option(help="Leave Kafka and the registry running.")] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="Simulator seed (default: the clock), to replay a run.")
+    ] = None,
 ) -> None:
     """The main job end to end on embedded defaults (SQLite): services, processor, three institutions."""
     from clinhub.demo import run_demo
 
-    run_demo(_settings(), count, keep_running)
+    run_demo(_settings(), count, keep_running, seed)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from clinhub.infra import kafka as kafka_service
 from clinhub.infra import registry as registry_service
 from clinhub.infra.process import stop_pid
 from clinhub.services import stack_for
-from clinhub.settings import PROJECT_ROOT, HubSettings
+from clinhub.settings import HubSettings
 
 
 def ensure_key_file(path: Path) -> Path:
@@ -31,9 +31,10 @@ def ensure_key_file(path: Path) -> Path:
     return path
 
 
-def _consume_alerts(
-    settings: HubSettings, topic: str, since: dict[int, int], expect: int, timeout: float
+def _read_topic(
+    settings: HubSettings, topic: str, since: dict[int, int], until: dict[int, int]
 ) -> list[dict[str, Any]]:
+    """Every record of `topic` between two sets of offsets, decoded."""
     from confluent_kafka import Consumer, TopicPartition
 
     from schemas.wire import AvroDecoder, ConfluentRegistry
@@ -46,15 +47,19 @@ def _consume_alerts(
             "enable.auto.commit": False,
         }
     )
-    consumer.assign([TopicPartition(topic, p, o) for p, o in since.items()])
-    alerts: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(alerts) < expect:
+    wanted = sum(max(0, until[p] - since.get(p, 0)) for p in until)
+    consumer.assign([TopicPartition(topic, p, since.get(p, 0)) for p in until if until[p] > since.get(p, 0)])
+    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while len(records) < wanted and time.monotonic() < deadline:
         msg = consumer.poll(0.5)
-        if msg is not None and msg.error() is None:
-            alerts.append(decode(msg.value()))
+        if msg is None or msg.error() is not None:
+            continue
+        partition, offset = msg.partition(), msg.offset()
+        if partition is not None and offset is not None and offset < until[partition]:
+            records.append(decode(msg.value()))
     consumer.close()
-    return alerts
+    return records
 
 
 def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
@@ -65,6 +70,27 @@ def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
     marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
     consumer.close()
     return marks
+
+
+def _committed_through(settings: HubSettings, group: str, topic: str, ends: dict[int, int]) -> bool:
+    """Has the consumer group committed every partition of `topic` up to `ends`?"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+    finally:
+        consumer.close()
+    return all(tp.offset >= ends[tp.partition] for tp in committed if ends[tp.partition])
+
+
+def _wait_until(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _show_shared_timeline(engine: Any) -> None:
@@ -93,7 +119,7 @@ def _show_shared_timeline(engine: Any) -> None:
         )
 
 
-def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
+def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | None = None) -> None:
     from producers.publisher import make_publisher
     from producers.simulator import simulate_events
     from schemas.registration import register_standard
@@ -123,8 +149,9 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
     load_reference()
 
     typer.echo("3/6 starting the Faust stream processor...")
-    key_file = ensure_key_file(PROJECT_ROOT / ".data" / "pseudonym.key")
-    log_path = PROJECT_ROOT / ".data" / "worker.log"
+    data_dir = settings.stream.data_dir.parent  # .data by default: git-ignored
+    key_file = ensure_key_file(data_dir / "pseudonym.key")
+    log_path = data_dir / "worker.log"
     env = {**os.environ, "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE": str(key_file)}
     with log_path.open("ab") as log:
         worker = subprocess.Popen(
@@ -136,7 +163,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
         )
     try:
         alert_marks = _high_watermarks(settings, topics.alerts_topic)
-        seed = int(time.time())
+        seed = int(time.time()) if seed is None else seed
         events = simulate_events(seed, count, critical_share=0.15)
         kinds = Counter(kind for kind, _ in events)
         typer.echo(
@@ -170,18 +197,38 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
                 break
             time.sleep(1)
         lab_ids = [r["envelope"]["event_id"] for k, r in events if k == "lab"]
-        with engine.connect() as conn:
-            expected_alerts = conn.execute(
-                select(func.count()).select_from(Alert).where(Alert.source_event_id.in_(lab_ids))
-            ).scalar_one()
-        alerts = _consume_alerts(settings, topics.alerts_topic, alert_marks, expected_alerts, 30)
+        # The clinical stage reads norm.lab in its own consumer group: the run's alerts are all on
+        # alerts.critical once that group has committed past the run's normalised lab results.
+        norm_lab_ends = _high_watermarks(settings, topics.norm("lab"))
+        judged = _wait_until(
+            lambda: _committed_through(settings, settings.stream.app_id, topics.norm("lab"), norm_lab_ends),
+            60,
+        )
+        alerts = _read_topic(
+            settings, topics.alerts_topic, alert_marks, _high_watermarks(settings, topics.alerts_topic)
+        )
+        alert_ids = {str(alert["alert_id"]) for alert in alerts}
+
+        def alerts_stored() -> int:
+            if not alert_ids:
+                return 0
+            with engine.connect() as conn:
+                return int(
+                    conn.execute(
+                        select(func.count()).select_from(Alert).where(Alert.alert_id.in_(alert_ids))
+                    ).scalar_one()
+                )
+
+        _wait_until(lambda: alerts_stored() >= len(alert_ids), 60)
+        stored_alerts = alerts_stored()
+        latest = {str(alert["alert_id"]): alert for alert in alerts}  # an alert's newest version last
 
         typer.echo(
-            f"6/6 results: {stored} of {len(ids)} events stored, {len(alerts)} critical alerts on "
-            f"{topics.alerts_topic}\n"
+            f"6/6 results: {stored} of {len(ids)} events stored, {len(latest)} critical alerts on "
+            f"{topics.alerts_topic}, {stored_alerts} in the store\n"
         )
         typer.echo("Critical-value alerts (from Kafka):")
-        for alert in sorted(alerts, key=lambda a: a["result_time"]):
+        for alert in sorted(latest.values(), key=lambda a: a["result_time"]):
             typer.echo(
                 f"  [{alert['severity']}] {alert['institution_id']} "
                 f"patient {alert['regional_patient_id'][:15]}"
@@ -207,7 +254,20 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool) -> None:
             f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
             f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
         )
-        if stored < len(ids):
+        problems = [
+            problem
+            for problem, failed in (
+                (f"{len(ids) - stored} events not stored", stored < len(ids)),
+                ("the clinical stage did not finish the run's lab results", not judged),
+                (
+                    f"{len(latest)} alerts on Kafka, {stored_alerts} in the store",
+                    stored_alerts != len(latest),
+                ),
+            )
+            if failed
+        ]
+        if problems:
+            typer.echo(f"the run is incomplete: {'; '.join(problems)}", err=True)
             raise typer.Exit(1)
     finally:
         stop_pid(worker.pid, timeout=30)

@@ -1,0 +1,83 @@
+"""The README's main job, `clinhub demo`, run as a user runs it: its own services, worker and store.
+
+It runs on its own loopback ports and folders (sharing only the jars Maven fetched), so it neither
+needs nor disturbs a developer's `clinhub infra up` stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from clinhub.infra.process import free_port
+from sinks.models import Alert, IngestLog, Observation
+from sinks.store import make_engine
+from tests.integration.conftest import INFRA_HOME, PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+SEED = 7  # this seed's traffic holds critical results at several institutions
+
+
+def test_the_demo_stores_every_event_and_every_alert_it_reports(tmp_path: Path) -> None:
+    infra_home = tmp_path / "infra"
+    infra_home.mkdir()
+    for shared in ("kafka-lib", "registry-app"):
+        (infra_home / shared).symlink_to(INFRA_HOME / shared)
+    kafka_port, registry_port = free_port(), free_port()
+    store = tmp_path / "store.sqlite3"
+    env = {
+        **os.environ,
+        "CLINHUB_INFRA_HOME": str(infra_home),
+        "CLINHUB_INFRA_KAFKA_PORT": str(kafka_port),
+        "CLINHUB_INFRA_KAFKA_CONTROLLER_PORT": str(free_port()),
+        "CLINHUB_INFRA_REGISTRY_PORT": str(registry_port),
+        "CLINHUB_INFRA_METRICS_PORT": "0",
+        "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+        "CLINHUB_REGISTRY_URL": f"http://127.0.0.1:{registry_port}/apis/ccompat/v7",
+        "CLINHUB_DATABASE_URL": f"sqlite:///{store}",
+        "CLINHUB_STREAM_DATA_DIR": str(tmp_path / "data" / "faust"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "clinhub.cli", "demo", "--seed", str(SEED), "--count", "40"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    worker_log = tmp_path / "data" / "worker.log"
+    context = (
+        f"{run.stdout}\n{run.stderr[-3000:]}\n{worker_log.read_text()[-3000:] if worker_log.exists() else ''}"
+    )
+    assert run.returncode == 0, context
+
+    reported = re.search(
+        r"(\d+) of (\d+) events stored, (\d+) critical alerts on \S+, (\d+) in the store", run.stdout
+    )
+    assert reported is not None, context
+    stored, published, alerts_on_kafka, alerts_stored = map(int, reported.groups())
+    assert stored == published == 40
+    assert alerts_on_kafka == alerts_stored > 0, context
+    assert run.stdout.count("[CRITICAL]") == alerts_on_kafka
+
+    engine = make_engine(f"sqlite:///{store}")
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(IngestLog)).scalar_one() == 40
+        assert connection.execute(select(func.count()).select_from(Alert)).scalar_one() == alerts_on_kafka
+        unmapped = connection.execute(
+            select(func.count()).select_from(Observation).where(Observation.loinc_code.is_(None))
+        ).scalar_one()
+    assert unmapped == 0
+    assert "One regional timeline" in run.stdout
+    # the demo ran its broker in the given home, and stopped the services it started
+    assert (infra_home / "kafka" / "broker.log").exists()
+    assert "services stopped" in run.stdout
+    assert not (infra_home / "kafka" / "broker.pid").exists()
