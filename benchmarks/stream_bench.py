@@ -20,12 +20,13 @@ import argparse
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
@@ -113,6 +114,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def worker_pid(process: subprocess.Popen[bytes]) -> int:
+    """The worker's pid: the process itself, or the one child of py-spy when profiling."""
+    if not Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"py-spy"):
+        return process.pid
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    for _ in range(100):
+        found = children.read_text().split()
+        if found:
+            return int(found[0])
+        time.sleep(0.1)
+    raise SystemExit(f"py-spy (pid {process.pid}) started no worker")
+
+
 def committed_to_end(bootstrap: str, group: str, ends: dict[tuple[str, int], int]) -> bool:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
@@ -148,16 +162,24 @@ def main() -> None:
     parser.add_argument(
         "--split", action="store_true", help="one worker process per stage instead of one for all three"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run each worker under py-spy (GIL holder only); collapsed stacks in DIR/<stage>.txt",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clinhub-stream-bench-"))
     try:
         with services(workdir) as (bootstrap, registry_url):
-            run(workdir, bootstrap, registry_url, args.events, args.split)
+            run(workdir, bootstrap, registry_url, args.events, args.split, args.profile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: bool) -> None:
+def run(
+    workdir: Path, bootstrap: str, registry_url: str, count: int, split: bool, profile: Path | None
+) -> None:
     db_url = f"sqlite:///{workdir / 'store.sqlite3'}"
     engine = make_engine(db_url)
     upgrade(engine)
@@ -204,9 +226,29 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
     log = (workdir / "worker.log").open("ab")
     base_argv = [sys.executable, "-m", "clinhub.cli", "stream", "worker", "--loglevel", "warning"]
     role_sets = [["--role", "normaliser"], ["--role", "clinical"], ["--role", "store"]] if split else [[]]
+
+    def command(roles: list[str]) -> list[str]:
+        if profile is None:
+            return [*base_argv, *roles]
+        profile.mkdir(parents=True, exist_ok=True)
+        stage = roles[-1] if roles else "all"
+        spy = str(Path(sys.executable).with_name("py-spy"))
+        return [
+            spy,
+            "record",
+            "--gil",
+            "--format",
+            "raw",
+            "-o",
+            str(profile / f"{stage}.txt"),
+            "--",
+            *base_argv,
+            *roles,
+        ]
+
     workers = [
         subprocess.Popen(  # noqa: S603 - the project's own worker
-            [*base_argv, *roles], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+            command(roles), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
         )
         for roles in role_sets
     ]
@@ -224,7 +266,7 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
             if not norm_ends:
                 ends = end_offsets(bootstrap, [topics.norm("lab")])
                 if not start_cpu and sum(ends.values()):
-                    start_cpu = [cpu_seconds(worker.pid) for worker in workers]
+                    start_cpu = [cpu_seconds(worker_pid(worker)) for worker in workers]
                 if sum(ends.values()) >= count:
                     norm_ends = ends
             if norm_ends and not alert_done and committed_to_end(bootstrap, clinical_group, norm_ends):
@@ -242,7 +284,10 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
         print(f"normalise  Faust raw -> norm.lab    {normalise_rate:9.0f} events/s   {ratio:.2f}x")
         print(f"+alert     normalise + rules        {alert_rate:9.0f} events/s   {alert_rate / base:.2f}x")
         print(f"+store     whole pipeline to SQLite {store_rate:9.0f} events/s   {store_rate / base:.2f}x")
-        used = [cpu_seconds(worker.pid) - before for worker, before in zip(workers, start_cpu, strict=True)]
+        used = [
+            cpu_seconds(worker_pid(worker)) - before
+            for worker, before in zip(workers, start_cpu, strict=True)
+        ]
         cpu = sum(used)
         print(
             f"workers    {cpu:.1f} s CPU after start-up: {cpu / count * 1e6:.0f} us CPU/event, "
@@ -253,7 +298,9 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, split: boo
                 print(f"  {roles[-1]:<10} {stage_cpu / count * 1e6:6.0f} us CPU/event")
     finally:
         for worker in workers:
-            worker.terminate()
+            if worker.poll() is None:  # under py-spy: it writes its file once the worker has ended
+                with suppress(ProcessLookupError):
+                    os.kill(worker_pid(worker), signal.SIGTERM)
         for worker in workers:
             worker.wait(60)
 

@@ -100,6 +100,7 @@ class _Overlay:
     wards: dict[str, str] = field(default_factory=dict)
     # Each patient's stored analyte map, read (and deserialised by the store) once per batch
     stored_analytes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stored_wards: dict[str, str | None] = field(default_factory=dict)
 
     def _stored(self, patient: str) -> dict[str, Any]:
         if patient not in self.stored_analytes:
@@ -123,7 +124,11 @@ class _Overlay:
         return OpenAlerts.from_dict(raw) if raw else None
 
     def ward(self, patient: str) -> str | None:
-        return self.wards.get(patient) or self.tables.wards.get(patient)
+        if patient in self.wards:
+            return self.wards[patient]
+        if patient not in self.stored_wards:  # one table read per patient and batch, also when absent
+            self.stored_wards[patient] = self.tables.wards.get(patient)
+        return self.stored_wards[patient]
 
     def write_back(self) -> None:
         """One changelog write per key and batch; only the analytes this batch changed are serialised."""

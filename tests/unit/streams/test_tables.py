@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faust
 import pytest
@@ -35,3 +36,39 @@ def test_str_keys_reach_the_changelog_as_their_bytes_not_json(tmp_path: Path) ->
     assert table.key_serializer == "raw"
     assert table.changelog_topic.key_serializer == "raw"
     assert app.serializers.dumps_key(table.changelog_topic.key_type, "rp-1", serializer="raw") == b"rp-1"
+
+
+def _keyed_store(tmp_path: Path, partitions: dict[bytes, int]) -> Any:
+    """The table's RocksDB store, with the changelog partitions of some keys already known (no broker)."""
+    app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("state", default=None, partitions=3, use_partitioner=True)
+    store = table.data
+    store.__dict__["_partition_of"] = dict(partitions)
+    return store
+
+
+def test_a_key_is_written_to_and_read_from_the_database_of_its_changelog_partition(tmp_path: Path) -> None:
+    store = _keyed_store(tmp_path, {b"rp-1": 2, b"rp-2": 0})
+    store._set(b"rp-1", b"one")
+    store._set(b"rp-2", b"two")
+    assert sorted(store._dbs) == [0, 2]
+    assert store._dbs[2].get(b"rp-1") == b"one"
+    assert store._dbs[0].get(b"rp-1") is None
+    assert store._get(b"rp-1") == b"one"
+    assert store._contains(b"rp-2")
+
+
+def test_a_key_of_a_partition_not_held_here_reads_as_absent(tmp_path: Path) -> None:
+    store = _keyed_store(tmp_path, {b"rp-1": 2, b"rp-9": 1})
+    store._set(b"rp-1", b"one")
+    assert 1 not in store._dbs
+    assert store._get(b"rp-9") is None
+    assert not store._contains(b"rp-9")
+
+
+def test_without_partition_metadata_a_read_searches_every_database(tmp_path: Path) -> None:
+    store = _keyed_store(tmp_path, {b"rp-1": 2})
+    store._set(b"rp-1", b"one")
+    del store.__dict__["_partition_of"][b"rp-1"]  # not known, and the producer has no metadata (not started)
+    assert store._get(b"rp-1") == b"one"
+    assert store._contains(b"rp-1")
