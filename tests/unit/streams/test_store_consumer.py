@@ -82,7 +82,9 @@ def run_until(consumer: FakeConsumer, handled: list[list[RawMessage]], expected_
     async def scenario() -> None:
         task = asyncio.create_task(store.run())
         for _ in range(500):
-            if len(handled) >= expected_batches:
+            # every handled batch is followed by marking its offsets (in the consumer's thread): wait
+            # for those, or the cancellation can land between the two
+            if [name for name, _ in consumer.calls].count("store_offsets") >= expected_batches:
                 break
             await asyncio.sleep(0.01)
         task.cancel()
