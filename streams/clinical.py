@@ -259,7 +259,13 @@ class ClinicalHandler:
             state = OpenAlerts.from_dict(raw)
             pruned = prune(state, now)
             if pruned is not state:
-                self.tables.open_alerts[patient] = pruned.to_dict()
+                if pruned.alerts:
+                    self.tables.open_alerts[patient] = pruned.to_dict()
+                else:
+                    # a tombstone: every patient ever alerted would otherwise stay in the table, and
+                    # this scan of it, every few seconds on the event loop, would grow without end
+                    del self.tables.open_alerts[patient]
+                    continue
             for draft in due_escalations(pruned, now, self.policy.escalation):
                 if draft.escalation_id in self._escalations_in_flight:
                     continue

@@ -1,0 +1,68 @@
+"""The clinical handler's escalation timer over plain-dict tables: what it publishes and what it keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from schemas.wire import ConfluentRegistry
+from streams.clinical import ClinicalHandler, ClinicalTables
+from streams.escalation import ACK_RETENTION, OpenAlerts, OpenAlertState
+from streams.outputs import Output
+from streams.topics import TopicNames
+from tests.unit.streams.test_agents import NOW, make_components
+
+ALERT_IDS = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"alert-{n}")) for n in range(4)]
+
+
+def _state(
+    patient: str, alert_id: str, deadline: dt.datetime, acknowledged: dt.datetime | None
+) -> dict[str, Any]:
+    entry = OpenAlertState(
+        alert_id=alert_id,
+        severity="CRITICAL",
+        message="Critical potassium",
+        institution_id="H001",
+        regional_patient_id=patient,
+        level=0,
+        deadline_ms=int(deadline.timestamp() * 1000),
+        acknowledged_ms=None if acknowledged is None else int(acknowledged.timestamp() * 1000),
+    )
+    return OpenAlerts({alert_id: entry}).to_dict()
+
+
+def _run_timer(open_alerts: dict[str, Any]) -> list[Output]:
+    components = make_components(ConfluentRegistry({"url": "mock://clinical-timer"}))
+    sent: list[Output] = []
+
+    async def capture(outputs: Sequence[Output]) -> None:
+        sent.extend(outputs)
+
+    tables = ClinicalTables(analytes={}, open_alerts=open_alerts, wards={})
+    handler = ClinicalHandler(components, TopicNames(), capture, tables, components.reference.policy)
+    asyncio.run(handler.escalate_due())
+    return sent
+
+
+def test_a_patient_whose_alerts_are_all_long_acknowledged_leaves_the_table() -> None:
+    long_ago = NOW - ACK_RETENTION - dt.timedelta(hours=1)
+    table = {"rp-old": _state("rp-old", ALERT_IDS[0], long_ago, acknowledged=long_ago)}
+    assert _run_timer(table) == []
+    assert table == {}
+
+
+def test_recently_acknowledged_and_unacknowledged_alerts_stay_and_only_the_overdue_escalates() -> None:
+    table = {
+        "rp-acked": _state(
+            "rp-acked", ALERT_IDS[1], NOW - dt.timedelta(hours=2), acknowledged=NOW - dt.timedelta(days=1)
+        ),
+        "rp-due": _state("rp-due", ALERT_IDS[2], NOW - dt.timedelta(minutes=1), acknowledged=None),
+        "rp-waiting": _state("rp-waiting", ALERT_IDS[3], NOW + dt.timedelta(minutes=10), acknowledged=None),
+    }
+    before = dict(table)
+    sent = _run_timer(table)
+    assert table == before
+    assert [(output.topic, output.key) for output in sent] == [("alerts.escalation", b"rp-due")]
