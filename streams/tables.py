@@ -97,3 +97,13 @@ class RawKeyTable(faust.Table):
         if self.key_type is str:
             # before TableManager.add builds the changelog topic and before the store is made
             self.key_serializer = "raw"
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """One store read: Mapping.get asks `key in data` and then `data[key]`, two look-ups."""
+        if self.default is not None:
+            return super().get(key, default)  # a missing key reads as the table's default
+        self.on_key_get(key)
+        try:
+            return self.data[key]
+        except KeyError:
+            return default

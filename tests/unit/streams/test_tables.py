@@ -72,3 +72,21 @@ def test_without_partition_metadata_a_read_searches_every_database(tmp_path: Pat
     del store.__dict__["_partition_of"][b"rp-1"]  # not known, and the producer has no metadata (not started)
     assert store._get(b"rp-1") == b"one"
     assert store._contains(b"rp-1")
+
+
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_get_reads_a_value_or_the_default_given(tmp_path: Path, store: str) -> None:
+    app = faust.App("tables-test", store=store_url(store), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("state", default=None, partitions=3, use_partitioner=True)
+    if store.startswith("rocksdb"):
+        table.data.__dict__["_partition_of"] = {b"rp-1": 1, b"rp-2": 2}
+    table.data["rp-1"] = {"ward": "ICU"}  # the store itself: a table write would send a changelog record
+    assert table.get("rp-1") == {"ward": "ICU"}
+    assert table.get("rp-2") is None
+    assert table.get("rp-2", "none") == "none"
+
+
+def test_a_table_with_a_default_still_reads_missing_keys_as_it(tmp_path: Path) -> None:
+    app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("counts", default=int, partitions=3, use_partitioner=True)
+    assert table.get("rp-1") == 0
