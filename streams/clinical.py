@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.exceptions import RegistryUnavailableError, SchemaError
 from streams.escalation import (
+    ACK_RETENTION,
     AckOutcome,
     EscalationDraft,
     OpenAlerts,
@@ -152,6 +153,11 @@ class ClinicalHandler:
         tables: ClinicalTables,
         policy: AlertPolicy,
     ) -> None:
+        if policy.alert_within > ACK_RETENTION:
+            raise ValueError(
+                f"alerting on results up to {policy.alert_within} old needs acknowledged alerts remembered "
+                f"that long; they are remembered {ACK_RETENTION}"
+            )
         self.c = components
         self.topics = topics
         self.publish = publish
@@ -193,6 +199,10 @@ class ClinicalHandler:
             previous = overlay.analyte(patient, facts.loinc_code)
             decision = evaluate(facts, previous, c.reference.rulebook, c.clock(), self.policy)
             overlay.set_analyte(patient, facts.loinc_code, decision.state)
+            if decision.late:
+                c.metrics.events.labels(
+                    institution=facts.institution_id, kind="lab", outcome="too-old-to-alert"
+                ).inc()
             if decision.duplicate:
                 # State is written only after outputs are confirmed, so a duplicate's alerts are out already.
                 c.metrics.events.labels(

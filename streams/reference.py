@@ -41,6 +41,7 @@ DELTA_KINDS = ("absolute", "percent")
 DIRECTIONS = ("rise", "fall", "any")
 
 DEFAULT_SUPPRESSION_WINDOW = dt.timedelta(hours=8)
+DEFAULT_ALERT_WITHIN = dt.timedelta(days=7)  # no longer than escalation.ACK_RETENTION
 DEFAULT_ACK_DEADLINES = {
     "CRITICAL": dt.timedelta(minutes=15),
     "HIGH": dt.timedelta(minutes=30),
@@ -233,6 +234,7 @@ class AlertPolicy:
     suppression_window: dt.timedelta = DEFAULT_SUPPRESSION_WINDOW
     escalation: EscalationPolicy = field(default_factory=EscalationPolicy)
     suppression_source: str = ""
+    alert_within: dt.timedelta = DEFAULT_ALERT_WITHIN  # older results raise no alert
 
 
 @dataclass(frozen=True)
@@ -422,8 +424,21 @@ def _policy(rules_doc: dict[str, Any], sources: dict[str, Any]) -> AlertPolicy:
             repeat_interval=_minutes(escalation_doc, "repeat_minutes"),
             source=_cite(escalation_doc, sources, "escalation"),
         )
+    alert_within = DEFAULT_ALERT_WITHIN
+    late_doc = rules_doc.get("late_results")
+    if late_doc is not None:
+        hours = late_doc.get("alert_within_hours")
+        if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:
+            raise ReferenceDataError(
+                "critical_rules.json: late_results alert_within_hours must be a positive number of hours"
+            )
+        alert_within = dt.timedelta(hours=hours)
+        _cite(late_doc, sources, "late_results")
     return AlertPolicy(
-        suppression_window=window, escalation=escalation, suppression_source=suppression_source
+        suppression_window=window,
+        escalation=escalation,
+        suppression_source=suppression_source,
+        alert_within=alert_within,
     )
 
 

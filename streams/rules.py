@@ -34,7 +34,9 @@ Rules, in order:
    compared with the result before it, not with the version it replaces. The first firing check wins.
 5. Out-of-order results (result_time before the latest one, a different result) may alert on
    thresholds but run no delta check and do not replace the latest value.
-6. Suppression, per limit kind (LOW, HIGH, DELTA): while an alert of that kind is open and the new
+6. A result older than `policy.alert_within` (7 days, the time acknowledged alerts are remembered)
+   raises nothing; it still becomes the latest value if it is the newest.
+7. Suppression, per limit kind (LOW, HIGH, DELTA): while an alert of that kind is open and the new
    result lies within `policy.suppression_window` of the alerted result's time, a result that is not
    worse (LOW: not lower, HIGH: not higher, DELTA: not a larger absolute change) raises no alert;
    the open alert's `suppressed_repeats` goes up by one and it is returned in `updated_alerts`.
@@ -276,6 +278,7 @@ class Decision:
     suppressed: bool = False  # at least one crossed limit raised no new alert
     duplicate: bool = False  # the event had been evaluated before
     out_of_order: bool = False  # older than the latest result: did not replace it
+    late: bool = False  # resulted longer than `policy.alert_within` ago: judged by no rule
 
 
 def crossed_limit(value: float, rule: ThresholdRule) -> tuple[str, float] | None:
@@ -450,6 +453,15 @@ def evaluate(
             last_result_id=facts.result_id,
             prior_value=state.last_value,
             prior_time_ms=state.last_time_ms,
+        )
+
+    if now - result_time > policy.alert_within:
+        # Stored and remembered, never alerted: a result this old is history, not a call to act, and a
+        # replay of it must not open (and escalate) again an alert that was acknowledged and forgotten.
+        return Decision(
+            state=dataclasses.replace(new_state, recent_event_ids=recent),
+            out_of_order=out_of_order,
+            late=True,
         )
 
     findings = [_threshold_finding(facts, rules)]

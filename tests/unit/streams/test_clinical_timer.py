@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from schemas.wire import ConfluentRegistry
 from streams.clinical import ClinicalHandler, ClinicalTables
@@ -66,3 +69,17 @@ def test_recently_acknowledged_and_unacknowledged_alerts_stay_and_only_the_overd
     sent = _run_timer(table)
     assert table == before
     assert [(output.topic, output.key) for output in sent] == [("alerts.escalation", b"rp-due")]
+
+
+def test_a_policy_that_alerts_on_results_older_than_acknowledgements_are_remembered_is_refused() -> None:
+    components = make_components(ConfluentRegistry({"url": "mock://clinical-timer"}))
+    policy = dataclasses.replace(
+        components.reference.policy, alert_within=ACK_RETENTION + dt.timedelta(hours=1)
+    )
+
+    async def nowhere(outputs: Sequence[Output]) -> None:
+        raise AssertionError("nothing is published")
+
+    tables = ClinicalTables(analytes={}, open_alerts={}, wards={})
+    with pytest.raises(ValueError, match="remembered"):
+        ClinicalHandler(components, TopicNames(), nowhere, tables, policy)

@@ -346,6 +346,9 @@ DELTA_AND_POLICY_BREAKAGES = [
     pytest.param(lambda doc: _delta(doc).pop("window_hours"), id="delta-without-window"),
     pytest.param(_policy_part("suppression", window_hours=-1), id="suppression-negative"),
     pytest.param(_policy_part("suppression", source="HEARSAY"), id="suppression-unknown-source"),
+    pytest.param(_policy_part("late_results", alert_within_hours=0), id="late-window-zero"),
+    pytest.param(_policy_part("late_results", alert_within_hours="168"), id="late-window-quoted"),
+    pytest.param(_policy_part("late_results", source="HEARSAY"), id="late-unknown-source"),
     pytest.param(lambda doc: doc["escalation"]["ack_deadline_minutes"].pop("HIGH"), id="deadline-missing"),
     pytest.param(
         lambda doc: doc["escalation"]["ack_deadline_minutes"].update(URGENT=5), id="deadline-unknown-severity"

@@ -634,3 +634,44 @@ def test_remembered_event_ids_are_bounded() -> None:
     recent = decisions[-1].state.recent_event_ids
     assert len(recent) == RECENT_EVENTS
     assert recent == tuple(d.state.last_event_id for d in decisions[-RECENT_EVENTS:])
+
+
+def _judged_at(facts: LabFacts, age: dt.timedelta, state: AnalyteState | None = None) -> Decision:
+    return evaluate(facts, state, RULES, facts.result_time + age, POLICY)
+
+
+@pytest.mark.parametrize(
+    ("age", "alerted"),
+    [
+        (dt.timedelta(minutes=1), True),
+        (dt.timedelta(days=6, hours=23), True),  # a late result, still one to act on
+        (dt.timedelta(days=7), True),  # exactly at the window
+        (dt.timedelta(days=7, minutes=1), False),
+        (dt.timedelta(days=400), False),
+    ],
+)
+def test_results_older_than_the_alert_window_raise_nothing(age: dt.timedelta, alerted: bool) -> None:
+    assert POLICY.alert_within == dt.timedelta(days=7)
+    decision = _judged_at(lab(K, 7.5), age)
+    assert bool(decision.alerts) is alerted
+    assert decision.late is not alerted
+    assert decision.state.last_value == 7.5  # judged or not, it is the latest value now
+    assert lab(K, 7.5).event_id in decision.state.recent_event_ids
+
+
+def test_an_old_result_still_becomes_the_previous_value_of_the_next_delta_check() -> None:
+    old = _judged_at(lab(HB, 130.0), dt.timedelta(days=8))
+    assert old.late and not old.alerts
+    fresh = _judged_at(lab(HB, 100.0, at=20.0), dt.timedelta(minutes=1), old.state)
+    assert [(a.limit_kind, a.previous_value) for a in fresh.alerts] == [("DELTA", 130.0)]
+
+
+def test_a_replay_after_the_alert_was_acknowledged_and_forgotten_raises_it_no_more() -> None:
+    """Acknowledged alerts are remembered ACK_RETENTION (7 days); after that only the age rule stands
+    between a consumer-group replay and a second escalation of a result long dealt with."""
+    from streams.escalation import ACK_RETENTION
+
+    first = _judged_at(lab(K, 7.5), dt.timedelta(minutes=1))
+    assert first.alerts
+    replayed = _judged_at(lab(K, 7.5), ACK_RETENTION + dt.timedelta(hours=1), state=None)  # state long gone
+    assert replayed.alerts == () and replayed.late
