@@ -316,11 +316,14 @@ def create_app(
 
         app.on_before_shutdown.connect(cast(Any, close_outputs))  # mode's handler type is narrower
 
-    def table(name: str) -> Any:
+    def table(name: str, **kwargs: Any) -> Any:
         # use_partitioner: the changelog partition follows the key's hash (murmur2 of the raw key, as on
         # the topics the agent reads), so tables can be written from batch handlers and timers, not only
-        # inside stream iteration. Every table is keyed by a key of its agent's source topics.
-        return app.Table(name, default=None, partitions=settings.kafka.topic_partitions, use_partitioner=True)
+        # inside stream iteration. Every table is keyed by a key of its agent's source topics, or by one
+        # followed by "|..." when it is partitioned by that prefix (streams/tables.py).
+        return app.Table(
+            name, default=None, partitions=settings.kafka.topic_partitions, use_partitioner=True, **kwargs
+        )
 
     in_flight: dict[str, float] = {}  # agent -> when its current batch started (for the stall watchdog)
 
@@ -372,7 +375,10 @@ def create_app(
             topics,
             publish,
             ClinicalTables(
-                analytes=table("patient-analytes"), open_alerts=table("open-alerts"), wards=table("wards")
+                analytes=table("analyte-states", partition_by_prefix="|"),
+                open_alerts=table("open-alerts"),
+                wards=table("wards"),
+                legacy_analytes=table("patient-analytes"),
             ),
             c.reference.policy,
         )

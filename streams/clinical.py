@@ -1,8 +1,12 @@
 """The clinical agent's handler: critical-value rules and escalation over changelogged tables.
 
-Tables (all keyed by regional patient id, the key of every topic this agent reads, so each table
-partition is the partition of the events that write it):
-- `analytes`: "<patient>" -> {LOINC: AnalyteState} (last value, open alerts per limit kind);
+Tables (all in the partition of the regional patient id, the key of every topic this agent reads, so
+each table partition is the partition of the events that write it):
+- `analytes`: "<patient>|<LOINC>" -> AnalyteState (last value, open alerts per limit kind), its
+  changelog partition that of "<patient>" (`RawKeyTable(partition_by_prefix="|")`). One small record
+  per result: a patient's whole map (`legacy_analytes`, "<patient>" -> {LOINC: AnalyteState}, the
+  layout before) was rewritten for every result, 58 KB for 40 analytes. The legacy table is still
+  read, never written, for analytes not judged since the upgrade;
 - `open_alerts`: "<patient>" -> OpenAlerts (escalation level and deadline of each alert);
 - `wards`: "<patient>" -> the ward of the latest encounter event.
 
@@ -48,6 +52,11 @@ class ClinicalTables:
     analytes: Any
     open_alerts: Any
     wards: Any
+    legacy_analytes: Any = None  # read-only: per-patient maps written before the analytes table
+
+
+def analyte_key(patient: str, loinc: str) -> str:
+    return f"{patient}|{loinc}"
 
 
 def lab_facts(record: dict[str, Any], ward: str | None) -> LabFacts | None:
@@ -96,27 +105,29 @@ class _Overlay:
     """Batch-local view of the tables: reads fall through, writes wait until outputs are confirmed."""
 
     tables: ClinicalTables
-    analytes: dict[str, dict[str, AnalyteState]] = field(default_factory=dict)  # patient -> LOINC -> new
+    analytes: dict[str, AnalyteState] = field(default_factory=dict)  # "<patient>|<LOINC>" -> new state
     open_alerts: dict[str, OpenAlerts] = field(default_factory=dict)
     wards: dict[str, str] = field(default_factory=dict)
-    # Each patient's stored analyte map, read (and deserialised by the store) once per batch
-    stored_analytes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each patient's legacy analyte map, read (and deserialised by the store) once per batch
+    legacy_maps: dict[str, dict[str, Any]] = field(default_factory=dict)
     stored_wards: dict[str, str | None] = field(default_factory=dict)
 
-    def _stored(self, patient: str) -> dict[str, Any]:
-        if patient not in self.stored_analytes:
-            self.stored_analytes[patient] = self.tables.analytes.get(patient) or {}
-        return self.stored_analytes[patient]
+    def _legacy(self, patient: str, loinc: str) -> Any:
+        if self.tables.legacy_analytes is None:
+            return None
+        if patient not in self.legacy_maps:
+            self.legacy_maps[patient] = self.tables.legacy_analytes.get(patient) or {}
+        return self.legacy_maps[patient].get(loinc)
 
     def analyte(self, patient: str, loinc: str) -> AnalyteState | None:
-        changed = self.analytes.get(patient, {})
-        if loinc in changed:
-            return changed[loinc]
-        raw = self._stored(patient).get(loinc)
+        key = analyte_key(patient, loinc)
+        if key in self.analytes:
+            return self.analytes[key]
+        raw = self.tables.analytes.get(key) or self._legacy(patient, loinc)
         return AnalyteState.from_dict(raw) if raw else None
 
     def set_analyte(self, patient: str, loinc: str, state: AnalyteState) -> None:
-        self.analytes.setdefault(patient, {})[loinc] = state
+        self.analytes[analyte_key(patient, loinc)] = state
 
     def alerts_of(self, patient: str) -> OpenAlerts | None:
         if patient in self.open_alerts:
@@ -132,12 +143,9 @@ class _Overlay:
         return self.stored_wards[patient]
 
     def write_back(self) -> None:
-        """One changelog write per key and batch; only the analytes this batch changed are serialised."""
-        for patient, changed in self.analytes.items():
-            self.tables.analytes[patient] = {
-                **self._stored(patient),
-                **{loinc: state.to_dict() for loinc, state in changed.items()},
-            }
+        """One changelog write per key and batch, of the analytes this batch changed only."""
+        for key, state in self.analytes.items():
+            self.tables.analytes[key] = state.to_dict()
         for key, alerts in self.open_alerts.items():
             self.tables.open_alerts[key] = alerts.to_dict()
         for key, ward in self.wards.items():

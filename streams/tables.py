@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 from faust import stores
 from faust.stores import rocksdb
 
@@ -39,6 +40,9 @@ class KeyPartitionedRocksDBStore(rocksdb.Store):
 
         Raises when the producer has no metadata for the changelog topic yet.
         """
+        own = getattr(self.table, "changelog_partition", None)
+        if own is not None and (partition := own(key)) is not None:
+            return int(partition)
         cache = self.__dict__.setdefault("_partition_of", {})
         partition = cache.get(key)
         if partition is None:
@@ -73,6 +77,11 @@ class KeyPartitionedRocksDBStore(rocksdb.Store):
         self._key_index[key] = partition
 
 
+def murmur2_partition(key: bytes, partitions: int) -> int:
+    """The partition Java clients, librdkafka's murmur2 partitioners and aiokafka choose for a key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def store_url(configured: str) -> str:
     """The Faust store URL for the configured one: "rocksdb://..." means this store."""
     if configured.startswith("rocksdb://"):
@@ -91,12 +100,28 @@ class RawKeyTable(faust.Table):
     `App(..., Table=RawKeyTable)` makes every `app.Table` of the app use raw str keys.
     """
 
-    def __init__(self, app: Any, **kwargs: Any) -> None:
+    def __init__(self, app: Any, *, partition_by_prefix: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("key_type", str)
+        self.partition_by_prefix = partition_by_prefix
         super().__init__(app, **kwargs)
         if self.key_type is str:
             # before TableManager.add builds the changelog topic and before the store is made
             self.key_serializer = "raw"
+
+    def changelog_partition(self, key: bytes) -> int | None:
+        """With `partition_by_prefix`, a composite key "<patient>|<more>" goes to the partition of
+        "<patient>" alone, the partition of the patient's events on the source topics; so state can be
+        kept in small pieces per patient and still move with the patient's partition. None: the
+        producer's partitioner hashes the whole key."""
+        if self.partition_by_prefix is None:
+            return None
+        owner = key.split(self.partition_by_prefix.encode(), 1)[0]
+        return murmur2_partition(owner, self.partitions or self.app.conf.topic_partitions)
+
+    def partition_for_key(self, key: Any) -> int | None:
+        if self.partition_by_prefix is None:
+            return super().partition_for_key(key)
+        return self.changelog_partition(key.encode() if isinstance(key, str) else key)
 
     def get(self, key: Any, default: Any = None) -> Any:
         """One store read: Mapping.get asks `key in data` and then `data[key]`, two look-ups."""

@@ -83,3 +83,23 @@ def test_a_policy_that_alerts_on_results_older_than_acknowledgements_are_remembe
     tables = ClinicalTables(analytes={}, open_alerts={}, wards={})
     with pytest.raises(ValueError, match="remembered"):
         ClinicalHandler(components, TopicNames(), nowhere, tables, policy)
+
+
+def test_analyte_state_written_before_the_per_analyte_table_is_read_and_moved_on_write() -> None:
+    """An upgrade keeps each patient's delta and suppression state: the legacy map is read, not lost."""
+    from streams.clinical import _Overlay
+    from streams.rules import AnalyteState
+
+    before = AnalyteState(last_value=4.1, last_time_ms=1_700_000_000_000, recent_event_ids=(ALERT_IDS[0],))
+    legacy = {"rp-1": {"2823-3": before.to_dict()}}
+    tables = ClinicalTables(analytes={}, open_alerts={}, wards={}, legacy_analytes=legacy)
+    overlay = _Overlay(tables)
+    assert overlay.analyte("rp-1", "2823-3") == before
+    assert overlay.analyte("rp-1", "2951-2") is None
+    after = dataclasses.replace(before, last_value=6.9)
+    overlay.set_analyte("rp-1", "2823-3", after)
+    assert overlay.analyte("rp-1", "2823-3") == after
+    overlay.write_back()
+    assert tables.analytes == {"rp-1|2823-3": after.to_dict()}
+    assert legacy == {"rp-1": {"2823-3": before.to_dict()}}  # never written
+    assert _Overlay(tables).analyte("rp-1", "2823-3") == after  # the new table wins from now on

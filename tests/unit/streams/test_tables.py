@@ -8,7 +8,7 @@ from typing import Any
 import faust
 import pytest
 
-from streams.tables import SCHEME, RawKeyTable, store_url
+from streams.tables import SCHEME, RawKeyTable, murmur2_partition, store_url
 
 
 @pytest.mark.parametrize(
@@ -90,3 +90,29 @@ def test_a_table_with_a_default_still_reads_missing_keys_as_it(tmp_path: Path) -
     app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
     table = app.Table("counts", default=int, partitions=3, use_partitioner=True)
     assert table.get("rp-1") == 0
+
+
+@pytest.mark.parametrize("patient", [b"rp-1", b"rp-3f9a0c", "rp-患者".encode()])
+def test_a_prefix_partitioned_key_goes_to_the_partition_of_its_patient(
+    tmp_path: Path, patient: bytes
+) -> None:
+    """Composite state keys must stay in the partition of the patient's events (murmur2 of the patient)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("states", default=None, partitions=3, use_partitioner=True, partition_by_prefix="|")
+    expected = DefaultPartitioner()(patient, [0, 1, 2], [0, 1, 2])
+    assert murmur2_partition(patient, 3) == expected
+    key = patient + b"|2823-3"
+    assert table.changelog_partition(key) == expected
+    assert table.partition_for_key(key.decode()) == expected
+    table.data._set(key, b"state")  # no producer, no cache: the table's own partition
+    assert list(table.data._dbs) == [expected]
+    assert table.data._get(key) == b"state"
+
+
+def test_tables_without_a_prefix_leave_the_partition_to_the_producer(tmp_path: Path) -> None:
+    app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("wards", default=None, partitions=3, use_partitioner=True)
+    assert table.changelog_partition(b"rp-1|x") is None
+    assert table.partition_for_key("rp-1|x") is None
