@@ -74,14 +74,10 @@ def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
 
 def _committed_through(settings: HubSettings, group: str, topic: str, ends: dict[int, int]) -> bool:
     """Has the consumer group committed every partition of `topic` up to `ends`?"""
-    from confluent_kafka import Consumer, TopicPartition
+    from streams.stalls import group_positions
 
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": group, "enable.auto.commit": False})
-    try:
-        committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=10)
-    finally:
-        consumer.close()
-    return all(tp.offset >= ends[tp.partition] for tp in committed if ends[tp.partition])
+    committed, _ = group_positions(settings.kafka.client_config(), group, [(topic, p) for p in ends])
+    return all(committed[(topic, p)] >= end for p, end in ends.items())
 
 
 def _wait_until(condition: Any, seconds: float) -> bool:
@@ -207,21 +203,20 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
         alerts = _read_topic(
             settings, topics.alerts_topic, alert_marks, _high_watermarks(settings, topics.alerts_topic)
         )
-        alert_ids = {str(alert["alert_id"]) for alert in alerts}
+        latest = {str(alert["alert_id"]): alert for alert in alerts}  # an alert's newest version last
 
         def alerts_stored() -> int:
-            if not alert_ids:
+            if not latest:
                 return 0
             with engine.connect() as conn:
                 return int(
                     conn.execute(
-                        select(func.count()).select_from(Alert).where(Alert.alert_id.in_(alert_ids))
+                        select(func.count()).select_from(Alert).where(Alert.alert_id.in_(list(latest)))
                     ).scalar_one()
                 )
 
-        _wait_until(lambda: alerts_stored() >= len(alert_ids), 60)
+        _wait_until(lambda: alerts_stored() >= len(latest), 60)
         stored_alerts = alerts_stored()
-        latest = {str(alert["alert_id"]): alert for alert in alerts}  # an alert's newest version last
 
         typer.echo(
             f"6/6 results: {stored} of {len(ids)} events stored, {len(latest)} critical alerts on "

@@ -42,7 +42,7 @@ class KeyPartitionedRocksDBStore(rocksdb.Store):
         """
         own = getattr(self.table, "changelog_partition", None)
         if own is not None and (partition := own(key)) is not None:
-            return int(partition)
+            return partition
         cache = self.__dict__.setdefault("_partition_of", {})
         partition = cache.get(key)
         if partition is None:
