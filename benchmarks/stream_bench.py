@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 
 from clinhub.infra import kafka, registry
 from clinhub.infra.process import free_port
-from clinhub.settings import (
+from core.settings import (
     DatabaseSettings,
     HubSettings,
     InfraSettings,

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from clinhub.exceptions import HubError
-from clinhub.settings import HubSettings, load_settings
+from core.exceptions import HubError
+from core.settings import HubSettings, load_settings
 
 app = typer.Typer(help="Regional clinical event hub.", no_args_is_help=True, add_completion=False)
 infra_app = typer.Typer(help="Local Kafka, schema registry and PostgreSQL.", no_args_is_help=True)

@@ -19,7 +19,7 @@ from clinhub.infra import kafka as kafka_service
 from clinhub.infra import registry as registry_service
 from clinhub.infra.process import stop_pid
 from clinhub.services import stack_for
-from clinhub.settings import HubSettings
+from core.settings import HubSettings
 
 
 def ensure_key_file(path: Path) -> Path:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinhub.infra import kafka, postgres, registry
-from clinhub.settings import InfraSettings
+from core.settings import InfraSettings
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clinhub.exceptions import HubError
+from core.exceptions import HubError
 
 
 class PublishError(HubError):

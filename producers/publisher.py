@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
-from clinhub.settings import HubSettings
+from core.settings import HubSettings
 from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
 from producers.validation import check_event
 from schemas import standard

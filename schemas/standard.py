@@ -11,29 +11,25 @@ from typing import Any
 import fastavro
 import fastavro.schema
 
+from core import contract
 from schemas.exceptions import UnknownSchemaNameError
 
 AVRO_DIR = Path(__file__).resolve().parent / "avro"
 
-LAB_RESULT = "org.clinhub.lab.LabResult"
-CRITICAL_VALUE_ALERT = "org.clinhub.alert.CriticalValueAlert"
-DEAD_LETTER = "org.clinhub.ops.DeadLetter"
-VITAL_SIGNS = "org.clinhub.vitals.VitalSigns"
-ENCOUNTER_EVENT = "org.clinhub.encounter.EncounterEvent"
-MEDICATION_ORDER = "org.clinhub.medication.MedicationOrder"
-DIAGNOSIS = "org.clinhub.diagnosis.Diagnosis"
-ALERT_ACKNOWLEDGEMENT = "org.clinhub.alert.AlertAcknowledgement"
-ALERT_ESCALATION = "org.clinhub.alert.AlertEscalation"
-IDENTITY_LINK = "org.clinhub.identity.IdentityLink"
+# Schema names, for code that reads one record type; the kinds and records are listed in core.contract.
+LAB_RESULT = contract.KIND_SPECS["lab"].schema
+VITAL_SIGNS = contract.KIND_SPECS["vitals"].schema
+ENCOUNTER_EVENT = contract.KIND_SPECS["encounter"].schema
+MEDICATION_ORDER = contract.KIND_SPECS["medication"].schema
+DIAGNOSIS = contract.KIND_SPECS["diagnosis"].schema
+IDENTITY_LINK = contract.IDENTITY.schema
+CRITICAL_VALUE_ALERT = contract.ALERT.schema
+ALERT_ESCALATION = contract.ESCALATION.schema
+ALERT_ACKNOWLEDGEMENT = contract.ACK.schema
+DEAD_LETTER = contract.DEADLETTER.schema
 
-# The clinical event kinds institutions publish, each on raw.<institution>.<kind>.
-KIND_SCHEMAS = {
-    "lab": LAB_RESULT,
-    "vitals": VITAL_SIGNS,
-    "encounter": ENCOUNTER_EVENT,
-    "medication": MEDICATION_ORDER,
-    "diagnosis": DIAGNOSIS,
-}
+# The clinical event kinds institutions publish, each on raw.<institution>.<kind>, to their schemas.
+KIND_SCHEMAS = {spec.name: spec.schema for spec in contract.CLINICAL_KINDS}
 
 
 @dataclass(frozen=True)
@@ -67,3 +63,14 @@ def record_names(directory: Path = AVRO_DIR) -> list[str]:
         if json.loads(path.read_text()).get("namespace") != "org.clinhub.common":
             names.append(path.stem)
     return names
+
+
+def timestamp_fields(schema: StandardSchema) -> tuple[str, ...]:
+    """Top-level fields holding an instant (timestamp-millis, optional or not), in schema order."""
+
+    def is_timestamp(avro_type: Any) -> bool:
+        if isinstance(avro_type, list):
+            return any(is_timestamp(branch) for branch in avro_type)
+        return isinstance(avro_type, dict) and str(avro_type.get("logicalType", "")).startswith("timestamp")
+
+    return tuple(f["name"] for f in json.loads(schema.text).get("fields", []) if is_timestamp(f["type"]))

@@ -28,7 +28,7 @@ from typing import Any, cast
 import faust
 from prometheus_client import CollectorRegistry
 
-from clinhub.settings import HubSettings
+from core.settings import HubSettings
 from schemas import standard
 from schemas.wire import AvroDecoder, AvroEncoder, ConfluentRegistry, make_encoder
 from streams.clinical import ClinicalHandler, ClinicalTables
@@ -88,7 +88,7 @@ class Components:
 
 
 def _long_enough(key: bytes, setting: str) -> bytes:
-    from clinhub.exceptions import ConfigurationError
+    from core.exceptions import ConfigurationError
 
     if len(key) < 32:
         raise ConfigurationError(
@@ -98,7 +98,7 @@ def _long_enough(key: bytes, setting: str) -> bytes:
 
 
 def load_pseudonym_key(settings: HubSettings) -> bytes:
-    from clinhub.exceptions import ConfigurationError
+    from core.exceptions import ConfigurationError
 
     security = settings.security
     if security.pseudonym_key is not None:

@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from clinhub.infra import kafka, postgres, registry
 from clinhub.infra.process import ServiceProcess, free_port
-from clinhub.settings import (
+from core.settings import (
     DatabaseSettings,
     HubSettings,
     InfraSettings,

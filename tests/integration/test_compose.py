@@ -21,7 +21,7 @@ import typer.main
 from prometheus_client import CollectorRegistry
 
 from clinhub.cli import app as cli_app
-from clinhub.settings import InfraSettings, StreamSettings
+from core.settings import InfraSettings, StreamSettings
 from sinks.metrics import SinkMetrics, make_sink_metrics
 from streams.metrics import StreamMetrics, make_stream_metrics
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from clinhub.infra.process import free_port
-from clinhub.settings import HubSettings, KafkaSettings
+from core.settings import HubSettings, KafkaSettings
 from producers.exceptions import DeliveryFailedError
 from producers.publisher import Publisher, Receipt, make_publisher
 from producers.simulator import simulate_events

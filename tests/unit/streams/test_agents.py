@@ -12,8 +12,8 @@ from faust.types import Message
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from clinhub.exceptions import ConfigurationError
-from clinhub.settings import (
+from core.exceptions import ConfigurationError
+from core.settings import (
     DatabaseSettings,
     HubSettings,
     InfraSettings,

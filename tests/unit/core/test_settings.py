@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from clinhub.settings import (
+from core.settings import (
     DatabaseSettings,
     KafkaSettings,
     RegistrySettings,
@@ -158,7 +158,7 @@ def test_load_settings_assembles_every_part(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize("key", ["", "short-key", "x" * 31])
 def test_a_short_or_empty_pseudonym_key_is_refused(key: str) -> None:
     """An empty key would make regional ids guessable; the worker must refuse to start."""
-    from clinhub.exceptions import ConfigurationError
+    from core.exceptions import ConfigurationError
     from streams.app import load_pseudonym_key
 
     settings = load_settings().model_copy(update={"security": SecuritySettings(pseudonym_key=SecretStr(key))})

@@ -1,0 +1,160 @@
+"""The hub's contract: the event kinds, the topics they travel on, and the keys of their messages.
+
+Defined once here and read by producers, gateways, streams and sinks alike. A kind is one line of
+`CLINICAL_KINDS`; everything else that lists kinds (topics, schemas per kind, the SDK's checks, the
+store's converters) is derived from it, so a new kind (imaging reports, say) is that line, its Avro
+schema, its normaliser and its converter in the store.
+
+Topics, under an optional prefix (tests give each run its own):
+
+- `raw.<institution>.<kind>`: what an institution publishes, keyed by `<institution>|<MRN>`; one
+  prefix per institution, so an ACL can bind its principal to it;
+- `norm.<kind>`: the regional standard, keyed by the regional patient id, so one patient's events
+  stay in order on one partition;
+- `norm.identity`, `alerts.critical`, `alerts.escalation`, `alerts.ack`: the hub's own records, keyed
+  by the regional patient id; `deadletter`: rejected input, keyed as it came.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """One clinical event kind of the regional standard."""
+
+    name: str
+    schema: str  # full name of its Avro record (schemas/avro/<schema>.avsc)
+    natural_key: str  # field that, with the institution, names the fact across versions and corrections
+
+
+CLINICAL_KINDS: tuple[KindSpec, ...] = (
+    KindSpec(name="lab", schema="org.clinhub.lab.LabResult", natural_key="result_id"),
+    KindSpec(name="vitals", schema="org.clinhub.vitals.VitalSigns", natural_key="observation_id"),
+    KindSpec(name="encounter", schema="org.clinhub.encounter.EncounterEvent", natural_key="encounter_id"),
+    KindSpec(name="medication", schema="org.clinhub.medication.MedicationOrder", natural_key="order_id"),
+    KindSpec(name="diagnosis", schema="org.clinhub.diagnosis.Diagnosis", natural_key="diagnosis_id"),
+)
+
+# The kinds institutions publish, in the order of CLINICAL_KINDS.
+KINDS: tuple[str, ...] = tuple(spec.name for spec in CLINICAL_KINDS)
+KIND_SPECS: dict[str, KindSpec] = {spec.name: spec for spec in CLINICAL_KINDS}
+
+
+@dataclass(frozen=True)
+class HubRecord:
+    """A record the hub itself publishes: its short name, Avro record and topic (without prefix)."""
+
+    name: str
+    schema: str
+    topic: str
+
+
+IDENTITY = HubRecord("identity", "org.clinhub.identity.IdentityLink", "norm.identity")
+ALERT = HubRecord("alert", "org.clinhub.alert.CriticalValueAlert", "alerts.critical")
+ESCALATION = HubRecord("escalation", "org.clinhub.alert.AlertEscalation", "alerts.escalation")
+ACK = HubRecord("ack", "org.clinhub.alert.AlertAcknowledgement", "alerts.ack")
+DEADLETTER = HubRecord("deadletter", "org.clinhub.ops.DeadLetter", "deadletter")
+HUB_RECORDS: tuple[HubRecord, ...] = (IDENTITY, ALERT, ESCALATION, ACK, DEADLETTER)
+
+# Every record on the hub's topics by its short name: the clinical kinds and the hub's own records.
+RECORD_SCHEMAS: dict[str, str] = {
+    **{spec.name: spec.schema for spec in CLINICAL_KINDS},
+    **{record.name: record.schema for record in HUB_RECORDS},
+}
+# What the regional store keeps: everything but dead letters.
+STORED_RECORDS: tuple[str, ...] = tuple(name for name in RECORD_SCHEMAS if name != DEADLETTER.name)
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KIND_SPECS:
+        raise ValueError(f"unknown event kind {kind!r}; one of {', '.join(KINDS)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class RawTopic:
+    """A parsed `raw.<institution>.<kind>` name."""
+
+    institution: str
+    kind: str
+
+
+_INSTITUTION = r"[A-Za-z0-9_-]+"
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Every topic name, built and parsed in one place, under an optional prefix."""
+
+    prefix: str = ""
+
+    def raw(self, institution: str, kind: str) -> str:
+        if not re.fullmatch(_INSTITUTION, institution):
+            raise ValueError(f"institution id {institution!r} must be letters, digits, '_' or '-'")
+        return f"{self.prefix}raw.{institution}.{check_kind(kind)}"
+
+    def raw_pattern(self) -> re.Pattern[str]:
+        """Every raw topic of a known kind under this prefix, whatever the institution."""
+        kinds = "|".join(map(re.escape, KINDS))
+        return re.compile(rf"^{re.escape(self.prefix)}raw\.({_INSTITUTION})\.({kinds})$")
+
+    def parse_raw(self, topic: str) -> RawTopic | None:
+        """The institution and kind of a raw topic of this prefix; None for any other name."""
+        match = self.raw_pattern().match(topic)
+        return RawTopic(match.group(1), match.group(2)) if match else None
+
+    def norm(self, kind: str) -> str:
+        return f"{self.prefix}norm.{check_kind(kind)}"
+
+    def hub(self, record: HubRecord) -> str:
+        return f"{self.prefix}{record.topic}"
+
+    @property
+    def identity_topic(self) -> str:
+        return self.hub(IDENTITY)
+
+    @property
+    def alerts_topic(self) -> str:
+        return self.hub(ALERT)
+
+    @property
+    def escalations_topic(self) -> str:
+        return self.hub(ESCALATION)
+
+    @property
+    def acks_topic(self) -> str:
+        return self.hub(ACK)
+
+    @property
+    def deadletter_topic(self) -> str:
+        return self.hub(DEADLETTER)
+
+    def stored(self) -> dict[str, str]:
+        """topic -> record name, for every topic whose records the regional store keeps."""
+        topics = {self.norm(kind): kind for kind in KINDS}
+        topics.update(
+            {self.hub(record): record.name for record in HUB_RECORDS if record.name in STORED_RECORDS}
+        )
+        return topics
+
+    def all_for(self, institutions: Iterable[str], kinds: Iterable[str] = KINDS) -> list[str]:
+        kinds = list(kinds)
+        return (
+            [self.raw(institution, kind) for institution in institutions for kind in kinds]
+            + [self.norm(kind) for kind in kinds]
+            + [self.hub(record) for record in HUB_RECORDS]
+        )
+
+
+def patient_key(institution: str, mrn: str) -> str:
+    """An institution's patient: the key of raw messages and of the identity-link table."""
+    return f"{institution}|{mrn}"
+
+
+def regional_key(regional_patient_id: str) -> bytes:
+    """The key of every normalised and alert message: the regional patient id."""
+    return regional_patient_id.encode()
