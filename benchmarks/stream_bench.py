@@ -34,6 +34,7 @@ from sqlalchemy import func, select
 
 from clinhub.infra import kafka, registry
 from clinhub.infra.process import free_port
+from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
     HubSettings,
@@ -49,7 +50,7 @@ from schemas.registration import register_standard
 from schemas.wire import AvroDecoder, ConfluentRegistry
 from sinks.models import IngestLog
 from sinks.store import make_engine, upgrade
-from streams.topics import TopicNames, create_topics
+from streams.runtime.topics import create_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -122,7 +122,8 @@ def db_check() -> None:
 @app.command("topics")
 def topics_create() -> None:
     """Create the hub's topics (raw per institution, alerts, dead letters) if missing."""
-    from streams.topics import TopicNames, create_topics
+    from core.contract import TopicNames
+    from streams.runtime.topics import create_topics
 
     settings = _settings()
     names = TopicNames(prefix=settings.stream.topic_prefix).all_for(settings.stream.institutions)
@@ -189,8 +190,10 @@ def stream_worker(
 
     from prometheus_client import REGISTRY, start_http_server
 
-    from streams.app import ROLES, create_app
-    from streams.topics import TopicNames, discover_raw_topics
+    from clinhub.worker import build_components
+    from core.contract import TopicNames
+    from streams.runtime.app import ROLES, create_app
+    from streams.runtime.topics import discover_raw_topics
 
     unknown = sorted(set(role or ()) - set(ROLES))
     if unknown:
@@ -206,7 +209,8 @@ def stream_worker(
         settings.kafka.client_config(), TopicNames(prefix=settings.stream.topic_prefix)
     )
     roles = tuple(role) if role else settings.stream.roles
-    faust_app = create_app(settings, metrics_registry=REGISTRY, raw_topics=raw_topics, roles=roles)
+    components = build_components(settings, REGISTRY, roles)
+    faust_app = create_app(settings.kafka, settings.stream, components, raw_topics=raw_topics, roles=roles)
     faust_worker(faust_app, loglevel).execute_from_commandline()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import secrets
 import subprocess
@@ -20,6 +21,29 @@ from clinhub.infra import registry as registry_service
 from clinhub.infra.process import stop_pid
 from clinhub.services import stack_for
 from core.settings import HubSettings
+
+# The publishers' producers log through this logger (their idempotent producer config names it).
+PRODUCER_LOGGER = "clinhub.kafka.producer"
+
+
+class _TransientPidNotice(logging.Filter):
+    """Drops librdkafka's notice that a fresh broker cannot hand out producer ids yet.
+
+    On a new KRaft broker the first idempotent producer asks for a producer id (PID) before the
+    broker has its first block of ids from the controller; the broker answers "Coordinator load in
+    progress" and librdkafka retries by itself: `GETPID ... Failed to acquire idempotence PID from
+    broker ...: Broker: Coordinator load in progress: retrying`. Only that notice, at warning level
+    or below, is dropped: every other librdkafka line still shows, and a PID that never comes shows
+    as undelivered events and a failed run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        transient = message.startswith("GETPID ") and "Coordinator load in progress" in message
+        return not (transient and record.levelno <= logging.WARNING)
+
+
+_TRANSIENT_PID_NOTICE = _TransientPidNotice()
 
 
 def ensure_key_file(path: Path) -> Path:
@@ -74,7 +98,7 @@ def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
 
 def _committed_through(settings: HubSettings, group: str, topic: str, ends: dict[int, int]) -> bool:
     """Has the consumer group committed every partition of `topic` up to `ends`?"""
-    from streams.stalls import group_positions
+    from streams.runtime.stalls import group_positions
 
     committed, _ = group_positions(settings.kafka.client_config(), group, [(topic, p) for p in ends])
     return all(committed[(topic, p)] >= end for p, end in ends.items())
@@ -116,16 +140,18 @@ def _show_shared_timeline(engine: Any) -> None:
 
 
 def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | None = None) -> None:
+    from core.contract import TopicNames
     from producers.publisher import make_publisher
     from producers.simulator import simulate_events
     from schemas.registration import register_standard
     from schemas.wire import ConfluentRegistry
     from sinks.models import Alert, IngestLog, Observation
     from sinks.store import make_engine, upgrade
-    from streams.reference import load_reference
-    from streams.topics import TopicNames, create_topics
+    from streams.domain.reference import load_reference
+    from streams.runtime.topics import create_topics
 
     stack = stack_for(settings.infra)
+    logging.getLogger(PRODUCER_LOGGER).addFilter(_TRANSIENT_PID_NOTICE)
     typer.echo("1/6 starting Kafka (KRaft) and the schema registry (first run fetches them with Maven)...")
     kafka_service.start(stack.kafka)
     registry_service.start(stack.registry)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,12 @@ class RawTopic:
 _INSTITUTION = r"[A-Za-z0-9_-]+"
 
 
+@cache
+def _raw_pattern(prefix: str) -> re.Pattern[str]:
+    kinds = "|".join(map(re.escape, KINDS))
+    return re.compile(rf"^{re.escape(prefix)}raw\.({_INSTITUTION})\.({kinds})$")
+
+
 @dataclass(frozen=True)
 class TopicNames:
     """Every topic name, built and parsed in one place, under an optional prefix."""
@@ -99,8 +106,7 @@ class TopicNames:
 
     def raw_pattern(self) -> re.Pattern[str]:
         """Every raw topic of a known kind under this prefix, whatever the institution."""
-        kinds = "|".join(map(re.escape, KINDS))
-        return re.compile(rf"^{re.escape(self.prefix)}raw\.({_INSTITUTION})\.({kinds})$")
+        return _raw_pattern(self.prefix)
 
     def parse_raw(self, topic: str) -> RawTopic | None:
         """The institution and kind of a raw topic of this prefix; None for any other name."""

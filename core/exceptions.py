@@ -14,3 +14,13 @@ class ConfigurationError(HubError):
         super().__init__(f"setting {setting}: {reason}")
         self.setting = setting
         self.reason = reason
+
+
+class ServiceUnavailableError(HubError):
+    """A service the hub depends on (broker, registry, database) cannot do its part right now.
+
+    Whatever raised it is retried, without limit, with back-off: waiting loses nothing, since the input
+    stays unacknowledged in Kafka. Any other exception in a stage is a bug and is not retried for ever.
+    """
+
+    retry_after: float = 1.0

@@ -6,7 +6,9 @@ its clients from the part it needs.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +45,21 @@ class KafkaSettings(BaseSettings):
         if self.sasl_password:
             config["sasl.password"] = self.sasl_password.get_secret_value()
         return config
+
+    def producer_config(self, delivery_timeout: float) -> dict[str, Any]:
+        """An idempotent acks=all producer that reports delivery only once the broker has the message."""
+        return {
+            **self.client_config(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+            "message.timeout.ms": int(delivery_timeout * 1000),
+            "queue.buffering.max.messages": 100_000,
+            # Java clients and aiokafka (Faust) hash keys with murmur2: same key, same partition number.
+            "partitioner": "murmur2_random",
+            "logger": logging.getLogger("clinhub.kafka.producer"),
+        }
 
 
 class RegistrySettings(BaseSettings):
@@ -98,6 +115,9 @@ class StreamSettings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
     web_port: int = 6066
     sink_retry_max_seconds: float = Field(default=30.0, gt=0)
+    # A batch failing with an error of the hub's own code (a bug, not bad input, not an outage) is tried
+    # this often; then its stage stops, reports clinhub_stage_up 0, and its events wait in Kafka.
+    bug_attempts: int = Field(default=3, ge=1)
     # How often acked offsets are committed: a crash replays at most this much (outputs are idempotent)
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     # How long the group waits for a worker that stopped heartbeating (crashed) before its partitions

@@ -8,7 +8,6 @@ publisher.close()                                   # raises listing anything un
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,13 +16,14 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
+from core import contract
+from core.contract import TopicNames
 from core.settings import HubSettings
 from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
 from producers.validation import check_event
 from schemas import standard
 from schemas.exceptions import RecordValidationError
 from schemas.wire import AvroEncoder, ConfluentRegistry, make_encoder
-from streams.topics import TopicNames
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Receipt:
 
 def message_key(record: Mapping[str, Any]) -> bytes:
     """All events of one patient at one institution share a key, hence a partition, hence an order."""
-    return f"{record['envelope']['institution_id']}|{record['patient_mrn']}".encode()
+    return contract.patient_key(record["envelope"]["institution_id"], record["patient_mrn"]).encode()
 
 
 class Publisher:
@@ -152,21 +152,6 @@ class Publisher:
                 raise UndeliveredOnCloseError(list(self._in_flight))
 
 
-def producer_config(settings: HubSettings, delivery_timeout: float) -> dict[str, Any]:
-    return {
-        **settings.kafka.client_config(),
-        "enable.idempotence": True,
-        "acks": "all",
-        "compression.type": "lz4",
-        "linger.ms": 5,
-        "message.timeout.ms": int(delivery_timeout * 1000),
-        "queue.buffering.max.messages": 100_000,
-        # Java clients and the Faust side (aiokafka) hash keys with murmur2: same key, same partition number.
-        "partitioner": "murmur2_random",
-        "logger": logging.getLogger("clinhub.kafka.producer"),
-    }
-
-
 def make_publisher(
     settings: HubSettings,
     institution_id: str,
@@ -183,7 +168,7 @@ def make_publisher(
         for kind in kinds
     }
     return Publisher(
-        Producer(producer_config(settings, delivery_timeout)),
+        Producer(settings.kafka.producer_config(delivery_timeout)),
         encoders,
         TopicNames(prefix=settings.stream.topic_prefix),
         institution_id,

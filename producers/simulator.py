@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from streams.identity import NATIONAL_ID_CHECK, NATIONAL_ID_WEIGHTS
+from core.national_id import check_character
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,7 @@ def national_id(rng: random.Random) -> str:
     region = rng.choice(["110101", "310104", "440305", "510107"])
     born = dt.date(1940, 1, 1) + dt.timedelta(days=rng.randrange(0, 365 * 60))
     body = f"{region}{born:%Y%m%d}{rng.randrange(0, 1000):03d}"
-    total = sum(int(d) * w for d, w in zip(body, NATIONAL_ID_WEIGHTS, strict=True))
-    return body + NATIONAL_ID_CHECK[total % 11]
+    return body + check_character(body)
 
 
 @dataclass(frozen=True)

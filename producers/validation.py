@@ -7,18 +7,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from core import contract
 from schemas.exceptions import RecordValidationError
 from schemas.standard import StandardSchema
 from schemas.wire import validate_record
-
-# Natural-key field of each kind: with the institution it identifies the fact across corrections.
-NATURAL_KEYS = {
-    "lab": "result_id",
-    "vitals": "observation_id",
-    "encounter": "encounter_id",
-    "medication": "order_id",
-    "diagnosis": "diagnosis_id",
-}
 
 
 def _fail(field: str, value: Any, rule: str) -> RecordValidationError:
@@ -40,7 +32,7 @@ def check_event(kind: str, record: Mapping[str, Any], schema: StandardSchema, in
         raise _fail("envelope.event_id", envelope["event_id"], "is not a UUID") from None
     if not str(envelope["correlation_id"]).strip():
         raise _fail("envelope.correlation_id", envelope["correlation_id"], "must not be empty")
-    for name in ("patient_mrn", NATURAL_KEYS[kind]):
+    for name in ("patient_mrn", contract.KIND_SPECS[kind].natural_key):
         if not str(record[name]).strip():
             raise _fail(name, record[name], "must not be empty")
     _check_times(record, "")

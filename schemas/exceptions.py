@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.exceptions import HubError
+from core.exceptions import HubError, ServiceUnavailableError
 
 
 class SchemaError(HubError):
@@ -46,7 +46,7 @@ class RecordValidationError(SchemaError):
     """A record does not conform to its schema; nothing was encoded or sent."""
 
 
-class RegistryUnavailableError(SchemaError):
+class RegistryUnavailableError(SchemaError, ServiceUnavailableError):
     """The schema registry could not be reached; transient, retry later."""
 
     def __init__(self, reason: str, retry_after: float = 1.0) -> None:

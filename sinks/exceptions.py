@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from core.exceptions import HubError
+from core.exceptions import HubError, ServiceUnavailableError
 
 
 class SinkError(HubError):
     """Root of this package's errors."""
 
 
-class StoreUnavailableError(SinkError):
+class StoreUnavailableError(SinkError, ServiceUnavailableError):
     """The database cannot be reached or refused the transaction for a transient reason; retry later."""
 
     def __init__(self, reason: str, retry_after: float = 1.0) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.exceptions import HubError
+from core.exceptions import HubError, ServiceUnavailableError
 
 
 class StreamError(HubError):
@@ -34,7 +34,7 @@ class ReferenceDataError(StreamError):
     """A terminology, unit or rule file is malformed; the processor refuses to start."""
 
 
-class OutputDeliveryError(StreamError):
+class OutputDeliveryError(StreamError, ServiceUnavailableError):
     """The broker refused (or timed out) some of a batch's outputs; the batch is retried, not acked."""
 
     def __init__(self, topic: str, reason: str, failed: int) -> None:
@@ -42,3 +42,18 @@ class OutputDeliveryError(StreamError):
         self.topic = topic
         self.reason = reason
         self.failed = failed
+
+
+class StageFailedError(StreamError):
+    """A stage met an error that is neither bad input nor an unavailable service: a bug of the hub.
+
+    After a bounded number of attempts the stage stops and reports itself unhealthy; its batch stays
+    unacknowledged, so the events wait in Kafka until the fix and are processed after the restart.
+    """
+
+    def __init__(self, stage: str, doing: str, attempts: int, cause: BaseException) -> None:
+        super().__init__(f"stage {stage}: {doing} failed {attempts} times: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.doing = doing
+        self.attempts = attempts
+        self.cause = cause

@@ -18,6 +18,8 @@ class StreamMetrics:
     end_to_end_seconds: Histogram
     stalls_reread: Counter
     consumer_lag: Gauge
+    stage_up: Gauge
+    stage_errors: Counter
 
 
 def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
@@ -71,6 +73,18 @@ def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
             "clinhub_consumer_lag_messages",
             "Messages not yet committed by a stage, on the partitions this worker owns (sum the workers).",
             ["stage", "topic"],
+            registry=registry,
+        ),
+        stage_up=Gauge(
+            "clinhub_stage_up",
+            "1 while a stage of this worker runs; 0 once it stopped on an error of the hub's own code.",
+            ["stage"],
+            registry=registry,
+        ),
+        stage_errors=Counter(
+            "clinhub_stage_errors",
+            "Batches that failed with an error of the hub's own code (a bug, not bad input), by class.",
+            ["stage", "error"],
             registry=registry,
         ),
     )

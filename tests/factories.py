@@ -1,8 +1,8 @@
 """Clinical records for tests and benchmarks, built in one place.
 
 - `lab_record`: a raw LabResult as an institution's SDK sends it (before the hub touches it);
-- `normalised`: what the real normaliser (`streams.events.normalise_event`) publishes for a raw event
-  of any kind, in the form the store agent decodes it (event id as uuid.UUID, times aware UTC);
+- `normalised`: what the real normaliser (`streams.domain.normalise.normalise_event`) publishes for a
+  raw event of any kind, in the form the store agent decodes it (event id as uuid.UUID, times aware UTC);
 - `regional_id`: the regional patient id the normaliser derives, with the same pseudonym key.
 
 Importable from benchmarks too (they put the project root on sys.path, as `tests` is not installed).
@@ -15,10 +15,10 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from streams.codes import load_codes
-from streams.events import TIME_FIELDS, normalise_event, resolve_identity
-from streams.identity import RegionalIdentity
-from streams.reference import load_reference
+from streams.domain.codes import load_codes
+from streams.domain.identity import RegionalIdentity
+from streams.domain.normalise import normalise_event, resolve_identity
+from streams.domain.reference import load_reference
 
 REFERENCE = load_reference()
 CODES = load_codes()
@@ -108,15 +108,13 @@ def regional_id(institution: str, mrn: str, national_id: str | None = None) -> s
 
 def normalised(kind: str, raw: dict[str, Any], now: dt.datetime = NOW) -> dict[str, Any]:
     """The record the normaliser publishes on `norm.<kind>` for a raw event (the raw one is left alone),
-    as the store agent decodes it: event id as uuid.UUID, times converted to UTC."""
+    as the store agent decodes it: event id as uuid.UUID, times in UTC (the normaliser converts the
+    kind's times; Avro the produced time)."""
     record = copy.deepcopy(raw)
     institution = record["envelope"]["institution_id"]
     no_links: dict[str, str] = {}  # a patient seen for the first time
     out = normalise_event(kind, record, REFERENCE, CODES, IDENTITY, no_links.get, institution, now).record
     envelope = out["envelope"]
     envelope["event_id"] = uuid.UUID(str(envelope["event_id"]))
-    for holder, names in ((envelope, ("event_time", "produced_time")), (out, TIME_FIELDS[kind])):
-        for name in names:
-            if isinstance(holder.get(name), dt.datetime):
-                holder[name] = holder[name].astimezone(dt.UTC)
+    envelope["produced_time"] = envelope["produced_time"].astimezone(dt.UTC)
     return out

@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from clinhub.infra import kafka, postgres, registry
 from clinhub.infra.process import ServiceProcess, free_port
+from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
     HubSettings,
@@ -37,7 +38,7 @@ from core.settings import (
 )
 from schemas.wire import AvroDecoder, ConfluentRegistry
 from sinks.store import make_engine, upgrade
-from streams.topics import TopicNames, create_topics
+from streams.runtime.topics import create_topics
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INFRA_HOME = PROJECT_ROOT / ".infra"

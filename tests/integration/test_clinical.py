@@ -14,7 +14,7 @@ import pytest
 from producers.publisher import make_publisher
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
-from streams.reference import DATA_DIR
+from streams.domain.reference import DATA_DIR
 from tests.factories import lab_record
 from tests.integration.conftest import HubEnv
 from tests.integration.test_lab_path import wait_for

@@ -21,8 +21,8 @@ from clinhub.infra.process import free_port
 from producers.publisher import Receipt, make_publisher
 from producers.simulator import simulate_labs
 from sinks.models import Alert, IngestLog, Observation
-from streams.stalls import group_positions
-from streams.store_consumer import store_group
+from streams.runtime.stalls import group_positions
+from streams.runtime.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_lab_path import wait_for
 

@@ -32,7 +32,7 @@ from schemas import standard
 from schemas.exceptions import SchemaError
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.models import Alert
-from streams.store_consumer import store_group
+from streams.runtime.store_consumer import store_group
 from tests.factories import lab_record
 from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
 from tests.integration.test_faults import assert_exactly_once, stored_counts, traffic

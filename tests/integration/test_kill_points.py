@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from streams.store_consumer import store_group
+from streams.runtime.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_faults import assert_exactly_once, publish, stored_counts, traffic
 from tests.integration.test_faults_more import install_trigger

@@ -182,7 +182,8 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_its_neighbours_store
 
 def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None:
     """X009 is in no configuration: its raw.X009.* topics are discovered when the worker starts."""
-    from streams.topics import KINDS, create_topics
+    from core.contract import KINDS
+    from streams.runtime.topics import create_topics
 
     created = create_topics(
         hub.settings.kafka.client_config(), [hub.topics.raw("X009", kind) for kind in KINDS], 3, 1
@@ -207,7 +208,8 @@ def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None
 
 def test_raw_topics_created_after_start_up_join_the_subscription(hub: HubEnv) -> None:
     """A hospital that joins while the worker runs: its topics are found at the next scan, no restart."""
-    from streams.topics import KINDS, create_topics
+    from core.contract import KINDS
+    from streams.runtime.topics import create_topics
 
     hub.start_worker({"CLINHUB_STREAM_RAW_TOPIC_SCAN_SECONDS": "2"})
     known = lab_record("H001", "K", 4.1, "mmol/L", mrn="MRN-KNOWN")

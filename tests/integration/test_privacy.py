@@ -10,10 +10,10 @@ from typing import Any
 
 from sqlalchemy import text
 
+from core.contract import KINDS
 from producers.publisher import make_publisher
 from producers.simulator import national_id
 from sinks.models import Base
-from streams.topics import KINDS
 from tests.factories import lab_record
 from tests.integration.conftest import HubEnv
 from tests.integration.test_lab_path import rows_for, wait_for

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from core.settings import (
     DatabaseSettings,
@@ -153,24 +153,3 @@ def test_load_settings_assembles_every_part(monkeypatch: pytest.MonkeyPatch) -> 
     assert hub.kafka.bootstrap_servers == "k:1"
     assert hub.stream.topic_prefix == "ci-"
     assert hub.stream.institutions == ("H001", "H003")
-
-
-@pytest.mark.parametrize("key", ["", "short-key", "x" * 31])
-def test_a_short_or_empty_pseudonym_key_is_refused(key: str) -> None:
-    """An empty key would make regional ids guessable; the worker must refuse to start."""
-    from core.exceptions import ConfigurationError
-    from streams.app import load_pseudonym_key
-
-    settings = load_settings().model_copy(update={"security": SecuritySettings(pseudonym_key=SecretStr(key))})
-    with pytest.raises(ConfigurationError) as caught:
-        load_pseudonym_key(settings)
-    assert caught.value.setting == "CLINHUB_SECURITY_PSEUDONYM_KEY"
-
-
-def test_a_key_file_is_read_and_stripped(tmp_path: Path) -> None:
-    from streams.app import load_pseudonym_key
-
-    key_file = tmp_path / "key"
-    key_file.write_text("k" * 40 + "\n")
-    settings = load_settings().model_copy(update={"security": SecuritySettings(pseudonym_key_file=key_file)})
-    assert load_pseudonym_key(settings) == b"k" * 40

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
+from core.contract import TopicNames
 from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
 from producers.publisher import Publisher, Receipt
 from producers.simulator import simulate_labs
 from schemas import standard
 from schemas.exceptions import RecordValidationError
 from schemas.wire import ConfluentRegistry, make_encoder
-from streams.topics import TopicNames
 
 
 class FakeError:

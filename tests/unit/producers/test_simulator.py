@@ -7,17 +7,16 @@ from typing import Any
 
 import pytest
 
+from core.national_id import normalise_national_id
 from producers.publisher import message_key
 from producers.simulator import INSTITUTIONS, simulate_labs
 from schemas import standard
 from schemas.wire import validate_record
-from streams.identity import RegionalIdentity, normalise_national_id
-from streams.normalise import normalise_lab
-from streams.reference import load_reference
-from streams.rules import AlertDraft, LabFacts, evaluate
+from streams.domain.reference import load_reference
+from streams.domain.rules import AlertDraft, LabFacts, evaluate
+from tests.factories import normalised
 
 REFERENCE = load_reference()
-IDENTITY = RegionalIdentity(b"unit-test-pseudonym-key-32-bytes")
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 SEEDS = [0, 1, 7, 2026]
 
@@ -79,8 +78,7 @@ def test_records_match_the_lab_result_schema(seed: int) -> None:
 
 def _judge(record: dict[str, Any]) -> tuple[AlertDraft, ...]:
     """The alerts the rules raise for a simulated result, for a patient with no earlier results."""
-    lab = normalise_lab(record, REFERENCE, IDENTITY, record["envelope"]["institution_id"], now=NOW)
-    facts = LabFacts.from_normalised(lab, birth_year=record["patient_birth_year"], sex=record["patient_sex"])
+    facts = LabFacts.from_record(normalised("lab", record, NOW))
     assert facts is not None, "simulated results carry a code, value and unit"
     return evaluate(facts, None, REFERENCE.rulebook, NOW, REFERENCE.policy).alerts
 

@@ -18,12 +18,11 @@ from sinks.base import StoreRecord
 from sinks.exceptions import StoreOutOfDateError, StoreUnavailableError
 from sinks.sql import ALERTS, OBSERVATIONS, SqlStoreSink, is_transient
 from sinks.store import current_revision, ensure_current, head_revision, make_engine, upgrade
-from streams.codes import load_codes
-from streams.events import normalise_event
-from streams.identity import RegionalIdentity
-from streams.normalise import normalise_lab
-from streams.reference import load_reference
-from streams.rules import LabFacts, alert_record, evaluate
+from streams.domain.codes import load_codes
+from streams.domain.identity import RegionalIdentity
+from streams.domain.normalise import normalise_event
+from streams.domain.reference import load_reference
+from streams.domain.rules import LabFacts, alert_record, evaluate
 from tests.factories import lab_record
 
 REFERENCE = load_reference()
@@ -56,7 +55,7 @@ def delivery(
         patient_sex=None,
     )
     event = normalise_event("lab", raw, REFERENCE, CODES, IDENTITY, lambda _key: None, "H001", NOW)
-    facts = LabFacts.from_normalised(normalise_lab(raw, REFERENCE, IDENTITY, "H001", NOW))
+    facts = LabFacts.from_record(event.record)
     alerts = () if facts is None else evaluate(facts, None, REFERENCE.rulebook, when, REFERENCE.policy).alerts
     return [StoreRecord("lab", event.record), *(StoreRecord("alert", alert_record(a)) for a in alerts)]
 

@@ -1,0 +1,317 @@
+"""Every event kind to the regional standard: `normalise_event`, the one entry point.
+
+The normalised record is the kind's own schema with the hub's fields filled in (regional patient id;
+for labs LOINC, canonical value and unit, flags) and the national identifier removed. What every kind
+shares (the institution the topic authenticated, the MRN, plausible times, the regional identity) is
+checked here once; what is particular to a kind is its normaliser, registered with `@normaliser(kind)`.
+A new kind of `core.contract` needs one.
+
+Only `RejectedEvent` (bad input, naming the field) leaves these functions on purpose; any other
+exception is a bug of the hub and must not be mistaken for a hospital's error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from core import contract
+from core.national_id import normalise_national_id
+from schemas import standard
+from streams.domain.codes import CodeMaps
+from streams.domain.identity import RegionalIdentity
+from streams.domain.reference import ReferenceData
+from streams.exceptions import ImplausibleTimeError, ImplausibleValueError, RejectedEvent, UnknownUnitError
+
+EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+FUTURE_TOLERANCE = dt.timedelta(minutes=10)
+LINK_NAMESPACE = uuid.UUID("5d0c6e43-7d36-4bb8-9e1f-2c8a4b1e9a01")
+ICD10 = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
+
+FLAG_UNMAPPED_CODE = "unmapped_code"
+FLAG_UNMAPPED_DRUG = "unmapped_drug_code"
+FLAG_INVALID_NATIONAL_ID = "invalid_national_id"
+
+
+@dataclass(frozen=True)
+class IdentityDecision:
+    regional_patient_id: str
+    flags: tuple[str, ...]
+    remember: str | None  # new value for the link table when the link changed
+    link: dict[str, Any] | None  # IdentityLink record to publish when the link changed
+
+
+@dataclass(frozen=True)
+class NormalisedEvent:
+    kind: str
+    record: dict[str, Any]
+    regional_patient_id: str
+    flags: tuple[str, ...]
+    identity: IdentityDecision
+
+
+@dataclass(frozen=True)
+class KindResult:
+    """What a kind's normaliser adds: fields that replace the raw ones, and flags."""
+
+    fields: Mapping[str, Any]
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KindInput:
+    """What a kind's normaliser is given: the decoded record and the reference data."""
+
+    record: Mapping[str, Any]
+    institution: str
+    reference: ReferenceData
+    codes: CodeMaps
+
+
+KindNormaliser = Callable[[KindInput], KindResult]
+_NORMALISERS: dict[str, KindNormaliser] = {}
+
+
+def normaliser(kind: str) -> Callable[[KindNormaliser], KindNormaliser]:
+    """Register the normaliser of one kind of the contract."""
+
+    def register(function: KindNormaliser) -> KindNormaliser:
+        if kind in _NORMALISERS:
+            raise ValueError(f"kind {kind!r} has two normalisers")
+        _NORMALISERS[contract.check_kind(kind)] = function
+        return function
+
+    return register
+
+
+def missing_normalisers() -> list[str]:
+    """Kinds of the contract nobody normalises (the normaliser stage refuses to start with any)."""
+    return [kind for kind in contract.KINDS if kind not in _NORMALISERS]
+
+
+@cache
+def time_fields(kind: str) -> tuple[str, ...]:
+    """The instants of a kind, read from its schema: every one of them must be plausible."""
+    return standard.timestamp_fields(standard.load(contract.KIND_SPECS[kind].schema))
+
+
+@cache
+def _carries_flags(kind: str) -> bool:
+    schema = standard.load(contract.KIND_SPECS[kind].schema)
+    return any(f["name"] == "normalisation_flags" for f in schema.parsed["fields"])
+
+
+def checked_utc(value: dt.datetime, field: str, now: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ImplausibleTimeError(field, "time has no time zone; the standard carries UTC instants")
+    value = value.astimezone(dt.UTC)
+    if value < EARLIEST:
+        raise ImplausibleTimeError(field, f"{value.isoformat()} is before 1900")
+    if value > now + FUTURE_TOLERANCE:
+        raise ImplausibleTimeError(field, f"{value.isoformat()} is in the future (now {now.isoformat()})")
+    return value
+
+
+def convert(value: float, unit: str | None, loinc: str, reference: ReferenceData) -> tuple[float, str]:
+    """Value in the analyte's canonical unit; an unknown unit is an error, never a guess."""
+    analyte = reference.analytes.get(loinc)
+    if analyte is None:
+        raise UnknownUnitError("loinc_code", f"no canonical unit is configured for LOINC {loinc}")
+    key = (unit or "").strip()
+    factor = analyte.factors.get(key)
+    if factor is None:
+        accepted = ", ".join(sorted(u for u in analyte.factors if u)) or "(none)"
+        raise UnknownUnitError(
+            "unit", f"unit {key!r} is not accepted for {analyte.name} ({loinc}); accepted: {accepted}"
+        )
+    return value * factor, analyte.canonical_unit
+
+
+def resolve_identity(
+    identity: RegionalIdentity,
+    known: str | None,
+    institution: str,
+    mrn: str,
+    raw_national_id: str | None,
+    now: dt.datetime,
+) -> IdentityDecision:
+    """Regional id for (institution, MRN): from a valid national id when sent, else the id already
+    linked to the MRN, else one derived from the MRN. A change of link is announced once."""
+    flags: list[str] = []
+    national = normalise_national_id(raw_national_id) if raw_national_id else None
+    if raw_national_id and national is None:
+        flags.append(FLAG_INVALID_NATIONAL_ID)
+    if national is not None:
+        regional = identity.from_national_id(national)
+    else:
+        regional = known or identity.from_local(institution, mrn)
+    if regional == known:
+        return IdentityDecision(regional, tuple(flags), None, None)
+    alias = known if known is not None and known != regional else None
+    link = {
+        "link_id": str(uuid.uuid5(LINK_NAMESPACE, f"{institution}|{mrn}|{regional}")),
+        "institution_id": institution,
+        "patient_mrn": mrn,
+        "regional_patient_id": regional,
+        "alias_of": alias,
+        "linked_time": now,
+    }
+    return IdentityDecision(regional, tuple(flags), regional, link)
+
+
+@dataclass(frozen=True)
+class _Common:
+    institution: str
+    mrn: str
+    event_time: dt.datetime
+    times: dict[str, dt.datetime]  # the kind's instants, in UTC
+
+
+def _common_checks(
+    kind: str, record: Mapping[str, Any], topic_institution: str | None, now: dt.datetime
+) -> _Common:
+    """The institution (as the topic authenticated it), the MRN and the times in UTC, once every shared
+    rule holds."""
+    institution = str(record["envelope"]["institution_id"])
+    if topic_institution is not None and institution != topic_institution:
+        raise RejectedEvent(
+            "envelope.institution_id",
+            f"payload claims institution {institution!r} on a topic of {topic_institution!r}",
+        )
+    mrn = str(record["patient_mrn"]).strip()
+    if not mrn:
+        raise RejectedEvent("patient_mrn", "empty local patient identifier")
+    event_time = checked_utc(record["envelope"]["event_time"], "envelope.event_time", now)
+    times = {
+        name: checked_utc(record[name], name, now)
+        for name in time_fields(kind)
+        if record.get(name) is not None
+    }
+    return _Common(institution, mrn, event_time, times)
+
+
+def normalise_event(
+    kind: str,
+    record: Mapping[str, Any],
+    reference: ReferenceData,
+    codes: CodeMaps,
+    identity: RegionalIdentity,
+    known_link: Callable[[str], str | None],
+    topic_institution: str | None,
+    now: dt.datetime,
+) -> NormalisedEvent:
+    """Normalise one decoded event of any kind, or raise RejectedEvent naming the field and reason."""
+    common = _common_checks(kind, record, topic_institution, now)
+    institution, mrn = common.institution, common.mrn
+    decision = resolve_identity(
+        identity,
+        known_link(contract.patient_key(institution, mrn)),
+        institution,
+        mrn,
+        record.get("patient_national_id"),
+        now,
+    )
+    particular = _NORMALISERS[kind](KindInput(record, institution, reference, codes))
+    flags = tuple(dict.fromkeys([*decision.flags, *particular.flags]))
+    out = dict(record)
+    out["envelope"] = {**record["envelope"], "event_time": common.event_time}
+    out.update(common.times)
+    out.update(particular.fields)
+    out["patient_mrn"] = mrn
+    out["patient_national_id"] = None  # never leaves the normaliser
+    out["regional_patient_id"] = decision.regional_patient_id
+    if _carries_flags(kind):
+        out["normalisation_flags"] = list(flags)
+    return NormalisedEvent(kind, out, decision.regional_patient_id, flags, decision)
+
+
+@normaliser("lab")
+def _lab(given: KindInput) -> KindResult:
+    """LOINC from the institution's terminology map, the value in the analyte's canonical unit."""
+    record, reference = given.record, given.reference
+    local_code = str(record["local_code"]).strip()
+    loinc = record.get("loinc_code") or reference.terminology.get(given.institution, {}).get(local_code)
+    fields: dict[str, Any] = {
+        "local_code": local_code,
+        "loinc_code": loinc,
+        "canonical_value": None,
+        "canonical_unit": None,
+    }
+    if loinc is None:
+        return KindResult(fields, (FLAG_UNMAPPED_CODE,))
+    original_value, original_unit = record.get("value_numeric"), record.get("unit")
+    if original_value is None:
+        fields["canonical_unit"] = original_unit
+        return KindResult(fields)
+    value, unit = convert(float(original_value), original_unit, loinc, reference)
+    analyte = reference.analytes[loinc]
+    if not analyte.plausible_low <= value <= analyte.plausible_high:
+        raise ImplausibleValueError(
+            "value_numeric",
+            f"{analyte.name} {original_value} {original_unit} = {value:g} {unit} is outside the possible "
+            f"range {analyte.plausible_low:g}-{analyte.plausible_high:g} {unit}",
+        )
+    fields.update(canonical_value=value, canonical_unit=unit)
+    return KindResult(fields)
+
+
+@normaliser("vitals")
+def _vitals(given: KindInput) -> KindResult:
+    measurements = [_vital(m, i, given) for i, m in enumerate(given.record["measurements"])]
+    if not measurements:
+        raise RejectedEvent("measurements", "a vital-signs event needs at least one measurement")
+    return KindResult({"measurements": measurements})
+
+
+def _vital(measurement: Mapping[str, Any], index: int, given: KindInput) -> dict[str, Any]:
+    field = f"measurements[{index}]"
+    reference = given.reference
+    local_code = measurement["local_code"]
+    loinc = measurement.get("loinc_code") or given.codes.vital_signs.get(str(local_code).upper())
+    if loinc is None:
+        raise RejectedEvent(f"{field}.local_code", f"vital-sign code {local_code!r} has no LOINC map")
+    try:
+        value, unit = convert(float(measurement["value"]), measurement["unit"], loinc, reference)
+    except RejectedEvent as exc:
+        raise type(exc)(f"{field}.{exc.field}", exc.reason) from exc
+    analyte = reference.analytes[loinc]
+    if not analyte.plausible_low <= value <= analyte.plausible_high:
+        raise ImplausibleValueError(
+            f"{field}.value",
+            f"{analyte.name} {measurement['value']} {measurement['unit']} is outside the possible range "
+            f"{analyte.plausible_low:g}-{analyte.plausible_high:g} {unit}",
+        )
+    return {"loinc_code": loinc, "local_code": local_code, "value": value, "unit": unit}
+
+
+@normaliser("encounter")
+def _encounter(_given: KindInput) -> KindResult:
+    """Encounters carry no local codes; the shared checks are all they need."""
+    return KindResult({})
+
+
+@normaliser("medication")
+def _medication(given: KindInput) -> KindResult:
+    record = given.record
+    regional = record.get("regional_drug_code") or given.codes.drugs.get(given.institution, {}).get(
+        record["drug_code"]
+    )
+    return KindResult({"regional_drug_code": regional}, () if regional else (FLAG_UNMAPPED_DRUG,))
+
+
+@normaliser("diagnosis")
+def _diagnosis(given: KindInput) -> KindResult:
+    raw = given.record["icd10_code"]
+    code = raw.strip().upper()
+    if "." not in code and len(code) > 3:
+        code = f"{code[:3]}.{code[3:]}"
+    if not ICD10.match(code):
+        raise RejectedEvent(
+            "icd10_code", f"{raw!r} is not an ICD-10 code (letter, two digits, optional .suffix)"
+        )
+    return KindResult({"icd10_code": code})

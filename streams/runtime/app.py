@@ -1,0 +1,227 @@
+"""The stream worker's wiring: two thin Faust agents, the store stage and the timers.
+
+    raw.<institution>.<kind> ──normaliser──► norm.<kind>, norm.identity, deadletter
+    norm.lab, norm.encounter, alerts.ack, alerts.escalation ──clinical──► alerts.critical, alerts.escalation
+    norm.*, norm.identity, alerts.* ──store──► regional store (one transaction per batch)
+
+Each stage is a handler (streams/runtime/normaliser.py, clinical.py, store.py) on the stage runtime
+(stage.py: decode-and-catch, retry, dead letters, ack after confirm, stop on a bug). The store stage
+needs no tables and runs on a plain librdkafka consumer (store_consumer.py). Reliability rules that
+shape the Faust side (../shared/reference/faust-reliability.md): `concurrency=1` (faust-streaming #606);
+events acked by hand after their outputs are confirmed (`noack_take`); state in changelogged tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Sequence
+from typing import Any, cast
+
+import faust
+
+from core.contract import KINDS, TopicNames
+from core.settings import KafkaSettings, StreamSettings
+from streams.exceptions import StageFailedError
+from streams.runtime.clinical import ClinicalHandler, ClinicalTables
+from streams.runtime.lag import LagReport
+from streams.runtime.normaliser import NormaliserHandler
+from streams.runtime.outputs import Publish, make_outputs
+from streams.runtime.stage import Components, Stage, StageHealth, run_batches
+from streams.runtime.stalls import GroupPositions, contiguous_offsets_app
+from streams.runtime.store import StoreHandler, store_topics
+from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
+from streams.runtime.tables import RawKeyTable, store_url
+from streams.runtime.timers import RawTopicWatch, StallWatch, StoreLagWatch, stage_topic_sets
+
+log = logging.getLogger("clinhub.streams")
+
+ROLES = ("normaliser", "clinical", "store")
+
+
+def check_roles(roles: Collection[str]) -> None:
+    unknown = set(roles) - set(ROLES)
+    if unknown or not roles:
+        raise ValueError(f"roles must be a non-empty subset of {', '.join(ROLES)}, not {sorted(roles)}")
+
+
+def app_id_for(stream: StreamSettings, roles: Collection[str]) -> str:
+    """All stages: the app id; a subset: its own app and consumer group, e.g. `clinhub-streams-clinical`."""
+    return stream.app_id if set(roles) == set(ROLES) else "-".join([stream.app_id, *sorted(roles)])
+
+
+def _faust_app(kafka: KafkaSettings, stream: StreamSettings, app_id: str) -> faust.App:
+    stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
+    return contiguous_offsets_app(faust.App)(
+        app_id,
+        broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
+        store=store_url(stream.table_store),
+        Table=RawKeyTable,
+        autodiscover=False,
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        topic_partitions=kafka.topic_partitions,
+        topic_replication_factor=kafka.topic_replication,
+        table_standby_replicas=0,
+        web_enabled=False,
+        datadir=str(stream.data_dir / app_id),  # table state belongs to one app id (consumer group)
+        broker_commit_every=1000,
+        broker_commit_interval=stream.commit_interval_seconds,
+        broker_session_timeout=stream.session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, stream.session_timeout_seconds / 3),
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
+    )
+
+
+def _on_shutdown(app: faust.App, close: Any) -> None:
+    async def run(_app: Any, **_kwargs: Any) -> None:
+        await asyncio.to_thread(close)
+
+    app.on_before_shutdown.connect(cast(Any, run))  # mode's handler type is narrower
+
+
+def create_app(
+    kafka: KafkaSettings,
+    stream: StreamSettings,
+    components: Components,
+    publish_override: Publish | None = None,
+    raw_topics: Sequence[str] = (),
+    roles: Collection[str] = ROLES,
+) -> faust.App:
+    """Build the Faust app, its agents and timers. Connections are made when the worker starts.
+
+    `raw_topics` adds raw topics found on the cluster (`topics.discover_raw_topics`) to those of the
+    configured institutions. `roles` picks the stages this worker runs. `publish_override` replaces
+    publishing to Kafka, for `agent.test_context()` tests.
+    """
+    check_roles(roles)
+    topics = TopicNames(prefix=stream.topic_prefix)
+    app_id = app_id_for(stream, roles)
+    app = _faust_app(kafka, stream, app_id)
+    health = StageHealth(components.metrics)
+    in_flight: dict[str, float] = {}  # Faust stage -> when its current batch started (stall watchdog)
+    if publish_override is not None:
+        publish = publish_override
+    else:
+        outputs = make_outputs(kafka)
+        publish = outputs.publish
+        _on_shutdown(app, outputs.close)
+
+    def stage(name: str) -> Stage:
+        return Stage(name, components, topics, publish, health)
+
+    def table(name: str, **kwargs: Any) -> Any:
+        # use_partitioner: the changelog partition follows the key's hash (murmur2 of the raw key, as on
+        # the topics the agent reads), so tables can be written from batch handlers and timers, not only
+        # inside stream iteration (streams/runtime/tables.py).
+        return app.Table(
+            name, default=None, partitions=kafka.topic_partitions, use_partitioner=True, **kwargs
+        )
+
+    def raw_topic(*names: str) -> faust.TopicT:
+        return app.topic(*names, key_serializer="raw", value_serializer="raw")
+
+    configured = [topics.raw(institution, kind) for institution in stream.institutions for kind in KINDS]
+    raw_names = sorted(set(configured) | set(raw_topics))
+    clinical_names = [
+        topics.norm("lab"),
+        topics.norm("encounter"),
+        topics.acks_topic,
+        topics.escalations_topic,
+    ]
+
+    if "normaliser" in roles:
+        normaliser = stage("normaliser")
+        normalise = NormaliserHandler(normaliser, table("identity-links"))
+
+        @app.agent(raw_topic(*raw_names), concurrency=1, name="normaliser")
+        async def normaliser_agent(events: faust.StreamT[Any]) -> None:
+            await run_batches(
+                events,
+                normalise.handle,
+                normaliser,
+                stream.batch_size,
+                stream.batch_within_seconds,
+                in_flight,
+            )
+
+        raw_watch = RawTopicWatch(
+            app,
+            kafka.client_config(),
+            topics,
+            raw_names,
+            settle_seconds=min(45.0, stream.raw_topic_scan_seconds),
+        )
+        app.timer(interval=stream.raw_topic_scan_seconds, name="watch_raw_topics")(raw_watch.tick)
+
+    if "clinical" in roles:
+        clinical = stage("clinical")
+        tables = ClinicalTables(
+            analytes=table("analyte-states", partition_by_prefix="|"),
+            open_alerts=table("open-alerts"),
+            wards=table("wards"),
+            legacy_analytes=table("patient-analytes"),
+        )
+        judge = ClinicalHandler(clinical, tables, components.reference.policy)
+
+        @app.agent(raw_topic(*clinical_names), concurrency=1, name="clinical")
+        async def clinical_agent(events: faust.StreamT[Any]) -> None:
+            await run_batches(
+                events, judge.handle, clinical, stream.batch_size, stream.batch_within_seconds, in_flight
+            )
+
+        @app.timer(interval=stream.escalation_check_seconds, name="escalation_timer")
+        async def escalation_timer() -> None:
+            await judge.escalate_due()
+
+    if "store" in roles:
+        _add_store_stage(app, kafka, stream, stage("store"))
+
+    positions = GroupPositions(kafka.client_config(), app_id)
+    _on_shutdown(app, positions.close)
+    stall_watch = StallWatch(
+        app,
+        positions,
+        stage_topic_sets(roles, raw_names, clinical_names),
+        in_flight,
+        components.metrics,
+        patience=stream.stall_patience_seconds,
+    )
+    app.timer(interval=stream.stall_check_seconds, name="watch_stalls")(stall_watch.tick)
+    return app
+
+
+def _add_store_stage(app: faust.App, kafka: KafkaSettings, stream: StreamSettings, store: Stage) -> None:
+    """Not a Faust agent: a librdkafka consumer in its own group that marks offsets done only after the
+    store transaction (streams/runtime/store_consumer.py), run as a task of the worker."""
+    group = store_group(stream.app_id)
+    consumer = StoreConsumer(
+        consumer_config(
+            kafka.client_config(), group, stream.commit_interval_seconds, stream.session_timeout_seconds
+        ),
+        store_topics(store),
+        StoreHandler(store).handle,
+        stream.batch_size,
+        stream.batch_within_seconds,
+    )
+    lag_watch = StoreLagWatch(
+        consumer.assignment,
+        GroupPositions(kafka.client_config(), group),
+        LagReport(store.metrics.consumer_lag, "store"),
+    )
+    app.timer(interval=stream.stall_check_seconds, name="watch_store_lag")(lag_watch.tick)
+
+    @app.task
+    async def store_stage() -> None:
+        try:
+            await consumer.run()
+        except StageFailedError:
+            return  # reported down by the stage runtime; its batch was never marked stored
+        except Exception as exc:
+            log.critical("the store stage stopped: %r", exc)
+            store.failed("run the store consumer", 1, exc)
+            await app.crash(exc)  # the consumer itself failed: a worker without it must not look healthy
+            raise

@@ -1,0 +1,269 @@
+"""The clinical agent's handler: critical-value rules and escalation over changelogged tables.
+
+Tables (all in the partition of the regional patient id, the key of every topic this agent reads, so
+each table partition is the partition of the events that write it):
+- `analytes`: "<patient>|<LOINC>" -> AnalyteState (last value, open alerts per limit kind), its
+  changelog partition that of "<patient>" (`RawKeyTable(partition_by_prefix="|")`). One small record
+  per result: a patient's whole map (`legacy_analytes`, "<patient>" -> {LOINC: AnalyteState}, the
+  layout before) was rewritten for every result, 58 KB for 40 analytes. The legacy table is still
+  read, never written, for analytes not judged since the upgrade;
+- `open_alerts`: "<patient>" -> OpenAlerts (escalation level and deadline of each alert);
+- `wards`: "<patient>" -> the ward of the latest encounter event.
+
+Within a batch, state is read through an overlay so later messages see earlier ones; outputs are
+published and confirmed first, then the state is written. A crash in between replays the batch,
+which yields the same alert ids (the engine de-duplicates by event id within the state it keeps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.contract import regional_key
+from core.exceptions import ServiceUnavailableError
+from streams.domain.escalation import (
+    ACK_RETENTION,
+    AckOutcome,
+    EscalationDraft,
+    OpenAlerts,
+    acknowledge,
+    apply_escalation,
+    due_escalations,
+    escalation_record,
+    open_alert,
+    prune,
+)
+from streams.domain.reference import AlertPolicy
+from streams.domain.rules import AnalyteState, LabFacts, alert_record, evaluate
+from streams.runtime.messages import RawMessage, Rejection
+from streams.runtime.outputs import Output
+from streams.runtime.stage import Stage, judge_each
+
+log = logging.getLogger("clinhub.streams.runtime.clinical")
+
+
+@dataclass
+class ClinicalTables:
+    analytes: Any
+    open_alerts: Any
+    wards: Any
+    legacy_analytes: Any = None  # read-only: per-patient maps written before the analytes table
+
+
+def analyte_key(patient: str, loinc: str) -> str:
+    return f"{patient}|{loinc}"
+
+
+def escalation_from_record(record: dict[str, Any]) -> EscalationDraft:
+    return EscalationDraft(
+        escalation_id=str(record["escalation_id"]),
+        alert_id=str(record["alert_id"]),
+        regional_patient_id=record["regional_patient_id"],
+        institution_id=record["institution_id"],
+        level=int(record["level"]),
+        recipient=record["recipient"],
+        severity=record["severity"],
+        message=record["message"],
+        escalated_time=record["escalated_time"],
+        next_deadline_time=record["next_deadline_time"],
+    )
+
+
+@dataclass
+class _Overlay:
+    """Batch-local view of the tables: reads fall through, writes wait until outputs are confirmed."""
+
+    tables: ClinicalTables
+    analytes: dict[str, AnalyteState] = field(default_factory=dict)  # "<patient>|<LOINC>" -> new state
+    open_alerts: dict[str, OpenAlerts] = field(default_factory=dict)
+    wards: dict[str, str] = field(default_factory=dict)
+    # Each patient's legacy analyte map, read (and deserialised by the store) once per batch
+    legacy_maps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stored_wards: dict[str, str | None] = field(default_factory=dict)
+
+    def _legacy(self, patient: str, loinc: str) -> Any:
+        if self.tables.legacy_analytes is None:
+            return None
+        if patient not in self.legacy_maps:
+            self.legacy_maps[patient] = self.tables.legacy_analytes.get(patient) or {}
+        return self.legacy_maps[patient].get(loinc)
+
+    def analyte(self, patient: str, loinc: str) -> AnalyteState | None:
+        key = analyte_key(patient, loinc)
+        if key in self.analytes:
+            return self.analytes[key]
+        raw = self.tables.analytes.get(key) or self._legacy(patient, loinc)
+        return AnalyteState.from_dict(raw) if raw else None
+
+    def set_analyte(self, patient: str, loinc: str, state: AnalyteState) -> None:
+        self.analytes[analyte_key(patient, loinc)] = state
+
+    def alerts_of(self, patient: str) -> OpenAlerts | None:
+        if patient in self.open_alerts:
+            return self.open_alerts[patient]
+        raw = self.tables.open_alerts.get(patient)
+        return OpenAlerts.from_dict(raw) if raw else None
+
+    def ward(self, patient: str) -> str | None:
+        if patient in self.wards:
+            return self.wards[patient]
+        if patient not in self.stored_wards:  # one table read per patient and batch, also when absent
+            self.stored_wards[patient] = self.tables.wards.get(patient)
+        return self.stored_wards[patient]
+
+    def write_back(self) -> None:
+        """One changelog write per key and batch, of the analytes this batch changed only."""
+        for key, state in self.analytes.items():
+            self.tables.analytes[key] = state.to_dict()
+        for key, alerts in self.open_alerts.items():
+            self.tables.open_alerts[key] = alerts.to_dict()
+        for key, ward in self.wards.items():
+            self.tables.wards[key] = ward
+
+
+class ClinicalHandler:
+    def __init__(self, stage: Stage, tables: ClinicalTables, policy: AlertPolicy) -> None:
+        if policy.alert_within > ACK_RETENTION:
+            raise ValueError(
+                f"alerting on results up to {policy.alert_within} old needs acknowledged alerts remembered "
+                f"that long; they are remembered {ACK_RETENTION}"
+            )
+        self.stage = stage
+        self.tables = tables
+        self.policy = policy
+        self._escalations_in_flight: set[str] = set()
+        topics = stage.topics
+        # Per topic: the record it carries and what this stage does with one.
+        self._routes = {
+            topics.norm("encounter"): ("encounter", self._encounter),
+            topics.norm("lab"): ("lab", self._lab),
+            topics.acks_topic: ("ack", self._ack),
+            topics.escalations_topic: ("escalation", self._escalation),
+        }
+
+    def _evaluate(self, messages: Sequence[RawMessage]) -> tuple[_Overlay, list[Output], list[Rejection]]:
+        overlay = _Overlay(self.tables)
+        outputs: list[Output] = []
+
+        def decode(message: RawMessage) -> dict[str, Any]:
+            return self.stage.codecs.decode(self._routes[message.topic][0], message.value)
+
+        def process(message: RawMessage, record: dict[str, Any]) -> None:
+            self._routes[message.topic][1](message, record, overlay, outputs)
+
+        judged = judge_each(messages, decode, process)
+        return overlay, outputs, judged.rejections
+
+    def _encounter(
+        self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, _outputs: list[Output]
+    ) -> None:
+        if record.get("ward") and record.get("event_type") != "DISCHARGE":
+            overlay.wards[record["regional_patient_id"]] = record["ward"]
+
+    def _lab(
+        self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, outputs: list[Output]
+    ) -> None:
+        stage = self.stage
+        patient = record["regional_patient_id"]
+        facts = LabFacts.from_record(record, overlay.ward(patient))
+        if facts is None:
+            return
+        previous = overlay.analyte(patient, facts.loinc_code)
+        decision = evaluate(facts, previous, stage.components.reference.rulebook, stage.clock(), self.policy)
+        overlay.set_analyte(patient, facts.loinc_code, decision.state)
+        if decision.late:
+            stage.metrics.events.labels(
+                institution=facts.institution_id, kind="lab", outcome="too-old-to-alert"
+            ).inc()
+        if decision.duplicate:
+            # State is written only after outputs are confirmed, so a duplicate's alerts are out already.
+            stage.metrics.events.labels(
+                institution=facts.institution_id, kind="lab", outcome="duplicate"
+            ).inc()
+            return
+        alerts = overlay.alerts_of(patient) if decision.alerts else None
+        headers = {"correlation_id": facts.correlation_id.encode()}
+        for draft in decision.alerts:
+            alerts = open_alert(alerts, draft)
+            value = stage.codecs.encode("alert", alert_record(draft))
+            outputs.append(Output(stage.topics.alerts_topic, regional_key(patient), value, headers))
+            stage.metrics.alerts.labels(analyte=draft.analyte, severity=draft.severity).inc()
+            log.info("ALERT %s %s correlation_id=%s", draft.severity, draft.message, draft.correlation_id)
+        for draft in decision.updated_alerts:
+            value = stage.codecs.encode("alert", alert_record(draft))
+            outputs.append(Output(stage.topics.alerts_topic, regional_key(patient), value, headers))
+        if alerts is not None and decision.alerts:
+            overlay.open_alerts[patient] = alerts
+
+    def _ack(
+        self, message: RawMessage, record: dict[str, Any], overlay: _Overlay, _outputs: list[Output]
+    ) -> None:
+        patient = record.get("regional_patient_id") or (message.key or b"").decode()
+        result = acknowledge(overlay.alerts_of(patient), record)
+        if result.outcome is AckOutcome.UNKNOWN_ALERT:
+            log.warning("acknowledgement %s for unknown alert %s", record["ack_id"], record["alert_id"])
+        else:
+            overlay.open_alerts[patient] = result.state
+
+    def _escalation(
+        self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, _outputs: list[Output]
+    ) -> None:
+        escalation = escalation_from_record(record)
+        self._escalations_in_flight.discard(escalation.escalation_id)
+        patient = escalation.regional_patient_id
+        overlay.open_alerts[patient] = apply_escalation(overlay.alerts_of(patient), escalation)
+
+    async def handle(self, messages: list[RawMessage]) -> None:
+        stage = self.stage
+
+        async def evaluate_and_publish() -> tuple[_Overlay, list[Rejection]]:
+            overlay, outputs, rejections = await asyncio.to_thread(self._evaluate, messages)
+            await stage.publish(outputs)
+            return overlay, rejections
+
+        overlay, rejections = await stage.attempt("clinical batch", evaluate_and_publish, messages)
+        await stage.dead_letter(rejections, "norm")
+        overlay.write_back()
+
+    async def escalate_due(self) -> int:
+        """Publish the escalations that are due; the agent applies them when it reads them back.
+
+        A publish the broker refuses is tried again at the next tick; any other error is a bug and
+        propagates (the timer fails loudly)."""
+        stage = self.stage
+        now = stage.clock()
+        sent = 0
+        for patient, raw in list(self.tables.open_alerts.items()):
+            if not raw:
+                continue
+            state = OpenAlerts.from_dict(raw)
+            pruned = prune(state, now)
+            if pruned is not state:
+                if pruned.alerts:
+                    self.tables.open_alerts[patient] = pruned.to_dict()
+                else:
+                    # a tombstone: every patient ever alerted would otherwise stay in the table, and
+                    # this scan of it, every few seconds on the event loop, would grow without end
+                    del self.tables.open_alerts[patient]
+                    continue
+            for draft in due_escalations(pruned, now, self.policy.escalation):
+                if draft.escalation_id in self._escalations_in_flight:
+                    continue
+                try:
+                    value = stage.codecs.encode("escalation", escalation_record(draft))
+                    await stage.publish(
+                        [Output(stage.topics.escalations_topic, regional_key(patient), value, {})]
+                    )
+                except ServiceUnavailableError as exc:
+                    log.warning("escalation %s not published yet: %s", draft.escalation_id, exc)
+                    return sent
+                self._escalations_in_flight.add(draft.escalation_id)
+                sent += 1
+                log.warning(
+                    "ESCALATED alert %s to level %d (%s)", draft.alert_id, draft.level, draft.recipient
+                )
+        return sent

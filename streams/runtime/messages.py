@@ -1,0 +1,73 @@
+"""Messages as the stages see them: a Kafka message with its position, and why one was rejected."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEADLETTER_NAMESPACE = uuid.UUID("0b7a3c55-2f4e-4a8e-b3d1-9c2e6f1a4d77")
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """A message as read from Kafka, with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One message the hub cannot accept as it is, with the field and the reason for its dead letter."""
+
+    message: RawMessage
+    error_class: str
+    field: str | None
+    reason: str
+    institution_id: str | None = None
+    correlation_id: str | None = None
+
+
+def dead_letter_record(rejection: Rejection, processor: str, now: dt.datetime) -> dict[str, Any]:
+    """The DeadLetter Avro record; its id is derived from the message position, so replays agree."""
+    message = rejection.message
+    return {
+        "deadletter_id": str(
+            uuid.uuid5(DEADLETTER_NAMESPACE, f"{message.topic}|{message.partition}|{message.offset}")
+        ),
+        "original_topic": message.topic,
+        "original_partition": message.partition,
+        "original_offset": message.offset,
+        "original_key": message.key,
+        "original_value": message.value,
+        "error_class": rejection.error_class,
+        "field": rejection.field,
+        "reason": rejection.reason,
+        "institution_id": rejection.institution_id,
+        "correlation_id": rejection.correlation_id,
+        "failed_time": now,
+        "processor": processor,
+    }
+
+
+def positions(messages: Sequence[RawMessage]) -> str:
+    """Where a batch came from, per partition (`topic[partition]@first-last`), for log lines.
+
+    Positions only: never a key, which on raw topics carries the institution's patient number.
+    """
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for message in messages:
+        where = (message.topic, message.partition)
+        low, high = spans.get(where, (message.offset, message.offset))
+        spans[where] = (min(low, message.offset), max(high, message.offset))
+    return ", ".join(
+        f"{topic}[{partition}]@{low}" + (f"-{high}" if high != low else "")
+        for (topic, partition), (low, high) in sorted(spans.items())
+    )

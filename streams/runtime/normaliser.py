@@ -1,0 +1,140 @@
+"""The normaliser stage: raw.<institution>.<kind> -> norm.<kind> (keyed by regional patient id),
+identity links, dead letters.
+
+`normalise_batch` is the plain function (messages in, events and rejections out); the handler
+publishes its outcome, and only then remembers the identity links the batch learnt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.contract import RawTopic, TopicNames, patient_key, regional_key
+from streams.domain.codes import CodeMaps
+from streams.domain.identity import RegionalIdentity
+from streams.domain.normalise import NormalisedEvent, missing_normalisers, normalise_event
+from streams.domain.reference import ReferenceData
+from streams.exceptions import RejectedEvent
+from streams.runtime.messages import RawMessage, Rejection
+from streams.runtime.outputs import Output
+from streams.runtime.stage import Codecs, Stage, judge_each
+
+
+@dataclass
+class NormaliseOutcome:
+    events: list[tuple[RawMessage, NormalisedEvent]] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    links: dict[str, str] = field(default_factory=dict)  # link-table updates made by this batch
+
+
+def normalise_batch(
+    messages: Iterable[RawMessage],
+    codecs: Codecs,
+    topics: TopicNames,
+    reference: ReferenceData,
+    codes: CodeMaps,
+    identity: RegionalIdentity,
+    known_link: Callable[[str], str | None],
+    now: dt.datetime,
+) -> NormaliseOutcome:
+    """Decode and normalise raw events of any kind; bad input becomes rejections.
+
+    Links learnt earlier in the batch are visible to later messages of the batch. An unavailable
+    registry, and any error of the hub's own code, propagate: the batch is retried or the stage stops.
+    """
+    links: dict[str, str] = {}
+
+    def lookup(key: str) -> str | None:
+        return links.get(key) or known_link(key)
+
+    def raw_topic(message: RawMessage) -> RawTopic:
+        raw = topics.parse_raw(message.topic)
+        if raw is None:
+            raise RejectedEvent("topic", f"{message.topic!r} is not a raw.<institution>.<kind> topic")
+        return raw
+
+    def decode(message: RawMessage) -> dict[str, Any]:
+        return codecs.decode(raw_topic(message).kind, message.value)
+
+    def process(message: RawMessage, record: dict[str, Any]) -> NormalisedEvent:
+        raw = raw_topic(message)
+        event = normalise_event(raw.kind, record, reference, codes, identity, lookup, raw.institution, now)
+        if event.identity.remember is not None:
+            institution = event.record["envelope"]["institution_id"]
+            links[patient_key(institution, event.record["patient_mrn"])] = event.identity.remember
+        return event
+
+    def institution_of(message: RawMessage) -> str | None:
+        raw = topics.parse_raw(message.topic)
+        return raw.institution if raw else None
+
+    judged = judge_each(list(messages), decode, process, institution_of)
+    return NormaliseOutcome(judged.results, judged.rejections, links)
+
+
+class NormaliserHandler:
+    """One batch: normalise, publish events and links and dead letters, then remember the links."""
+
+    def __init__(self, stage: Stage, links: Any) -> None:
+        identity = stage.components.identity
+        if identity is None:
+            raise ValueError("the normaliser needs the regional identity (the pseudonymisation key)")
+        if missing := missing_normalisers():
+            raise ValueError(f"no normaliser for the kinds {', '.join(missing)}")
+        self.stage = stage
+        self.identity = identity
+        self.links = links
+
+    async def handle(self, messages: list[RawMessage]) -> None:
+        stage, c = self.stage, self.stage.components
+
+        async def normalise() -> NormaliseOutcome:
+            return await asyncio.to_thread(
+                normalise_batch,
+                messages,
+                stage.codecs,
+                stage.topics,
+                c.reference,
+                c.codes,
+                self.identity,
+                self.links.get,
+                stage.clock(),
+            )
+
+        outcome = await stage.attempt("normalise batch", normalise, messages)
+        # Encoded inside the attempt: an encoder's first call registers its schema, and may fail.
+        await stage.attempt("publish normalised batch", lambda: self._publish(outcome), messages)
+        await stage.dead_letter(outcome.rejections, "raw")
+        for key, regional_id in outcome.links.items():
+            self.links[key] = regional_id
+        self._count(outcome)
+
+    async def _publish(self, outcome: NormaliseOutcome) -> None:
+        stage = self.stage
+        outputs = []
+        for _message, event in outcome.events:
+            key = regional_key(event.regional_patient_id)
+            headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
+            outputs.append(
+                Output(
+                    stage.topics.norm(event.kind), key, stage.codecs.encode(event.kind, event.record), headers
+                )
+            )
+            if event.identity.link is not None:
+                link = stage.codecs.encode("identity", event.identity.link)
+                outputs.append(Output(stage.topics.identity_topic, key, link, {}))
+        await stage.publish(outputs)
+
+    def _count(self, outcome: NormaliseOutcome) -> None:
+        metrics = self.stage.metrics
+        for _message, event in outcome.events:
+            institution = event.record["envelope"]["institution_id"]
+            metrics.events.labels(institution=institution, kind=event.kind, outcome="normalised").inc()
+            for flag in event.flags:
+                if flag.startswith("unmapped"):
+                    code = event.record.get("local_code") or event.record.get("drug_code") or "?"
+                    metrics.unmapped_codes.labels(institution=institution, code=str(code)).inc()

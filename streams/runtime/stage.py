@@ -1,0 +1,317 @@
+"""The stage runtime: what every stage (normaliser, clinical, store) does the same way.
+
+- decode and catch: each message is decoded and processed on its own; only the hub's typed input
+  errors (`SchemaError`, `RejectedEvent`) turn it into a rejection, i.e. a dead letter naming the
+  field and the reason. Its neighbours carry on.
+- retry: an unavailable service (`ServiceUnavailableError`: broker, registry, database) is retried
+  without limit, with back-off; the batch stays unacknowledged, so waiting loses nothing.
+- bugs fail loudly: any other exception is the hub's own error. It is logged with the batch's
+  topics, partitions and offsets, counted, and retried a bounded number of times; then the stage stops
+  (`StageFailedError`) and reports itself down (`clinhub_stage_up` 0). Its events wait in Kafka until
+  the fix, never in the dead-letter topic: a bug in the rules must not quietly bin every potassium.
+- ack after confirm: a Faust stage acks a batch only after its handler returned, i.e. after every
+  output was confirmed by the broker (`run_batches`); a stopped stage never acks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
+
+from core.contract import RECORD_SCHEMAS, TopicNames
+from core.exceptions import ServiceUnavailableError
+from schemas import standard
+from schemas.exceptions import SchemaError
+from schemas.wire import AvroDecoder, AvroEncoder, SchemaRegistry, make_encoder
+from sinks.base import Sink
+from streams.domain.codes import CodeMaps
+from streams.domain.identity import RegionalIdentity
+from streams.domain.reference import ReferenceData
+from streams.exceptions import RejectedEvent, StageFailedError
+from streams.metrics import StreamMetrics
+from streams.runtime.messages import RawMessage, Rejection, dead_letter_record, positions
+from streams.runtime.outputs import Output, Publish
+
+log = logging.getLogger("clinhub.streams")
+
+T = TypeVar("T")
+
+# The errors that mean "this input is bad", never "our code is".
+INPUT_ERRORS = (SchemaError, RejectedEvent)
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Back-off for a failing batch, and how often a bug is tried before its stage stops."""
+
+    first_delay: float = 0.2
+    max_delay: float = 30.0
+    bug_attempts: int = 3
+
+
+class Codecs:
+    """Avro decoders of every record on the hub's topics, and encoders made on first use (an encoder
+    registers its schema, so a worker starts while the registry is still coming up)."""
+
+    def __init__(self, registry: SchemaRegistry) -> None:
+        self.registry = registry
+        self.decoders: dict[str, AvroDecoder] = {
+            name: AvroDecoder(registry, standard.load(schema)) for name, schema in RECORD_SCHEMAS.items()
+        }
+        self._encoders: dict[str, AvroEncoder] = {}
+
+    def decode(self, record: str, value: bytes | None) -> dict[str, Any]:
+        return self.decoders[record](value)
+
+    def encode(self, record: str, value: Mapping[str, Any]) -> bytes:
+        if record not in self._encoders:
+            schema = standard.load(RECORD_SCHEMAS[record])
+            self._encoders[record] = make_encoder(self.registry, schema, check=False)
+        return self._encoders[record](value)
+
+
+@dataclass
+class Components:
+    """What the stages are built from. The command builds it (clinhub/worker.py), and only it holds the
+    secrets: the pseudonymisation key (as `identity`) for the normaliser, the database (as `sink`) for
+    the store; a stage's process gets neither when it does not run that stage."""
+
+    registry: SchemaRegistry
+    reference: ReferenceData
+    codes: CodeMaps
+    metrics: StreamMetrics
+    identity: RegionalIdentity | None = None
+    sink: Sink | None = None
+    clock: Callable[[], dt.datetime] = utc_now
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    codecs: Codecs = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.codecs = Codecs(self.registry)
+
+
+class StageHealth:
+    """Which stages of this worker run. A stopped stage stays down until the worker restarts."""
+
+    def __init__(self, metrics: StreamMetrics) -> None:
+        self._metrics = metrics
+        self.failures: dict[str, StageFailedError] = {}
+
+    def running(self, stage: str) -> None:
+        self.failures.pop(stage, None)
+        self._metrics.stage_up.labels(stage=stage).set(1)
+
+    def failed(self, error: StageFailedError) -> None:
+        self.failures[error.stage] = error
+        self._metrics.stage_up.labels(stage=error.stage).set(0)
+
+    def is_up(self, stage: str) -> bool:
+        return stage not in self.failures
+
+
+@dataclass
+class Judged(Generic[T]):
+    """A batch after decode-and-catch: each message's result, and the rejected ones."""
+
+    results: list[tuple[RawMessage, T]] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+def judge_each(
+    messages: Sequence[RawMessage],
+    decode: Callable[[RawMessage], dict[str, Any]],
+    process: Callable[[RawMessage, dict[str, Any]], T],
+    institution_of: Callable[[RawMessage], str | None] = lambda _message: None,
+) -> Judged[T]:
+    """Decode and process each message; a typed input error rejects that message alone.
+
+    An unavailable service and any other exception propagate: the batch is retried, or the stage
+    stops, and no message of it is dead-lettered for a fault that is not its own.
+    """
+    judged: Judged[T] = Judged()
+    for message in messages:
+        record: dict[str, Any] | None = None
+        try:
+            record = decode(message)
+            judged.results.append((message, process(message, record)))
+        except ServiceUnavailableError:
+            raise
+        except INPUT_ERRORS as exc:
+            judged.rejections.append(_rejection(message, exc, record, institution_of(message)))
+    return judged
+
+
+def _rejection(
+    message: RawMessage,
+    exc: SchemaError | RejectedEvent,
+    record: dict[str, Any] | None,
+    institution: str | None,
+) -> Rejection:
+    # The topic names the sender that Kafka authenticated; the payload only claims one.
+    envelope = (record or {}).get("envelope") or record or {}
+    return Rejection(
+        message=message,
+        error_class=type(exc).__name__,
+        field=exc.field,
+        reason=exc.reason,
+        institution_id=institution or envelope.get("institution_id"),
+        correlation_id=_text(envelope.get("correlation_id")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+class Stage:
+    """One stage's share of the runtime: retrying, dead-lettering and reporting its health."""
+
+    def __init__(
+        self,
+        name: str,
+        components: Components,
+        topics: TopicNames,
+        publish: Publish,
+        health: StageHealth,
+    ) -> None:
+        self.name = name
+        self.components = components
+        self.codecs = components.codecs
+        self.metrics = components.metrics
+        self.clock = components.clock
+        self.topics = topics
+        self.publish = publish
+        self.health = health
+        health.running(name)
+
+    async def attempt(
+        self, doing: str, action: Callable[[], Awaitable[T]], messages: Sequence[RawMessage]
+    ) -> T:
+        """Run `action` until it succeeds: unavailable services without limit, bugs a bounded number
+        of times, after which the stage stops (StageFailedError), its batch unacknowledged."""
+        retry = self.components.retry
+        delay = retry.first_delay
+        bugs = 0
+        while True:
+            try:
+                return await action()
+            except ServiceUnavailableError as exc:
+                log.warning("%s: %s, retrying in %.1fs", doing, exc, delay)
+                self.metrics.sink_retries.labels(reason=type(exc).__name__).inc()
+            except Exception as exc:  # a bug of the hub: counted, logged, retried a few times
+                bugs += 1
+                self.metrics.stage_errors.labels(stage=self.name, error=type(exc).__name__).inc()
+                log.error(
+                    "%s failed with an error of the hub's own code (attempt %d of %d) on %s",
+                    doing,
+                    bugs,
+                    retry.bug_attempts,
+                    positions(messages),
+                    exc_info=exc,
+                )
+                if bugs >= retry.bug_attempts:
+                    raise self.failed(doing, bugs, exc) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry.max_delay)
+
+    def failed(self, doing: str, attempts: int, cause: BaseException) -> StageFailedError:
+        """Report this stage down, for good; returns the error to raise."""
+        failure = (
+            cause
+            if isinstance(cause, StageFailedError)
+            else StageFailedError(self.name, doing, attempts, cause)
+        )
+        if self.health.is_up(self.name):
+            self.health.failed(failure)
+            log.critical(
+                "stage %s stopped: its events wait in Kafka, unacknowledged, for the fix and a restart (%s)",
+                self.name,
+                failure,
+            )
+        return failure
+
+    async def stop(self, cause: BaseException) -> None:
+        """Stop for good on `cause`: report down and wait, holding the batch, until the worker stops."""
+        self.failed("handle a batch", 1, cause)
+        await asyncio.Event().wait()
+
+    async def dead_letter(self, rejections: Sequence[Rejection], kind: str) -> None:
+        """Publish a dead letter for each rejection; returns once the broker has every one."""
+        if not rejections:
+            return
+
+        async def send() -> None:
+            outputs = []
+            for rejection in rejections:
+                value = self.codecs.encode(
+                    "deadletter", dead_letter_record(rejection, f"streams.{self.name}", self.clock())
+                )
+                headers = {"correlation_id": (rejection.correlation_id or "").encode()}
+                outputs.append(Output(self.topics.deadletter_topic, rejection.message.key, value, headers))
+            await self.publish(outputs)
+
+        await self.attempt(f"dead-letter {self.name} rejects", send, [r.message for r in rejections])
+        for rejection in rejections:
+            self.metrics.rejects.labels(kind=kind, reason=rejection.error_class).inc()
+            self.metrics.events.labels(
+                institution=rejection.institution_id or "?", kind=kind, outcome="rejected"
+            ).inc()
+            log.warning(
+                "rejected %s[%d]@%d: %s (%s) correlation_id=%s",
+                rejection.message.topic,
+                rejection.message.partition,
+                rejection.message.offset,
+                rejection.reason,
+                rejection.field,
+                rejection.correlation_id,
+            )
+
+
+BatchHandler = Callable[[list[RawMessage]], Awaitable[None]]
+
+
+def to_raw_message(event: Any) -> RawMessage:
+    message = event.message
+    return RawMessage(
+        message.topic,
+        message.partition,
+        message.offset,
+        message.key,
+        message.value,
+        dict(message.headers or {}),
+    )
+
+
+async def run_batches(
+    stream: Any,
+    handle: BatchHandler,
+    stage: Stage,
+    batch_size: int,
+    within_seconds: float,
+    in_flight: dict[str, float],
+) -> None:
+    """A Faust agent's loop: batches to `handle`, acked only once it returned (its outputs confirmed).
+
+    A stage that stopped on a bug keeps its batch in flight and unacknowledged for good: nothing
+    escapes to Faust (which would ack it), the stall watchdog leaves a partition with a batch in flight
+    alone, and a restart reads the batch again.
+    """
+    agent_stream = cast(Any, stream)  # the concrete faust.Stream has noack_take
+    async for events in agent_stream.noack_take(batch_size, within_seconds):
+        in_flight[stage.name] = time.monotonic()
+        try:
+            await handle([to_raw_message(event) for event in events])
+        except Exception as exc:  # noqa: BLE001 - escaping would ack the batch; the stage stops instead
+            await stage.stop(exc)
+        del in_flight[stage.name]
+        for event in events:
+            await agent_stream.ack(event)

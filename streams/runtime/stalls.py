@@ -1,0 +1,170 @@
+"""A watchdog for partitions Faust stops processing after a rebalance.
+
+faust-streaming 0.15.3 can leave a partition behind after a rebalance (issues #596, #175/#640 and
+our own rebalance fault test): Faust resumes fetching stream partitions before it seeks them to the
+committed offset and clears the agents' queues afterwards, so some fetched events are never
+delivered in that generation; or the seek moves its record of the committed offset backwards, after
+which its gap check refuses every later commit. Either way the group's committed offset stops while
+events wait behind it, and nothing is logged.
+
+The watchdog compares, per assigned partition, the group's committed offset with the end of the
+partition. A partition whose commit has not moved for `patience` seconds while events wait, and
+while no batch has been in flight for that long (a slow or unavailable store is not a stall), is
+read again from its committed offset. Re-reading is safe: every output and the store are
+idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("clinhub.streams.runtime.stalls")
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass
+class StallDetector:
+    """Decides which partitions are stalled; no I/O, so it is tested with plain numbers."""
+
+    patience: float
+    _since: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)  # committed, since when
+
+    def observe(
+        self,
+        now: float,
+        committed: Mapping[TopicPartition, int],
+        ends: Mapping[TopicPartition, int],
+        busy_since: float | None,
+    ) -> list[TopicPartition]:
+        """Partitions to read again. `busy_since`: start of the oldest batch in flight, None when idle."""
+        stalled = []
+        for tp, end in ends.items():
+            offset = committed.get(tp, 0)
+            previous = self._since.get(tp)
+            if offset >= end:
+                self._since.pop(tp, None)
+                continue
+            if previous is None or previous[0] != offset:
+                self._since[tp] = (offset, now)
+                continue
+            waited = now - previous[1]
+            long_batch = busy_since is not None and now - busy_since >= self.patience
+            if waited >= self.patience and not long_batch:
+                stalled.append(tp)
+                self._since[tp] = (offset, now)  # give the re-read a full patience to show progress
+        for tp in set(self._since) - set(ends):
+            del self._since[tp]  # no longer assigned here
+        return stalled
+
+
+class GroupPositions:
+    """Reads a group's committed offsets and the partitions' ends, as the broker sees them (blocking).
+
+    One probe consumer in the watched group for the worker's life. It never subscribes, so it never
+    joins the group; it only fetches the group's committed offsets and the partitions' watermarks.
+    Not the admin client: its offset listing hit a librdkafka assertion
+    (`rd_kafka_enq_once_del_source_return`; the process aborted) when the broker came back from a
+    restart while a request waited.
+    """
+
+    def __init__(self, client_config: Mapping[str, Any], group: str) -> None:
+        self.client_config = dict(client_config)
+        self.group = group
+        self._probe: Any = None
+        self._lock = threading.Lock()  # close() never runs under a read in another thread
+
+    def read(
+        self, partitions: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        from confluent_kafka import Consumer
+        from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+        with self._lock:
+            if self._probe is None:
+                self._probe = Consumer(
+                    {**self.client_config, "group.id": self.group, "enable.auto.commit": False}
+                )
+            wanted = [KafkaTopicPartition(topic, partition) for topic, partition in partitions]
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in self._probe.committed(wanted, timeout=15)
+            }
+            ends = {}
+            for topic, partition in partitions:
+                low, high = self._probe.get_watermark_offsets(
+                    KafkaTopicPartition(topic, partition), timeout=15
+                )
+                ends[(topic, partition)] = high
+                # never committed: the group starts at the earliest offset still there
+                if committed.get((topic, partition), -1) < 0:
+                    committed[(topic, partition)] = low
+            return committed, ends
+
+    def close(self) -> None:
+        with self._lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+
+
+def group_positions(
+    client_config: Mapping[str, Any], group: str, partitions: list[TopicPartition]
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """One reading of `GroupPositions`, for callers that look once."""
+    positions = GroupPositions(client_config, group)
+    try:
+        return positions.read(partitions)
+    finally:
+        positions.close()
+
+
+async def reread_from_committed(consumer: Any, topic: str, partition: int, committed: int) -> None:
+    """Forget Faust's acks and gaps of one partition and fetch it again from `committed`.
+
+    Faust keeps this bookkeeping privately (faust/transport/consumer.py, pinned 0.15.3): acked
+    offsets and gaps above the commit, and its own record of the committed offset, which its gap
+    check compares with every later ack. `Consumer.seek` then resets the fetch and read positions.
+    """
+    from faust.types import TP
+
+    tp = TP(topic, partition)
+    kept = [offset for offset in consumer._acked.get(tp, []) if offset >= committed]
+    consumer._acked[tp] = kept
+    consumer._acked_index[tp] = set(kept)
+    consumer._gap.pop(tp, None)
+    consumer._committed_offset[tp] = committed
+    await consumer.seek(tp, committed)
+
+
+def contiguous_offsets_app(app_class: Any) -> Any:
+    """A Faust App class whose consumer never counts skipped offsets as processed.
+
+    Faust treats offsets its fetch loop jumped over as a "gap" and commits past them, for compacted
+    topics and transaction markers. Our source topics have neither (idempotent, non-transactional
+    producers, delete retention), so a jump means events Faust dropped after a rebalance: committing
+    past them would lose them for good (seen as an acknowledged event never stored). Without the gap,
+    the commit stops at the first dropped event and the stall watchdog reads the partition again.
+    """
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    class ContiguousOffsetsConsumer(faust_aiokafka.Consumer):
+        async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+            log.warning(
+                "%s[%d]: offsets %d..%d were not delivered; not committing past them",
+                tp.topic,
+                tp.partition,
+                offset_from,
+                offset_to,
+            )
+
+    class HubApp(app_class):
+        def _new_transport(self) -> Any:
+            transport = super()._new_transport()
+            transport.Consumer = ContiguousOffsetsConsumer
+            return transport
+
+    return HubApp

@@ -1,0 +1,76 @@
+"""The store stage's handler: decoded standard records in, one idempotent transaction per batch.
+
+A record the database itself refuses is found by bisection and dead-lettered, its neighbours stored
+(`sinks.base.write_records_isolating`); an unavailable database is waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sinks.base import Sink, StoreRecord, StoreWriteResult, write_records_isolating
+from streams.runtime.messages import RawMessage, Rejection
+from streams.runtime.stage import Stage, judge_each
+
+
+def store_topics(stage: Stage) -> list[str]:
+    """Every topic whose records the store keeps."""
+    return sorted(stage.topics.stored())
+
+
+class StoreHandler:
+    def __init__(self, stage: Stage) -> None:
+        if stage.components.sink is None:
+            raise ValueError("the store stage needs a sink (the database)")
+        self.stage = stage
+        self.sink: Sink = stage.components.sink
+        self.records_of = stage.topics.stored()
+
+    def _store(
+        self, messages: list[RawMessage]
+    ) -> tuple[list[StoreRecord], StoreWriteResult, list[Rejection]]:
+        def decode(message: RawMessage) -> dict[str, Any]:
+            return self.stage.codecs.decode(self.records_of[message.topic], message.value)
+
+        def process(message: RawMessage, record: dict[str, Any]) -> StoreRecord:
+            return StoreRecord(self.records_of[message.topic], record)
+
+        judged = judge_each(messages, decode, process)
+        records = [record for _message, record in judged.results]
+        result, refused = write_records_isolating(self.sink, records)
+        rejections = judged.rejections
+        for index, error in refused:
+            message, item = judged.results[index]
+            envelope = item.record.get("envelope") or item.record
+            rejections.append(
+                Rejection(
+                    message,
+                    type(error).__name__,
+                    None,
+                    error.reason,
+                    envelope.get("institution_id"),
+                    envelope.get("correlation_id"),
+                )
+            )
+        return records, result, rejections
+
+    async def handle(self, messages: list[RawMessage]) -> None:
+        stage = self.stage
+
+        async def store() -> tuple[list[StoreRecord], StoreWriteResult, list[Rejection]]:
+            return await asyncio.to_thread(self._store, messages)
+
+        records, result, rejections = await stage.attempt("store batch", store, messages)
+        await stage.dead_letter(rejections, "norm")
+        committed = stage.clock()
+        for item in records:
+            envelope = item.record.get("envelope")
+            if envelope is not None:
+                stage.metrics.end_to_end_seconds.observe(
+                    max(0.0, (committed - envelope["produced_time"]).total_seconds())
+                )
+        for kind, count in result.written.items():
+            stage.metrics.events.labels(institution="*", kind=kind, outcome="stored").inc(count)
+        for kind, count in result.unchanged.items():
+            stage.metrics.events.labels(institution="*", kind=kind, outcome="unchanged").inc(count)

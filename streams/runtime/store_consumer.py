@@ -1,0 +1,172 @@
+"""The store stage on a plain librdkafka consumer: read the standard topics, store, then mark done.
+
+The store needs no tables, so it needs nothing Faust gives, and Faust's ack and gap bookkeeping
+is where faust-streaming 0.15.3 lost or stuck offsets after rebalances (streams/stalls.py). Here an
+offset is handed to librdkafka (`store_offsets`) only after its batch's store transaction and dead
+letters are done; librdkafka's auto-commit sends only those, every commit interval and on every
+revocation. So the committed position never passes what the store holds, and a crash re-reads at
+most the batches since the last commit, which the idempotent writer stores once.
+
+It runs inside the stream worker's event loop (a Faust task), with the consumer's blocking calls on
+one thread of its own, so that close() never races a consume() in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from streams.runtime.normaliser import RawMessage
+
+log = logging.getLogger("clinhub.streams.store")
+
+
+def store_group(app_id: str) -> str:
+    """The store consumer's group: one per deployment, whichever worker layout runs it.
+
+    Not `<app id>-store`: that is the Faust group of a worker run with `--role store`.
+    """
+    return f"{app_id}-sink"
+
+
+def next_offsets(messages: Sequence[RawMessage]) -> dict[tuple[str, int], int]:
+    """Per partition, the offset to resume from once these messages are stored (highest + 1)."""
+    resume: dict[tuple[str, int], int] = {}
+    for message in messages:
+        where = (message.topic, message.partition)
+        resume[where] = max(resume.get(where, 0), message.offset + 1)
+    return resume
+
+
+def raw_message(message: Any) -> RawMessage:
+    """A confluent-kafka Message as the handlers' RawMessage."""
+    return RawMessage(
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        message.key(),
+        message.value(),
+        dict(message.headers() or ()),
+    )
+
+
+def consumer_config(
+    client_config: Mapping[str, Any], group: str, commit_interval_seconds: float, session_timeout: float
+) -> dict[str, Any]:
+    return {
+        **client_config,
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": True,  # commits only what store_offsets marked: stored batches
+        "enable.auto.offset.store": False,
+        "auto.commit.interval.ms": int(commit_interval_seconds * 1000),
+        "session.timeout.ms": int(session_timeout * 1000),
+        "heartbeat.interval.ms": int(min(3.0, session_timeout / 3) * 1000),
+        # A long store outage stops consume() calls; the group waits this long before it moves the
+        # partitions (what was stored but not committed is then read again, and stored once).
+        "max.poll.interval.ms": 600_000,
+        "queued.max.messages.kbytes": 16 * 1024,  # what waits in memory while the store is down
+        "logger": logging.getLogger("clinhub.kafka.store-consumer"),
+    }
+
+
+class StoreConsumer:
+    """Batches from the standard topics to `handle`, then their offsets to librdkafka's commit."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        handle: Callable[[list[RawMessage]], Awaitable[None]],
+        batch_size: int,
+        batch_within_seconds: float,
+        consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.config = dict(config)
+        self.topics = list(topics)
+        self.handle = handle
+        self.batch_size = batch_size
+        self.batch_within_seconds = batch_within_seconds
+        self.consumer_factory = consumer_factory or _confluent_consumer
+        self._consumer: Any = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-consumer")
+
+    async def _blocking(self, call: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+
+    async def run(self) -> None:
+        """Consume until cancelled; the handler retries a failing batch itself, so nothing is skipped."""
+        consumer = self._consumer = await self._blocking(self.consumer_factory, self.config)
+        try:
+            await self._blocking(
+                lambda: consumer.subscribe(self.topics, on_assign=_log_assigned, on_revoke=_log_revoked)
+            )
+            while True:
+                polled = await self._blocking(consumer.consume, self.batch_size, self.batch_within_seconds)
+                messages = []
+                for message in polled:
+                    if message.error() is not None:
+                        log.warning("store consumer: %s", message.error())
+                        continue
+                    messages.append(raw_message(message))
+                if not messages:
+                    continue
+                await self.handle(messages)
+                await self._mark_stored(consumer, messages)
+        finally:
+            # close() commits what was marked stored and leaves the group at once, so the partitions
+            # move without waiting for the session timeout.
+            self._consumer = None
+            await asyncio.shield(self._blocking(_close, consumer))
+            self._thread.shutdown(wait=False)
+
+    async def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this worker's store consumer owns now (none before it has started)."""
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        try:
+            owned = await self._blocking(consumer.assignment)
+        except RuntimeError:  # closed meanwhile (the worker is stopping)
+            return []
+        return sorted((tp.topic, tp.partition) for tp in owned)
+
+    async def _mark_stored(self, consumer: Any, messages: Sequence[RawMessage]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets(messages).items()]
+        try:
+            await self._blocking(lambda: consumer.store_offsets(offsets=offsets))
+        except KafkaException as exc:
+            # The partitions moved while the batch was stored (a rebalance, or the poll interval
+            # passed during a long outage): their new owner reads the batch again; stored once.
+            log.warning("store consumer: could not mark stored offsets (%s); they will be re-read", exc)
+
+
+def _partitions(partitions: Sequence[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+def _log_assigned(_consumer: Any, partitions: Sequence[Any]) -> None:
+    log.info("store consumer assigned %s", _partitions(partitions))
+
+
+def _log_revoked(_consumer: Any, partitions: Sequence[Any]) -> None:
+    # librdkafka commits the offsets marked stored before it lets these go
+    log.info("store consumer revoked %s", _partitions(partitions))
+
+
+def _confluent_consumer(config: dict[str, Any]) -> Any:
+    from confluent_kafka import Consumer
+
+    return Consumer(config)
+
+
+def _close(consumer: Any) -> None:
+    try:
+        consumer.close()
+    except Exception as exc:  # noqa: BLE001 - closing on shutdown; uncommitted batches are re-read
+        log.warning("store consumer: close failed: %r", exc)

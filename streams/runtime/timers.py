@@ -1,0 +1,155 @@
+"""The worker's periodic jobs, each a named unit with one `tick()`, testable without Faust.
+
+`streams/runtime/app.py` runs each on its interval. A look-up the broker cannot answer now
+(`KafkaException`) is tried again at the next tick; any other error is the hub's own and propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from core.contract import TopicNames
+from streams.metrics import StreamMetrics
+from streams.runtime.lag import LagReport, lag_by_topic
+from streams.runtime.stalls import GroupPositions, StallDetector, TopicPartition, reread_from_committed
+from streams.runtime.topics import discover_raw_topics, subscribe_more
+
+log = logging.getLogger("clinhub.streams.timers")
+
+
+def _unavailable() -> tuple[type[BaseException], ...]:
+    from confluent_kafka import KafkaException
+
+    return (KafkaException,)
+
+
+class RawTopicWatch:
+    """Raw topics created after start-up (a new institution, a new kind) join the normaliser's
+    subscription; `raw_names` is the live list of the topics it reads."""
+
+    def __init__(
+        self,
+        app: Any,
+        client_config: Mapping[str, Any],
+        topics: TopicNames,
+        raw_names: list[str],
+        settle_seconds: float,
+    ) -> None:
+        self.app = app
+        self.client_config = client_config
+        self.topics = topics
+        self.raw_names = raw_names
+        self.settle_seconds = settle_seconds
+
+    async def tick(self) -> None:
+        try:
+            found = await asyncio.to_thread(discover_raw_topics, self.client_config, self.topics)
+        except _unavailable() as exc:
+            log.warning("could not list raw topics: %s", exc)
+            return
+        new = sorted(set(found) - set(self.raw_names))
+        if new and subscribe_more(self.app, self.raw_names[0], new, settle_seconds=self.settle_seconds):
+            log.warning("raw topics %s appeared after start-up; subscribing to them", ", ".join(new))
+            self.raw_names.extend(new)
+
+
+class StoreLagWatch:
+    """The store stage's lag per topic, from its own group's committed offsets."""
+
+    def __init__(
+        self,
+        assignment: Callable[[], Awaitable[list[TopicPartition]]],
+        positions: GroupPositions,
+        report: LagReport,
+    ) -> None:
+        self.assignment = assignment
+        self.positions = positions
+        self.report = report
+
+    async def tick(self) -> None:
+        try:
+            owned = await self.assignment()
+            committed, ends = await asyncio.to_thread(self.positions.read, owned) if owned else ({}, {})
+        except _unavailable() as exc:
+            log.warning("could not read the store group's positions: %s", exc)
+            return
+        self.report.update(lag_by_topic(committed, ends))
+
+
+class StallWatch:
+    """Faust can stop delivering a partition after a rebalance; read it again (streams/runtime/stalls.py).
+    The same reading gives the Faust stages' lag.
+
+    `stage_topics` gives, per Faust stage, the topics it reads now (the normaliser's grow with new raw
+    topics); `in_flight` when each stage's current batch started.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        positions: GroupPositions,
+        stage_topics: Callable[[], Mapping[str, Collection[str]]],
+        in_flight: Mapping[str, float],
+        metrics: StreamMetrics,
+        patience: float,
+    ) -> None:
+        self.app = app
+        self.positions = positions
+        self.stage_topics = stage_topics
+        self.in_flight = in_flight
+        self.metrics = metrics
+        self.detector = StallDetector(patience=patience)
+        self.reports: dict[str, LagReport] = {}
+
+    async def tick(self) -> None:
+        app = self.app
+        if app.rebalancing or app.in_recovery:
+            return
+        stage_topics = self.stage_topics()
+        sources = set().union(*stage_topics.values()) if stage_topics else set()
+        assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in sources)
+        try:
+            committed, ends = await asyncio.to_thread(self.positions.read, assigned) if assigned else ({}, {})
+        except _unavailable() as exc:
+            log.warning("could not read the group's positions: %s", exc)
+            return
+        lag = lag_by_topic(committed, ends)
+        for stage, topics in stage_topics.items():
+            if stage not in self.reports:
+                self.reports[stage] = LagReport(self.metrics.consumer_lag, stage)
+            self.reports[stage].update(lag, topics)
+        busy_since = min(self.in_flight.values(), default=None)
+        for topic, partition in self.detector.observe(time.monotonic(), committed, ends, busy_since):
+            await self._reread(topic, partition, committed[(topic, partition)], ends[(topic, partition)])
+
+    async def _reread(self, topic: str, partition: int, offset: int, end: int) -> None:
+        log.warning(
+            "%s[%d] committed %d of %d and has not moved for %.0fs with nothing in flight: "
+            "reading it again from %d (faust-streaming #596)",
+            topic,
+            partition,
+            offset,
+            end,
+            self.detector.patience,
+            offset,
+        )
+        self.metrics.stalls_reread.labels(topic=topic).inc()
+        await reread_from_committed(self.app.consumer, topic, partition, offset)
+
+
+def stage_topic_sets(
+    roles: Collection[str], raw_names: Sequence[str], clinical_topics: Sequence[str]
+) -> Callable[[], dict[str, set[str]]]:
+    """The Faust stages' topics as the stall watch asks for them, now (raw topics grow)."""
+
+    def current() -> dict[str, set[str]]:
+        return {
+            "normaliser": set(raw_names) if "normaliser" in roles else set(),
+            "clinical": set(clinical_topics) if "clinical" in roles else set(),
+        }
+
+    return current

@@ -1,0 +1,72 @@
+"""The topics on the cluster: creating them with explicit partitions and replication, finding raw ones.
+
+Their names are built and parsed by `core.contract.TopicNames`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from core.contract import TopicNames
+
+
+def create_topics(
+    admin_config: Mapping[str, Any], names: Iterable[str], partitions: int, replication: int
+) -> list[str]:
+    """Create missing topics; returns the ones created. Existing topics are left as they are."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(dict(admin_config))
+    existing = set(admin.list_topics(timeout=15).topics)
+    wanted = [n for n in dict.fromkeys(names) if n not in existing]
+    if not wanted:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(n, num_partitions=partitions, replication_factor=replication) for n in wanted],
+        operation_timeout=30,
+    )
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
+                continue
+            raise
+    return created
+
+
+def discover_raw_topics(admin_config: Mapping[str, Any], names: TopicNames) -> list[str]:
+    """Raw topics on the cluster that match the raw pattern.
+
+    Faust's own pattern subscription does not work with its aiokafka driver (the driver says so in a
+    comment, and a pattern topic replaced every other subscription of the app when tried), so the
+    worker resolves the pattern itself, at start-up and then periodically (`subscribe_more`).
+    """
+    from confluent_kafka.admin import AdminClient
+
+    pattern = names.raw_pattern()
+    listed = AdminClient(dict(admin_config)).list_topics(timeout=15).topics
+    return sorted(name for name in listed if pattern.match(name))
+
+
+def subscribe_more(app: Any, known: str, names: Sequence[str], settle_seconds: float) -> int:
+    """Add `names` to every subscribed channel that reads topic `known`; returns how many channels.
+
+    The conductor (`app.topics`) holds the channels agents iterate; it resubscribes the consumer when
+    told its subscriptions changed, after waiting `settle_seconds` (Faust's default is 45 s) so that
+    several changes make one rebalance. The new topics' partitions then reach the same agent.
+    """
+    conductor = app.topics
+    changed = 0
+    for channel in list(conductor):
+        if known in channel.topics:
+            channel.topics = [*channel.topics, *(n for n in names if n not in channel.topics)]
+            changed += 1
+    if changed:
+        conductor._resubscribe_sleep_lock_seconds = settle_seconds
+        conductor._flag_changes()  # what Conductor.add/discard call; there is no public "topics changed"
+    return changed

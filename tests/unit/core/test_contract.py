@@ -1,0 +1,71 @@
+"""The contract: kinds defined once, topic names built and parsed in one place, message keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from core import contract
+from core.contract import KINDS, RawTopic, TopicNames
+from schemas import standard
+
+
+@pytest.mark.parametrize(
+    ("prefix", "topic", "parsed"),
+    [
+        ("", "raw.H001.lab", RawTopic("H001", "lab")),
+        ("", "raw.H002.vitals", RawTopic("H002", "vitals")),
+        ("ci-1234-", "ci-1234-raw.H001.lab", RawTopic("H001", "lab")),  # a prefix without a dot
+        ("team.a.", "team.a.raw.H002.lab", RawTopic("H002", "lab")),  # a prefix with dots
+        ("", "alerts.critical", None),
+        ("", "deadletter", None),
+        ("", "raw.H001", None),
+        ("", "raw.H001.xray", None),  # not a kind of the standard
+        ("", "raw.H0.01.lab", None),
+        ("t1.", "raw.H001.lab", None),  # another prefix's topic
+        ("", "", None),
+    ],
+)
+def test_raw_topics_parse_to_institution_and_kind(prefix: str, topic: str, parsed: RawTopic | None) -> None:
+    assert TopicNames(prefix=prefix).parse_raw(topic) == parsed
+
+
+@pytest.mark.parametrize("prefix", ["", "ci-", "test.run7.", "t_"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_parsing_inverts_building(prefix: str, kind: str) -> None:
+    """Every raw topic the hub names maps back to its institution and kind; its own outputs to none."""
+    names = TopicNames(prefix=prefix)
+    for institution in ("H007", "X-9", "c_3"):
+        assert names.parse_raw(names.raw(institution, kind)) == RawTopic(institution, kind)
+    assert all(names.parse_raw(topic) is None for topic in (names.alerts_topic, names.deadletter_topic))
+    assert names.parse_raw(names.norm(kind)) is None
+
+
+def test_an_unknown_kind_or_malformed_institution_has_no_topic() -> None:
+    """A typo in the kind must not create a stray topic, nor a dot in an institution id a wrong one."""
+    with pytest.raises(ValueError, match="unknown event kind"):
+        TopicNames().raw("H001", "labs")
+    with pytest.raises(ValueError, match="unknown event kind"):
+        TopicNames().norm("labs")
+    with pytest.raises(ValueError, match="institution id"):
+        TopicNames().raw("H0.01", "lab")
+
+
+def test_every_kind_and_hub_record_has_a_schema_of_the_standard() -> None:
+    for name, schema in contract.RECORD_SCHEMAS.items():
+        assert standard.load(schema).name == schema, name
+    for spec in contract.CLINICAL_KINDS:
+        fields = {f["name"] for f in standard.load(spec.schema).parsed["fields"]}
+        assert {spec.natural_key, "envelope", "patient_mrn"} <= fields, spec.name
+
+
+def test_the_store_keeps_every_record_but_dead_letters_each_from_its_own_topic() -> None:
+    names = TopicNames(prefix="p-")
+    stored = names.stored()
+    assert sorted(stored.values()) == sorted(contract.STORED_RECORDS)
+    assert "deadletter" not in stored.values() and names.deadletter_topic not in stored
+    assert stored[names.norm("lab")] == "lab" and stored[names.alerts_topic] == "alert"
+
+
+def test_keys() -> None:
+    assert contract.patient_key("H001", "MRN1") == "H001|MRN1"
+    assert contract.regional_key("rp-1") == b"rp-1"

@@ -1,0 +1,70 @@
+"""The stall watchdog's decision, with plain numbers: which partitions are read again, and when not."""
+
+from __future__ import annotations
+
+from streams.runtime.stalls import StallDetector
+
+TP = ("norm.lab", 2)
+
+
+def run(
+    detector: StallDetector, checks: list[tuple[float, int, int, float | None]]
+) -> list[list[tuple[str, int]]]:
+    """Each check: (time, committed, end, busy_since) for one partition; the stalled lists returned."""
+    return [detector.observe(now, {TP: committed}, {TP: end}, busy) for now, committed, end, busy in checks]
+
+
+def test_a_commit_stuck_behind_waiting_events_for_the_patience_is_read_again_once_per_patience() -> None:
+    decisions = run(
+        StallDetector(patience=30),
+        [
+            (0, 167, 399, None),
+            (15, 167, 399, None),
+            (30, 167, 399, None),
+            (45, 167, 399, None),
+            (60, 167, 399, None),
+        ],
+    )
+    assert decisions == [[], [], [TP], [], [TP]]
+
+
+def test_a_moving_commit_is_never_a_stall() -> None:
+    decisions = run(StallDetector(patience=30), [(t, 100 + t, 1000, None) for t in range(0, 120, 15)])
+    assert decisions == [[]] * 8
+
+
+def test_a_partition_read_to_its_end_is_never_a_stall_however_long_it_is_quiet() -> None:
+    decisions = run(StallDetector(patience=30), [(t, 399, 399, None) for t in range(0, 120, 15)])
+    assert decisions == [[]] * 8
+
+
+def test_a_batch_in_flight_longer_than_the_patience_is_a_slow_store_not_a_stall() -> None:
+    """A database outage holds one batch in its retry loop; re-reading would only add work."""
+    decisions = run(StallDetector(patience=30), [(t, 167, 399, 0.0) for t in range(0, 120, 15)])
+    assert decisions == [[]] * 8
+
+
+def test_short_batches_of_other_partitions_do_not_hide_a_stall() -> None:
+    decisions = run(StallDetector(patience=30), [(t, 167, 399, t - 1.0) for t in range(0, 45, 15)])
+    assert decisions == [[], [], [TP]]
+
+
+def test_a_new_commit_restarts_the_wait() -> None:
+    decisions = run(
+        StallDetector(patience=30),
+        [
+            (0, 167, 399, None),
+            (20, 167, 399, None),
+            (25, 180, 399, None),
+            (50, 180, 399, None),
+            (55, 180, 399, None),
+        ],
+    )
+    assert decisions == [[], [], [], [], [TP]]
+
+
+def test_a_partition_no_longer_assigned_is_forgotten() -> None:
+    detector = StallDetector(patience=30)
+    detector.observe(0, {TP: 167}, {TP: 399}, None)
+    detector.observe(15, {}, {}, None)  # revoked
+    assert detector.observe(30, {TP: 167}, {TP: 399}, None) == [], "the wait starts again on reassignment"

@@ -1,0 +1,181 @@
+"""The store consumer's loop over a stand-in consumer: offsets are marked only after their batch is stored."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from streams.runtime.normaliser import RawMessage
+from streams.runtime.store_consumer import StoreConsumer, consumer_config, next_offsets, store_group
+
+
+class FakeMessage:
+    def __init__(self, topic: str, partition: int, offset: int, error: Any = None) -> None:
+        self._where = (topic, partition, offset)
+        self._error = error
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+    def key(self) -> bytes:
+        return b"rp-1"
+
+    def value(self) -> bytes:
+        return b"v%d" % self._where[2]
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("correlation_id", b"c-1")]
+
+    def error(self) -> Any:
+        return self._error
+
+
+class FakeConsumer:
+    """Hands out the given batches, then nothing; records what the loop asked of it, in order."""
+
+    def __init__(self, batches: list[list[FakeMessage]], refuse_store: bool = False) -> None:
+        self.batches = list(batches)
+        self.refuse_store = refuse_store
+        self.calls: list[tuple[str, Any]] = []
+
+    def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any) -> None:
+        self.calls.append(("subscribe", topics))
+
+    def consume(self, count: int, timeout: float) -> list[FakeMessage]:
+        if self.batches:
+            return self.batches.pop(0)[:count]
+        import time
+
+        time.sleep(min(timeout, 0.01))
+        return []
+
+    def store_offsets(self, offsets: list[Any]) -> None:
+        self.calls.append(("store_offsets", sorted((tp.topic, tp.partition, tp.offset) for tp in offsets)))
+        if self.refuse_store:
+            raise KafkaException(KafkaError(KafkaError._STATE, "partition not assigned"))
+
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("norm.lab", 1), TopicPartition("alerts.critical", 0)]
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def run_until(consumer: FakeConsumer, handled: list[list[RawMessage]], expected_batches: int) -> None:
+    async def handle(messages: list[RawMessage]) -> None:
+        handled.append(messages)
+        consumer.calls.append(("handled", [m.offset for m in messages]))
+
+    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.05, consumer_factory=lambda _config: consumer)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(store.run())
+        for _ in range(500):
+            # every handled batch is followed by marking its offsets (in the consumer's thread): wait
+            # for those, or the cancellation can land between the two
+            if [name for name, _ in consumer.calls].count("store_offsets") >= expected_batches:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_offsets_are_marked_after_their_batch_is_handled_and_the_consumer_closed_on_stop() -> None:
+    consumer = FakeConsumer(
+        [
+            [
+                FakeMessage("norm.lab", 0, 5),
+                FakeMessage("norm.lab", 0, 6),
+                FakeMessage("alerts.critical", 2, 9),
+            ],
+            [FakeMessage("norm.lab", 0, 7)],
+        ]
+    )
+    handled: list[list[RawMessage]] = []
+    run_until(consumer, handled, expected_batches=2)
+    assert consumer.calls == [
+        ("subscribe", ["norm.lab"]),
+        ("handled", [5, 6, 9]),
+        ("store_offsets", [("alerts.critical", 2, 10), ("norm.lab", 0, 7)]),
+        ("handled", [7]),
+        ("store_offsets", [("norm.lab", 0, 8)]),
+        ("close", None),
+    ]
+    assert handled[0][0] == RawMessage("norm.lab", 0, 5, b"rp-1", b"v5", {"correlation_id": b"c-1"})
+
+
+def test_error_events_from_the_consumer_are_not_handed_to_the_store() -> None:
+    failed = FakeMessage("norm.lab", 0, -1, error=KafkaError(KafkaError._TRANSPORT, "broker down"))
+    consumer = FakeConsumer([[failed], [failed, FakeMessage("norm.lab", 1, 3)]])
+    handled: list[list[RawMessage]] = []
+    run_until(consumer, handled, expected_batches=1)
+    assert [[m.offset for m in batch] for batch in handled] == [[3]]
+
+
+def test_offsets_refused_after_a_rebalance_do_not_stop_the_stage() -> None:
+    consumer = FakeConsumer(
+        [[FakeMessage("norm.lab", 0, 1)], [FakeMessage("norm.lab", 0, 2)]], refuse_store=True
+    )
+    handled: list[list[RawMessage]] = []
+    run_until(consumer, handled, expected_batches=2)
+    assert [name for name, _ in consumer.calls].count("store_offsets") == 2
+    assert consumer.calls[-1] == ("close", None)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "expected"),
+    [
+        ([], {}),
+        ([("a", 0, 4)], {("a", 0): 5}),
+        ([("a", 0, 9), ("a", 0, 4), ("a", 1, 0), ("b", 0, 2)], {("a", 0): 10, ("a", 1): 1, ("b", 0): 3}),
+    ],
+)
+def test_next_offsets_resume_after_the_highest_offset_per_partition(
+    offsets: list[tuple[str, int, int]], expected: dict[tuple[str, int], int]
+) -> None:
+    messages = [RawMessage(topic, partition, offset, None, b"") for topic, partition, offset in offsets]
+    assert next_offsets(messages) == expected
+
+
+def test_the_consumer_commits_only_what_was_marked_stored() -> None:
+    config = consumer_config({"bootstrap.servers": "k:9092"}, store_group("clinhub-streams"), 1.5, 30)
+    assert config["group.id"] == "clinhub-streams-sink"  # never the Faust group of a --role store worker
+    assert (config["enable.auto.commit"], config["enable.auto.offset.store"]) == (True, False)
+    assert config["auto.commit.interval.ms"] == 1500
+    assert config["auto.offset.reset"] == "earliest"
+
+
+def test_assignment_is_read_on_the_consumers_thread_and_empty_before_start() -> None:
+    consumer = FakeConsumer([])
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        return None
+
+    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.01, consumer_factory=lambda _config: consumer)
+
+    async def scenario() -> list[list[tuple[str, int]]]:
+        before = await store.assignment()
+        task = asyncio.create_task(store.run())
+        while store._consumer is None:
+            await asyncio.sleep(0.01)
+        during = await store.assignment()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [before, during, await store.assignment()]
+
+    assert asyncio.run(scenario()) == [[], [("alerts.critical", 0), ("norm.lab", 1)], []]

@@ -1,0 +1,118 @@
+"""Table wiring that decides where state lives: the store for a URL, and how keys are serialised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faust
+import pytest
+
+from streams.runtime.tables import SCHEME, RawKeyTable, murmur2_partition, store_url
+
+
+@pytest.mark.parametrize(
+    ("configured", "expected"),
+    [
+        ("rocksdb://", f"{SCHEME}://"),
+        ("rocksdb:///var/state", f"{SCHEME}:///var/state"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_rocksdb_means_the_store_that_partitions_by_key(configured: str, expected: str) -> None:
+    assert store_url(configured) == expected
+
+
+def test_the_keyed_store_is_what_faust_builds_for_the_url(tmp_path: Path) -> None:
+    app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("state", default=None, partitions=3, use_partitioner=True)
+    assert type(table.data).__name__ == "KeyPartitionedRocksDBStore"
+
+
+def test_str_keys_reach_the_changelog_as_their_bytes_not_json(tmp_path: Path) -> None:
+    """JSON keys would be hashed with their quotes, so the changelog partition would not be the topic's."""
+    app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("state", default=None, partitions=3, use_partitioner=True)
+    assert table.key_serializer == "raw"
+    assert table.changelog_topic.key_serializer == "raw"
+    assert app.serializers.dumps_key(table.changelog_topic.key_type, "rp-1", serializer="raw") == b"rp-1"
+
+
+def _keyed_store(tmp_path: Path, partitions: dict[bytes, int]) -> Any:
+    """The table's RocksDB store, with the changelog partitions of some keys already known (no broker)."""
+    app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("state", default=None, partitions=3, use_partitioner=True)
+    store = table.data
+    store.__dict__["_partition_of"] = dict(partitions)
+    return store
+
+
+def test_a_key_is_written_to_and_read_from_the_database_of_its_changelog_partition(tmp_path: Path) -> None:
+    store = _keyed_store(tmp_path, {b"rp-1": 2, b"rp-2": 0})
+    store._set(b"rp-1", b"one")
+    store._set(b"rp-2", b"two")
+    assert sorted(store._dbs) == [0, 2]
+    assert store._dbs[2].get(b"rp-1") == b"one"
+    assert store._dbs[0].get(b"rp-1") is None
+    assert store._get(b"rp-1") == b"one"
+    assert store._contains(b"rp-2")
+
+
+def test_a_key_of_a_partition_not_held_here_reads_as_absent(tmp_path: Path) -> None:
+    store = _keyed_store(tmp_path, {b"rp-1": 2, b"rp-9": 1})
+    store._set(b"rp-1", b"one")
+    assert 1 not in store._dbs
+    assert store._get(b"rp-9") is None
+    assert not store._contains(b"rp-9")
+
+
+def test_without_partition_metadata_a_read_searches_every_database(tmp_path: Path) -> None:
+    store = _keyed_store(tmp_path, {b"rp-1": 2})
+    store._set(b"rp-1", b"one")
+    del store.__dict__["_partition_of"][b"rp-1"]  # not known, and the producer has no metadata (not started)
+    assert store._get(b"rp-1") == b"one"
+    assert store._contains(b"rp-1")
+
+
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_get_reads_a_value_or_the_default_given(tmp_path: Path, store: str) -> None:
+    app = faust.App("tables-test", store=store_url(store), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("state", default=None, partitions=3, use_partitioner=True)
+    if store.startswith("rocksdb"):
+        table.data.__dict__["_partition_of"] = {b"rp-1": 1, b"rp-2": 2}
+    table.data["rp-1"] = {"ward": "ICU"}  # the store itself: a table write would send a changelog record
+    assert table.get("rp-1") == {"ward": "ICU"}
+    assert table.get("rp-2") is None
+    assert table.get("rp-2", "none") == "none"
+
+
+def test_a_table_with_a_default_still_reads_missing_keys_as_it(tmp_path: Path) -> None:
+    app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("counts", default=int, partitions=3, use_partitioner=True)
+    assert table.get("rp-1") == 0
+
+
+@pytest.mark.parametrize("patient", [b"rp-1", b"rp-3f9a0c", "rp-患者".encode()])
+def test_a_prefix_partitioned_key_goes_to_the_partition_of_its_patient(
+    tmp_path: Path, patient: bytes
+) -> None:
+    """Composite state keys must stay in the partition of the patient's events (murmur2 of the patient)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("states", default=None, partitions=3, use_partitioner=True, partition_by_prefix="|")
+    expected = DefaultPartitioner()(patient, [0, 1, 2], [0, 1, 2])
+    assert murmur2_partition(patient, 3) == expected
+    key = patient + b"|2823-3"
+    assert table.changelog_partition(key) == expected
+    assert table.partition_for_key(key.decode()) == expected
+    table.data._set(key, b"state")  # no producer, no cache: the table's own partition
+    assert list(table.data._dbs) == [expected]
+    assert table.data._get(key) == b"state"
+
+
+def test_tables_without_a_prefix_leave_the_partition_to_the_producer(tmp_path: Path) -> None:
+    app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("wards", default=None, partitions=3, use_partitioner=True)
+    assert table.changelog_partition(b"rp-1|x") is None
+    assert table.partition_for_key("rp-1|x") is None
