@@ -96,8 +96,10 @@ class StallWatch:
         in_flight: Mapping[str, float],
         metrics: StreamMetrics,
         patience: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
+        self.clock = clock
         self.positions = positions
         self.stage_topics = stage_topics
         self.in_flight = in_flight
@@ -123,7 +125,7 @@ class StallWatch:
                 self.reports[stage] = LagReport(self.metrics.consumer_lag, stage)
             self.reports[stage].update(lag, topics)
         busy_since = min(self.in_flight.values(), default=None)
-        for topic, partition in self.detector.observe(time.monotonic(), committed, ends, busy_since):
+        for topic, partition in self.detector.observe(self.clock(), committed, ends, busy_since):
             await self._reread(topic, partition, committed[(topic, partition)], ends[(topic, partition)])
 
     async def _reread(self, topic: str, partition: int, offset: int, end: int) -> None:
