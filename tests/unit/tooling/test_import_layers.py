@@ -106,6 +106,22 @@ def test_the_config_counts_every_import_of_all_six_packages() -> None:
     ]
 
 
+# Alembic's scripts: loaded by path (alembic.ini), never imported, so outside the import graph on purpose.
+NOT_IMPORTED = {"sinks/migrations", "sinks/migrations/versions"}
+
+
+def test_every_folder_of_modules_is_a_package_that_lint_imports_sees() -> None:
+    """import-linter (grimp) skips a folder without __init__.py and every import written in it."""
+    folders = {
+        path.parent.relative_to(ROOT).as_posix()
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    unseen = sorted(f for f in folders - NOT_IMPORTED if not (ROOT / f / "__init__.py").is_file())
+    assert unseen == [], f"add an __init__.py to each, or lint-imports ignores their imports: {unseen}"
+
+
 def test_the_allowed_imports_keep_every_contract(tmp_path: Path) -> None:
     result = run_contracts(tmp_path, {})
     assert result.returncode == 0, result.stdout + result.stderr
