@@ -1,25 +1,41 @@
-# The two commands of the README: `make demo` (the hub end to end) and `make test` (every test).
-# Both install what they need first (scripts/bootstrap.sh is idempotent).
-.PHONY: bootstrap demo test unit lint typecheck format infra-up infra-down bench clean
+# The two commands of the README: `make demo` (the hub end to end) and `make test` (every check and test).
+# Both install what they need first (scripts/bootstrap.sh is idempotent); only `make test` also needs
+# Docker Compose v2 (`compose`), to check docker-compose.yml.
+.PHONY: bootstrap compose demo test unit lint typecheck layers format infra-up infra-down bench clean
 
 VENV := .venv/bin
+TYPED_PACKAGES := core clinhub producers streams schemas sinks
 
 bootstrap:
 	bash scripts/bootstrap.sh
 
+# Compose v2 for tests/integration/test_compose.py: found, or built once from the Go module proxy
+# (a few minutes the first time, under a second afterwards). Nothing else needs it.
+compose:
+	bash scripts/validate-compose.sh --install-only
+
 demo: bootstrap
 	$(VENV)/clinhub demo
 
-test: bootstrap
+# What CI runs (.ci/run): lint, types and import layers first (a minute), then every test.
+test: lint compose
 	$(VENV)/python -m pytest
 
 unit: bootstrap
 	$(VENV)/python -m pytest tests/unit
 
+# Lint only, no tests: ruff, ruff format, mypy, import layers ([tool.importlinter] in pyproject.toml).
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
-	$(VENV)/mypy clinhub producers streams schemas sinks
+	$(VENV)/mypy $(TYPED_PACKAGES)
+	$(VENV)/lint-imports --no-logo --no-cache
+
+typecheck: bootstrap
+	$(VENV)/mypy $(TYPED_PACKAGES)
+
+layers: bootstrap
+	$(VENV)/lint-imports --no-logo --no-cache
 
 format:
 	$(VENV)/ruff format .
@@ -30,6 +46,11 @@ infra-up: bootstrap
 
 infra-down:
 	$(VENV)/clinhub infra down
+
+# The README's benchmarks: each starts its own services (Kafka and the registry; PostgreSQL) and prints figures.
+bench: bootstrap
+	$(VENV)/python benchmarks/stream_bench.py --events 20000 --split
+	$(VENV)/python benchmarks/sink_bench.py --rows 20000
 
 clean:
 	-$(VENV)/clinhub infra down

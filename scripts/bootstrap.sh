@@ -2,6 +2,7 @@
 # Installs everything the hub needs on a fresh Debian machine, idempotently:
 # system packages (JDK, Maven, PostgreSQL server for tests), the virtualenv with the project and its
 # dev tools, and Kafka + the schema registry from Maven Central. Safe to run again; it skips what is there.
+# The virtualenv is (re)installed when pyproject.toml changes: .venv/.installed-<hash of pyproject.toml>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,5 +38,5 @@ if [[ ! -f "$stamp" ]]; then
 fi
 
 .venv/bin/clinhub infra fetch
-# Compose v2 (built once from the Go module proxy) so the test suite can check docker-compose.yml.
-bash scripts/validate-compose.sh --install-only
+# Compose v2, which only the test suite needs (to check docker-compose.yml), is not installed here:
+# `make test` runs `make compose` (scripts/validate-compose.sh --install-only) as well.
