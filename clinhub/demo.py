@@ -162,7 +162,10 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     upgrade(engine)
     topics = TopicNames(prefix=settings.stream.topic_prefix)
     create_topics(
-        settings.kafka.client_config(),
+        # log_level 5 (notice): librdkafka's info lines stay off the terminal, such as the admin client's
+        # `BGQUEUE ... Purging 1 unserved events from background queue` as it is destroyed; notices,
+        # warnings and errors still show, and a failed creation raises.
+        {**settings.kafka.client_config(), "log_level": 5},
         topics.all_for(settings.stream.institutions),
         settings.kafka.topic_partitions,
         settings.kafka.topic_replication,
