@@ -205,7 +205,7 @@ class Stage:
             try:
                 return await action()
             except ServiceUnavailableError as exc:
-                log.warning("%s: %s, retrying in %.1fs", doing, exc, delay)
+                log.warning("%s failed (%s), retrying in %.1fs", doing, exc, delay)
                 self.metrics.sink_retries.labels(reason=type(exc).__name__).inc()
             except Exception as exc:  # a bug of the hub: counted, logged, retried a few times
                 bugs += 1
