@@ -38,8 +38,6 @@ class Prepared:
     time: dt.datetime  # the record's own time (event time, raised, escalated, acknowledged, linked)
     log_id: str | None = None
     log: Row | None = None
-    version: tuple[dt.datetime, str] | None = None  # (event_time, event_id) of versioned kinds
-    set_key: tuple[str, str] | None = None  # vitals: (institution, observation id)
     rows: dict[str, list[Row]] = field(default_factory=dict)  # table name -> rows
     patient: Row | None = None
 
@@ -164,7 +162,6 @@ def _clinical(
         time=envelope.event_time,
         log_id=envelope.event_id,
         log=envelope.log_row(kind, now),
-        version=(envelope.event_time, envelope.event_id),
         patient={
             "regional_patient_id": patient_id,
             "birth_year": birth_year,
@@ -222,7 +219,6 @@ def _vitals(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared
     prepared, envelope = _clinical(index, "vitals", record, now)
     assert prepared.patient is not None  # noqa: S101 - set by _clinical
     observation_id = _text(record, "observation_id")
-    prepared.set_key = (envelope.institution_id, observation_id)
     measurements = _get(record, "measurements")
     if not measurements:
         raise _Refused("measurements", "a vital-signs set needs at least one measurement")

@@ -1,14 +1,17 @@
 """The SQLAlchemy sink: one transaction per batch, set-based upserts per table, on PostgreSQL and SQLite.
 
-Per batch, in one transaction and a handful of statements (each an INSERT ... ON CONFLICT over all the
-batch's rows for that table, sent as multi-row VALUES):
-1. ingest_log takes the batch's event ids (clinical envelopes, escalations, acknowledgements); ids it
-   already had are redeliveries and go no further.
-2. Versioned tables (observations, encounters, medication_orders, diagnoses) take each natural key's
-   newest version in the batch, and replace the stored row only when newer by (event_time, event_id).
-3. History and append-only tables insert-or-ignore; alerts keep the highest suppressed_repeats and are
-   refreshed from their escalations and acknowledgements; identity links and aliases keep the latest.
-Rows are sent sorted by key so that concurrent writers lock in the same order.
+Each table's rule is data, a `WritePolicy` (sinks.write_policy): its conflict key, the version that
+decides which of two rows wins, and what a newer row changes. From it come both the batch's own choice of
+one row per key (`keep_newest`) and the INSERT ... ON CONFLICT sent for the batch's rows of that table:
+- ingest_log takes the batch's event ids (clinical envelopes, escalations, acknowledgements); ids it
+  already had are redeliveries and go no further;
+- versioned tables (observations, medication_orders, diagnoses) keep each natural key's newest version by
+  (event_time, event_id); alerts keep the highest suppressed_repeats; identity links and aliases the
+  latest link; patients fill in demographics from their newest record;
+- history and append-only tables insert-or-ignore.
+Around the policies, a few steps of their own: vitals sets replace whole sets, encounters take their state
+from their history, alerts are refreshed from their escalations and acknowledgements, aliases stay one
+hop from a canonical id. Rows are sent sorted by key so that concurrent writers lock in the same order.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -67,6 +70,7 @@ from sinks.records import (
     Row,
     prepare,
 )
+from sinks.write_policy import Key, Precedence, WritePolicy, keep_newest, merge_newest
 
 
 def _table(model: Any) -> Table:
@@ -74,50 +78,63 @@ def _table(model: Any) -> Table:
     return table
 
 
-OBSERVATIONS = _table(Observation)
-ALERTS = _table(Alert)
-PATIENTS = _table(Patient)
-LINKS = _table(IdentifierLink)
-ALIASES = _table(PatientAlias)
-INGEST_LOG = _table(IngestLog)
-ENCOUNTERS = _table(Encounter)
-ENCOUNTER_EVENTS = _table(EncounterEvent)
-MEDICATIONS = _table(MedicationOrder)
-DIAGNOSES = _table(Diagnosis)
-ESCALATIONS = _table(AlertEscalation)
-ACKS = _table(AlertAcknowledgement)
+EVENT_VERSION = ("event_time", "event_id")  # the later event time wins, a tie the larger event id
+LINK_VERSION = ("linked_time",)  # the latest link wins
 
-VERSIONED = {  # table -> natural key
-    "observations": ("institution_id", "category", "result_id", "component"),
-    "medication_orders": ("institution_id", "order_id"),
-    "diagnoses": ("institution_id", "diagnosis_id"),
-}
-LATEST_LINKED = {  # table -> key; the latest linked_time wins
-    "identifier_links": ("institution_id", "patient_mrn"),
-    "patient_aliases": ("alias_id",),
-}
-APPEND_ONLY = {  # table -> key; a second copy is ignored
-    "encounter_events": "event_id",
-    "alert_escalations": "escalation_id",
-    "alert_acknowledgements": "ack_id",
-}
-TABLES = {
-    table.name: table
-    for table in (
-        OBSERVATIONS,
-        ALERTS,
-        PATIENTS,
-        LINKS,
-        ALIASES,
-        INGEST_LOG,
-        ENCOUNTERS,
-        ENCOUNTER_EVENTS,
-        MEDICATIONS,
-        DIAGNOSES,
-        ESCALATIONS,
-        ACKS,
-    )
-}
+# Every table's write policy, in the order a batch writes the tables: all writers lock in one order.
+INGEST_LOG_WRITES = WritePolicy(_table(IngestLog), Precedence(("event_id",)))
+OBSERVATION_WRITES = WritePolicy(
+    _table(Observation), Precedence(("institution_id", "category", "result_id", "component"), EVENT_VERSION)
+)
+MEDICATION_WRITES = WritePolicy(
+    _table(MedicationOrder), Precedence(("institution_id", "order_id"), EVENT_VERSION)
+)
+DIAGNOSIS_WRITES = WritePolicy(
+    _table(Diagnosis), Precedence(("institution_id", "diagnosis_id"), EVENT_VERSION)
+)
+ENCOUNTER_EVENT_WRITES = WritePolicy(_table(EncounterEvent), Precedence(("event_id",)))
+ESCALATION_WRITES = WritePolicy(_table(AlertEscalation), Precedence(("escalation_id",)))
+ACK_WRITES = WritePolicy(_table(AlertAcknowledgement), Precedence(("ack_id",)))
+ALERT_WRITES = WritePolicy(
+    _table(Alert), Precedence(("alert_id",), ("suppressed_repeats",)), replaces=("suppressed_repeats",)
+)
+LINK_WRITES = WritePolicy(_table(IdentifierLink), Precedence(("institution_id", "patient_mrn"), LINK_VERSION))
+# Created here with do-nothing; its state is derived from the encounter's history (_encounter_state).
+ENCOUNTER_WRITES = WritePolicy(
+    _table(Encounter), Precedence(("institution_id", "encounter_id")), returning=False
+)
+ALIAS_WRITES = WritePolicy(_table(PatientAlias), Precedence(("alias_id",), LINK_VERSION))
+# Demographics come from many records, some with none: a newer one fills in, its nulls keep what is known.
+PATIENT_WRITES = WritePolicy(
+    _table(Patient),
+    Precedence(("regional_patient_id",), ("demographics_time",)),
+    replaces=(),
+    fills=("birth_year", "sex", "demographics_time"),
+)
+WRITE_POLICIES: tuple[WritePolicy, ...] = (
+    INGEST_LOG_WRITES,
+    OBSERVATION_WRITES,
+    MEDICATION_WRITES,
+    DIAGNOSIS_WRITES,
+    ENCOUNTER_EVENT_WRITES,
+    ESCALATION_WRITES,
+    ACK_WRITES,
+    ALERT_WRITES,
+    LINK_WRITES,
+    ENCOUNTER_WRITES,
+    ALIAS_WRITES,
+    PATIENT_WRITES,
+)
+POLICIES: dict[str, WritePolicy] = {policy.name: policy for policy in WRITE_POLICIES}
+# A vitals set is replaced as a whole: only the newest version of each set in a batch counts.
+VITALS_SET = Precedence(("institution_id", "category", "result_id"), EVENT_VERSION)
+
+# The tables tests and benchmarks read.
+OBSERVATIONS = OBSERVATION_WRITES.table
+ALERTS = ALERT_WRITES.table
+PATIENTS = PATIENT_WRITES.table
+INGEST_LOG = INGEST_LOG_WRITES.table
+ENCOUNTERS = ENCOUNTER_WRITES.table
 ALIAS_COMPRESSION_ROUNDS = 8
 
 
@@ -138,16 +155,21 @@ def _reason(exc: StatementError, limit: int = 300) -> str:
     return f"{_error_class(exc)}: {text[:limit]}"
 
 
-def _newer(excluded: Any, table: Table) -> Any:
-    """The incoming version is newer: later event time, ties broken by the larger event id."""
-    return or_(
-        excluded.event_time > table.c.event_time,
-        and_(excluded.event_time == table.c.event_time, excluded.event_id > table.c.event_id),
-    )
+def _later(incoming: Any, stored: Any, version: tuple[str, ...]) -> Any:
+    """SQL for "incoming has the higher version": the columns compared in order, as Precedence does;
+    where the stored column may be null, a null is older than any value and never newer."""
+    first, rest = version[0], version[1:]
+    new, old = incoming[first], stored[first]
+    higher = new > old
+    if stored[first].nullable:
+        higher = and_(new.is_not(None), or_(old.is_(None), higher))
+    if not rest:
+        return higher
+    return or_(higher, and_(new == old, _later(incoming, stored, rest)))
 
 
-def _version(row: Row) -> tuple[dt.datetime, str]:
-    return (row["event_time"], row["event_id"])
+def _rows(kept: Mapping[Key, tuple[Prepared, Row]]) -> dict[Key, Row]:
+    return {key: row for key, (_, row) in kept.items()}
 
 
 def _element(table: Table, column: str) -> Any:
@@ -157,63 +179,28 @@ def _element(table: Table, column: str) -> Any:
     return String() if isinstance(kind, String) else kind
 
 
-def _on_conflict(name: str, insert_: Any) -> Any:
-    """The conflict rule and RETURNING of each bulk statement, over any row source (VALUES or unnest)."""
-    table, excluded = TABLES[name], insert_.excluded
-    if name == "ingest_log":
-        return insert_.on_conflict_do_nothing(index_elements=["event_id"]).returning(table.c.event_id)
-    if name in VERSIONED:
-        key = VERSIONED[name]
-        return insert_.on_conflict_do_update(
-            index_elements=list(key),
-            set_={c.name: excluded[c.name] for c in table.columns if c.name not in key},
-            where=_newer(excluded, table),
-        ).returning(*[table.c[k] for k in key])
-    if name == "encounters":  # created here, its state derived from the history (_encounter_state)
-        return insert_.on_conflict_do_nothing(index_elements=["institution_id", "encounter_id"])
-    if name in APPEND_ONLY:
-        key_name = APPEND_ONLY[name]
-        return insert_.on_conflict_do_nothing(index_elements=[key_name]).returning(table.c[key_name])
-    if name == "alerts":
-        return insert_.on_conflict_do_update(
-            index_elements=["alert_id"],
-            set_={"suppressed_repeats": excluded.suppressed_repeats},
-            where=excluded.suppressed_repeats > table.c.suppressed_repeats,
-        ).returning(table.c.alert_id)
-    if name == "patients":
-        return insert_.on_conflict_do_update(
-            index_elements=["regional_patient_id"],
+def _on_conflict(policy: WritePolicy, insert_: Any) -> Any:
+    """A policy as the conflict rule and RETURNING of its bulk statement, over VALUES or unnest() rows."""
+    stored, key = policy.table.c, list(policy.precedence.key)
+    if policy.precedence.version:
+        excluded = insert_.excluded
+        statement = insert_.on_conflict_do_update(
+            index_elements=key,
             set_={
-                "birth_year": func.coalesce(excluded.birth_year, table.c.birth_year),
-                "sex": func.coalesce(excluded.sex, table.c.sex),
-                "demographics_time": excluded.demographics_time,
+                **{column: excluded[column] for column in policy.replaced_columns},
+                **{column: func.coalesce(excluded[column], stored[column]) for column in policy.fills},
             },
-            where=and_(
-                excluded.demographics_time.is_not(None),
-                or_(
-                    table.c.demographics_time.is_(None),
-                    excluded.demographics_time > table.c.demographics_time,
-                ),
-            ),
-        ).returning(table.c.regional_patient_id)
-    if name in LATEST_LINKED:
-        key = LATEST_LINKED[name]
-        return insert_.on_conflict_do_update(
-            index_elements=list(key),
-            set_={
-                "regional_patient_id": excluded.regional_patient_id,
-                "linked_time": excluded.linked_time,
-                "ingested_time": excluded.ingested_time,
-            },
-            where=excluded.linked_time > table.c.linked_time,
-        ).returning(*[table.c[k] for k in key])
-    raise KeyError(name)
+            where=_later(excluded, stored, policy.precedence.version),
+        )
+    else:
+        statement = insert_.on_conflict_do_nothing(index_elements=key)
+    return statement.returning(*[stored[column] for column in key]) if policy.returning else statement
 
 
 def _encounter_state() -> Any:
     """UPDATE encounters from their history: each field from the latest event (event time, then event id)
     that carries it, so the state does not depend on the order events were delivered in."""
-    e, enc = ENCOUNTER_EVENTS, ENCOUNTERS
+    e, enc = ENCOUNTER_EVENT_WRITES.table, ENCOUNTERS
 
     def latest(column: Any, *conditions: Any) -> Any:
         return (
@@ -285,16 +272,16 @@ class SqlStoreSink(Sink):
 
     # -- statements ---------------------------------------------------------------------------------
 
-    def _bulk(self, connection: Connection, name: str, rows: list[Row]) -> Any:
-        """Run the bulk statement `name` (see _on_conflict) over rows that all have the same keys."""
-        table = TABLES[name]
+    def _bulk(self, connection: Connection, policy: WritePolicy, rows: list[Row]) -> Any:
+        """Run the policy's bulk statement (see _on_conflict) over rows that all have the same keys."""
+        table = policy.table
         if self._dialect == "sqlite":
-            stmt = self._statements.get(name)
+            stmt = self._statements.get(policy.name)
             if stmt is None:
-                stmt = self._statements[name] = _on_conflict(name, self._insert(table))
+                stmt = self._statements[policy.name] = _on_conflict(policy, self._insert(table))
             return connection.execute(stmt, rows)
         columns = tuple(rows[0])
-        stmt = self._statements.get((name, columns))
+        stmt = self._statements.get((policy.name, columns))
         if stmt is None:
             arrays = [
                 cast(
@@ -304,9 +291,36 @@ class SqlStoreSink(Sink):
                 for column in columns
             ]
             source = select(*func.unnest(*arrays).table_valued(*columns).render_derived().columns)
-            stmt = _on_conflict(name, self._insert(table).from_select(list(columns), source))
-            self._statements[(name, columns)] = stmt
+            stmt = _on_conflict(policy, self._insert(table).from_select(list(columns), source))
+            self._statements[(policy.name, columns)] = stmt
         return connection.execute(stmt, {f"a_{column}": [row[column] for row in rows] for column in columns})
+
+    def _store(
+        self, connection: Connection, policy: WritePolicy, rows: Mapping[Key, Row], outcome: _Outcome
+    ) -> list[Key]:
+        """Send one row per key, sorted by key (so concurrent writers lock in the same order); the keys of
+        the rows the database wrote, when the policy returns them."""
+        if not rows:
+            return []
+        result = self._bulk(connection, policy, [rows[key] for key in sorted(rows)])
+        if not policy.returning:
+            return []
+        written = [tuple(key) for key in result]
+        outcome.rows[policy.name] += len(written)
+        return written
+
+    def _write(
+        self,
+        connection: Connection,
+        policy: WritePolicy,
+        pairs: list[tuple[Prepared, Row]],
+        outcome: _Outcome,
+    ) -> set[Key]:
+        """The batch's winning row per key, by the policy; a record whose row was written counts written."""
+        kept = keep_newest(pairs, policy.precedence)
+        written = self._store(connection, policy, _rows(kept), outcome)
+        outcome.written.update(kept[key][0].index for key in written)
+        return set(written)
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -346,61 +360,46 @@ class SqlStoreSink(Sink):
             raise StoreUnavailableError(f"database error: {exc!r}") from exc
 
     def _apply(self, connection: Connection, prepared: list[Prepared]) -> _Outcome:
+        """The tables with steps of their own, every other table by its policy alone (in the order of
+        WRITE_POLICIES), then what is derived from what was written."""
         outcome = _Outcome()
         live = self._skip_logged(connection, prepared, outcome)
         by_table: dict[str, list[tuple[Prepared, Row]]] = defaultdict(list)
         for entry in live:
             for table_name, rows in entry.rows.items():
                 by_table[table_name].extend((entry, row) for row in rows)
-
-        observations = by_table.pop("observations", [])
-        if observations:
-            self._versioned(connection, "observations", self._newest_sets(observations), outcome)
-            if any(row["category"] == VITAL_SIGNS for _, row in observations):
-                self._supersede_dropped_measurements(connection, observations)
-        for name in ("medication_orders", "diagnoses"):
-            if by_table.get(name):
-                self._versioned(connection, name, by_table.pop(name), outcome)
-        new_encounter_events: set[str] = set()
-        for name in APPEND_ONLY:
-            if by_table.get(name):
-                added = self._append_only(connection, name, by_table.pop(name), outcome)
-                if name == "encounter_events":
-                    new_encounter_events = added
-        if by_table.get("encounters"):
-            self._encounters(connection, by_table.pop("encounters"), new_encounter_events, outcome)
-        touched_alerts: set[str] = set()
-        if by_table.get("alerts"):
-            touched_alerts |= self._alerts(connection, by_table.pop("alerts"), outcome)
+        self._observations(connection, by_table.pop(OBSERVATION_WRITES.name, []), outcome)
+        encounters = by_table.pop(ENCOUNTER_WRITES.name, [])
+        aliases = by_table.pop(ALIAS_WRITES.name, [])
+        unknown = by_table.keys() - POLICIES.keys()
+        if unknown:
+            raise LookupError(f"rows for tables without a write policy: {sorted(unknown)}")
+        stored_keys = {
+            policy.name: self._write(connection, policy, by_table[policy.name], outcome)
+            for policy in WRITE_POLICIES
+            if by_table.get(policy.name)
+        }
+        new_events = {event_id for (event_id,) in stored_keys.get(ENCOUNTER_EVENT_WRITES.name, ())}
+        self._encounters(connection, encounters, new_events, outcome)
+        touched_alerts = {alert_id for (alert_id,) in stored_keys.get(ALERT_WRITES.name, ())}
         touched_alerts |= {
-            entry.rows[name][0]["alert_id"]
-            for entry in live
-            for name in ("alert_escalations", "alert_acknowledgements")
-            if name in entry.rows
+            row["alert_id"] for name in (ESCALATION_WRITES.name, ACK_WRITES.name) for _, row in by_table[name]
         }
         if touched_alerts:
             self._refresh_alert_state(connection, touched_alerts)
-        if by_table.get("identifier_links"):
-            self._identities(
-                connection, by_table.pop("identifier_links"), by_table.pop("patient_aliases", []), outcome
-            )
-        patients = [entry.patient for entry in live if entry.patient is not None]
-        if patients:
-            self._patients(connection, patients, outcome)
+        self._aliases(connection, aliases, outcome)
+        self._patients(connection, [entry.patient for entry in live if entry.patient is not None], outcome)
         return outcome
 
     def _skip_logged(
         self, connection: Connection, prepared: list[Prepared], outcome: _Outcome
     ) -> list[Prepared]:
         """Log the batch's event ids; records whose id was already logged (or repeated) are redeliveries."""
-        logs: dict[str, Row] = {}
-        for entry in prepared:
-            if entry.log_id is not None and entry.log is not None:
-                logs.setdefault(entry.log_id, entry.log)
-        if logs:
-            rows = [logs[key] for key in sorted(logs)]
-            outcome.new_log_ids = {row[0] for row in self._bulk(connection, "ingest_log", rows)}
-            outcome.rows["ingest_log"] += len(outcome.new_log_ids)
+        logs = keep_newest(
+            ((entry, entry.log) for entry in prepared if entry.log is not None), INGEST_LOG_WRITES.precedence
+        )
+        new_log_ids = self._store(connection, INGEST_LOG_WRITES, _rows(logs), outcome)
+        outcome.new_log_ids = {log_id for (log_id,) in new_log_ids}
         live: list[Prepared] = []
         claimed: set[str] = set()
         for entry in prepared:
@@ -411,42 +410,32 @@ class SqlStoreSink(Sink):
                 live.append(entry)
         return live
 
+    def _observations(
+        self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
+    ) -> None:
+        """Lab results and vitals sets; a vitals set is replaced as a whole, so only the newest version of
+        each set in the batch counts, and measurements a newer version no longer has retire."""
+        if not pairs:
+            return
+        vitals = [(entry, row) for entry, row in pairs if row["category"] == VITAL_SIGNS]
+        newest_sets = {entry.index for entry, _ in keep_newest(vitals, VITALS_SET).values()}
+        self._write(
+            connection,
+            OBSERVATION_WRITES,
+            [
+                (entry, row)
+                for entry, row in pairs
+                if row["category"] != VITAL_SIGNS or entry.index in newest_sets
+            ],
+            outcome,
+        )
+        if vitals:
+            self._supersede_dropped_measurements(connection, vitals)
+
     @staticmethod
-    def _newest_sets(pairs: list[tuple[Prepared, Row]]) -> list[tuple[Prepared, Row]]:
-        """Vitals come as sets: only the newest version of each set in the batch counts."""
-        newest: dict[tuple[str, str], Prepared] = {}
-        for entry, _row in pairs:
-            if entry.set_key is not None:
-                current = newest.get(entry.set_key)
-                if current is None or (entry.version or ()) > (current.version or ()):
-                    newest[entry.set_key] = entry
-        return [
-            (entry, row) for entry, row in pairs if entry.set_key is None or newest[entry.set_key] is entry
-        ]
-
-    def _versioned(
-        self, connection: Connection, name: str, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
-    ) -> None:
-        key_columns = VERSIONED[name]
-        newest: dict[tuple[Any, ...], tuple[Prepared, Row]] = {}
-        for entry, row in pairs:
-            key = tuple(row[k] for k in key_columns)
-            current = newest.get(key)
-            if current is None or _version(row) > _version(current[1]):
-                newest[key] = (entry, row)
-        ordered = [newest[key] for key in sorted(newest)]
-        returned = self._bulk(connection, name, [row for _, row in ordered]).all()
-        outcome.rows[name] += len(returned)
-        for key in returned:
-            outcome.written.add(newest[tuple(key)][0].index)
-
-    def _supersede_dropped_measurements(
-        self, connection: Connection, pairs: list[tuple[Prepared, Row]]
-    ) -> None:
-        """A newer version of a vitals set replaces the whole set: measurements it no longer has retire."""
-        sets = {
-            (row["institution_id"], row["result_id"]) for _, row in pairs if row["category"] == VITAL_SIGNS
-        }
+    def _supersede_dropped_measurements(connection: Connection, vitals: list[tuple[Prepared, Row]]) -> None:
+        """Measurements of a set that a newer version of the set (in the store) no longer has."""
+        sets = {(row["institution_id"], row["result_id"]) for _, row in vitals}
         o, newer = OBSERVATIONS, OBSERVATIONS.alias("newer")
         stmt = (
             update(o)
@@ -456,13 +445,8 @@ class SqlStoreSink(Sink):
                 o.c.institution_id.in_({institution for institution, _ in sets}),
                 o.c.result_id.in_({result for _, result in sets}),
                 exists().where(
-                    newer.c.institution_id == o.c.institution_id,
-                    newer.c.category == o.c.category,
-                    newer.c.result_id == o.c.result_id,
-                    or_(
-                        newer.c.event_time > o.c.event_time,
-                        and_(newer.c.event_time == o.c.event_time, newer.c.event_id > o.c.event_id),
-                    ),
+                    *[newer.c[column] == o.c[column] for column in VITALS_SET.key],
+                    _later(newer.c, o.c, VITALS_SET.version),
                 ),
             )
             .values(status="superseded")
@@ -477,51 +461,23 @@ class SqlStoreSink(Sink):
         outcome: _Outcome,
     ) -> None:
         """Encounters with a new event get their state derived again from their whole history."""
-        rows = {
-            (row["institution_id"], row["encounter_id"]): row
-            for _, row in pairs
-            if row["event_id"] in new_events
-        }
-        if not rows:
+        kept = keep_newest(
+            ((entry, row) for entry, row in pairs if row["event_id"] in new_events),
+            ENCOUNTER_WRITES.precedence,
+        )
+        if not kept:
             return
-        keys = sorted(rows)
-        self._bulk(connection, "encounters", [rows[key] for key in keys])
+        rows = _rows(kept)
+        self._store(connection, ENCOUNTER_WRITES, rows, outcome)
         result = connection.execute(
             self._encounter_state,
-            {"keys": keys, "now": next(iter(rows.values()))["ingested_time"]},
+            {"keys": sorted(rows), "now": next(iter(rows.values()))["ingested_time"]},
         )
-        outcome.rows["encounters"] += result.rowcount
-
-    def _append_only(
-        self, connection: Connection, name: str, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
-    ) -> set[str]:
-        key_name = APPEND_ONLY[name]
-        first: dict[str, tuple[Prepared, Row]] = {}
-        for entry, row in pairs:
-            first.setdefault(row[key_name], (entry, row))
-        returned = self._bulk(connection, name, [first[k][1] for k in sorted(first)]).all()
-        outcome.rows[name] += len(returned)
-        for (key,) in returned:
-            outcome.written.add(first[key][0].index)
-        return {key for (key,) in returned}
-
-    def _alerts(
-        self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome
-    ) -> set[str]:
-        highest: dict[str, tuple[Prepared, Row]] = {}
-        for entry, row in pairs:
-            current = highest.get(row["alert_id"])
-            if current is None or row["suppressed_repeats"] > current[1]["suppressed_repeats"]:
-                highest[row["alert_id"]] = (entry, row)
-        returned = self._bulk(connection, "alerts", [highest[k][1] for k in sorted(highest)]).all()
-        outcome.rows["alerts"] += len(returned)
-        for (alert_id,) in returned:
-            outcome.written.add(highest[alert_id][0].index)
-        return {alert_id for (alert_id,) in returned}
+        outcome.rows[ENCOUNTER_WRITES.name] += result.rowcount
 
     def _refresh_alert_state(self, connection: Connection, alert_ids: set[str]) -> None:
         """Escalation level and first acknowledgement from their tables (they may come before the alert)."""
-        a, e, k = ALERTS, ESCALATIONS, ACKS
+        a, e, k = ALERTS, ESCALATION_WRITES.table, ACK_WRITES.table
 
         def top_escalation(column: Any) -> Any:
             return (
@@ -555,80 +511,50 @@ class SqlStoreSink(Sink):
             )
         )
 
-    def _identities(
-        self,
-        connection: Connection,
-        links: list[tuple[Prepared, Row]],
-        aliases: list[tuple[Prepared, Row]],
-        outcome: _Outcome,
-    ) -> None:
-        latest: dict[tuple[str, str], tuple[Prepared, Row]] = {}
-        for entry, row in links:
-            key = (row["institution_id"], row["patient_mrn"])
-            if key not in latest or row["linked_time"] > latest[key][1]["linked_time"]:
-                latest[key] = (entry, row)
-        returned = self._bulk(connection, "identifier_links", [latest[k][1] for k in sorted(latest)]).all()
-        outcome.rows["identifier_links"] += len(returned)
-        for key in returned:
-            outcome.written.add(latest[tuple(key)][0].index)
-        if not aliases:
+    def _aliases(self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome) -> None:
+        """Aliases by their policy; a target is canonical from its link time on, so an older alias row of
+        the target itself goes first, and every alias is kept one hop from a canonical id."""
+        if not pairs:
             return
-        newest_alias: dict[str, tuple[Prepared, Row]] = {}
-        for entry, row in aliases:
-            current = newest_alias.get(row["alias_id"])
-            if current is None or row["linked_time"] > current[1]["linked_time"]:
-                newest_alias[row["alias_id"]] = (entry, row)
-        rows = [newest_alias[k][1] for k in sorted(newest_alias)]
-        # A target is canonical from its link time on: an older alias row of the target itself goes.
+        kept = keep_newest(pairs, ALIAS_WRITES.precedence)
+        aliases = ALIAS_WRITES.table
         connection.execute(
-            delete(ALIASES).where(
-                ALIASES.c.alias_id == bindparam("target", type_=ALIASES.c.alias_id.type),
-                ALIASES.c.linked_time < bindparam("linked", type_=ALIASES.c.linked_time.type),
+            delete(aliases).where(
+                aliases.c.alias_id == bindparam("target", type_=aliases.c.alias_id.type),
+                aliases.c.linked_time < bindparam("linked", type_=aliases.c.linked_time.type),
             ),
-            [{"target": row["regional_patient_id"], "linked": row["linked_time"]} for row in rows],
+            [
+                {"target": row["regional_patient_id"], "linked": row["linked_time"]}
+                for _, row in (kept[key] for key in sorted(kept))
+            ],
         )
-        returned = self._bulk(connection, "patient_aliases", rows).all()
-        outcome.rows["patient_aliases"] += len(returned)
-        for (alias_id,) in returned:
-            outcome.written.add(newest_alias[alias_id][0].index)
+        written = self._store(connection, ALIAS_WRITES, _rows(kept), outcome)
+        outcome.written.update(kept[key][0].index for key in written)
         self._compress_aliases(connection)
 
     @staticmethod
     def _compress_aliases(connection: Connection) -> None:
         """Keep every alias one hop from a canonical id: A->B, B->C becomes A->C, B->C."""
-        hop = ALIASES.alias("hop")
+        aliases = ALIAS_WRITES.table
+        hop = aliases.alias("hop")
         for _ in range(ALIAS_COMPRESSION_ROUNDS):
             result = connection.execute(
-                update(ALIASES)
-                .where(ALIASES.c.regional_patient_id.in_(select(hop.c.alias_id)))
+                update(aliases)
+                .where(aliases.c.regional_patient_id.in_(select(hop.c.alias_id)))
                 .values(
                     regional_patient_id=select(hop.c.regional_patient_id)
-                    .where(hop.c.alias_id == ALIASES.c.regional_patient_id)
+                    .where(hop.c.alias_id == aliases.c.regional_patient_id)
                     .scalar_subquery()
                 )
             )
             if not result.rowcount:
                 break
-        connection.execute(delete(ALIASES).where(ALIASES.c.alias_id == ALIASES.c.regional_patient_id))
+        connection.execute(delete(aliases).where(aliases.c.alias_id == aliases.c.regional_patient_id))
 
     def _patients(self, connection: Connection, patients: list[Row], outcome: _Outcome) -> None:
-        merged: dict[str, Row] = {}
-        oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
-        for row in sorted(patients, key=lambda r: r["demographics_time"] or oldest):
-            key = row["regional_patient_id"]
-            if key in merged:
-                previous = merged[key]
-                row = {
-                    **row,
-                    "birth_year": row["birth_year"]
-                    if row["birth_year"] is not None
-                    else previous["birth_year"],
-                    "sex": row["sex"] if row["sex"] is not None else previous["sex"],
-                    "demographics_time": row["demographics_time"] or previous["demographics_time"],
-                }
-            merged[key] = row
-        returned = self._bulk(connection, "patients", [merged[k] for k in sorted(merged)]).all()
-        outcome.rows["patients"] += len(returned)
+        """Patients change no record's count: they follow from the records that name them."""
+        if patients:
+            self._store(connection, PATIENT_WRITES, merge_newest(patients, PATIENT_WRITES), outcome)
 
     # -- metrics ------------------------------------------------------------------------------------
 
