@@ -9,9 +9,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.contract import STORED_RECORDS
 from sinks.exceptions import StoreRejectedError
 
-KINDS = ("lab", "vitals", "encounter", "medication", "diagnosis", "alert", "escalation", "ack", "identity")
+# The kinds of record the store takes: named once, in the hub's contract.
+KINDS: tuple[str, ...] = STORED_RECORDS
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from sinks.records import (
     STATUS_KEEPING_EVENTS,
     Prepared,
     Row,
+    check_converters,
     prepare,
 )
 from sinks.write_policy import Key, Precedence, WritePolicy, keep_newest, merge_newest
@@ -257,6 +258,7 @@ class SqlStoreSink(Sink):
         clock: Callable[[], dt.datetime] | None = None,
         metrics: SinkMetrics | None = None,
     ) -> None:
+        check_converters()
         self._engine = engine
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._metrics = metrics
