@@ -11,8 +11,8 @@ import base64
 import binascii
 import datetime as dt
 import json
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import Engine, Float, String, and_, case, cast, func, literal, null, or_, select, union_all
@@ -34,7 +34,6 @@ from sinks.models import (
     UtcDateTime,
 )
 
-TIMELINE_KINDS = ("lab", "vitals", "encounter", "medication", "diagnosis", "alert")
 MAX_LIMIT = 1000
 
 
@@ -112,131 +111,149 @@ def patient_ids(connection: Connection, regional_patient_id: str) -> tuple[str, 
     return canonical, [canonical, *sorted(others)]
 
 
-def _branches(ids: list[str], kinds: Collection[str]) -> list[tuple[str, Any, list[Any]]]:
-    """(kind tag for filtering, select, extra where) per source; every select has the same columns."""
-    o, e, enc = Observation.__table__, EncounterEvent.__table__, Encounter.__table__
-    m, d, a = MedicationOrder.__table__, Diagnosis.__table__, Alert.__table__
-    no_value = cast(null(), Float)
-    no_text = cast(null(), String)
-    branches: list[tuple[str, Any, list[Any]]] = []
-    obs_kinds = [k for k in ("lab", "vitals") if k in kinds]
-    if obs_kinds:
-        kind = case((o.c.category == LAB, literal("lab")), else_=literal("vitals"))
-        branches.append(
-            (
-                "observations",
-                select(
-                    o.c.effective_time.label("time"),
-                    kind.label("kind"),
-                    (o.c.institution_id + ":" + o.c.result_id + ":" + o.c.component).label("entry_id"),
-                    o.c.institution_id,
-                    func.coalesce(o.c.loinc_code, o.c.local_code).label("code"),
-                    o.c.analyte.label("display"),
-                    func.coalesce(o.c.value, o.c.original_value).label("value"),
-                    func.coalesce(o.c.unit, o.c.original_unit).label("unit"),
-                    o.c.status.label("status"),
-                    o.c.event_id,
-                    o.c.regional_patient_id.label("stored_patient_id"),
-                ),
-                [
-                    o.c.regional_patient_id.in_(ids),
-                    o.c.status.not_in(RETRACTED_OBSERVATION),
-                    *(
-                        [o.c.category == (LAB if obs_kinds == ["lab"] else VITAL_SIGNS)]
-                        if len(obs_kinds) == 1
-                        else []
-                    ),
-                ],
-            )
-        )
-    if "encounter" in kinds:
-        branches.append(
-            (
-                "encounter",
-                select(
-                    e.c.occurred_time.label("time"),
-                    literal("encounter").label("kind"),
-                    e.c.event_id.label("entry_id"),
-                    e.c.institution_id,
-                    e.c.event_type.label("code"),
-                    func.coalesce(e.c.ward, e.c.encounter_class).label("display"),
-                    no_value.label("value"),
-                    no_text.label("unit"),
-                    e.c.encounter_class.label("status"),
-                    e.c.event_id,
-                    e.c.regional_patient_id.label("stored_patient_id"),
-                ).join(
-                    enc,
-                    and_(enc.c.institution_id == e.c.institution_id, enc.c.encounter_id == e.c.encounter_id),
-                ),
-                [
-                    e.c.regional_patient_id.in_(ids),
-                    e.c.event_type != "CANCEL",
-                    enc.c.status != CANCELLED_ENCOUNTER,
-                ],
-            )
-        )
-    if "medication" in kinds:
-        branches.append(
-            (
-                "medication",
-                select(
-                    m.c.ordered_time.label("time"),
-                    literal("medication").label("kind"),
-                    (m.c.institution_id + ":" + m.c.order_id).label("entry_id"),
-                    m.c.institution_id,
-                    func.coalesce(m.c.regional_drug_code, m.c.drug_code).label("code"),
-                    m.c.drug_display.label("display"),
-                    m.c.dose_value.label("value"),
-                    m.c.dose_unit.label("unit"),
-                    m.c.status.label("status"),
-                    m.c.event_id,
-                    m.c.regional_patient_id.label("stored_patient_id"),
-                ),
-                [m.c.regional_patient_id.in_(ids), m.c.status.not_in(RETRACTED_MEDICATION)],
-            )
-        )
-    if "diagnosis" in kinds:
-        branches.append(
-            (
-                "diagnosis",
-                select(
-                    d.c.recorded_time.label("time"),
-                    literal("diagnosis").label("kind"),
-                    (d.c.institution_id + ":" + d.c.diagnosis_id).label("entry_id"),
-                    d.c.institution_id,
-                    d.c.icd10_code.label("code"),
-                    d.c.display.label("display"),
-                    no_value.label("value"),
-                    no_text.label("unit"),
-                    d.c.kind.label("status"),
-                    d.c.event_id,
-                    d.c.regional_patient_id.label("stored_patient_id"),
-                ),
-                [d.c.regional_patient_id.in_(ids)],
-            )
-        )
-    if "alert" in kinds:
-        branches.append(
-            (
-                "alert",
-                select(
-                    a.c.raised_time.label("time"),
-                    literal("alert").label("kind"),
-                    a.c.alert_id.label("entry_id"),
-                    a.c.institution_id,
-                    a.c.loinc_code.label("code"),
-                    a.c.message.label("display"),
-                    a.c.value.label("value"),
-                    a.c.unit.label("unit"),
-                    a.c.severity.label("status"),
-                    a.c.alert_id.label("event_id"),
-                    a.c.regional_patient_id.label("stored_patient_id"),
-                ),
-                [a.c.regional_patient_id.in_(ids)],
-            )
-        )
-    return branches
+# A timeline source: for the patient's ids and the kinds asked of it, a select with the columns of
+# TimelineEntry (see _entries) and its where conditions.
+SourceQuery = Callable[[list[str], Collection[str]], tuple[Any, list[Any]]]
+
+
+@dataclass(frozen=True)
+class TimelineSource:
+    """Where the timeline entries of some kinds come from."""
+
+    kinds: tuple[str, ...]
+    query: SourceQuery
+
+
+# Filled by @_timeline_source below; the timeline's kinds are the kinds of its sources.
+TIMELINE_SOURCES: list[TimelineSource] = []
+
+
+def _timeline_source(*kinds: str) -> Callable[[SourceQuery], SourceQuery]:
+    """Register the query of the table the entries of `kinds` come from."""
+
+    def register(query: SourceQuery) -> SourceQuery:
+        TIMELINE_SOURCES.append(TimelineSource(kinds, query))
+        return query
+
+    return register
+
+
+def _entries(**columns: Any) -> Any:
+    """A source's select: one expression per TimelineEntry field, labelled and ordered as its fields, so
+    that every source's select has the same columns for the union."""
+    return select(
+        *(columns[entry_field.name].label(entry_field.name) for entry_field in fields(TimelineEntry))
+    )
+
+
+NO_VALUE = cast(null(), Float)
+NO_TEXT = cast(null(), String)
+
+
+@_timeline_source("lab", "vitals")
+def _observations(ids: list[str], kinds: Collection[str]) -> tuple[Any, list[Any]]:
+    o = Observation.__table__
+    conditions: list[Any] = [o.c.regional_patient_id.in_(ids), o.c.status.not_in(RETRACTED_OBSERVATION)]
+    if len(kinds) == 1:
+        conditions.append(o.c.category == (LAB if "lab" in kinds else VITAL_SIGNS))
+    query = _entries(
+        time=o.c.effective_time,
+        kind=case((o.c.category == LAB, literal("lab")), else_=literal("vitals")),
+        entry_id=o.c.institution_id + ":" + o.c.result_id + ":" + o.c.component,
+        institution_id=o.c.institution_id,
+        code=func.coalesce(o.c.loinc_code, o.c.local_code),
+        display=o.c.analyte,
+        value=func.coalesce(o.c.value, o.c.original_value),
+        unit=func.coalesce(o.c.unit, o.c.original_unit),
+        status=o.c.status,
+        event_id=o.c.event_id,
+        stored_patient_id=o.c.regional_patient_id,
+    )
+    return query, conditions
+
+
+@_timeline_source("encounter")
+def _encounter_events(ids: list[str], kinds: Collection[str]) -> tuple[Any, list[Any]]:
+    e, enc = EncounterEvent.__table__, Encounter.__table__
+    query = _entries(
+        time=e.c.occurred_time,
+        kind=literal("encounter"),
+        entry_id=e.c.event_id,
+        institution_id=e.c.institution_id,
+        code=e.c.event_type,
+        display=func.coalesce(e.c.ward, e.c.encounter_class),
+        value=NO_VALUE,
+        unit=NO_TEXT,
+        status=e.c.encounter_class,
+        event_id=e.c.event_id,
+        stored_patient_id=e.c.regional_patient_id,
+    ).join(enc, and_(enc.c.institution_id == e.c.institution_id, enc.c.encounter_id == e.c.encounter_id))
+    return query, [
+        e.c.regional_patient_id.in_(ids),
+        e.c.event_type != "CANCEL",
+        enc.c.status != CANCELLED_ENCOUNTER,
+    ]
+
+
+@_timeline_source("medication")
+def _medication_orders(ids: list[str], kinds: Collection[str]) -> tuple[Any, list[Any]]:
+    m = MedicationOrder.__table__
+    query = _entries(
+        time=m.c.ordered_time,
+        kind=literal("medication"),
+        entry_id=m.c.institution_id + ":" + m.c.order_id,
+        institution_id=m.c.institution_id,
+        code=func.coalesce(m.c.regional_drug_code, m.c.drug_code),
+        display=m.c.drug_display,
+        value=m.c.dose_value,
+        unit=m.c.dose_unit,
+        status=m.c.status,
+        event_id=m.c.event_id,
+        stored_patient_id=m.c.regional_patient_id,
+    )
+    return query, [m.c.regional_patient_id.in_(ids), m.c.status.not_in(RETRACTED_MEDICATION)]
+
+
+@_timeline_source("diagnosis")
+def _diagnoses(ids: list[str], kinds: Collection[str]) -> tuple[Any, list[Any]]:
+    d = Diagnosis.__table__
+    query = _entries(
+        time=d.c.recorded_time,
+        kind=literal("diagnosis"),
+        entry_id=d.c.institution_id + ":" + d.c.diagnosis_id,
+        institution_id=d.c.institution_id,
+        code=d.c.icd10_code,
+        display=d.c.display,
+        value=NO_VALUE,
+        unit=NO_TEXT,
+        status=d.c.kind,
+        event_id=d.c.event_id,
+        stored_patient_id=d.c.regional_patient_id,
+    )
+    return query, [d.c.regional_patient_id.in_(ids)]
+
+
+@_timeline_source("alert")
+def _alerts(ids: list[str], kinds: Collection[str]) -> tuple[Any, list[Any]]:
+    a = Alert.__table__
+    query = _entries(
+        time=a.c.raised_time,
+        kind=literal("alert"),
+        entry_id=a.c.alert_id,
+        institution_id=a.c.institution_id,
+        code=a.c.loinc_code,
+        display=a.c.message,
+        value=a.c.value,
+        unit=a.c.unit,
+        status=a.c.severity,
+        event_id=a.c.alert_id,
+        stored_patient_id=a.c.regional_patient_id,
+    )
+    return query, [a.c.regional_patient_id.in_(ids)]
+
+
+# What a timeline can show: every kind some source gives entries of.
+TIMELINE_KINDS: tuple[str, ...] = tuple(kind for source in TIMELINE_SOURCES for kind in source.kinds)
 
 
 def patient_timeline(
@@ -265,7 +282,11 @@ def patient_timeline(
     with engine.connect() as connection:
         _, ids = patient_ids(connection, regional_patient_id)
         parts = []
-        for _name, query, conditions in _branches(ids, chosen):
+        for source in TIMELINE_SOURCES:
+            wanted = chosen.intersection(source.kinds)
+            if not wanted:
+                continue
+            query, conditions = source.query(ids, wanted)
             columns = query.selected_columns
             time_col, kind_col, id_col = columns.time, columns.kind, columns.entry_id
             where = list(conditions)

@@ -13,6 +13,7 @@ import pytest
 from core import contract
 from sinks import records
 from sinks.base import KINDS
+from sinks.queries import TIMELINE_KINDS, TIMELINE_SOURCES
 from sinks.records import CONVERTERS, Prepared, check_converters, converts
 from sinks.sql import SqlStoreSink
 from sinks.store import make_engine
@@ -53,3 +54,9 @@ def test_a_second_converter_for_a_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="two converters for 'lab'"):
         converts("lab")(_imaging)
     assert CONVERTERS["lab"] is not _imaging
+
+
+def test_the_timeline_shows_the_kinds_of_its_sources_once_each() -> None:
+    assert tuple(kind for source in TIMELINE_SOURCES for kind in source.kinds) == TIMELINE_KINDS
+    assert len(set(TIMELINE_KINDS)) == len(TIMELINE_KINDS)
+    assert set(TIMELINE_KINDS) <= set(KINDS)
