@@ -4,6 +4,7 @@ FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY clinhub ./clinhub
 COPY producers ./producers
 COPY streams ./streams
