@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +48,12 @@ log = logging.getLogger("clinhub.streams.runtime.clinical")
 
 @dataclass
 class ClinicalTables:
-    analytes: Any
-    open_alerts: Any
-    wards: Any
-    legacy_analytes: Any = None  # read-only: per-patient maps written before the analytes table
+    """Changelogged Faust tables in the worker; plain dicts in tests. Values are JSON primitives."""
+
+    analytes: MutableMapping[str, Any]
+    open_alerts: MutableMapping[str, Any]
+    wards: MutableMapping[str, Any]
+    legacy_analytes: Mapping[str, Any] | None = None  # read-only: per-patient maps written before analytes
 
 
 def analyte_key(patient: str, loinc: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,7 @@ def normalise_batch(
 class NormaliserHandler:
     """One batch: normalise, publish events and links and dead letters, then remember the links."""
 
-    def __init__(self, stage: Stage, links: Any) -> None:
+    def __init__(self, stage: Stage, links: MutableMapping[str, str]) -> None:
         identity = stage.components.identity
         if identity is None:
             raise ValueError("the normaliser needs the regional identity (the pseudonymisation key)")
