@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from streams.runtime.stalls import StallDetector
+from typing import Any
+
+from streams.runtime.stalls import StallDetector, contiguous_offsets_app, skips_the_committed_offset
 
 TP = ("norm.lab", 2)
 
@@ -68,3 +70,33 @@ def test_a_partition_no_longer_assigned_is_forgotten() -> None:
     detector.observe(0, {TP: 167}, {TP: 399}, None)
     detector.observe(15, {}, {}, None)  # revoked
     assert detector.observe(30, {TP: 167}, {TP: 399}, None) == [], "the wait starts again on reassignment"
+
+
+def test_a_commit_never_passes_the_unacknowledged_message_at_the_committed_offset(tmp_path: Any) -> None:
+    """Faust's own check lets one missing message through (the one at the committed offset); the hub's
+    consumer holds the commit there until the watchdog has the message read again."""
+    import faust
+    from faust.types import TP as FaustTP
+
+    app = contiguous_offsets_app(faust.App)(
+        "stalls-test", broker="kafka://127.0.0.1:1", store="memory://", datadir=str(tmp_path)
+    )
+    consumer = app.consumer  # built, not connected
+    tp = FaustTP("raw.H001.lab", 0)
+    for committed, acked, expected in [
+        (40, [41, 42, 43], None),  # 40 was dropped after a rebalance: Faust alone would commit 44
+        (40, [40, 41, 43], 42),  # the first run that starts at the commit
+        (None, [1, 2], None),  # never committed: the partition starts at 0
+        (None, [0, 1], 2),
+    ]:
+        consumer._committed_offset[tp] = committed
+        consumer._acked[tp] = list(acked)
+        consumer._acked_index[tp] = set(acked)
+        assert consumer._new_offset(tp) == expected, (committed, acked)
+
+
+def test_skips_the_committed_offset() -> None:
+    assert skips_the_committed_offset([41], 40)
+    assert not skips_the_committed_offset([40, 41], 40)
+    assert not skips_the_committed_offset([], 40)
+    assert skips_the_committed_offset([3], None)
