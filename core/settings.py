@@ -124,12 +124,12 @@ class StreamSettings(BaseSettings):
     # move: the failover time. Heartbeats run on the event loop, which handlers never block.
     session_timeout_seconds: float = Field(default=30.0, ge=6)
     # A partition whose commit has not moved for this long while events wait behind it, with no batch in
-    # flight that long, is read again from its commit (streams/stalls.py: Faust loses track after some
+    # flight that long, is read again from its commit (streams/runtime/stalls.py: Faust loses track after some
     # rebalances). Checked every stall_check_seconds.
     stall_patience_seconds: float = Field(default=120.0, gt=0)
     stall_check_seconds: float = Field(default=15.0, gt=0)
     # Faust table store: "rocksdb://" keeps state on disk under data_dir (a restart reads only the changelog
-    # tail; see streams/tables.py), "memory://" rebuilds it from the changelogs at every start.
+    # tail; see streams/runtime/tables.py), "memory://" rebuilds it from the changelogs at every start.
     table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     escalation_check_seconds: float = Field(default=5.0, gt=0)
     # How often the normaliser looks for raw.<institution>.<kind> topics created since it started

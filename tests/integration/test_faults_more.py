@@ -498,7 +498,7 @@ def test_rebalance_under_load_workers_added_killed_and_stopped(hub: HubEnv) -> N
     after a rebalance when only one of them got it). The groups wait up to the session timeout (10 s here)
     for the killed node.
 
-    Two Faust faults are handled by the hub here (streams/stalls.py): after a rebalance Faust can drop
+    Two Faust faults are handled by the hub here (streams/runtime/stalls.py): after a rebalance Faust can drop
     fetched messages and then commit past them as a "gap", which the consumer refuses; the commit then
     stops, and the stall watchdog reads the partition again from its commit.
     """
