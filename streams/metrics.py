@@ -20,6 +20,8 @@ class StreamMetrics:
     consumer_lag: Gauge
     stage_up: Gauge
     stage_errors: Counter
+    unjudged_results: Counter
+    results_not_judged: Counter
 
 
 def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
@@ -85,6 +87,20 @@ def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
             "clinhub_stage_errors",
             "Batches that failed with an error of the hub's own code (a bug, not bad input), by class.",
             ["stage", "error"],
+            registry=registry,
+        ),
+        unjudged_results=Counter(
+            "clinhub_unjudged_results",
+            "Lab results for analytes with critical limits that could not be judged (dead-lettered): "
+            "possibly critical, unreadable.",
+            ["institution"],
+            registry=registry,
+        ),
+        results_not_judged=Counter(
+            "clinhub_results_not_judged",
+            "Lab results stored with a value the rules cannot judge (text that carries no unambiguous "
+            "number), flagged not_judged.",
+            ["institution", "analyte"],
             registry=registry,
         ),
     )
