@@ -25,7 +25,12 @@ class RawMessage:
 
 @dataclass(frozen=True)
 class Rejection:
-    """One message the hub cannot accept as it is, with the field and the reason for its dead letter."""
+    """One message the hub cannot accept as it is, with the field and the reason for its dead letter.
+
+    `loinc_code` is the analyte a rejected lab result was for, when known; `possibly_critical` says
+    that analyte has critical limits, which the rules could not apply to it: possibly critical,
+    unreadable.
+    """
 
     message: RawMessage
     error_class: str
@@ -33,6 +38,8 @@ class Rejection:
     reason: str
     institution_id: str | None = None
     correlation_id: str | None = None
+    possibly_critical: bool = False
+    loinc_code: str | None = None
 
 
 def dead_letter_record(rejection: Rejection, processor: str, now: dt.datetime) -> dict[str, Any]:
@@ -54,6 +61,8 @@ def dead_letter_record(rejection: Rejection, processor: str, now: dt.datetime) -
         "correlation_id": rejection.correlation_id,
         "failed_time": now,
         "processor": processor,
+        "possibly_critical": rejection.possibly_critical,
+        "loinc_code": rejection.loinc_code,
     }
 
 

@@ -3,13 +3,20 @@ identity links, dead letters.
 
 `normalise_batch` is the plain function (messages in, events and rejections out); the handler
 publishes its outcome, and only then remembers the identity links the batch learnt.
+
+No critical result left silent: a lab result rejected here was never judged by the rules. When its
+analyte has critical limits (`rejected_analyte`), its dead letter says `possibly_critical` with the
+LOINC code, is counted by institution (`clinhub_unjudged_results_total`) and logged as POSSIBLY
+CRITICAL, for that institution's staff to see and resolve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterable, MutableMapping
+import logging
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +30,51 @@ from streams.runtime.messages import RawMessage, Rejection
 from streams.runtime.outputs import Output
 from streams.runtime.stage import Codecs, Stage, judge_each
 
+log = logging.getLogger("clinhub.streams")
+
 
 @dataclass
 class NormaliseOutcome:
     events: list[tuple[RawMessage, NormalisedEvent]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     links: dict[str, str] = field(default_factory=dict)  # link-table updates made by this batch
+
+
+@dataclass(frozen=True)
+class RejectedAnalyte:
+    """What a rejected message was a result of: the LOINC code when known, and whether that analyte has
+    critical limits (the result could have been critical, and nobody judged it)."""
+
+    loinc_code: str | None = None
+    possibly_critical: bool = False
+
+
+def rejected_analyte(
+    kind: str | None,
+    record: Mapping[str, Any] | None,
+    institution: str | None,
+    reference: ReferenceData,
+) -> RejectedAnalyte:
+    """The analyte of a rejected message of `kind` from the topic's `institution`, decoded as `record`
+    (None when it could not be decoded).
+
+    Only a lab result names one: its explicit `loinc_code`, else its `local_code` in the institution's
+    terminology map, as the lab normaliser resolves it. It is possibly critical when the rule book has
+    threshold (critical) limits for that LOINC code, unless the result was cancelled (the rules never
+    judge a cancelled result).
+    """
+    if kind != "lab" or record is None:
+        return RejectedAnalyte()
+    explicit = record.get("loinc_code")
+    loinc = str(explicit).strip() if explicit else None
+    if not loinc:
+        local_code = record.get("local_code")
+        codes = reference.terminology.get(institution or "", {})
+        loinc = codes.get(str(local_code).strip()) if local_code is not None else None
+    if not loinc:
+        return RejectedAnalyte()
+    limited = bool(reference.rulebook.thresholds.get(loinc)) and record.get("status") != "cancelled"
+    return RejectedAnalyte(loinc, limited)
 
 
 def normalise_batch(
@@ -47,6 +93,7 @@ def normalise_batch(
     registry, and any error of the hub's own code, propagate: the batch is retried or the stage stops.
     """
     links: dict[str, str] = {}
+    decoded: dict[int, tuple[RawTopic, dict[str, Any]]] = {}  # by id() of a message of this batch
 
     def lookup(key: str) -> str | None:
         return links.get(key) or known_link(key)
@@ -58,7 +105,10 @@ def normalise_batch(
         return raw
 
     def decode(message: RawMessage) -> dict[str, Any]:
-        return codecs.decode(raw_topic(message).kind, message.value)
+        raw = raw_topic(message)
+        record = codecs.decode(raw.kind, message.value)
+        decoded[id(message)] = (raw, record)
+        return record
 
     def process(message: RawMessage, record: dict[str, Any]) -> NormalisedEvent:
         raw = raw_topic(message)
@@ -72,8 +122,19 @@ def normalise_batch(
         raw = topics.parse_raw(message.topic)
         return raw.institution if raw else None
 
-    judged = judge_each(list(messages), decode, process, institution_of)
-    return NormaliseOutcome(judged.results, judged.rejections, links)
+    def with_analyte(rejection: Rejection) -> Rejection:
+        raw, record = decoded.get(id(rejection.message), (None, None))
+        if raw is None:
+            return rejection
+        analyte = rejected_analyte(raw.kind, record, raw.institution, reference)
+        return dataclasses.replace(
+            rejection, possibly_critical=analyte.possibly_critical, loinc_code=analyte.loinc_code
+        )
+
+    batch = list(messages)
+    judged = judge_each(batch, decode, process, institution_of)
+    rejections = [with_analyte(rejection) for rejection in judged.rejections]
+    return NormaliseOutcome(judged.results, rejections, links)
 
 
 class NormaliserHandler:
@@ -109,9 +170,33 @@ class NormaliserHandler:
         # Encoded inside the attempt: an encoder's first call registers its schema, and may fail.
         await stage.attempt("publish normalised batch", lambda: self._publish(outcome), messages)
         await stage.dead_letter(outcome.rejections, "raw")
+        self._possibly_critical(outcome.rejections)
         for key, regional_id in outcome.links.items():
             self.links[key] = regional_id
         self._count(outcome)
+
+    def _possibly_critical(self, rejections: Iterable[Rejection]) -> None:
+        """Count and log each published dead letter of a possibly critical result, by institution.
+
+        Positions, LOINC and reason only: never the key or the MRN.
+        """
+        for rejection in rejections:
+            if not rejection.possibly_critical:
+                continue
+            institution = rejection.institution_id or "?"
+            self.stage.metrics.unjudged_results.labels(institution=institution).inc()
+            message = rejection.message
+            log.warning(
+                "POSSIBLY CRITICAL result of institution %s not judged (dead-lettered, unreadable): "
+                "%s[%d]@%d LOINC %s: %s (%s)",
+                institution,
+                message.topic,
+                message.partition,
+                message.offset,
+                rejection.loinc_code,
+                rejection.reason,
+                rejection.field,
+            )
 
     async def _publish(self, outcome: NormaliseOutcome) -> None:
         stage = self.stage
