@@ -108,6 +108,7 @@ class Observation(Base):
     loinc_code: Mapped[str | None] = mapped_column(String(16))
     analyte: Mapped[str | None] = mapped_column(Text)
     value: Mapped[float | None] = mapped_column(Float)
+    value_comparator: Mapped[str | None] = mapped_column(String(2))  # <, <=, >=, >: value is a bound
     unit: Mapped[str | None] = mapped_column(String(32))
     original_value: Mapped[float | None] = mapped_column(Float)
     original_unit: Mapped[str | None] = mapped_column(String(32))
@@ -241,6 +242,7 @@ class Alert(Base):
     loinc_code: Mapped[str] = mapped_column(String(16))
     analyte: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
+    value_comparator: Mapped[str | None] = mapped_column(String(2))  # <, <=, >=, >: value is a bound
     unit: Mapped[str] = mapped_column(String(32))
     limit_kind: Mapped[str] = mapped_column(String(8))
     limit_value: Mapped[float] = mapped_column(Float)

@@ -231,6 +231,7 @@ def _lab(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
             "loinc_code": _optional_text(record, "loinc_code"),
             "analyte": _optional_text(record, "local_display"),
             "value": _number(record.get("canonical_value"), "canonical_value"),
+            "value_comparator": _comparator(record),
             "unit": _optional_text(record, "canonical_unit"),
             "original_value": _number(record.get("value_numeric"), "value_numeric"),
             "original_unit": _optional_text(record, "unit"),
@@ -280,6 +281,7 @@ def _vitals(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared
                 "local_code": code,
                 "loinc_code": _optional_text(measurement, "loinc_code"),
                 "value": value,
+                "value_comparator": None,
                 "unit": unit,
                 "original_value": value,
                 "original_unit": unit,
@@ -399,6 +401,13 @@ def _diagnosis(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepa
     return prepared
 
 
+def _comparator(record: Mapping[str, Any]) -> str | None:
+    comparator = _optional_text(record, "value_comparator")
+    if comparator not in (None, "<", "<=", ">=", ">"):
+        raise _Refused("value_comparator", f"expected <, <=, >= or >, got {comparator!r}")
+    return comparator
+
+
 @converts("alert")
 def _alert(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
     raised = _time(record, "raised_time")
@@ -413,6 +422,7 @@ def _alert(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
         "loinc_code": _text(record, "loinc_code"),
         "analyte": _text(record, "analyte"),
         "value": _number(_get(record, "value"), "value"),
+        "value_comparator": _comparator(record),
         "unit": _text(record, "unit"),
         "limit_kind": _enum(_get(record, "limit_kind")),
         "limit_value": _number(_get(record, "limit_value"), "limit_value"),

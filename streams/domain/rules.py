@@ -28,7 +28,9 @@ Rules, in order:
 2. A cancelled result never alerts and never becomes the previous value; if it cancels the latest
    result (same result_id), that result's value is forgotten and open alerts it raised are dropped, so
    its retraction cannot suppress the next genuine critical value.
-3. Threshold: the most specific rule for the patient's age (result year - birth year) and sex.
+3. Threshold: the most specific rule for the patient's age (result year - birth year) and sex. A
+   bound ("> 600", an analyser above its measuring range) crosses a limit only when every value it
+   allows does; it runs no delta check and does not replace the last measured value.
 4. Delta (CLSI EP33): against the previous result of the same patient and analyte, if it is at most
    the check's window older. A new version (preliminary -> final, corrected) of the latest result is
    compared with the result before it, not with the version it replaces. The first firing check wins.
@@ -84,6 +86,7 @@ __all__ = [
 
 ALERT_NAMESPACE = uuid.UUID("6f1c2d9e-58a3-4c1b-9a57-0c6f5e2b7d10")
 LIMIT_KINDS = ("LOW", "HIGH", "DELTA")
+COMPARATORS = (None, "<", "<=", ">=", ">")  # None: the value is the measurement itself
 RECENT_EVENTS = 32  # event ids remembered per patient and analyte to recognise redelivery
 STATE_FORMAT = 1
 
@@ -131,6 +134,7 @@ class AlertDraft:
     previous_value: float | None = None
     previous_time: dt.datetime | None = None
     suppressed_repeats: int = 0
+    value_comparator: str | None = None  # "<", "<=", ">=", ">": `value` is a bound, not the measurement
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))  # flat fields: dataclasses.asdict would deep-copy each one, per event
@@ -237,6 +241,7 @@ class LabFacts:
     sex: str | None = None  # FHIR administrative sex: male, female, other, unknown
     ward: str | None = None
     result_id: str | None = None  # the institution's result id: links versions and cancellations
+    comparator: str | None = None  # "<", "<=", ">=", ">": `value` is a bound (outside the measuring range)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], ward: str | None = None) -> LabFacts | None:
@@ -263,6 +268,7 @@ class LabFacts:
             sex=record.get("patient_sex"),
             ward=ward,
             result_id=f"{envelope['institution_id']}|{record['result_id']}",
+            comparator=record.get("value_comparator"),
         )
 
 
@@ -279,12 +285,25 @@ class Decision:
     late: bool = False  # resulted longer than `policy.alert_within` ago: judged by no rule
 
 
-def crossed_limit(value: float, rule: ThresholdRule) -> tuple[str, float] | None:
-    """Which limit the value crosses, honouring whether the limit itself counts as critical."""
-    if rule.low is not None and (value <= rule.low if rule.low_inclusive else value < rule.low):
-        return "LOW", rule.low
-    if rule.high is not None and (value >= rule.high if rule.high_inclusive else value > rule.high):
-        return "HIGH", rule.high
+def crossed_limit(
+    value: float, rule: ThresholdRule, comparator: str | None = None
+) -> tuple[str, float] | None:
+    """Which limit the value crosses, honouring whether the limit itself counts as critical.
+
+    With a comparator the value is a bound: "> 600" is any value above 600. A limit is crossed only
+    when every value the bound allows crosses it, never when some could not.
+    """
+    if comparator not in COMPARATORS:
+        raise ValueError(f"comparator {comparator!r} is not one of {', '.join(c for c in COMPARATORS if c)}")
+    if rule.low is not None and comparator not in (">", ">="):
+        # every allowed value is at most `value` ("<", "<=") or is `value` (no comparator)
+        strictly_below = comparator == "<"
+        if value < rule.low or value == rule.low and (rule.low_inclusive or strictly_below):
+            return "LOW", rule.low
+    if rule.high is not None and comparator not in ("<", "<="):
+        strictly_above = comparator == ">"
+        if value > rule.high or value == rule.high and (rule.high_inclusive or strictly_above):
+            return "HIGH", rule.high
     return None
 
 
@@ -320,16 +339,18 @@ def _threshold_finding(facts: LabFacts, rules: RuleBook) -> _Finding | None:
     )
     if rule is None:
         return None
-    crossed = crossed_limit(facts.value, rule)
+    crossed = crossed_limit(facts.value, rule, facts.comparator)
     if crossed is None:
         return None
     kind, limit = crossed
+    bound = f"{facts.comparator} " if facts.comparator else ""
     return _Finding(
         kind=kind,
         limit=limit,
         severity=rule.severity,
         message=(
-            f"{rule.message}: {facts.value:.4g} {facts.unit} ({_sign(kind, rule)} {limit:g} {facts.unit})"
+            f"{rule.message}: {bound}{facts.value:.4g} {facts.unit} "
+            f"({_sign(kind, rule)} {limit:g} {facts.unit})"
         ),
         source=rule.source,
     )
@@ -425,7 +446,12 @@ def evaluate(
 
     out_of_order = not same_result and state.last_time_ms is not None and result_ms < state.last_time_ms
     previous: tuple[float, int] | None
-    if same_result:
+    if facts.comparator is not None:
+        # A bound is no number to take a difference from or to: no delta check, and the last measured
+        # value stays the one the next result is compared with.
+        previous = None
+        new_state = state
+    elif same_result:
         previous = (
             None
             if state.prior_value is None or state.prior_time_ms is None
@@ -509,6 +535,7 @@ def evaluate(
             ward=facts.ward,
             previous_value=previous[0] if previous else None,
             previous_time=from_epoch_ms(previous[1]) if previous else None,
+            value_comparator=facts.comparator,
         )
         open_by_kind[finding.kind] = OpenAlert(alert=draft, result_id=facts.result_id)
         alerts.append(draft)
@@ -554,9 +581,10 @@ _ALERT_FIELDS = (
     "deadline_time",
     "correlation_id",
     "suppressed_repeats",
+    "value_comparator",
 )
 
 
 def alert_record(draft: AlertDraft) -> dict[str, Any]:
-    """The CriticalValueAlert (v2) Avro record of a draft: exactly the schema's fields, UTC datetimes."""
+    """The CriticalValueAlert (v3) Avro record of a draft: exactly the schema's fields, UTC datetimes."""
     return {name: getattr(draft, name) for name in _ALERT_FIELDS}
