@@ -35,7 +35,24 @@ def check_event(kind: str, record: Mapping[str, Any], schema: StandardSchema, in
     for name in ("patient_mrn", contract.KIND_SPECS[kind].natural_key):
         if not str(record[name]).strip():
             raise _fail(name, record[name], "must not be empty")
+    _check_bound(record)
     _check_times(record, "")
+
+
+COMPARATORS = ("<", "<=", ">=", ">")
+
+
+def _check_bound(record: Mapping[str, Any]) -> None:
+    """A result outside the measuring range is sent as a bound: the number and its comparator."""
+    comparator = record.get("value_comparator")
+    if comparator is None:
+        return
+    if comparator not in COMPARATORS:
+        raise _fail("value_comparator", comparator, f"is not one of {', '.join(COMPARATORS)}")
+    if record.get("value_numeric") is None:
+        raise _fail(
+            "value_numeric", None, f"must be the bound's number when value_comparator is {comparator!r}"
+        )
 
 
 def _check_times(record: Mapping[str, Any], prefix: str) -> None:

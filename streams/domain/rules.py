@@ -298,11 +298,11 @@ def crossed_limit(
     if rule.low is not None and comparator not in (">", ">="):
         # every allowed value is at most `value` ("<", "<=") or is `value` (no comparator)
         strictly_below = comparator == "<"
-        if value < rule.low or value == rule.low and (rule.low_inclusive or strictly_below):
+        if value < rule.low or (value == rule.low and (rule.low_inclusive or strictly_below)):
             return "LOW", rule.low
     if rule.high is not None and comparator not in ("<", "<="):
         strictly_above = comparator == ">"
-        if value > rule.high or value == rule.high and (rule.high_inclusive or strictly_above):
+        if value > rule.high or (value == rule.high and (rule.high_inclusive or strictly_above)):
             return "HIGH", rule.high
     return None
 

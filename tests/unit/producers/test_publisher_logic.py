@@ -195,3 +195,24 @@ def test_an_unknown_kind_is_refused() -> None:
     with pytest.raises(RecordValidationError) as caught:
         publisher(FakeProducer()).publish("x-ray", h001_labs(1)[0])
     assert caught.value.field == "kind"
+
+
+@pytest.mark.parametrize(
+    ("comparator", "value", "field"),
+    [("~", 600.0, "value_comparator"), ("=>", 600.0, "value_comparator"), (">", None, "value_numeric")],
+)
+def test_a_bound_needs_a_known_comparator_and_its_number(
+    comparator: str, value: float | None, field: str
+) -> None:
+    record = copy.deepcopy(h001_labs(1)[0])
+    record.update(value_comparator=comparator, value_numeric=value)
+    with pytest.raises(RecordValidationError) as caught:
+        publisher(FakeProducer()).validate("lab", record)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_bound_above_or_below_the_measuring_range_is_publishable(comparator: str) -> None:
+    record = copy.deepcopy(h001_labs(1)[0])
+    record.update(value_comparator=comparator, value_numeric=600.0)
+    publisher(FakeProducer()).validate("lab", record)
