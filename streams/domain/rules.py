@@ -135,6 +135,7 @@ class AlertDraft:
     previous_time: dt.datetime | None = None
     suppressed_repeats: int = 0
     value_comparator: str | None = None  # "<", "<=", ">=", ">": `value` is a bound, not the measurement
+    note: str | None = None  # why an open alert changed besides its repeats (e.g. a late result came in)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))  # flat fields: dataclasses.asdict would deep-copy each one, per event
