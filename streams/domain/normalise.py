@@ -25,7 +25,7 @@ from core.national_id import normalise_national_id
 from schemas import standard
 from streams.domain.codes import CodeMaps
 from streams.domain.identity import RegionalIdentity
-from streams.domain.reference import ReferenceData
+from streams.domain.reference import Analyte, ReferenceData, UnitSpellings
 from streams.exceptions import ImplausibleTimeError, ImplausibleValueError, RejectedEvent, UnknownUnitError
 
 EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
@@ -118,18 +118,50 @@ def checked_utc(value: dt.datetime, field: str, now: dt.datetime) -> dt.datetime
 
 
 def convert(value: float, unit: str | None, loinc: str, reference: ReferenceData) -> tuple[float, str]:
-    """Value in the analyte's canonical unit; an unknown unit is an error, never a guess."""
+    """Value in the analyte's canonical unit. The unit may come in another spelling of an accepted one
+    (UCUM's case-insensitive form, an alias, another case); one that is unknown, or could mean two
+    units, is an error, never a guess."""
     analyte = reference.analytes.get(loinc)
     if analyte is None:
         raise UnknownUnitError("loinc_code", f"no canonical unit is configured for LOINC {loinc}")
     key = (unit or "").strip()
-    factor = analyte.factors.get(key)
-    if factor is None:
-        accepted = ", ".join(sorted(u for u in analyte.factors if u)) or "(none)"
-        raise UnknownUnitError(
-            "unit", f"unit {key!r} is not accepted for {analyte.name} ({loinc}); accepted: {accepted}"
-        )
+    factor = analyte.factors[accepted_unit(key, analyte, reference.unit_spellings)]
     return value * factor, analyte.canonical_unit
+
+
+def accepted_unit(sent: str, analyte: Analyte, spellings: UnitSpellings) -> str:
+    """The unit of the analyte's factor table that `sent` spells: itself; else the analyte's spelling of
+    the UCUM unit an alias (in any case) names; else the one accepted unit equal to it but for case.
+
+    Hospital systems and HL7 v2 feeds send units in upper case (MMOL/L) or in spellings of their own
+    (x10E9/L); UCUM tells some units apart by case alone (mU milli-unit, MU mega-unit), so a spelling
+    equal but for case to two different accepted units is refused, naming them.
+    """
+    factors = analyte.factors
+    if sent in factors:
+        return sent
+    code = spellings.exact.get(sent) or spellings.folded.get(sent.casefold())
+    if code is None and sent in spellings.ucum:
+        code = sent
+    if code is not None:
+        spelled = sorted(unit for unit in factors if spellings.unit_of(unit) == code)
+        if spelled:
+            return code if code in spelled else spelled[0]  # equal factors: the load checked
+    matches = sorted(unit for unit in factors if unit.casefold() == sent.casefold())
+    if len({spellings.unit_of(unit) for unit in matches}) == 1:
+        return matches[0]
+    where = f"{analyte.name} ({analyte.loinc})"
+    if matches:
+        raise UnknownUnitError(
+            "unit",
+            f"unit {sent!r} is ambiguous for {where}: equal but for case to {' and '.join(matches)}, "
+            "which UCUM tells apart by case; send the case-sensitive UCUM code",
+        )
+    read_as = f" (UCUM {code})" if code is not None and code != sent else ""
+    accepted = ", ".join(sorted(u for u in factors if u)) or "(none)"
+    raise UnknownUnitError(
+        "unit", f"unit {sent!r}{read_as} is not accepted for {where}; accepted: {accepted}"
+    )
 
 
 def resolve_identity(

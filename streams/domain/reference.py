@@ -19,6 +19,9 @@
   recipient, who gets the alert itself), ``repeat_minutes`` at the last level.
 
 Every rule, check and policy names a key of ``sources``.
+
+`unit_aliases.json` gives the UCUM units the hub accepts their case-insensitive forms and the other
+spellings senders use, each citing a source (`load_unit_spellings` says what is refused).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 from streams.exceptions import ReferenceDataError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+ALIASES_FILE = "unit_aliases.json"
 
 SEVERITIES = ("CRITICAL", "HIGH", "MODERATE")  # the Avro Severity enum of CriticalValueAlert
 SEXES = ("male", "female")
@@ -238,10 +242,30 @@ class AlertPolicy:
 
 
 @dataclass(frozen=True)
+class UnitSpellings:
+    """Other spellings of the UCUM units the hub accepts (unit_aliases.json), each naming one unit.
+
+    `exact` maps a spelling (an alias or a case-insensitive UCUM form) to its UCUM code, `folded` the
+    same by `str.casefold()` of the spelling: the load made sure that no spelling of another unit is
+    equal to an alias but for case, so reading an alias in any case is never a guess. `ucum` holds the
+    UCUM codes themselves.
+    """
+
+    exact: Mapping[str, str] = field(default_factory=dict)
+    folded: Mapping[str, str] = field(default_factory=dict)
+    ucum: frozenset[str] = frozenset()
+
+    def unit_of(self, spelling: str) -> str:
+        """The UCUM code an accepted unit of units.json spells (itself when it is no alias)."""
+        return self.exact.get(spelling, spelling)
+
+
+@dataclass(frozen=True)
 class ReferenceData:
     """Everything the normaliser and rule engine look up, immutable once loaded.
 
-    `rulebook` holds all threshold bands and delta checks, `policy` suppression and escalation.
+    `rulebook` holds all threshold bands and delta checks, `policy` suppression and escalation,
+    `unit_spellings` the aliases a unit may be sent as.
     """
 
     terminology: dict[str, dict[str, str]]
@@ -250,11 +274,32 @@ class ReferenceData:
     rulebook: RuleBook = field(default_factory=RuleBook)
     policy: AlertPolicy = field(default_factory=AlertPolicy)
     example_rules: tuple[ThresholdRule, ...] = ()
+    unit_spellings: UnitSpellings = field(default_factory=UnitSpellings)
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReferenceDataError(f"{path.name}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ReferenceDataError(f"{path.name}: top level must be an object")
+    return data
+
+
+def _read_unique(path: Path) -> dict[str, Any]:
+    """Like `_read`, but a key given twice in one object is an error: JSON would keep the last silently."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ReferenceDataError(f"{path.name}: {key!r} is given twice")
+            seen[key] = value
+        return seen
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique)
     except (OSError, json.JSONDecodeError) as exc:
         raise ReferenceDataError(f"{path.name}: {exc}") from exc
     if not isinstance(data, dict):
@@ -461,11 +506,101 @@ def load_rules(
     return rulebook, policy, examples
 
 
+def _spelling(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise ReferenceDataError(f"{ALIASES_FILE}: {what} must be a non-empty string without outer spaces")
+    return value
+
+
+def _cited(entry: Any, sources: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    if not isinstance(entry, dict):
+        raise ReferenceDataError(f"{ALIASES_FILE}: {what} must be an object")
+    if entry.get("source") not in sources:
+        raise ReferenceDataError(f"{ALIASES_FILE}: {what} cites unknown source {entry.get('source')!r}")
+    return entry
+
+
+def load_unit_spellings(doc: Mapping[str, Any], analytes: Mapping[str, Analyte]) -> UnitSpellings:
+    """Spellings from a parsed unit_aliases.json, refused when one could name two units.
+
+    Every target is a UCUM unit of `ucum` that some analyte accepts; every unit units.json accepts is a
+    UCUM unit or an alias (so each has a cited meaning); an alias equal but for case to a spelling of
+    another unit is refused, as are two spellings of one unit that convert differently for an analyte.
+    """
+    try:
+        sources, ucum_doc, aliases_doc = doc["sources"], doc["ucum"], doc["aliases"]
+        if not all(isinstance(part, dict) for part in (sources, ucum_doc, aliases_doc)):
+            raise ReferenceDataError(f"{ALIASES_FILE}: sources, ucum and aliases must be objects")
+        accepted = {unit for analyte in analytes.values() for unit in analyte.factors}
+        ucum = frozenset(ucum_doc)
+        exact: dict[str, str] = {}
+        for code, entry in ucum_doc.items():
+            _spelling(code, "a UCUM code")
+            form = _spelling(_cited(entry, sources, f"UCUM unit {code!r}")["ci"], f"the c/i form of {code!r}")
+            if code not in accepted:
+                raise ReferenceDataError(
+                    f"{ALIASES_FILE}: UCUM unit {code!r} is accepted by no analyte of units.json"
+                )
+            if form != code and form in ucum:
+                raise ReferenceDataError(
+                    f"{ALIASES_FILE}: {form!r}, the c/i form of {code!r}, is the UCUM code of another unit"
+                )
+            if form != code:
+                exact[form] = code
+        for alias, entry in aliases_doc.items():
+            _spelling(alias, "an alias")
+            target = _cited(entry, sources, f"alias {alias!r}")["unit"]
+            if target not in ucum:
+                raise ReferenceDataError(
+                    f"{ALIASES_FILE}: alias {alias!r} names {target!r}, which is not a UCUM unit of `ucum`"
+                )
+            if alias in ucum:
+                raise ReferenceDataError(f"{ALIASES_FILE}: alias {alias!r} is itself a UCUM code of `ucum`")
+            if alias in exact:
+                raise ReferenceDataError(
+                    f"{ALIASES_FILE}: alias {alias!r} is the c/i form of {exact[alias]!r}"
+                )
+            exact[alias] = target
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ReferenceDataError(f"malformed {ALIASES_FILE}: {exc!r}") from exc
+    spellings = UnitSpellings(exact=exact, folded={a.casefold(): t for a, t in exact.items()}, ucum=ucum)
+    undeclared = sorted(unit for unit in accepted if unit and unit not in ucum and unit not in exact)
+    if undeclared:
+        raise ReferenceDataError(
+            f"{ALIASES_FILE}: units.json accepts {', '.join(map(repr, undeclared))}, neither a UCUM unit "
+            "of `ucum` nor an alias: add it to one of them"
+        )
+    equal_but_for_case: dict[str, list[str]] = {}  # casefolded spelling -> every known spelling of it
+    for spelling in sorted(ucum | accepted | exact.keys()):
+        equal_but_for_case.setdefault(spelling.casefold(), []).append(spelling)
+    for alias in exact:
+        group = equal_but_for_case[alias.casefold()]
+        if len({spellings.unit_of(spelling) for spelling in group}) > 1:
+            named = ", ".join(f"{spelling!r} ({spellings.unit_of(spelling)})" for spelling in group)
+            raise ReferenceDataError(
+                f"{ALIASES_FILE}: alias {alias!r} is equal but for case to a spelling of another unit "
+                f"({named}); read in any case it could mean either"
+            )
+    for analyte in analytes.values():
+        first: dict[str, tuple[str, float]] = {}
+        for unit, factor in analyte.factors.items():
+            code = spellings.unit_of(unit)
+            other, other_factor = first.setdefault(code, (unit, factor))
+            if other_factor != factor:
+                raise ReferenceDataError(
+                    f"{ALIASES_FILE}: {analyte.name} ({analyte.loinc}) accepts {other!r} and {unit!r}, both "
+                    f"{code}, with different factors in units.json ({other_factor:g} and {factor:g})"
+                )
+    return spellings
+
+
 def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
-    """Load and cross-check the three files; a rule for an analyte without units is an error."""
+    """Load and cross-check the four files; a rule for an analyte without units is an error, and so
+    is a unit spelling that could mean two units."""
     terminology_doc = _read(directory / "terminology.json")
     units_doc = _read(directory / "units.json")
     rules_doc = _read(directory / "critical_rules.json")
+    aliases_doc = _read_unique(directory / ALIASES_FILE)
     try:
         analytes = {
             loinc: Analyte(
@@ -482,6 +617,7 @@ def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ReferenceDataError(f"malformed reference data: {exc!r}") from exc
     rulebook, policy, examples = load_rules(rules_doc, analytes)
+    spellings = load_unit_spellings(aliases_doc, analytes)
     return ReferenceData(
         terminology=terminology,
         analytes=analytes,
@@ -489,8 +625,10 @@ def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
             "terminology": str(terminology_doc.get("version")),
             "units": str(units_doc.get("version")),
             "rules": str(rules_doc.get("version")),
+            "unit_aliases": str(aliases_doc.get("version")),
         },
         rulebook=rulebook,
         policy=policy,
         example_rules=examples,
+        unit_spellings=spellings,
     )

@@ -23,7 +23,7 @@ def test_default_files_load_with_versions() -> None:
     """The processor can start on the shipped files, and knows which versions it runs."""
     assert REFERENCE.analytes and REFERENCE.rulebook.thresholds and REFERENCE.terminology
     assert all(version not in ("", "None") for version in REFERENCE.versions.values())
-    assert set(REFERENCE.versions) == {"terminology", "units", "rules"}
+    assert set(REFERENCE.versions) == {"terminology", "units", "rules", "unit_aliases"}
 
 
 @pytest.mark.parametrize(
