@@ -32,6 +32,7 @@ EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
 FUTURE_TOLERANCE = dt.timedelta(minutes=10)
 LINK_NAMESPACE = uuid.UUID("5d0c6e43-7d36-4bb8-9e1f-2c8a4b1e9a01")
 ICD10 = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
+LOINC_FORM = re.compile(r"[0-9]{1,7}-[0-9]")  # ^\d{1,7}-\d$ in ASCII digits only, for fullmatch
 
 FLAG_UNMAPPED_CODE = "unmapped_code"
 FLAG_UNMAPPED_DRUG = "unmapped_drug_code"
@@ -164,6 +165,39 @@ def accepted_unit(sent: str, analyte: Analyte, spellings: UnitSpellings) -> str:
     )
 
 
+def loinc_check_digit(body: str) -> int:
+    """The Mod 10 check digit of the digits before a LOINC code's hyphen, step by step as the LOINC
+    Users' Guide gives it (appendix C, "Calculating Mod 10 Check Digits")."""
+    from_right = body[::-1]
+    doubled = str(int(from_right[0::2]) * 2)  # digits in odd positions from the right, as a number, x2
+    digits = from_right[1::2] + doubled  # digits in even positions from the right, prepended
+    return -sum(int(digit) for digit in digits) % 10  # up to the next multiple of ten
+
+
+def is_loinc(code: str) -> bool:
+    """Whether `code` has the form of a LOINC code (1 to 7 digits, hyphen, check digit) and the right
+    check digit. A mistyped code fails the check; so do the 14 LOINC codes published with a wrong check
+    digit (Users' Guide appendix C), all deprecated: sent as `loinc_code` or mapped, they still count."""
+    if not LOINC_FORM.fullmatch(code):
+        return False
+    body, check = code.split("-")
+    return loinc_check_digit(body) == int(check)
+
+
+def lab_loinc(record: Mapping[str, Any], institution: str, reference: ReferenceData) -> str | None:
+    """The LOINC code of a lab result: the `loinc_code` sent; else the institution's terminology map of
+    the local code; else the local code itself when it is a LOINC code (a common shortcut) with a valid
+    check digit and reference data here. A LOINC code the hub has no units for stays unmapped, as
+    before, rather than reject the results of a local code that only looks like LOINC."""
+    local_code = str(record["local_code"]).strip()
+    mapped = record.get("loinc_code") or reference.terminology.get(institution, {}).get(local_code)
+    if mapped:
+        return str(mapped)
+    if is_loinc(local_code) and local_code in reference.analytes:
+        return local_code
+    return None
+
+
 def resolve_identity(
     identity: RegionalIdentity,
     known: str | None,
@@ -264,10 +298,11 @@ def normalise_event(
 
 @normaliser("lab")
 def _lab(given: KindInput) -> KindResult:
-    """LOINC from the institution's terminology map, the value in the analyte's canonical unit."""
+    """LOINC as sent, from the institution's terminology map or in the local code (`lab_loinc`), the value
+    in the analyte's canonical unit."""
     record, reference = given.record, given.reference
     local_code = str(record["local_code"]).strip()
-    loinc = record.get("loinc_code") or reference.terminology.get(given.institution, {}).get(local_code)
+    loinc = lab_loinc(record, given.institution, reference)
     fields: dict[str, Any] = {
         "local_code": local_code,
         "loinc_code": loinc,
