@@ -80,6 +80,7 @@ def lab_record(
         "local_display": None,
         "loinc_code": None,
         "value_numeric": value,
+        "value_comparator": None,
         "value_text": None,
         "unit": unit,
         "reference_low": None,

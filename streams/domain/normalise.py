@@ -26,6 +26,7 @@ from schemas import standard
 from streams.domain.codes import CodeMaps
 from streams.domain.identity import RegionalIdentity
 from streams.domain.reference import Analyte, ReferenceData, UnitSpellings
+from streams.domain.values import COMPARATORS, FLAG_NOT_JUDGED, ValueFormat, read_value_text
 from streams.exceptions import ImplausibleTimeError, ImplausibleValueError, RejectedEvent, UnknownUnitError
 
 EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
@@ -299,7 +300,8 @@ def normalise_event(
 @normaliser("lab")
 def _lab(given: KindInput) -> KindResult:
     """LOINC as sent, from the institution's terminology map or in the local code (`lab_loinc`), the value
-    in the analyte's canonical unit."""
+    in the analyte's canonical unit: a number as sent, a bound (`value_comparator`), or the one number
+    the value text means (`streams.domain.values`); text that means none is flagged not_judged."""
     record, reference = given.record, given.reference
     local_code = str(record["local_code"]).strip()
     loinc = lab_loinc(record, given.institution, reference)
@@ -311,20 +313,53 @@ def _lab(given: KindInput) -> KindResult:
     }
     if loinc is None:
         return KindResult(fields, (FLAG_UNMAPPED_CODE,))
-    original_value, original_unit = record.get("value_numeric"), record.get("unit")
-    if original_value is None:
-        fields["canonical_unit"] = original_unit
-        return KindResult(fields)
-    value, unit = convert(float(original_value), original_unit, loinc, reference)
+    sent = _sent_value(record, local_code, reference.value_formats.get(given.institution, ValueFormat()))
+    if sent is None:
+        fields["canonical_unit"] = record.get("unit")
+        return KindResult(fields, (FLAG_NOT_JUDGED,) if record.get("value_text") else ())
+    fields.update(sent.fields)
+    value, unit = convert(sent.number, sent.unit, loinc, reference)
     analyte = reference.analytes[loinc]
     if not analyte.plausible_low <= value <= analyte.plausible_high:
+        bound = f"{sent.comparator} " if sent.comparator else ""
         raise ImplausibleValueError(
-            "value_numeric",
-            f"{analyte.name} {original_value} {original_unit} = {value:g} {unit} is outside the possible "
+            sent.field,
+            f"{analyte.name} {bound}{sent.number:g} {sent.unit} = {value:g} {unit} is outside the possible "
             f"range {analyte.plausible_low:g}-{analyte.plausible_high:g} {unit}",
         )
     fields.update(canonical_value=value, canonical_unit=unit)
     return KindResult(fields)
+
+
+@dataclass(frozen=True)
+class _SentValue:
+    """The number of a lab result in the unit it came in, and where it came from."""
+
+    number: float
+    unit: str | None
+    comparator: str | None
+    field: str  # the field a rejection names
+    fields: Mapping[str, Any]  # what the normalised record says of it, besides the canonical value
+
+
+def _sent_value(record: Mapping[str, Any], local_code: str, value_format: ValueFormat) -> _SentValue | None:
+    comparator = record.get("value_comparator")
+    if comparator is not None and comparator not in COMPARATORS:
+        raise RejectedEvent("value_comparator", f"{comparator!r} is not one of {', '.join(COMPARATORS)}")
+    number = record.get("value_numeric")
+    if number is not None:
+        return _SentValue(float(number), record.get("unit"), comparator, "value_numeric", {})
+    if comparator is not None:
+        raise RejectedEvent("value_numeric", f"a bound ({comparator}) needs its number in value_numeric")
+    text = record.get("value_text")
+    read = read_value_text(text, local_code, value_format) if text else None
+    if read is None:
+        return None
+    unit = read.unit or record.get("unit")
+    fields: dict[str, Any] = {"value_numeric": read.number, "value_comparator": read.comparator, "unit": unit}
+    if read.flag and not record.get("abnormal_flag"):
+        fields["abnormal_flag"] = read.flag
+    return _SentValue(read.number, unit, read.comparator, "value_text", fields)
 
 
 @normaliser("vitals")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streams.domain.values import ValueFormat, load_value_formats
 from streams.exceptions import ReferenceDataError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -265,7 +266,8 @@ class ReferenceData:
     """Everything the normaliser and rule engine look up, immutable once loaded.
 
     `rulebook` holds all threshold bands and delta checks, `policy` suppression and escalation,
-    `unit_spellings` the aliases a unit may be sent as.
+    `unit_spellings` the aliases a unit may be sent as, `value_formats` how each institution's systems
+    write numbers as text (institutions.json).
     """
 
     terminology: dict[str, dict[str, str]]
@@ -275,6 +277,7 @@ class ReferenceData:
     policy: AlertPolicy = field(default_factory=AlertPolicy)
     example_rules: tuple[ThresholdRule, ...] = ()
     unit_spellings: UnitSpellings = field(default_factory=UnitSpellings)
+    value_formats: dict[str, ValueFormat] = field(default_factory=dict)  # how each institution writes numbers
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -631,4 +634,5 @@ def load_reference(directory: Path = DATA_DIR) -> ReferenceData:
         policy=policy,
         example_rules=examples,
         unit_spellings=spellings,
+        value_formats=load_value_formats(directory),
     )

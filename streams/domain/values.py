@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.domain.reference import DATA_DIR
 from streams.exceptions import ReferenceDataError
 
 FLAG_NOT_JUDGED = "not_judged"
@@ -91,10 +90,12 @@ def read_value_text(text: str, local_code: str, value_format: ValueFormat) -> Re
     )
 
 
-def load_value_formats(directory: Path = DATA_DIR) -> dict[str, ValueFormat]:
+def load_value_formats(directory: Path) -> dict[str, ValueFormat]:
     """Each institution's `values` entry of institutions.json; an institution without one writes
-    plain decimal points and no range flags."""
+    plain decimal points and no range flags, and so does every one when the folder has no such file."""
     path = directory / "institutions.json"
+    if not path.exists():
+        return {}
     try:
         institutions = json.loads(path.read_text(encoding="utf-8"))["institutions"]
         return {code: _value_format(code, entry.get("values") or {}) for code, entry in institutions.items()}

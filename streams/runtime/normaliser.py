@@ -23,8 +23,9 @@ from typing import Any
 from core.contract import RawTopic, TopicNames, patient_key, regional_key
 from streams.domain.codes import CodeMaps
 from streams.domain.identity import RegionalIdentity
-from streams.domain.normalise import NormalisedEvent, missing_normalisers, normalise_event
+from streams.domain.normalise import NormalisedEvent, lab_loinc, missing_normalisers, normalise_event
 from streams.domain.reference import ReferenceData
+from streams.domain.values import FLAG_NOT_JUDGED
 from streams.exceptions import RejectedEvent
 from streams.runtime.messages import RawMessage, Rejection
 from streams.runtime.outputs import Output
@@ -58,19 +59,13 @@ def rejected_analyte(
     """The analyte of a rejected message of `kind` from the topic's `institution`, decoded as `record`
     (None when it could not be decoded).
 
-    Only a lab result names one: its explicit `loinc_code`, else its `local_code` in the institution's
-    terminology map, as the lab normaliser resolves it. It is possibly critical when the rule book has
-    threshold (critical) limits for that LOINC code, unless the result was cancelled (the rules never
-    judge a cancelled result).
+    Only a lab result names one, as the lab normaliser resolves it (`lab_loinc`). It is possibly
+    critical when the rule book has threshold (critical) limits for that LOINC code, unless the result
+    was cancelled (the rules never judge a cancelled result).
     """
     if kind != "lab" or record is None:
         return RejectedAnalyte()
-    explicit = record.get("loinc_code")
-    loinc = str(explicit).strip() if explicit else None
-    if not loinc:
-        local_code = record.get("local_code")
-        codes = reference.terminology.get(institution or "", {})
-        loinc = codes.get(str(local_code).strip()) if local_code is not None else None
+    loinc = lab_loinc(record, institution or "", reference)
     if not loinc:
         return RejectedAnalyte()
     limited = bool(reference.rulebook.thresholds.get(loinc)) and record.get("status") != "cancelled"
@@ -223,3 +218,9 @@ class NormaliserHandler:
                 if flag.startswith("unmapped"):
                     code = event.record.get("local_code") or event.record.get("drug_code") or "?"
                     metrics.unmapped_codes.labels(institution=institution, code=str(code)).inc()
+                elif flag == FLAG_NOT_JUDGED:
+                    analyte = self.stage.components.reference.analytes.get(
+                        event.record.get("loinc_code") or ""
+                    )
+                    name = analyte.name if analyte is not None else "other"  # a bounded label set
+                    metrics.results_not_judged.labels(institution=institution, analyte=name).inc()

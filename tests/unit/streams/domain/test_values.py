@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streams.domain.reference import DATA_DIR
 from streams.domain.values import (
     MeasuringRange,
     ReadValue,
@@ -80,7 +81,7 @@ def test_every_plainly_written_decimal_reads_as_itself(number: object) -> None:
 
 
 def test_the_shipped_institutions_configure_their_analysers(tmp_path: Path) -> None:
-    formats = load_value_formats()
+    formats = load_value_formats(DATA_DIR)
     assert set(formats) >= {"H001", "H002", "C003"}
     h001 = formats["H001"]
     assert read_value_text("HI", "GLU", h001) == ReadValue(600.0, ">", "mg/dL")
