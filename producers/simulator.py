@@ -180,6 +180,7 @@ def lab_record(
         "local_display": test.display,
         "loinc_code": None,
         "value_numeric": value,
+        "value_comparator": None,
         "value_text": None,
         "unit": test.unit,
         "reference_low": test.normal[0],
@@ -330,3 +331,36 @@ def simulate_labs(
     """Lab results only, about `critical_share` of them critical."""
     events = simulate_events(seed, count, critical_share, patients=patients, now=now, kinds={"lab": 1.0})
     return [record for _, record in events]
+
+
+def results_as_laboratories_write_them(seed: int, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Three critical lab results in the shapes real feeds send, one per institution, for the demo:
+
+    - H001: a glucose above its analyser's measuring range, sent as the flag "HI" (no number; the
+      institution's configuration says HI means more than 600 mg/dL);
+    - H002: a sodium of 108 with its unit in capitals, "MMOL/L", as HL7 v2 feeds write units;
+    - C003: a potassium of 6.9 whose local code is its LOINC code, 2823-3.
+    """
+    rng = random.Random(seed)
+    now = now or dt.datetime.now(dt.UTC)
+    by_id = {institution.institution_id: institution for institution in INSTITUTIONS}
+    tests = {(i.institution_id, t.code): t for i in INSTITUTIONS for t in i.tests}
+    written = [
+        ("H001", "GLU", {"value_numeric": None, "value_text": "HI", "unit": None}),
+        ("H002", "LAB0102", {"value_numeric": 108.0, "unit": "MMOL/L"}),
+        ("C003", "K+", {"value_numeric": 6.9, "local_code": "2823-3", "local_display": "Potassium"}),
+    ]
+    records = []
+    for n, (institution_id, code, shape) in enumerate(written):
+        institution = by_id[institution_id]
+        patient = make_patients(rng, 1)[0]
+        patient = Patient(
+            patient.national_id, {institution_id: institution.mrn_format.format(900 + n)}, 1950, "female"
+        )
+        when = (now - dt.timedelta(seconds=3 - n)).astimezone(ZoneInfo(institution.time_zone))
+        test = tests[(institution_id, code)]
+        record = lab_record(institution, patient, test, test.critical[0], when, rng)
+        record.update(shape)
+        record["abnormal_flag"] = None
+        records.append(record)
+    return records

@@ -132,3 +132,16 @@ def test_message_keys_differ(a: tuple[str, str], b: tuple[str, str]) -> None:
 
     assert isinstance(key(*a), bytes)
     assert key(*a) != key(*b)
+
+
+def test_results_as_laboratories_write_them_are_publishable_and_each_is_judged_critical() -> None:
+    from producers.simulator import results_as_laboratories_write_them
+
+    records = results_as_laboratories_write_them(seed=3, now=NOW)
+    assert [r["envelope"]["institution_id"] for r in records] == ["H001", "H002", "C003"]
+    schema = standard.load(standard.LAB_RESULT)
+    for record in records:
+        validate_record(record, schema)
+        assert [alert.severity for alert in _judge(record)] == ["CRITICAL"], record["local_code"]
+    assert records[0]["value_text"] == "HI" and records[1]["unit"] == "MMOL/L"
+    assert records[2]["local_code"] == "2823-3"
