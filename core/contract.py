@@ -12,7 +12,10 @@ Topics, under an optional prefix (tests give each run its own):
 - `norm.<kind>`: the regional standard, keyed by the regional patient id, so one patient's events
   stay in order on one partition;
 - `norm.identity`, `alerts.critical`, `alerts.escalation`, `alerts.ack`: the hub's own records, keyed
-  by the regional patient id; `deadletter`: rejected input, keyed as it came.
+  by the regional patient id; `deadletter`: rejected input, keyed as it came;
+- `alerts.state`: the state changes of each alert (repeats, escalations, acknowledgements), keyed by
+  alert id and log-compacted (`HubRecord.compacted`, `topic_config`), so its latest record per key is
+  the alert's current state. `alerts.critical` carries each alert once.
 """
 
 from __future__ import annotations
@@ -47,19 +50,24 @@ KIND_SPECS: dict[str, KindSpec] = {spec.name: spec for spec in CLINICAL_KINDS}
 
 @dataclass(frozen=True)
 class HubRecord:
-    """A record the hub itself publishes: its short name, Avro record and topic (without prefix)."""
+    """A record the hub itself publishes: its short name, Avro record and topic (without prefix).
+
+    `compacted`: its topic keeps the latest record of each key (cleanup.policy=compact), not a window
+    of time: a reader gets the current state of every key without replaying every change."""
 
     name: str
     schema: str
     topic: str
+    compacted: bool = False
 
 
 IDENTITY = HubRecord("identity", "org.clinhub.identity.IdentityLink", "norm.identity")
 ALERT = HubRecord("alert", "org.clinhub.alert.CriticalValueAlert", "alerts.critical")
 ESCALATION = HubRecord("escalation", "org.clinhub.alert.AlertEscalation", "alerts.escalation")
 ACK = HubRecord("ack", "org.clinhub.alert.AlertAcknowledgement", "alerts.ack")
+ALERT_STATE = HubRecord("alert_state", "org.clinhub.alert.AlertState", "alerts.state", compacted=True)
 DEADLETTER = HubRecord("deadletter", "org.clinhub.ops.DeadLetter", "deadletter")
-HUB_RECORDS: tuple[HubRecord, ...] = (IDENTITY, ALERT, ESCALATION, ACK, DEADLETTER)
+HUB_RECORDS: tuple[HubRecord, ...] = (IDENTITY, ALERT, ESCALATION, ACK, ALERT_STATE, DEADLETTER)
 
 # Every record on the hub's topics by its short name: the clinical kinds and the hub's own records.
 RECORD_SCHEMAS: dict[str, str] = {
@@ -136,6 +144,10 @@ class TopicNames:
         return self.hub(ACK)
 
     @property
+    def alert_states_topic(self) -> str:
+        return self.hub(ALERT_STATE)
+
+    @property
     def deadletter_topic(self) -> str:
         return self.hub(DEADLETTER)
 
@@ -156,11 +168,30 @@ class TopicNames:
         )
 
 
+COMPACTED = {"cleanup.policy": "compact"}
+
+
+def topic_config(topic: str) -> dict[str, str]:
+    """The topic-level settings the contract asks of one of its topics, whatever its prefix: the topic of
+    a compacted record is compacted; every other topic takes the cluster's defaults ({})."""
+    for record in HUB_RECORDS:
+        # the names TopicNames builds end in a kind (raw., norm.) or are <prefix><record.topic>
+        if record.compacted and topic.endswith(record.topic):
+            return dict(COMPACTED)
+    return {}
+
+
 def patient_key(institution: str, mrn: str) -> str:
     """An institution's patient: the key of raw messages and of the identity-link table."""
     return f"{institution}|{mrn}"
 
 
 def regional_key(regional_patient_id: str) -> bytes:
-    """The key of every normalised and alert message: the regional patient id."""
+    """The key of every normalised and alert message (but alert states): the regional patient id."""
     return regional_patient_id.encode()
+
+
+def alert_key(alert_id: str) -> bytes:
+    """The key of an alert's state changes on alerts.state: its alert id, canonical lower-case text, so
+    compaction keeps one record per alert."""
+    return str(alert_id).lower().encode()

@@ -26,6 +26,7 @@ IDENTITY_LINK = contract.IDENTITY.schema
 CRITICAL_VALUE_ALERT = contract.ALERT.schema
 ALERT_ESCALATION = contract.ESCALATION.schema
 ALERT_ACKNOWLEDGEMENT = contract.ACK.schema
+ALERT_STATE = contract.ALERT_STATE.schema
 DEAD_LETTER = contract.DEADLETTER.schema
 
 # The clinical event kinds institutions publish, each on raw.<institution>.<kind>, to their schemas.

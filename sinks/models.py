@@ -231,7 +231,8 @@ class Diagnosis(Base):
 
 
 class Alert(Base):
-    """A critical-value alert as published on the alerts topic, with its escalation and acknowledgement."""
+    """A critical-value alert as published on the alerts topic, with its escalation and acknowledgement;
+    its suppressed repeats are the highest its state changes (alert_history) or its record carried."""
 
     __tablename__ = "alerts"
 
@@ -266,6 +267,32 @@ class Alert(Base):
     ack_channel: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (Index(None, "regional_patient_id", "raised_time"),)
+
+
+class AlertHistory(Base):
+    """One state change of an alert (an AlertState record from alerts.state): the alert after it was
+    opened, repeated, noted, escalated or acknowledged. One row per state id, so a replay adds none."""
+
+    __tablename__ = "alert_history"
+
+    state_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    alert_id: Mapped[str] = mapped_column(String(36))
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    institution_id: Mapped[str] = mapped_column(String(32))
+    change: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    suppressed_repeats: Mapped[int] = mapped_column(Integer)
+    escalation_level: Mapped[int] = mapped_column(Integer)
+    recipient: Mapped[str | None] = mapped_column(String(128))
+    next_deadline_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(64))
+    acknowledged_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    note: Mapped[str | None] = mapped_column(Text)
+    changed_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    correlation_id: Mapped[str | None] = mapped_column(String(64))
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "alert_id", "changed_time"),)
 
 
 class AlertEscalation(Base):

@@ -401,6 +401,24 @@ def _diagnosis(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepa
     return prepared
 
 
+ALERT_STATUSES = ("OPEN", "ACKNOWLEDGED")
+ALERT_CHANGES = ("OPENED", "REPEAT", "NOTE", "ESCALATED", "ACKNOWLEDGED", "OTHER")
+
+
+def _count(record: Mapping[str, Any], name: str) -> int:
+    value = record.get(name) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Refused(name, f"expected a count, got {value!r}")
+    return value
+
+
+def _symbol(record: Mapping[str, Any], name: str, symbols: tuple[str, ...]) -> str:
+    value = _enum(_get(record, name))
+    if value not in symbols:
+        raise _Refused(name, f"expected one of {', '.join(symbols)}, got {value!r}")
+    return value
+
+
 def _comparator(record: Mapping[str, Any]) -> str | None:
     comparator = _optional_text(record, "value_comparator")
     if comparator not in (None, "<", "<=", ">=", ">"):
@@ -411,9 +429,7 @@ def _comparator(record: Mapping[str, Any]) -> str | None:
 @converts("alert")
 def _alert(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
     raised = _time(record, "raised_time")
-    repeats = record.get("suppressed_repeats") or 0
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
-        raise _Refused("suppressed_repeats", f"expected a count, got {repeats!r}")
+    repeats = _count(record, "suppressed_repeats")
     row = {
         "alert_id": uuid_text(_get(record, "alert_id"), "alert_id"),
         "source_event_id": uuid_text(_get(record, "source_event_id"), "source_event_id"),
@@ -514,6 +530,31 @@ def _ack(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
         log=log,
         rows={"alert_acknowledgements": [row]},
     )
+
+
+@converts("alert_state")
+def _alert_state(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
+    """One state change of an alert: a row of its history (the alerts row takes its repeats from them)."""
+    changed = _time(record, "changed_time")
+    row = {
+        "state_id": uuid_text(_get(record, "state_id"), "state_id"),
+        "alert_id": uuid_text(_get(record, "alert_id"), "alert_id"),
+        "regional_patient_id": _text(record, "regional_patient_id"),
+        "institution_id": _text(record, "institution_id"),
+        "change": _symbol(record, "change", ALERT_CHANGES),
+        "status": _symbol(record, "status", ALERT_STATUSES),
+        "suppressed_repeats": _count(record, "suppressed_repeats"),
+        "escalation_level": _count(record, "escalation_level"),
+        "recipient": _optional_text(record, "recipient"),
+        "next_deadline_time": _optional_time(record, "next_deadline_time"),
+        "acknowledged_by": _optional_text(record, "acknowledged_by"),
+        "acknowledged_time": _optional_time(record, "acknowledged_time"),
+        "note": _optional_text(record, "note"),
+        "changed_time": changed,
+        "correlation_id": _optional_text(record, "correlation_id"),
+        "ingested_time": now,
+    }
+    return Prepared(index=index, kind="alert_state", time=changed, rows={"alert_history": [row]})
 
 
 @converts("identity")

@@ -8,10 +8,12 @@ one row per key (`keep_newest`) and the INSERT ... ON CONFLICT sent for the batc
 - versioned tables (observations, medication_orders, diagnoses) keep each natural key's newest version by
   (event_time, event_id); alerts keep the highest suppressed_repeats; identity links and aliases the
   latest link; patients fill in demographics from their newest record;
-- history and append-only tables insert-or-ignore.
+- history and append-only tables insert-or-ignore (alert_history by state id, so a redelivered state
+  change adds nothing).
 Around the policies, a few steps of their own: vitals sets replace whole sets, encounters take their state
-from their history, alerts are refreshed from their escalations and acknowledgements, aliases stay one
-hop from a canonical id. Rows are sent sorted by key so that concurrent writers lock in the same order.
+from their history, alerts are refreshed from their escalations, acknowledgements and state changes,
+aliases stay one hop from a canonical id. Rows are sent sorted by key so that concurrent writers lock in
+the same order.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from sinks.models import (
     Alert,
     AlertAcknowledgement,
     AlertEscalation,
+    AlertHistory,
     Diagnosis,
     Encounter,
     EncounterEvent,
@@ -96,6 +99,7 @@ DIAGNOSIS_WRITES = WritePolicy(
 ENCOUNTER_EVENT_WRITES = WritePolicy(_table(EncounterEvent), Precedence(("event_id",)))
 ESCALATION_WRITES = WritePolicy(_table(AlertEscalation), Precedence(("escalation_id",)))
 ACK_WRITES = WritePolicy(_table(AlertAcknowledgement), Precedence(("ack_id",)))
+ALERT_HISTORY_WRITES = WritePolicy(_table(AlertHistory), Precedence(("state_id",)))
 ALERT_WRITES = WritePolicy(
     _table(Alert), Precedence(("alert_id",), ("suppressed_repeats",)), replaces=("suppressed_repeats",)
 )
@@ -120,6 +124,7 @@ WRITE_POLICIES: tuple[WritePolicy, ...] = (
     ENCOUNTER_EVENT_WRITES,
     ESCALATION_WRITES,
     ACK_WRITES,
+    ALERT_HISTORY_WRITES,
     ALERT_WRITES,
     LINK_WRITES,
     ENCOUNTER_WRITES,
@@ -133,6 +138,7 @@ VITALS_SET = Precedence(("institution_id", "category", "result_id"), EVENT_VERSI
 # The tables tests and benchmarks read.
 OBSERVATIONS = OBSERVATION_WRITES.table
 ALERTS = ALERT_WRITES.table
+ALERT_HISTORY = ALERT_HISTORY_WRITES.table
 PATIENTS = PATIENT_WRITES.table
 INGEST_LOG = INGEST_LOG_WRITES.table
 ENCOUNTERS = ENCOUNTER_WRITES.table
@@ -385,7 +391,9 @@ class SqlStoreSink(Sink):
         self._encounters(connection, encounters, new_events, outcome)
         touched_alerts = {alert_id for (alert_id,) in stored_keys.get(ALERT_WRITES.name, ())}
         touched_alerts |= {
-            row["alert_id"] for name in (ESCALATION_WRITES.name, ACK_WRITES.name) for _, row in by_table[name]
+            row["alert_id"]
+            for name in (ESCALATION_WRITES.name, ACK_WRITES.name, ALERT_HISTORY_WRITES.name)
+            for _, row in by_table[name]
         }
         if touched_alerts:
             self._refresh_alert_state(connection, touched_alerts)
@@ -478,8 +486,12 @@ class SqlStoreSink(Sink):
         outcome.rows[ENCOUNTER_WRITES.name] += result.rowcount
 
     def _refresh_alert_state(self, connection: Connection, alert_ids: set[str]) -> None:
-        """Escalation level and first acknowledgement from their tables (they may come before the alert)."""
-        a, e, k = ALERTS, ESCALATION_WRITES.table, ACK_WRITES.table
+        """Escalation level and first acknowledgement from their tables, suppressed repeats the highest of
+        the row's and its state changes' (any of them may come before the alert)."""
+        a, e, k, h = ALERTS, ESCALATION_WRITES.table, ACK_WRITES.table, ALERT_HISTORY
+        repeats = (
+            select(func.max(h.c.suppressed_repeats)).where(h.c.alert_id == a.c.alert_id).scalar_subquery()
+        )
 
         def top_escalation(column: Any) -> Any:
             return (
@@ -503,6 +515,10 @@ class SqlStoreSink(Sink):
             update(a)
             .where(a.c.alert_id.in_(sorted(alert_ids)))
             .values(
+                # a null (no state change yet) compares as not higher
+                suppressed_repeats=case(
+                    (repeats > a.c.suppressed_repeats, repeats), else_=a.c.suppressed_repeats
+                ),
                 escalation_level=func.coalesce(top_escalation(e.c.level), literal(0)),
                 escalated_time=top_escalation(e.c.escalated_time),
                 escalation_recipient=top_escalation(e.c.recipient),

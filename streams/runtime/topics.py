@@ -1,4 +1,5 @@
-"""The topics on the cluster: creating them with explicit partitions and replication, finding raw ones.
+"""The topics on the cluster: creating them with explicit partitions, replication and the settings the
+contract asks of each (`core.contract.topic_config`: alerts.state is compacted), finding raw ones.
 
 Their names are built and parsed by `core.contract.TopicNames`.
 """
@@ -8,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from core.contract import TopicNames
+from core.contract import TopicNames, topic_config
 
 
 def create_topics(
     admin_config: Mapping[str, Any], names: Iterable[str], partitions: int, replication: int
 ) -> list[str]:
-    """Create missing topics; returns the ones created. Existing topics are left as they are."""
+    """Create missing topics, each with the settings the contract asks of it (`topic_config`); returns
+    the ones created. Existing topics are left as they are."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -24,7 +26,10 @@ def create_topics(
     if not wanted:
         return []
     futures = admin.create_topics(
-        [NewTopic(n, num_partitions=partitions, replication_factor=replication) for n in wanted],
+        [
+            NewTopic(n, num_partitions=partitions, replication_factor=replication, config=topic_config(n))
+            for n in wanted
+        ],
         operation_timeout=30,
     )
     created = []

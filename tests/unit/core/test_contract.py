@@ -64,8 +64,20 @@ def test_the_store_keeps_every_record_but_dead_letters_each_from_its_own_topic()
     assert sorted(stored.values()) == sorted(contract.STORED_RECORDS)
     assert "deadletter" not in stored.values() and names.deadletter_topic not in stored
     assert stored[names.norm("lab")] == "lab" and stored[names.alerts_topic] == "alert"
+    assert stored[names.alert_states_topic] == "alert_state" == contract.ALERT_STATE.name
 
 
 def test_keys() -> None:
     assert contract.patient_key("H001", "MRN1") == "H001|MRN1"
     assert contract.regional_key("rp-1") == b"rp-1"
+    alert_id = "0B0E58F2-5A8E-5C0F-9A47-0D9C2B7E2F11"
+    assert contract.alert_key(alert_id) == contract.alert_key(alert_id.lower()) == alert_id.lower().encode()
+
+
+@pytest.mark.parametrize("prefix", ["", "ci-1234-", "team.a."])
+def test_only_the_alert_state_topic_is_compacted_whatever_the_prefix(prefix: str) -> None:
+    names = TopicNames(prefix=prefix)
+    configs = {topic: contract.topic_config(topic) for topic in names.all_for(["H001", "X-9"])}
+    assert names.alert_states_topic == f"{prefix}alerts.state"
+    assert {topic for topic, config in configs.items() if config} == {names.alert_states_topic}
+    assert configs[names.alert_states_topic] == {"cleanup.policy": "compact"}

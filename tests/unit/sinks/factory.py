@@ -90,6 +90,38 @@ def ack_for(alert: dict[str, Any], minutes: int, by: str = "DR0042") -> dict[str
     }
 
 
+def state_for(
+    alert: dict[str, Any],
+    change: str,
+    repeats: int = 0,
+    minutes: float = 0,
+    *,
+    level: int = 0,
+    acknowledged_by: str | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    """An AlertState of the alert, `minutes` after it was raised, as fastavro decodes it."""
+    changed = alert["raised_time"] + dt.timedelta(minutes=minutes)
+    acknowledged = acknowledged_by is not None
+    return {
+        "state_id": uuid.uuid5(NAMESPACE, f"state|{alert['alert_id']}|{change}|{repeats}|{minutes}"),
+        "alert_id": alert["alert_id"],
+        "regional_patient_id": alert["regional_patient_id"],
+        "institution_id": alert["institution_id"],
+        "status": "ACKNOWLEDGED" if acknowledged else "OPEN",
+        "change": change,
+        "suppressed_repeats": repeats,
+        "escalation_level": level,
+        "recipient": "attending physician" if level else None,
+        "next_deadline_time": None if acknowledged else alert["deadline_time"],
+        "acknowledged_by": acknowledged_by,
+        "acknowledged_time": changed if acknowledged else None,
+        "note": note,
+        "changed_time": changed,
+        "correlation_id": alert["correlation_id"] if change in ("OPENED", "REPEAT", "NOTE") else None,
+    }
+
+
 def identity(
     institution: str, mrn: str, regional: str, alias_of: str | None = None, linked: dt.datetime = NOW
 ) -> dict[str, Any]:
@@ -104,8 +136,8 @@ def identity(
 
 
 def realistic_batch(seed: int, count: int) -> list[StoreRecord]:
-    """Every kind: simulated clinical events, alerts for critical-looking labs with escalations and
-    acknowledgements, and an identity link per (institution, MRN)."""
+    """Every kind: simulated clinical events, alerts for critical-looking labs with their states (opened,
+    repeats), escalations and acknowledgements, and an identity link per (institution, MRN)."""
     records = simulated(seed, count)
     extra: list[StoreRecord] = []
     links: dict[tuple[str, str], str] = {}
@@ -115,6 +147,11 @@ def realistic_batch(seed: int, count: int) -> list[StoreRecord]:
         if item.kind == "lab" and record["abnormal_flag"] is not None and n % 3 == 0:
             alert = alert_for(dict(record), suppressed_repeats=n % 4)
             extra.append(StoreRecord("alert", alert))
+            extra.append(StoreRecord("alert_state", state_for(alert, "OPENED")))
+            extra.extend(
+                StoreRecord("alert_state", state_for(alert, "REPEAT", repeats, repeats))
+                for repeats in range(1, n % 5 + 1)
+            )
             if n % 2 == 0:
                 extra.append(StoreRecord("escalation", escalation_for(alert, 1)))
             if n % 5 == 0:

@@ -23,7 +23,7 @@ from sinks.exceptions import StoreOutOfDateError, StoreRejectedError
 from sinks.metrics import make_sink_metrics
 from sinks.models import Base
 from sinks.queries import InvalidCursorError, TimelineEntry, latest_by_analyte, patient_timeline
-from sinks.sql import ALERTS, ENCOUNTERS, INGEST_LOG, OBSERVATIONS, PATIENTS, SqlStoreSink
+from sinks.sql import ALERT_HISTORY, ALERTS, ENCOUNTERS, INGEST_LOG, OBSERVATIONS, PATIENTS, SqlStoreSink
 from sinks.store import current_revision, downgrade, ensure_current, head_revision, make_engine, upgrade
 from tests.factories import regional_id
 from tests.unit.sinks.factory import (
@@ -37,6 +37,7 @@ from tests.unit.sinks.factory import (
     revised,
     simulated,
     snapshot,
+    state_for,
 )
 
 
@@ -127,6 +128,7 @@ def test_every_kind_is_counted_and_stored(sink: SqlStoreSink, engine: Engine) ->
         "alert",
         "escalation",
         "ack",
+        "alert_state",
         "identity",
     }
     expected = {kind: sum(1 for record in batch if record.kind == kind) for kind in kinds}
@@ -140,6 +142,7 @@ def test_every_kind_is_counted_and_stored(sink: SqlStoreSink, engine: Engine) ->
         + expected["ack"]
     )
     assert len(tables["alerts"]) == expected["alert"]
+    assert len(tables["alert_history"]) == expected["alert_state"]
     assert len(tables["identifier_links"]) == expected["identity"]
 
 
@@ -405,6 +408,94 @@ def test_escalations_and_acknowledgements_update_the_alert_in_any_order(
     assert as_utc(row.acknowledged_time) == alert["raised_time"] + dt.timedelta(minutes=35)
     assert len(rows(engine, Base.metadata.tables["alert_escalations"])) == 2
     assert len(rows(engine, Base.metadata.tables["alert_acknowledgements"])) == 2
+
+
+def _alert_life(alert: dict[str, Any]) -> list[StoreRecord]:
+    """An alert as the clinical stage now publishes it: once, then its state changes on alerts.state."""
+    return [
+        StoreRecord("alert", alert),
+        StoreRecord("alert_state", state_for(alert, "OPENED")),
+        *(StoreRecord("alert_state", state_for(alert, "REPEAT", n, minutes=n)) for n in (1, 2, 3)),
+        StoreRecord("alert_state", state_for(alert, "NOTE", 3, minutes=4, note="a late result came in")),
+        StoreRecord("alert_state", state_for(alert, "ESCALATED", 3, minutes=15, level=1)),
+        StoreRecord(
+            "alert_state", state_for(alert, "ACKNOWLEDGED", 3, minutes=20, level=1, acknowledged_by="DR7")
+        ),
+    ]
+
+
+def test_the_store_keeps_an_alert_and_its_history(sink: SqlStoreSink, engine: Engine) -> None:
+    lab = first(simulated(seed=43, count=20, kinds={"lab": 1.0}), "lab")
+    alert = alert_for(lab)
+    result = sink.write_records(_alert_life(alert))
+    assert result.written == {"alert": 1, "alert_state": 7}
+    (row,) = rows(engine, ALERTS)
+    assert row.suppressed_repeats == 3
+    history = sorted(rows(engine, ALERT_HISTORY), key=lambda h: h.changed_time)
+    assert [(h.change, h.status, h.suppressed_repeats, h.escalation_level) for h in history] == [
+        ("OPENED", "OPEN", 0, 0),
+        ("REPEAT", "OPEN", 1, 0),
+        ("REPEAT", "OPEN", 2, 0),
+        ("REPEAT", "OPEN", 3, 0),
+        ("NOTE", "OPEN", 3, 0),
+        ("ESCALATED", "OPEN", 3, 1),
+        ("ACKNOWLEDGED", "ACKNOWLEDGED", 3, 1),
+    ]
+    assert {h.alert_id for h in history} == {str(alert["alert_id"])}
+    assert [h.note for h in history if h.note] == ["a late result came in"]
+    acknowledged = history[-1]
+    assert (acknowledged.acknowledged_by, acknowledged.next_deadline_time) == ("DR7", None)
+    assert as_utc(acknowledged.acknowledged_time) == alert["raised_time"] + dt.timedelta(minutes=20)
+    assert history[-2].recipient == "attending physician"
+
+
+def test_a_redelivered_state_change_changes_nothing(sink: SqlStoreSink, engine: Engine) -> None:
+    lab = first(simulated(seed=44, count=20, kinds={"lab": 1.0}), "lab")
+    life = _alert_life(alert_for(lab))
+    sink.write_records(life)
+    before = snapshot(engine)
+    again = sink.write_records(life[1:] + life[3:5])  # whole and twice within one batch
+    assert again.written == {}
+    assert again.unchanged == {"alert_state": len(life) - 1 + 2}
+    assert snapshot(engine) == before
+
+
+@pytest.mark.parametrize(
+    ("alert_repeats", "state_repeats", "stored"),
+    [
+        (0, [1, 2, 3], 3),
+        (0, [3, 1, 2], 3),  # states of different batches in any order: the highest stays
+        (5, [1, 2], 5),  # an alert republished before alerts.state carried its count
+        (2, [], 2),
+        (0, [], 0),
+    ],
+)
+@pytest.mark.parametrize("alert_last", [False, True])
+def test_the_alert_row_keeps_the_highest_repeat_count_of_its_state_changes(
+    sink: SqlStoreSink,
+    engine: Engine,
+    alert_repeats: int,
+    state_repeats: list[int],
+    stored: int,
+    alert_last: bool,
+) -> None:
+    lab = first(simulated(seed=45, count=20, kinds={"lab": 1.0}), "lab")
+    alert = alert_for(lab, alert_repeats)
+    states = [StoreRecord("alert_state", state_for(alert, "REPEAT", n, minutes=n)) for n in state_repeats]
+    head = [StoreRecord("alert", alert)]
+    for record in states + head if alert_last else head + states:
+        sink.write_records([record])
+    (row,) = rows(engine, ALERTS)
+    assert row.suppressed_repeats == stored
+    assert len(rows(engine, ALERT_HISTORY)) == len(state_repeats)
+
+
+def test_a_state_change_with_an_unknown_change_is_refused(sink: SqlStoreSink) -> None:
+    lab = first(simulated(seed=46, count=20, kinds={"lab": 1.0}), "lab")
+    state = state_for(alert_for(lab), "REPEAT", 1)
+    state["change"] = "WORSENED"
+    with pytest.raises(StoreRejectedError, match="change"):
+        sink.write_records([StoreRecord("alert_state", state)])
 
 
 # -- identities ------------------------------------------------------------------------------------
