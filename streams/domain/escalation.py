@@ -5,6 +5,7 @@ Nothing here reads a clock or touches Kafka: `now` is a parameter, state goes in
 API::
 
     open_alert(state: OpenAlerts | None, draft: AlertDraft) -> OpenAlerts
+    update_alert(state: OpenAlerts | None, draft: AlertDraft) -> OpenAlerts   # an update's repeats, note
     due_escalations(state: OpenAlerts | None, now: datetime, policy: EscalationPolicy)
         -> list[EscalationDraft]
     apply_escalation(state: OpenAlerts | None, escalation: EscalationDraft) -> OpenAlerts
@@ -22,17 +23,19 @@ One `OpenAlerts` per regional patient id, mapping alert_id to `OpenAlertState`:
 - `open_alert` adds an alert at level 0 with the draft's deadline. An alert already known (a
   suppressed-repeat update with the same id, a reprocessed event) is left exactly as it is: its level,
   deadline and acknowledgement are never reset.
+- `update_alert` takes the suppressed repeats and note of an open alert's update (`Decision.updated_alerts`);
+  level, deadline and acknowledgement stay, and an alert not tracked stays untracked.
 - `due_escalations` returns, for each unacknowledged alert whose deadline is at or before `now`, the
   next level: level n notifies `policy.recipients[n]` (past the end of the list, the last recipient
   again, every `repeat_interval`). Before the last recipient the next deadline is `now` + the
   severity's deadline. Its escalation_id is uuid5(alert_id, str(level)), so a timer that fires twice
   before the state is written yields the same id.
-- `apply_escalation` moves the alert to the escalation's level and deadline only if the escalation is
-  the next level of an unacknowledged alert: applying it twice, late or after an acknowledgement
-  changes nothing.
-- `acknowledge` closes the alert for good; the entry stays (acknowledged) so a reprocessed alert
-  cannot reopen it until `prune` drops it. An acknowledgement of an unknown alert changes nothing and
-  says so in `AckResult.outcome`.
+- `apply_escalation` moves the alert to the escalation's level, recipient and deadline only if the
+  escalation is the next level of an unacknowledged alert: applying it twice, late or after an
+  acknowledgement changes nothing.
+- `acknowledge` closes the alert for good, with who acknowledged it; the entry stays (acknowledged) so
+  a reprocessed alert cannot reopen it until `prune` drops it. An acknowledgement of an unknown alert
+  changes nothing and says so in `AckResult.outcome`.
 
 Times in state dicts are epoch milliseconds.
 """
@@ -66,6 +69,7 @@ __all__ = [
     "next_deadline",
     "open_alert",
     "prune",
+    "update_alert",
 ]
 
 ACK_RETENTION = dt.timedelta(days=7)  # acknowledged alerts are remembered this long against reprocessing
@@ -74,7 +78,8 @@ STATE_FORMAT = 1
 
 @dataclass(frozen=True)
 class OpenAlertState:
-    """Where one alert stands: the escalation level reached, the next deadline, whether acknowledged."""
+    """Where one alert stands: the escalation level reached and who it went to, the next deadline, whether
+    and by whom acknowledged, its suppressed repeats and note (an AlertState record, alert_state.py)."""
 
     alert_id: str
     severity: str
@@ -84,6 +89,10 @@ class OpenAlertState:
     level: int
     deadline_ms: int
     acknowledged_ms: int | None = None
+    suppressed_repeats: int = 0
+    note: str | None = None
+    recipient: str | None = None  # of the latest escalation; None before the first
+    acknowledged_by: str | None = None
 
     @property
     def acknowledged(self) -> bool:
@@ -95,6 +104,8 @@ class OpenAlertState:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OpenAlertState:
         acknowledged = data.get("acknowledged_ms")
+        # the last four were added later: state written before has none of them
+        note, recipient, by = data.get("note"), data.get("recipient"), data.get("acknowledged_by")
         return cls(
             alert_id=str(data["alert_id"]),
             severity=str(data["severity"]),
@@ -104,6 +115,10 @@ class OpenAlertState:
             level=int(data["level"]),
             deadline_ms=int(data["deadline_ms"]),
             acknowledged_ms=None if acknowledged is None else int(acknowledged),
+            suppressed_repeats=int(data.get("suppressed_repeats") or 0),
+            note=None if note is None else str(note),
+            recipient=None if recipient is None else str(recipient),
+            acknowledged_by=None if by is None else str(by),
         )
 
 
@@ -182,8 +197,24 @@ def open_alert(state: OpenAlerts | None, draft: AlertDraft) -> OpenAlerts:
             regional_patient_id=draft.regional_patient_id,
             level=0,
             deadline_ms=epoch_ms(draft.deadline_time),
+            suppressed_repeats=draft.suppressed_repeats,
+            note=draft.note,
         )
     )
+
+
+def update_alert(state: OpenAlerts | None, draft: AlertDraft) -> OpenAlerts:
+    """An open alert's update (same alert id): its suppressed repeats (never fewer) and note, nothing else.
+    An alert not tracked (long acknowledged and pruned) is not tracked again: it must not escalate anew."""
+    state = state or OpenAlerts()
+    entry = state.get(draft.alert_id)
+    if entry is None:
+        return state
+    repeats = max(entry.suppressed_repeats, draft.suppressed_repeats)
+    note = draft.note if draft.note is not None else entry.note
+    if (repeats, note) == (entry.suppressed_repeats, entry.note):
+        return state
+    return state._with(dataclasses.replace(entry, suppressed_repeats=repeats, note=note))
 
 
 def due_escalations(
@@ -226,7 +257,10 @@ def apply_escalation(state: OpenAlerts | None, escalation: EscalationDraft) -> O
         return state
     return state._with(
         dataclasses.replace(
-            entry, level=escalation.level, deadline_ms=epoch_ms(escalation.next_deadline_time)
+            entry,
+            level=escalation.level,
+            deadline_ms=epoch_ms(escalation.next_deadline_time),
+            recipient=escalation.recipient,
         )
     )
 
@@ -248,7 +282,11 @@ def acknowledge(state: OpenAlerts | None, ack: Mapping[str, Any]) -> AckResult:
         return AckResult(state, AckOutcome.UNKNOWN_ALERT)
     if entry.acknowledged:
         return AckResult(state, AckOutcome.ALREADY_ACKNOWLEDGED)
-    closed = dataclasses.replace(entry, acknowledged_ms=_ack_time_ms(ack["acknowledged_time"]))
+    closed = dataclasses.replace(
+        entry,
+        acknowledged_ms=_ack_time_ms(ack["acknowledged_time"]),
+        acknowledged_by=None if ack.get("acknowledged_by") is None else str(ack["acknowledged_by"]),
+    )
     return AckResult(state._with(closed), AckOutcome.ACKNOWLEDGED)
 
 

@@ -31,6 +31,7 @@ from streams.domain.escalation import (
     next_deadline,
     open_alert,
     prune,
+    update_alert,
 )
 from streams.domain.reference import EscalationPolicy, load_reference
 from streams.domain.rules import AlertDraft, LabFacts, evaluate
@@ -368,3 +369,57 @@ def test_any_history_round_trips_and_acknowledged_alerts_stay_quiet(ops: list[tu
                 if old.acknowledged:
                     assert entry == old
         assert OpenAlerts.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_the_state_knows_repeats_note_recipient_and_who_acknowledged() -> None:
+    """What an AlertState record carries besides level and deadline (streams/domain/alert_state.py)."""
+    draft = alert()
+    state = open_alert(None, draft)
+    state = update_alert(state, dataclasses.replace(draft, suppressed_repeats=2))
+    state = update_alert(state, dataclasses.replace(draft, suppressed_repeats=2, note="late result"))
+    state = update_alert(state, dataclasses.replace(draft, suppressed_repeats=1))  # never fewer
+    state, (escalation,) = step(state, minutes(15))
+    state = acknowledge(state, ack(draft, minutes(20))).state
+    entry = state.get(draft.alert_id)
+    assert entry is not None
+    assert (entry.suppressed_repeats, entry.note) == (2, "late result")
+    assert (entry.level, entry.recipient) == (1, escalation.recipient) == (1, CHAIN[1])
+    assert entry.acknowledged_by == "staff-0042"
+    assert OpenAlerts.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_an_update_neither_tracks_an_unknown_alert_nor_touches_level_or_deadline() -> None:
+    draft = alert()
+    assert update_alert(None, draft) == OpenAlerts()
+    state, _ = step(open_alert(None, draft), minutes(15))
+    updated = update_alert(state, dataclasses.replace(draft, suppressed_repeats=1, deadline_time=minutes(99)))
+    before, after = state.get(draft.alert_id), updated.get(draft.alert_id)
+    assert before is not None and after is not None
+    assert dataclasses.replace(after, suppressed_repeats=0) == before
+    same = dataclasses.replace(draft, suppressed_repeats=1)
+    assert update_alert(updated, same) is updated, "nothing new: the same state, nothing to write"
+
+
+def test_state_written_before_the_alert_state_fields_still_loads() -> None:
+    old = {
+        "format": 1,
+        "alerts": {
+            "a1": {
+                "alert_id": "a1",
+                "severity": "CRITICAL",
+                "message": "m",
+                "institution_id": "H001",
+                "regional_patient_id": "rp",
+                "level": 1,
+                "deadline_ms": 5,
+                "acknowledged_ms": None,
+            }
+        },
+    }
+    entry = OpenAlerts.from_dict(old).alerts["a1"]
+    assert (entry.suppressed_repeats, entry.note, entry.recipient, entry.acknowledged_by) == (
+        0,
+        None,
+        None,
+        None,
+    )
