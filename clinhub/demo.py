@@ -232,7 +232,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
         alerts = _read_topic(
             settings, topics.alerts_topic, alert_marks, _high_watermarks(settings, topics.alerts_topic)
         )
-        latest = {str(alert["alert_id"]): alert for alert in alerts}  # an alert's newest version last
+        latest = {str(alert["alert_id"]): alert for alert in alerts}  # each alert once (a replay: again)
 
         def alerts_stored() -> int:
             if not latest:

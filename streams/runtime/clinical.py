@@ -13,32 +13,41 @@ each table partition is the partition of the events that write it):
 Within a batch, state is read through an overlay so later messages see earlier ones; outputs are
 published and confirmed first, then the state is written. A crash in between replays the batch,
 which yields the same alert ids (the engine de-duplicates by event id within the state it keeps).
+
+Outputs: each new alert once on alerts.critical (keyed by patient), and every change of an alert as an
+AlertState on alerts.state (keyed by alert id, compacted): OPENED with the alert, REPEAT or NOTE for
+each open alert the rules updated, ESCALATED for each escalation applied, ACKNOWLEDGED for each
+acknowledgement applied. A replayed change yields the same state id (streams/domain/alert_state.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.contract import regional_key
+from core.contract import alert_key, regional_key
 from core.exceptions import ServiceUnavailableError
+from streams.domain.alert_state import AlertChange, alert_state_record, repeat_change, untracked
 from streams.domain.escalation import (
     ACK_RETENTION,
     AckOutcome,
     EscalationDraft,
     OpenAlerts,
+    OpenAlertState,
     acknowledge,
     apply_escalation,
     due_escalations,
     escalation_record,
     open_alert,
     prune,
+    update_alert,
 )
 from streams.domain.reference import AlertPolicy
-from streams.domain.rules import AnalyteState, LabFacts, alert_record, evaluate
+from streams.domain.rules import AnalyteState, LabFacts, alert_record, evaluate, from_epoch_ms
 from streams.runtime.messages import RawMessage, Rejection
 from streams.runtime.outputs import Output
 from streams.runtime.stage import Stage, judge_each
@@ -160,6 +169,20 @@ class ClinicalHandler:
         judged = judge_each(messages, decode, process)
         return overlay, outputs, judged.rejections
 
+    def _state_output(
+        self,
+        entry: OpenAlertState,
+        change: AlertChange,
+        cause: str,
+        changed_time: dt.datetime,
+        correlation_id: str | None = None,
+    ) -> Output:
+        """An alert's state after a change, on alerts.state keyed by alert id."""
+        record = alert_state_record(entry, change, cause, changed_time, correlation_id)
+        value = self.stage.codecs.encode("alert_state", record)
+        headers = {"correlation_id": correlation_id.encode()} if correlation_id else {}
+        return Output(self.stage.topics.alert_states_topic, alert_key(entry.alert_id), value, headers)
+
     def _encounter(
         self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, _outputs: list[Output]
     ) -> None:
@@ -175,7 +198,8 @@ class ClinicalHandler:
         if facts is None:
             return
         previous = overlay.analyte(patient, facts.loinc_code)
-        decision = evaluate(facts, previous, stage.components.reference.rulebook, stage.clock(), self.policy)
+        now = stage.clock()
+        decision = evaluate(facts, previous, stage.components.reference.rulebook, now, self.policy)
         overlay.set_analyte(patient, facts.loinc_code, decision.state)
         if decision.late:
             stage.metrics.events.labels(
@@ -187,37 +211,79 @@ class ClinicalHandler:
                 institution=facts.institution_id, kind="lab", outcome="duplicate"
             ).inc()
             return
-        alerts = overlay.alerts_of(patient) if decision.alerts else None
+        if not (decision.alerts or decision.updated_alerts):
+            return
+        alerts = overlay.alerts_of(patient)
+        before = alerts
         headers = {"correlation_id": facts.correlation_id.encode()}
         for draft in decision.alerts:
+            tracked = alerts is not None and alerts.get(draft.alert_id) is not None
             alerts = open_alert(alerts, draft)
+            if tracked:
+                continue  # raised, published and tracked before: a replay, not a new alert
             value = stage.codecs.encode("alert", alert_record(draft))
             outputs.append(Output(stage.topics.alerts_topic, regional_key(patient), value, headers))
+            opened = alerts.alerts[draft.alert_id]
+            outputs.append(
+                self._state_output(
+                    opened, AlertChange.OPENED, draft.source_event_id, draft.raised_time, draft.correlation_id
+                )
+            )
             stage.metrics.alerts.labels(analyte=draft.analyte, severity=draft.severity).inc()
             log.info("ALERT %s %s correlation_id=%s", draft.severity, draft.message, draft.correlation_id)
+        # the repeat count each updated alert had: the rules' state first, else the escalation state's
+        repeats_before = {
+            entry.alert.alert_id: entry.alert.suppressed_repeats
+            for entry in (previous.open_alerts if previous is not None else ())
+        }
         for draft in decision.updated_alerts:
-            value = stage.codecs.encode("alert", alert_record(draft))
-            outputs.append(Output(stage.topics.alerts_topic, regional_key(patient), value, headers))
-        if alerts is not None and decision.alerts:
+            known = alerts.get(draft.alert_id) if alerts is not None else None
+            counted = repeats_before.get(draft.alert_id, known.suppressed_repeats if known else None)
+            change = repeat_change(draft, counted)
+            alerts = update_alert(alerts, draft)
+            entry = alerts.get(draft.alert_id) or untracked(draft)
+            outputs.append(self._state_output(entry, change, facts.event_id, now, facts.correlation_id))
+        if alerts is not None and alerts is not before and alerts.alerts:
             overlay.open_alerts[patient] = alerts
 
     def _ack(
-        self, message: RawMessage, record: dict[str, Any], overlay: _Overlay, _outputs: list[Output]
+        self, message: RawMessage, record: dict[str, Any], overlay: _Overlay, outputs: list[Output]
     ) -> None:
         patient = record.get("regional_patient_id") or (message.key or b"").decode()
         result = acknowledge(overlay.alerts_of(patient), record)
         if result.outcome is AckOutcome.UNKNOWN_ALERT:
             log.warning("acknowledgement %s for unknown alert %s", record["ack_id"], record["alert_id"])
-        else:
-            overlay.open_alerts[patient] = result.state
+            return
+        overlay.open_alerts[patient] = result.state
+        if result.outcome is AckOutcome.ACKNOWLEDGED:
+            entry = result.state.alerts[str(record["alert_id"])]
+            assert entry.acknowledged_ms is not None  # noqa: S101 - set by acknowledge
+            outputs.append(
+                self._state_output(
+                    entry,
+                    AlertChange.ACKNOWLEDGED,
+                    str(record["ack_id"]),
+                    from_epoch_ms(entry.acknowledged_ms),
+                )
+            )
 
     def _escalation(
-        self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, _outputs: list[Output]
+        self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, outputs: list[Output]
     ) -> None:
         escalation = escalation_from_record(record)
         self._escalations_in_flight.discard(escalation.escalation_id)
         patient = escalation.regional_patient_id
-        overlay.open_alerts[patient] = apply_escalation(overlay.alerts_of(patient), escalation)
+        state = overlay.alerts_of(patient)
+        before = state.get(escalation.alert_id) if state is not None else None
+        applied = apply_escalation(state, escalation)
+        overlay.open_alerts[patient] = applied
+        entry = applied.get(escalation.alert_id)
+        if entry is not None and entry != before:
+            outputs.append(
+                self._state_output(
+                    entry, AlertChange.ESCALATED, escalation.escalation_id, escalation.escalated_time
+                )
+            )
 
     async def handle(self, messages: list[RawMessage]) -> None:
         stage = self.stage

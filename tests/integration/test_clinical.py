@@ -1,4 +1,5 @@
-"""Critical-value alerting on the real broker: escalation until acknowledged, state across restarts."""
+"""Critical-value alerting on the real broker: escalation until acknowledged, state across restarts, each
+alert once on alerts.critical and its changes on the compacted alerts.state."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def acknowledge(hub: HubEnv, alert: dict[str, Any]) -> None:
     assert producer.flush(30) == 0
 
 
+def states_of(hub: HubEnv, alert_id: str, timeout: float) -> list[dict[str, Any]]:
+    """The AlertState records of one alert on alerts.state, in order, each checked to be keyed by it; a
+    change published again (a replay) counts once."""
+    decode = hub.decoder()
+    states: dict[str, dict[str, Any]] = {}
+    for message in hub.consume_all(hub.topics.alert_states_topic, timeout, lambda m: False):
+        state = decode(message.value())
+        if str(state["alert_id"]) == alert_id:
+            assert message.key() == alert_id.encode(), "keyed by alert id"
+            states.setdefault(str(state["state_id"]), state)
+    return list(states.values())
+
+
 def escalations_by_alert(hub: HubEnv, timeout: float) -> dict[str, list[int]]:
     levels: dict[str, list[int]] = {}
     for escalation in decoded(hub, hub.topics.escalations_topic, timeout):
@@ -99,6 +113,30 @@ def test_an_unacknowledged_alert_escalates_and_an_acknowledged_one_does_not(
     levels = escalations_by_alert(hub, 3)
     assert sorted(set(levels[ignored_id]))[:2] == [1, 2], "escalates level by level until acknowledged"
     assert answered_id not in levels, "an acknowledged alert never escalates"
+
+    # alerts.state: the latest state of each alert, as a reader of that topic alone sees it
+    answered_changes = [(s["change"], s["status"]) for s in states_of(hub, answered_id, 3)]
+    assert answered_changes == [("OPENED", "OPEN"), ("ACKNOWLEDGED", "ACKNOWLEDGED")]
+    ignored_states = states_of(hub, ignored_id, 3)
+    assert ignored_states[0]["change"] == "OPENED"
+    assert [s["escalation_level"] for s in ignored_states if s["change"] == "ESCALATED"][:2] == [1, 2]
+    assert ignored_states[-1]["status"] == "OPEN"
+    assert ignored_states[-1]["recipient"] is not None
+
+
+def test_the_alert_state_topic_is_compacted(hub: HubEnv) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient(hub.settings.kafka.client_config())
+    resources = [
+        ConfigResource("topic", hub.topics.alert_states_topic),
+        ConfigResource("topic", hub.topics.alerts_topic),
+    ]
+    configs = {
+        resource.name: future.result() for resource, future in admin.describe_configs(resources).items()
+    }
+    assert configs[hub.topics.alert_states_topic]["cleanup.policy"].value == "compact"
+    assert configs[hub.topics.alerts_topic]["cleanup.policy"].value == "delete"
 
 
 @pytest.mark.parametrize("local_state", ["kept", "deleted"])
@@ -133,14 +171,14 @@ def test_a_restart_keeps_suppression_state_and_escalation_timers(
     hub.start_worker(env)  # same app id: tables recover from their changelogs (all, or past the local state)
 
     def suppressed_count() -> int:
-        updates = [
-            a
-            for a in decoded(hub, hub.topics.alerts_topic, 2)
-            if str(a["alert_id"]) == str(alert["alert_id"])
-        ]
-        return max((a["suppressed_repeats"] for a in updates), default=0)
+        states = states_of(hub, str(alert["alert_id"]), 2)
+        return max((s["suppressed_repeats"] for s in states), default=0)
 
     wait_for(lambda: suppressed_count() == 1, hub, 90, what="the repeat counted on the open alert")
+    changes = [s["change"] for s in states_of(hub, str(alert["alert_id"]), 2)]
+    assert changes[0] == "OPENED" and changes.count("REPEAT") == 1
+    same_alert = [a for a in decoded(hub, hub.topics.alerts_topic, 2) if a["alert_id"] == alert["alert_id"]]
+    assert [a["suppressed_repeats"] for a in same_alert] == [0], "the repeat is a state, not the alert again"
     new_alerts = [
         a
         for a in decoded(hub, hub.topics.alerts_topic, 2)

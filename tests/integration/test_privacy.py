@@ -47,6 +47,7 @@ def test_no_raw_national_id_leaves_the_normaliser(hub: HubEnv) -> None:
 
     written = [hub.topics.norm(kind) for kind in KINDS]
     written += [hub.topics.identity_topic, hub.topics.alerts_topic, hub.topics.escalations_topic]
+    written += [hub.topics.alert_states_topic]
     for topic in written:
         for message in hub.consume_all(topic, 3, lambda m: False):
             blob = (message.key() or b"") + message.value() + repr(message.headers()).encode()
