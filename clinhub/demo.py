@@ -113,6 +113,34 @@ def _wait_until(condition: Any, seconds: float) -> bool:
     return False
 
 
+def _lab_row(row: Any) -> str:
+    """A stored lab result: code, LOINC, value as sent, = value in the canonical unit (a bound with its
+    comparator; text the rules cannot read shown as text)."""
+    bound = row.value_comparator or ""
+    sent = (
+        row.value_text if row.original_value is None else f"{row.original_value:g} {row.original_unit or ''}"
+    )
+    canonical = f"{bound}{row.value:.4g} {row.unit or ''}" if row.value is not None else "(not judged)"
+    loinc = row.loinc_code or "(unmapped)"
+    return f"{row.institution_id} {row.local_code:8} -> LOINC {loinc:8} {sent:>14} = {canonical:16}"
+
+
+def _show_written_results(engine: Any, event_ids: list[str]) -> None:
+    """The results sent as real feeds write them, as the store holds them once normalised."""
+    from sinks.models import Observation
+
+    if not event_ids:
+        return
+    with engine.connect() as conn:
+        rows = conn.execute(select(Observation).where(Observation.event_id.in_(event_ids))).all()
+    typer.echo(
+        "\nResults as laboratories write them (HI above the measuring range, MMOL/L, a LOINC as local code):"
+    )
+    for row in rows:
+        text = f" (sent as {row.value_text!r})" if row.value_text else ""
+        typer.echo(f"  {_lab_row(row)}{text}".rstrip())
+
+
 def _show_shared_timeline(engine: Any) -> None:
     """The point of the hub: one patient's events from several institutions on one timeline."""
     from sinks.models import IdentifierLink
@@ -142,7 +170,7 @@ def _show_shared_timeline(engine: Any) -> None:
 def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | None = None) -> None:
     from core.contract import TopicNames
     from producers.publisher import make_publisher
-    from producers.simulator import simulate_events
+    from producers.simulator import results_as_laboratories_write_them, simulate_events
     from schemas.registration import register_standard
     from schemas.wire import ConfluentRegistry
     from sinks.models import Alert, IngestLog, Observation
@@ -189,7 +217,10 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     try:
         alert_marks = _high_watermarks(settings, topics.alerts_topic)
         seed = int(time.time()) if seed is None else seed
-        events = simulate_events(seed, count, critical_share=0.15)
+        # The last three results are written as real feeds write them (HI, MMOL/L, a LOINC as local code).
+        written = results_as_laboratories_write_them(seed) if count >= 3 else []
+        events = simulate_events(seed, count - len(written), critical_share=0.15)
+        events += [("lab", record) for record in written]
         kinds = Counter(kind for kind, _ in events)
         typer.echo(
             f"4/6 publishing {len(events)} events from H001, H002 and C003 (seed {seed}): "
@@ -268,11 +299,9 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
             ).all()
         for row in rows:
             typer.echo(
-                f"  {row.institution_id} {row.local_code:8} -> LOINC {row.loinc_code or '(unmapped)':8} "
-                f"{row.original_value:>8g} {row.original_unit or '':7} = "
-                f"{row.value:>8.4g} {row.unit or '':7} "
-                f"patient {row.regional_patient_id[:15]} at {row.effective_time:%H:%M:%S}"
+                f"  {_lab_row(row)} patient {row.regional_patient_id[:15]} at {row.effective_time:%H:%M:%S}"
             )
+        _show_written_results(engine, [r["envelope"]["event_id"] for r in written])
         _show_shared_timeline(engine)
         typer.echo(
             f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
