@@ -345,7 +345,7 @@ def results_as_laboratories_write_them(seed: int, now: dt.datetime | None = None
     now = now or dt.datetime.now(dt.UTC)
     by_id = {institution.institution_id: institution for institution in INSTITUTIONS}
     tests = {(i.institution_id, t.code): t for i in INSTITUTIONS for t in i.tests}
-    written = [
+    written: list[tuple[str, str, dict[str, Any]]] = [
         ("H001", "GLU", {"value_numeric": None, "value_text": "HI", "unit": None}),
         ("H002", "LAB0102", {"value_numeric": 108.0, "unit": "MMOL/L"}),
         ("C003", "K+", {"value_numeric": 6.9, "local_code": "2823-3", "local_display": "Potassium"}),
