@@ -17,8 +17,13 @@ and `.policy`) and are re-exported here.
 One `AnalyteState` per (regional patient id, LOINC code). `evaluate` returns a `Decision`:
 
 - `alerts`: new alerts to store, publish and open for escalation (escalation.open_alert);
-- `updated_alerts`: open alerts whose `suppressed_repeats` went up (same alert_id), to publish again;
-- `state`: the state to write back.
+- `updated_alerts`: raised alerts whose `suppressed_repeats` went up or that gained a `note` (same
+  alert_id), to publish again;
+- `state`: the state to write back. Besides the latest values and open alerts it keeps the recent
+  results by result time (`history`, at most HISTORY_LIMIT, none older than a late result could need),
+  the alerts raised for them (`raised`), and `base`, the in-order state before the oldest kept result
+  (results folded out of the history are judged into it). A state of format 1 (no history) is read as
+  its own base.
 
 Rules, in order:
 
@@ -27,24 +32,38 @@ Rules, in order:
    and publishing cannot lose an alert. Downstream must treat alerts as upserts by alert_id.
 2. A cancelled result never alerts and never becomes the previous value; if it cancels the latest
    result (same result_id), that result's value is forgotten and open alerts it raised are dropped, so
-   its retraction cannot suppress the next genuine critical value.
+   its retraction cannot suppress the next genuine critical value. Its versions leave the history.
 3. Threshold: the most specific rule for the patient's age (result year - birth year) and sex. A
    bound ("> 600", an analyser above its measuring range) crosses a limit only when every value it
-   allows does; it runs no delta check and does not replace the last measured value.
+   allows does; it runs no delta check and does not replace the last measured value (it is kept in the
+   history, so that a replay judges and suppresses alike).
 4. Delta (CLSI EP33): against the previous result of the same patient and analyte, if it is at most
    the check's window older. A new version (preliminary -> final, corrected) of the latest result is
    compared with the result before it, not with the version it replaces. The first firing check wins.
-5. Out-of-order results (result_time before the latest one, a different result) may alert on
-   thresholds but run no delta check and do not replace the latest value.
+5. Arrival order does not matter: results are judged by result time. A result that is the newest (or a
+   new version of the latest) is judged incrementally, as above. A late one (result_time before the
+   latest, a different result) is put in its place in the history and the history is judged again in
+   result-time order from `base`, by the same rules from rule 3 on: the late result is compared with its
+   predecessor in time and its successors with it. Alerts of that in-order run not raised yet are
+   returned in `alerts` (ids are deterministic, so those already raised keep theirs); an alert raised
+   before is never withdrawn (it stays open in escalation): if the in-order run does not raise it, or
+   raises it against another previous result, it is returned once in `updated_alerts` with a `note`
+   ("a result of <time> received late now precedes this one; ..."). The state becomes the in-order
+   run's. A late result older than every kept one (folded into `base`, or from before a format-1 state)
+   cannot be put in its place: it may alert on thresholds but runs no delta check and does not replace
+   the latest value. For results that arrive in order the outcome is what it was without the history.
 6. A result older than `policy.alert_within` (7 days, the time acknowledged alerts are remembered)
-   raises nothing; it still becomes the latest value if it is the newest.
+   raises nothing; it still becomes the latest value if it is the newest, and a late one still takes its
+   place in the history (its successors are compared with it).
 7. Suppression, per limit kind (LOW, HIGH, DELTA): while an alert of that kind is open and the new
    result lies within `policy.suppression_window` of the alerted result's time, a result that is not
    worse (LOW: not lower, HIGH: not higher, DELTA: not a larger absolute change) raises no alert;
    the open alert's `suppressed_repeats` goes up by one and it is returned in `updated_alerts`.
    A later version of the very result that raised the alert is suppressed without counting.
-   Corrected results are never suppressed: the clinician must hear the corrected value.
-7. Alert ids are uuid5(event id, LOINC, limit kind): reprocessing yields the same id, a correction
+   Corrected results are never suppressed: the clinician must hear the corrected value. Suppression
+   follows result time too (rule 5): an older result arriving after a newer one's alert is judged before
+   it, so it is not suppressed by it; a late repeat of an open alert counts on it.
+8. Alert ids are uuid5(event id, LOINC, limit kind): reprocessing yields the same id, a correction
    (new event id) a new one. The acknowledgement deadline is `now` + the severity's deadline.
 
 Times in state dicts are epoch milliseconds; all datetimes are UTC and truncated to milliseconds.
@@ -57,7 +76,7 @@ import datetime as dt
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from streams.domain.reference import AlertPolicy, DeltaRule, EscalationPolicy, RuleBook, ThresholdRule
 
@@ -88,10 +107,12 @@ ALERT_NAMESPACE = uuid.UUID("6f1c2d9e-58a3-4c1b-9a57-0c6f5e2b7d10")
 LIMIT_KINDS = ("LOW", "HIGH", "DELTA")
 COMPARATORS = (None, "<", "<=", ">=", ">")  # None: the value is the measurement itself
 RECENT_EVENTS = 32  # event ids remembered per patient and analyte to recognise redelivery
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: recent results (history), raised alerts, base
+HISTORY_LIMIT = 16  # recent results kept per patient and analyte to judge a late one in its place
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
+_T = TypeVar("_T")
 
 
 def epoch_ms(value: dt.datetime) -> int:
@@ -173,7 +194,8 @@ class OpenAlert:
 
 @dataclass(frozen=True)
 class AnalyteState:
-    """What the engine remembers per (patient, LOINC code): latest value, the one before, open alerts."""
+    """What the engine remembers per (patient, LOINC code): latest value, the one before, open alerts,
+    and the recent results by result time, so that a late result can be judged in its place (rule 5)."""
 
     last_value: float | None = None
     last_time_ms: int | None = None
@@ -183,6 +205,10 @@ class AnalyteState:
     prior_time_ms: int | None = None
     open_alerts: tuple[OpenAlert, ...] = ()  # at most one per limit kind, in LIMIT_KINDS order
     recent_event_ids: tuple[str, ...] = ()  # oldest first, at most RECENT_EVENTS
+    history: tuple[Entry, ...] = ()  # recent results, every version, by result time (oldest first)
+    raised: tuple[AlertDraft, ...] = ()  # alerts raised for results of `history`; note set once noted
+    base: AnalyteState | None = None  # the in-order state before history[0] (results folded out of it)
+    base_ms: int | None = None  # newest result time folded into `base`: an older result cannot be replayed
 
     def open_alert(self, kind: str) -> OpenAlert | None:
         return next((entry for entry in self.open_alerts if entry.alert.limit_kind == kind), None)
@@ -198,16 +224,24 @@ class AnalyteState:
             "prior_time_ms": self.prior_time_ms,
             "open_alerts": [entry.to_dict() for entry in self.open_alerts],
             "recent_event_ids": list(self.recent_event_ids),
+            "history": [list(entry) for entry in self.history],
+            "raised": [draft.to_dict() for draft in self.raised],
+            "base": None if self.base is None else self.base.to_dict(),
+            "base_ms": self.base_ms,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AnalyteState:
+        """Reads this format and format 1 (no history: the whole state is then the base a replay starts
+        from, and results older than its latest one are judged on thresholds alone)."""
+
         def number(key: str) -> float | None:
             return None if data.get(key) is None else float(data[key])
 
         def integer(key: str) -> int | None:
             return None if data.get(key) is None else int(data[key])
 
+        base = data.get("base")
         return cls(
             last_value=number("last_value"),
             last_time_ms=integer("last_time_ms"),
@@ -217,7 +251,19 @@ class AnalyteState:
             prior_time_ms=integer("prior_time_ms"),
             open_alerts=_ordered(OpenAlert.from_dict(entry) for entry in data.get("open_alerts", ())),
             recent_event_ids=tuple(data.get("recent_event_ids", ())),
+            history=tuple(Entry.from_list(entry) for entry in data.get("history", ())),
+            raised=tuple(AlertDraft.from_dict(entry) for entry in data.get("raised", ())),
+            base=None if base is None else AnalyteState.from_dict(base),
+            base_ms=integer("base_ms"),
         )
+
+
+def _with(value: _T, **changes: Any) -> _T:
+    """`dataclasses.replace` without re-running `__init__`, for the states and decisions of the hot path
+    (a field-for-field copy; the classes are frozen dataclasses without validation in `__init__`)."""
+    copy = object.__new__(type(value))
+    copy.__dict__.update(value.__dict__, **changes)
+    return copy
 
 
 def _ordered(entries: Any) -> tuple[OpenAlert, ...]:
@@ -273,6 +319,68 @@ class LabFacts:
         )
 
 
+class Entry(NamedTuple):
+    """A result kept in the history: what judging it again needs (the patient and LOINC are the state's).
+    Stored as a JSON list, in this order."""
+
+    event_id: str
+    result_ms: int
+    value: float
+    unit: str
+    status: str
+    institution_id: str
+    correlation_id: str
+    result_id: str | None
+    birth_year: int | None
+    sex: str | None
+    ward: str | None
+    comparator: str | None
+    judged: bool  # judged when it arrived (not older than `policy.alert_within`, rule 6)
+
+    @classmethod
+    def of(cls, facts: LabFacts, result_ms: int, judged: bool) -> Entry:
+        return cls(
+            facts.event_id,
+            result_ms,
+            facts.value,
+            facts.unit,
+            facts.status,
+            facts.institution_id,
+            facts.correlation_id,
+            facts.result_id,
+            facts.birth_year,
+            facts.sex,
+            facts.ward,
+            facts.comparator,
+            judged,
+        )
+
+    @classmethod
+    def from_list(cls, data: list[Any]) -> Entry:
+        entry = cls._make(data)
+        return entry._replace(
+            result_ms=int(entry.result_ms), value=float(entry.value), judged=bool(entry.judged)
+        )
+
+    def facts(self, patient: str, loinc: str) -> LabFacts:
+        return LabFacts(
+            event_id=self.event_id,
+            regional_patient_id=patient,
+            institution_id=self.institution_id,
+            loinc_code=loinc,
+            value=self.value,
+            unit=self.unit,
+            status=self.status,
+            result_time=from_epoch_ms(self.result_ms),
+            correlation_id=self.correlation_id,
+            birth_year=self.birth_year,
+            sex=self.sex,
+            ward=self.ward,
+            result_id=self.result_id,
+            comparator=self.comparator,
+        )
+
+
 @dataclass(frozen=True)
 class Decision:
     """The outcome of one result: state to store, alerts to raise, open alerts to republish."""
@@ -282,7 +390,7 @@ class Decision:
     updated_alerts: tuple[AlertDraft, ...] = ()
     suppressed: bool = False  # at least one crossed limit raised no new alert
     duplicate: bool = False  # the event had been evaluated before
-    out_of_order: bool = False  # older than the latest result: did not replace it
+    out_of_order: bool = False  # older than the latest result: judged in its place by result time (rule 5)
     late: bool = False  # resulted longer than `policy.alert_within` ago: judged by no rule
 
 
@@ -421,30 +529,254 @@ def evaluate(
         )
         return Decision(state=state, alerts=raised, duplicate=True)
     recent = _remember(state.recent_event_ids, facts.event_id)
+    state = _anchored(state)
+    if facts.result_time != result_time:
+        facts = dataclasses.replace(facts, result_time=result_time)
+
+    if facts.status == "cancelled":
+        return _cancel(facts, state, recent)
 
     same_result = facts.result_id is not None and facts.result_id == state.last_result_id
-    if facts.status == "cancelled":
-        kept = tuple(
-            entry
-            for entry in state.open_alerts
-            if facts.result_id is None or entry.result_id != facts.result_id
-        )
-        if not same_result:
-            return Decision(state=dataclasses.replace(state, open_alerts=kept, recent_event_ids=recent))
-        return Decision(
-            state=dataclasses.replace(
-                state,
-                last_value=state.prior_value,
-                last_time_ms=state.prior_time_ms,
-                last_event_id=None,
-                last_result_id=None,
-                prior_value=None,
-                prior_time_ms=None,
-                open_alerts=kept,
-                recent_event_ids=recent,
-            )
-        )
+    arrived_late = not same_result and state.last_time_ms is not None and result_ms < state.last_time_ms
+    if arrived_late and (state.base_ms is None or result_ms >= state.base_ms):
+        return _replay(facts, state, rules, now, policy, recent)
 
+    decision = _step(facts, state, rules, now, policy)
+    if arrived_late:
+        # Older than every result still kept: judged on thresholds alone, as it cannot be put in its place.
+        return _with(decision, state=_with(decision.state, recent_event_ids=recent))
+    new_state = _with(
+        decision.state,
+        history=_insert(state.history, Entry.of(facts, result_ms, not decision.late)),
+        raised=(*state.raised, *decision.alerts) if decision.alerts else state.raised,
+        recent_event_ids=recent,
+    )
+    return _with(decision, state=_trim(new_state, facts, rules, now, policy))
+
+
+def _cancel(facts: LabFacts, state: AnalyteState, recent: tuple[str, ...]) -> Decision:
+    """Rule 2; the cancelled result's versions also leave the history."""
+    kept = tuple(
+        entry for entry in state.open_alerts if facts.result_id is None or entry.result_id != facts.result_id
+    )
+    history = tuple(
+        entry for entry in state.history if facts.result_id is None or entry.result_id != facts.result_id
+    )
+    gone = {entry.event_id for entry in state.history} - {entry.event_id for entry in history}
+    raised = tuple(draft for draft in state.raised if draft.source_event_id not in gone)
+    if facts.result_id is None or facts.result_id != state.last_result_id:
+        return Decision(
+            state=_with(state, open_alerts=kept, recent_event_ids=recent, history=history, raised=raised)
+        )
+    return Decision(
+        state=_with(
+            state,
+            last_value=state.prior_value,
+            last_time_ms=state.prior_time_ms,
+            last_event_id=None,
+            last_result_id=None,
+            prior_value=None,
+            prior_time_ms=None,
+            open_alerts=kept,
+            recent_event_ids=recent,
+            history=history,
+            raised=raised,
+        )
+    )
+
+
+def _newest_ms(state: AnalyteState) -> int | None:
+    times = [epoch_ms(entry.alert.result_time) for entry in state.open_alerts]
+    times += [t for t in (state.last_time_ms, state.prior_time_ms) if t is not None]
+    return max(times) if times else None
+
+
+def _anchored(state: AnalyteState) -> AnalyteState:
+    """A state with results but no history (format 1, or built by hand) is its own base: a replay starts
+    from it, and results older than its latest one cannot be replayed."""
+    if state.history or state.base is not None or state.base_ms is not None:
+        return state
+    newest = _newest_ms(state)
+    if newest is None:
+        return state
+    return _with(state, base=_core(state), base_ms=newest)
+
+
+def _core(state: AnalyteState) -> AnalyteState:
+    """The in-order part of a state: values and open alerts, without history or remembered events."""
+    return _with(state, recent_event_ids=(), history=(), raised=(), base=None, base_ms=None)
+
+
+def _insert(history: tuple[Entry, ...], facts: Entry) -> tuple[Entry, ...]:
+    """`facts` placed after every entry of the same or an earlier result time, and after every earlier
+    version of its result (a version replaces the one before it, whatever its result time)."""
+    first = 0
+    if facts.result_id is not None:
+        first = next(
+            (i + 1 for i in range(len(history) - 1, -1, -1) if history[i].result_id == facts.result_id), 0
+        )
+    index = len(history)
+    while index > first and history[index - 1].result_ms > facts.result_ms:
+        index -= 1
+    return (*history[:index], facts, *history[index:])
+
+
+def _known(state: AnalyteState) -> dict[str, AlertDraft]:
+    known = {draft.alert_id: draft for draft in state.raised}
+    known.update((entry.alert.alert_id, entry.alert) for entry in state.open_alerts)
+    return known
+
+
+def _canonical(open_alerts: tuple[OpenAlert, ...], known: Mapping[str, AlertDraft]) -> tuple[OpenAlert, ...]:
+    """Open alerts of a replay judged as the replay did (its previous value decides later suppression),
+    with the raised time, deadline and note they were raised with, and never fewer repeats."""
+    entries = []
+    for entry in open_alerts:
+        before = known.get(entry.alert.alert_id)
+        if before is not None:
+            alert = dataclasses.replace(
+                entry.alert,
+                raised_time=before.raised_time,
+                deadline_time=before.deadline_time,
+                note=before.note,
+                suppressed_repeats=max(before.suppressed_repeats, entry.alert.suppressed_repeats),
+            )
+            entry = _with(entry, alert=alert)
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _trim(
+    state: AnalyteState, facts: LabFacts, rules: RuleBook, now: dt.datetime, policy: AlertPolicy
+) -> AnalyteState:
+    """Fold the oldest results into the base, in order, beyond HISTORY_LIMIT or older than a late result
+    could need: one judged `policy.alert_within` late still compares with a predecessor up to the longest
+    delta window, and with an alert up to the suppression window, before it."""
+    history = state.history
+    horizon = max((rule.window for rule in rules.deltas_for(facts.loinc_code)), default=dt.timedelta(0))
+    horizon += policy.suppression_window + policy.alert_within
+    oldest_kept = history[-1].result_ms - horizon // _MS
+    if len(history) <= HISTORY_LIMIT and history[0].result_ms >= oldest_kept:
+        return state
+    base, base_ms, raised = state.base, state.base_ms, state.raised
+    known = _known(state)
+    while len(history) > HISTORY_LIMIT or history[0].result_ms < oldest_kept:
+        oldest, history = history[0], history[1:]
+        before = base or AnalyteState()
+        folded = oldest.facts(facts.regional_patient_id, facts.loinc_code)
+        stepped = _step(folded, before, rules, now, policy, oldest.judged)
+        base = _with(stepped.state, open_alerts=_canonical(stepped.state.open_alerts, known))
+        base_ms = oldest.result_ms if base_ms is None else max(base_ms, oldest.result_ms)
+        raised = tuple(draft for draft in raised if draft.source_event_id != oldest.event_id)
+    return _with(state, history=history, raised=raised, base=base, base_ms=base_ms)
+
+
+def _late_note(late_time: dt.datetime, raised: AlertDraft, in_order: AlertDraft | None) -> str | None:
+    """Why a raised alert's comparison changed when a late result took its place, or None if it did not."""
+    head = f"a result of {late_time.isoformat()} received late now precedes this one; "
+    if in_order is None:
+        return head + "judged in result-time order this alert would not have been raised; it stays open"
+    if (in_order.previous_value, in_order.previous_time) == (raised.previous_value, raised.previous_time):
+        return None
+    if in_order.previous_value is None or in_order.previous_time is None:  # its previous result was cancelled
+        return (
+            f"judged again in result-time order after a result of {late_time.isoformat()} received late, "
+            "this alert has no previous result to compare with; it stays open"
+        )
+    return head + (
+        f"compared with it ({in_order.previous_value:.4g} {in_order.unit} at "
+        f"{in_order.previous_time.isoformat()}) this alert is still raised"
+    )
+
+
+def _replay(
+    facts: LabFacts,
+    state: AnalyteState,
+    rules: RuleBook,
+    now: dt.datetime,
+    policy: AlertPolicy,
+    recent: tuple[str, ...],
+) -> Decision:
+    """Rule 5: the kept results and the late one, judged again in result-time order from the base."""
+    too_old = now - facts.result_time > policy.alert_within
+    late = Entry.of(facts, epoch_ms(facts.result_time), not too_old)
+    history = _insert(state.history, late)
+    replayed = state.base or AnalyteState()
+    in_order: list[AlertDraft] = []
+    suppressed = False
+    for entry in history:
+        step = _step(
+            facts if entry is late else entry.facts(facts.regional_patient_id, facts.loinc_code),
+            replayed,
+            rules,
+            now,
+            policy,
+            entry.judged,
+        )
+        replayed = step.state
+        in_order.extend(step.alerts)
+        if entry is late:
+            suppressed = step.suppressed
+    known = _known(state)
+    in_order_by_id = {draft.alert_id: draft for draft in in_order}
+    alerts = tuple(draft for draft in in_order if draft.alert_id not in known)
+    # Rule 6 holds in a replay too: a result now older than `policy.alert_within` raises nothing new
+    # (nor keeps an alert open that was never raised).
+    stale = {draft.alert_id for draft in alerts if now - draft.result_time > policy.alert_within}
+    alerts = tuple(draft for draft in alerts if draft.alert_id not in stale)
+    current = {entry.alert.alert_id: entry.alert for entry in state.open_alerts}
+    updated: list[AlertDraft] = []
+    raised: list[AlertDraft] = []
+    for draft in state.raised:
+        note = _late_note(facts.result_time, draft, in_order_by_id.get(draft.alert_id))
+        if note is not None and draft.note is None:
+            # Never withdrawn: the alert stays open (escalation), and says why its comparison changed.
+            draft = dataclasses.replace(draft, note=note)
+            updated.append(dataclasses.replace(current.get(draft.alert_id, draft), note=note))
+        raised.append(draft)
+    raised.extend(alerts)
+    known = {**known, **{draft.alert_id: draft for draft in raised}}
+    open_alerts = _canonical(
+        tuple(entry for entry in replayed.open_alerts if entry.alert.alert_id not in stale), known
+    )
+    for opened in open_alerts:
+        before = current.get(opened.alert.alert_id)
+        if before is not None and opened.alert.suppressed_repeats > before.suppressed_repeats:
+            updated = [draft for draft in updated if draft.alert_id != opened.alert.alert_id]
+            updated.append(opened.alert)
+    new_state = _with(
+        replayed,
+        open_alerts=open_alerts,
+        recent_event_ids=recent,
+        history=history,
+        raised=tuple(raised),
+        base=state.base,
+        base_ms=state.base_ms,
+    )
+    return Decision(
+        state=_trim(new_state, facts, rules, now, policy),
+        alerts=alerts,
+        updated_alerts=tuple(updated),
+        suppressed=suppressed,
+        out_of_order=True,
+        late=too_old,
+    )
+
+
+def _step(
+    facts: LabFacts,
+    state: AnalyteState,
+    rules: RuleBook,
+    now: dt.datetime,
+    policy: AlertPolicy,
+    judged: bool | None = None,
+) -> Decision:
+    """Rules 3, 4, 6 and 7 for one result (truncated times, not cancelled) after `state`; the caller keeps
+    the remembered events and the history. `judged` (replays): whether the result was judged (rule 6)
+    when it arrived, so that a replay keeps the alerts it raised then."""
+    result_time = facts.result_time
+    result_ms = epoch_ms(result_time)
+    same_result = facts.result_id is not None and facts.result_id == state.last_result_id
     out_of_order = not same_result and state.last_time_ms is not None and result_ms < state.last_time_ms
     previous: tuple[float, int] | None
     if facts.comparator is not None:
@@ -458,9 +790,7 @@ def evaluate(
             if state.prior_value is None or state.prior_time_ms is None
             else (state.prior_value, state.prior_time_ms)
         )
-        new_state = dataclasses.replace(
-            state, last_value=facts.value, last_time_ms=result_ms, last_event_id=facts.event_id
-        )
+        new_state = _with(state, last_value=facts.value, last_time_ms=result_ms, last_event_id=facts.event_id)
     elif out_of_order:
         previous = None
         new_state = state
@@ -470,7 +800,7 @@ def evaluate(
             if state.last_value is None or state.last_time_ms is None
             else (state.last_value, state.last_time_ms)
         )
-        new_state = dataclasses.replace(
+        new_state = _with(
             state,
             last_value=facts.value,
             last_time_ms=result_ms,
@@ -480,14 +810,11 @@ def evaluate(
             prior_time_ms=state.last_time_ms,
         )
 
-    if now - result_time > policy.alert_within:
+    too_old = now - result_time > policy.alert_within if judged is None else not judged
+    if too_old:
         # Stored and remembered, never alerted: a result this old is history, not a call to act, and a
         # replay of it must not open (and escalate) again an alert that was acknowledged and forgotten.
-        return Decision(
-            state=dataclasses.replace(new_state, recent_event_ids=recent),
-            out_of_order=out_of_order,
-            late=True,
-        )
+        return Decision(state=new_state, out_of_order=out_of_order, late=True)
 
     findings = [_threshold_finding(facts, rules)]
     if previous is not None:
@@ -542,9 +869,7 @@ def evaluate(
         alerts.append(draft)
 
     return Decision(
-        state=dataclasses.replace(
-            new_state, open_alerts=_ordered(open_by_kind.values()), recent_event_ids=recent
-        ),
+        state=_with(new_state, open_alerts=_ordered(open_by_kind.values())),
         alerts=tuple(alerts),
         updated_alerts=tuple(updated),
         suppressed=suppressed,
