@@ -60,17 +60,7 @@ def repeat_change(draft: AlertDraft, repeats_before: int | None) -> AlertChange:
 def untracked(draft: AlertDraft) -> OpenAlertState:
     """The state of an updated alert the escalation state no longer tracks (acknowledged long ago and
     pruned): as the draft has it, at level 0 and open, since nothing more is known."""
-    return OpenAlertState(
-        alert_id=draft.alert_id,
-        severity=draft.severity,
-        message=draft.message,
-        institution_id=draft.institution_id,
-        regional_patient_id=draft.regional_patient_id,
-        level=0,
-        deadline_ms=epoch_ms(draft.deadline_time),
-        suppressed_repeats=draft.suppressed_repeats,
-        note=draft.note,
-    )
+    return OpenAlertState.from_draft(draft)
 
 
 def alert_state_record(

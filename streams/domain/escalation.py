@@ -102,6 +102,21 @@ class OpenAlertState:
         return dict(vars(self))  # flat fields; dataclasses.asdict deep-copies each one
 
     @classmethod
+    def from_draft(cls, draft: AlertDraft) -> OpenAlertState:
+        """A just-raised alert: at level 0 and open, its deadline, repeats and note as the draft has them."""
+        return cls(
+            alert_id=draft.alert_id,
+            severity=draft.severity,
+            message=draft.message,
+            institution_id=draft.institution_id,
+            regional_patient_id=draft.regional_patient_id,
+            level=0,
+            deadline_ms=epoch_ms(draft.deadline_time),
+            suppressed_repeats=draft.suppressed_repeats,
+            note=draft.note,
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OpenAlertState:
         acknowledged = data.get("acknowledged_ms")
         # the last four were added later: state written before has none of them
@@ -188,19 +203,7 @@ def open_alert(state: OpenAlerts | None, draft: AlertDraft) -> OpenAlerts:
     state = state or OpenAlerts()
     if draft.alert_id in state.alerts:
         return state
-    return state._with(
-        OpenAlertState(
-            alert_id=draft.alert_id,
-            severity=draft.severity,
-            message=draft.message,
-            institution_id=draft.institution_id,
-            regional_patient_id=draft.regional_patient_id,
-            level=0,
-            deadline_ms=epoch_ms(draft.deadline_time),
-            suppressed_repeats=draft.suppressed_repeats,
-            note=draft.note,
-        )
-    )
+    return state._with(OpenAlertState.from_draft(draft))
 
 
 def update_alert(state: OpenAlerts | None, draft: AlertDraft) -> OpenAlerts:
