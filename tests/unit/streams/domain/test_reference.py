@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from streams.domain.reference import DATA_DIR, ThresholdRule, load_reference
 from streams.exceptions import ReferenceDataError
+from tests.unit.streams.domain.reference_files import copy_reference, edit_json
 
 REFERENCE = load_reference()
 RULES_DOC = json.loads((DATA_DIR / "critical_rules.json").read_text(encoding="utf-8"))
@@ -97,22 +97,6 @@ def test_every_mapped_loinc_has_units(institution: str, code: str) -> None:
     assert REFERENCE.terminology[institution][code] in REFERENCE.analytes
 
 
-def _copy(tmp_path: Path) -> Path:
-    target = tmp_path / "data"
-    shutil.copytree(DATA_DIR, target)
-    return target
-
-
-def _edit(name: str, change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
-    def apply(directory: Path) -> None:
-        path = directory / name
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        change(doc)
-        path.write_text(json.dumps(doc), encoding="utf-8")
-
-    return apply
-
-
 def _write(name: str, text: str) -> Callable[[Path], None]:
     return lambda directory: (directory / name).write_text(text, encoding="utf-8")  # type: ignore[func-returns-value]
 
@@ -127,38 +111,40 @@ BREAKAGES = [
     pytest.param(_write("critical_rules.json", ""), id="rules-empty-file"),
     pytest.param(lambda d: (d / "units.json").unlink(), id="units-missing"),
     pytest.param(
-        _edit("critical_rules.json", lambda doc: _first_rule(doc).update(source="WIKIPEDIA")),
+        edit_json("critical_rules.json", lambda doc: _first_rule(doc).update(source="WIKIPEDIA")),
         id="rule-cites-unknown-source",
     ),
     pytest.param(
-        _edit("critical_rules.json", lambda doc: _first_rule(doc).update(loinc="1994-3")),
+        edit_json("critical_rules.json", lambda doc: _first_rule(doc).update(loinc="1994-3")),
         id="rule-analyte-without-units",
     ),
     pytest.param(
-        _edit("critical_rules.json", lambda doc: _first_rule(doc).pop("low")), id="rule-without-low"
+        edit_json("critical_rules.json", lambda doc: _first_rule(doc).pop("low")), id="rule-without-low"
     ),
     pytest.param(
-        _edit("critical_rules.json", lambda doc: _first_rule(doc).update(high="six")),
+        edit_json("critical_rules.json", lambda doc: _first_rule(doc).update(high="six")),
         id="rule-limit-not-a-number",
     ),
-    pytest.param(_edit("critical_rules.json", lambda doc: doc.pop("sources")), id="rules-without-sources"),
     pytest.param(
-        _edit("units.json", lambda doc: doc["analytes"]["2823-3"].update(plausible=[0.5])),
+        edit_json("critical_rules.json", lambda doc: doc.pop("sources")), id="rules-without-sources"
+    ),
+    pytest.param(
+        edit_json("units.json", lambda doc: doc["analytes"]["2823-3"].update(plausible=[0.5])),
         id="plausible-one-bound",
     ),
     pytest.param(
-        _edit("units.json", lambda doc: doc["analytes"]["2823-3"]["factors"].update({"mg/dL": "x"})),
+        edit_json("units.json", lambda doc: doc["analytes"]["2823-3"]["factors"].update({"mg/dL": "x"})),
         id="factor-not-a-number",
     ),
     pytest.param(
-        _edit("units.json", lambda doc: doc["analytes"]["2823-3"].pop("canonical")),
+        edit_json("units.json", lambda doc: doc["analytes"]["2823-3"].pop("canonical")),
         id="analyte-without-canonical-unit",
     ),
     pytest.param(
-        _edit("terminology.json", lambda doc: doc.pop("institutions")), id="terminology-no-institutions"
+        edit_json("terminology.json", lambda doc: doc.pop("institutions")), id="terminology-no-institutions"
     ),
     pytest.param(
-        _edit("terminology.json", lambda doc: doc["institutions"].update(H003=["K"])),
+        edit_json("terminology.json", lambda doc: doc["institutions"].update(H003=["K"])),
         id="institution-codes-not-an-object",
     ),
 ]
@@ -167,7 +153,7 @@ BREAKAGES = [
 @pytest.mark.parametrize("break_it", BREAKAGES)
 def test_malformed_files_are_refused(tmp_path: Path, break_it: Callable[[Path], None]) -> None:
     """The processor refuses to start on broken reference data rather than misjudge results."""
-    directory = _copy(tmp_path)
+    directory = copy_reference(tmp_path)
     load_reference(directory)  # the untouched copy is fine
     break_it(directory)
     with pytest.raises(ReferenceDataError):
@@ -177,8 +163,8 @@ def test_malformed_files_are_refused(tmp_path: Path, break_it: Callable[[Path], 
 @pytest.mark.parametrize("flag", ["low_inclusive", "high_inclusive"])
 def test_inclusive_flags_must_be_booleans(tmp_path: Path, flag: str) -> None:
     """A quoted "false" would flip a limit to inclusive without anyone noticing."""
-    directory = _copy(tmp_path)
-    _edit("critical_rules.json", lambda doc: _first_rule(doc).update({flag: "false"}))(directory)
+    directory = copy_reference(tmp_path)
+    edit_json("critical_rules.json", lambda doc: _first_rule(doc).update({flag: "false"}))(directory)
     with pytest.raises(ReferenceDataError):
         load_reference(directory)
 
@@ -208,8 +194,8 @@ def test_shipped_policy_matches_the_clinical_reference() -> None:
 
 def test_policy_defaults_apply_when_the_file_has_none(tmp_path: Path) -> None:
     """An older rules file without policy sections still loads, with the documented defaults."""
-    directory = _copy(tmp_path)
-    _edit("critical_rules.json", lambda doc: [doc.pop("suppression"), doc.pop("escalation")])(directory)
+    directory = copy_reference(tmp_path)
+    edit_json("critical_rules.json", lambda doc: [doc.pop("suppression"), doc.pop("escalation")])(directory)
     policy = load_reference(directory).policy
     assert policy.suppression_window == dt.timedelta(hours=8)
     assert policy.escalation.deadline_for("CRITICAL") == dt.timedelta(minutes=15)
@@ -246,8 +232,8 @@ def test_shipped_delta_checks(loinc: str, kind: str, direction: str, threshold: 
 
 def test_absolute_delta_thresholds_are_converted_to_the_canonical_unit(tmp_path: Path) -> None:
     """A haemoglobin delta given as 2 g/dL is 20 g/L (clinical.md: g/dL x 10 = g/L)."""
-    directory = _copy(tmp_path)
-    _edit("critical_rules.json", lambda doc: doc["delta_checks"][0].update(threshold=2.0, unit="g/dL"))(
+    directory = copy_reference(tmp_path)
+    edit_json("critical_rules.json", lambda doc: doc["delta_checks"][0].update(threshold=2.0, unit="g/dL"))(
         directory
     )
     (delta,) = load_reference(directory).rulebook.deltas_for("718-7")
@@ -302,8 +288,8 @@ def test_ambiguous_or_malformed_bands_are_refused(
     tmp_path: Path, change: Callable[[dict[str, Any]], None]
 ) -> None:
     """A patient must meet exactly one most-specific rule; anything else is refused at start-up."""
-    directory = _copy(tmp_path)
-    _edit("critical_rules.json", change)(directory)
+    directory = copy_reference(tmp_path)
+    edit_json("critical_rules.json", change)(directory)
     with pytest.raises(ReferenceDataError):
         load_reference(directory)
 
@@ -319,8 +305,8 @@ def test_ambiguous_or_malformed_bands_are_refused(
 )
 def test_disjoint_bands_load(tmp_path: Path, bands: list[dict[str, Any]]) -> None:
     """Bands that never meet the same patient at the same specificity are accepted."""
-    directory = _copy(tmp_path)
-    _edit("critical_rules.json", _add_rules(*bands))(directory)
+    directory = copy_reference(tmp_path)
+    edit_json("critical_rules.json", _add_rules(*bands))(directory)
     assert len(load_reference(directory).rulebook.thresholds["2823-3"]) == 1 + len(bands)
 
 
@@ -368,7 +354,7 @@ def test_malformed_delta_checks_and_policies_are_refused(
     tmp_path: Path, change: Callable[[dict[str, Any]], None]
 ) -> None:
     """Delta checks and escalation settings are validated as strictly as limits."""
-    directory = _copy(tmp_path)
-    _edit("critical_rules.json", change)(directory)
+    directory = copy_reference(tmp_path)
+    edit_json("critical_rules.json", change)(directory)
     with pytest.raises(ReferenceDataError):
         load_reference(directory)

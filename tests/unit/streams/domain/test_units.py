@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from streams.domain.reference import DATA_DIR, Analyte, ReferenceData, UnitSpell
 from streams.domain.rules import LabFacts, evaluate
 from streams.exceptions import ReferenceDataError, UnknownUnitError
 from tests.factories import lab_record
+from tests.unit.streams.domain.reference_files import copy_reference, edit_json
 
 REFERENCE = load_reference()
 CODES = load_codes()
@@ -260,24 +260,8 @@ def test_an_ambiguous_unit_is_rejected_on_the_unit_field() -> None:
 # --- the alias file is checked at load time ------------------------------------------------------------
 
 
-def _copy(tmp_path: Path) -> Path:
-    target = tmp_path / "data"
-    shutil.copytree(DATA_DIR, target)
-    return target
-
-
-def _edit(name: str, change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
-    def apply(directory: Path) -> None:
-        path = directory / name
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        change(doc)
-        path.write_text(json.dumps(doc), encoding="utf-8")
-
-    return apply
-
-
 def _aliases(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
-    return _edit("unit_aliases.json", change)
+    return edit_json("unit_aliases.json", change)
 
 
 def _alias(spelling: str, unit: str, source: str = "SENDERS") -> Callable[[Path], None]:
@@ -296,9 +280,9 @@ def _duplicate_key(directory: Path) -> None:
 def _milli_and_mega_units(directory: Path) -> None:
     """An analyte accepting both mU/L and MU/L, with their real c/i forms MU/L and MAU/L."""
     units = {"name": "Test activity", "canonical": "mU/L", "factors": {"mU/L": 1.0, "MU/L": 1e9}}
-    _edit("units.json", lambda doc: doc["analytes"].update({"0000-0": {**units, "plausible": [0, 1e12]}}))(
-        directory
-    )
+    edit_json(
+        "units.json", lambda doc: doc["analytes"].update({"0000-0": {**units, "plausible": [0, 1e12]}})
+    )(directory)
     ucum = {"mU/L": {"ci": "MU/L", "source": "UCUM"}, "MU/L": {"ci": "MAU/L", "source": "UCUM"}}
     _aliases(lambda doc: doc["ucum"].update(ucum))(directory)
 
@@ -333,12 +317,12 @@ ALIAS_BREAKAGES = [
         _milli_and_mega_units, "'MU/L', the c/i form of 'mU/L', is the UCUM code", id="milli-vs-mega-unit"
     ),
     pytest.param(
-        _edit("units.json", lambda doc: doc["analytes"]["2823-3"]["factors"].update({"mval/L": 1.0})),
+        edit_json("units.json", lambda doc: doc["analytes"]["2823-3"]["factors"].update({"mval/L": 1.0})),
         "units.json accepts 'mval/L', neither a UCUM unit",
         id="accepted-unit-without-meaning",
     ),
     pytest.param(
-        _edit("units.json", lambda doc: doc["analytes"]["2823-3"]["factors"].update({"mEq/L": 2.0})),
+        edit_json("units.json", lambda doc: doc["analytes"]["2823-3"]["factors"].update({"mEq/L": 2.0})),
         "Potassium (2823-3) accepts",
         id="one-unit-two-factors",
     ),
@@ -349,7 +333,7 @@ ALIAS_BREAKAGES = [
 def test_a_broken_alias_file_refuses_to_start_naming_the_entry(
     tmp_path: Path, break_it: Callable[[Path], None], named: str
 ) -> None:
-    directory = _copy(tmp_path)
+    directory = copy_reference(tmp_path)
     load_reference(directory)  # the untouched copy is fine
     break_it(directory)
     with pytest.raises(ReferenceDataError) as info:
