@@ -4,7 +4,7 @@
 .PHONY: bootstrap compose demo test unit lint typecheck layers format infra-up infra-down bench clean
 
 VENV := .venv/bin
-TYPED_PACKAGES := core clinhub producers streams schemas sinks
+TYPED_PACKAGES := core clinhub console producers streams schemas sinks
 
 bootstrap:
 	bash scripts/bootstrap.sh

@@ -138,6 +138,38 @@ class StreamSettings(BaseSettings):
     reference_dir: Path | None = None
 
 
+class ConsoleSettings(BaseSettings):
+    """The clinician console (web + JSON API) and its notifications."""
+
+    model_config = _config("CLINHUB_CONSOLE_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8400, ge=1, le=65535)
+    # Session cookies are Secure (sent over HTTPS only; browsers also send them to http://127.0.0.1 and
+    # http://localhost). Turn off only behind a proxy that terminates TLS on another host name.
+    secure_cookies: bool = True
+    session_hours: float = Field(default=12.0, gt=0)
+    api_token_days: float = Field(default=90.0, gt=0)
+    # How often the live feed looks for changed alerts in the store
+    feed_poll_seconds: float = Field(default=0.5, gt=0)
+    # An alert acknowledged without an action note is flagged "acknowledged, no action recorded" after this
+    no_action_after_minutes: float = Field(default=30.0, gt=0)
+    # Channels per institution, ward and severity (JSON, docs/console.md); None: no notifications
+    notifications_file: Path | None = None
+    # The HMAC-SHA256 key of webhook signatures, unless a channel names its own key file
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: Path | None = None
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_sender: str = "clinhub@localhost"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    notify_max_attempts: int = Field(default=8, ge=1)
+    notify_retry_max_seconds: float = Field(default=300.0, gt=0)
+    notify_timeout_seconds: float = Field(default=5.0, gt=0)
+
+
 class InfraSettings(BaseSettings):
     """Where `clinhub infra` keeps the local services it starts, and their loopback ports."""
 
@@ -162,6 +194,7 @@ class HubSettings(BaseSettings):
     database: DatabaseSettings
     security: SecuritySettings
     stream: StreamSettings
+    console: ConsoleSettings
     infra: InfraSettings
 
 
@@ -173,5 +206,6 @@ def load_settings() -> HubSettings:
         database=DatabaseSettings(),
         security=SecuritySettings(),
         stream=StreamSettings(),
+        console=ConsoleSettings(),
         infra=InfraSettings(),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, DateTime, Float, Index, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, synonym
 
 NAMING = {
@@ -265,8 +265,11 @@ class Alert(Base):
     acknowledged_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     acknowledged_by: Mapped[str | None] = mapped_column(String(64))
     ack_channel: Mapped[str | None] = mapped_column(String(16))
+    # When the store last wrote this row (raised, escalated, acknowledged, repeated): the console's live
+    # feed reads the rows changed since a client's last event by it. Null for rows stored before 0005.
+    changed_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
-    __table_args__ = (Index(None, "regional_patient_id", "raised_time"),)
+    __table_args__ = (Index(None, "regional_patient_id", "raised_time"), Index(None, "changed_time"))
 
 
 class AlertHistory(Base):
@@ -328,3 +331,133 @@ class AlertAcknowledgement(Base):
     ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
     __table_args__ = (Index(None, "alert_id"),)
+
+
+class DeadLetterRow(Base):
+    """A rejected message as the dead-letter topic carries it, without its bytes (they stay on Kafka to be
+    fixed and replayed): what the institution's integration staff see as "unprocessable"."""
+
+    __tablename__ = "dead_letters"
+
+    deadletter_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    original_topic: Mapped[str] = mapped_column(String(255))
+    original_partition: Mapped[int] = mapped_column(Integer)
+    original_offset: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str | None] = mapped_column(String(16))  # of a raw.<institution>.<kind> topic
+    error_class: Mapped[str] = mapped_column(String(128))
+    field: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+    institution_id: Mapped[str | None] = mapped_column(String(32))
+    correlation_id: Mapped[str | None] = mapped_column(String(64))
+    processor: Mapped[str] = mapped_column(String(64))
+    possibly_critical: Mapped[bool] = mapped_column(Boolean, server_default="0")
+    loinc_code: Mapped[str | None] = mapped_column(String(16))
+    failed_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "institution_id", "failed_time"),)
+
+
+# The console's own tables: accounts, sessions, the audit log and notification deliveries. None holds
+# clinical data; the audit log is append-only (triggers refuse UPDATE and DELETE, migration 0005).
+
+CLINICIAN, INTEGRATION, OPERATOR, ADMIN = "clinician", "integration", "operator", "admin"
+ROLES = (CLINICIAN, INTEGRATION, OPERATOR, ADMIN)
+
+
+class ConsoleUser(Base):
+    """A console account. `chain_level` is the user's place in the escalation chain of `wards` (0: the
+    responsible clinician, 1: attending physician, ...); `wards` empty means every ward of the institution."""
+
+    __tablename__ = "console_users"
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    institution_id: Mapped[str | None] = mapped_column(String(32))
+    wards: Mapped[str] = mapped_column(Text, server_default="")  # comma-separated
+    chain_level: Mapped[int | None] = mapped_column(Integer)
+    password_hash: Mapped[str] = mapped_column(Text)
+    disabled: Mapped[bool] = mapped_column(Boolean, server_default="0")
+    created_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    changed_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class ConsoleSession(Base):
+    """A login (kind "browser", cookie) or an API token (kind "api", bearer). Only a hash of the secret
+    is kept, so a copy of the table logs nobody in."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    expires_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    last_seen_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index(None, "username"),)
+
+
+class AuditEntry(Base):
+    """Who did or tried what, to which patient or alert, when and from where. Append-only."""
+
+    __tablename__ = "audit_log"
+
+    audit_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    username: Mapped[str | None] = mapped_column(String(64))
+    role: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))  # ok, denied, failed
+    regional_patient_id: Mapped[str | None] = mapped_column(String(40))
+    alert_id: Mapped[str | None] = mapped_column(String(36))
+    institution_id: Mapped[str | None] = mapped_column(String(32))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "time"), Index(None, "username", "time"))
+
+
+class NotificationDelivery(Base):
+    """One alert or escalation to send on one channel: pending until delivered or given up."""
+
+    __tablename__ = "notification_deliveries"
+
+    delivery_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    channel_kind: Mapped[str] = mapped_column(String(16))  # webhook, email
+    alert_id: Mapped[str] = mapped_column(String(36))
+    institution_id: Mapped[str] = mapped_column(String(32))
+    ward: Mapped[str | None] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))
+    event: Mapped[str] = mapped_column(String(16))  # alert, escalation
+    payload: Mapped[str] = mapped_column(Text)  # JSON: regional id and result only, never a name
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    created_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    delivered_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "status", "next_attempt_time"), Index(None, "alert_id"))
+
+
+class NotificationAttempt(Base):
+    """Each try of a delivery, kept: the console shows failures, the metrics count them."""
+
+    __tablename__ = "notification_attempts"
+
+    attempt_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(36))
+    channel: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))  # delivered, failed
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index(None, "delivery_id"), Index(None, "time"))
