@@ -22,6 +22,8 @@ app.add_typer(infra_app, name="infra")
 app.add_typer(db_app, name="db")
 app.add_typer(stream_app, name="stream")
 app.add_typer(schemas_app, name="schemas")
+users_app = typer.Typer(help="Console accounts.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 
 def _settings() -> HubSettings:
@@ -275,6 +277,97 @@ def demo(
     from clinhub.demo import run_demo
 
     run_demo(_settings(), count, keep_running, seed)
+
+
+@app.command("console")
+def console_serve(
+    host: Annotated[str | None, typer.Option(help="Default: CLINHUB_CONSOLE_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: CLINHUB_CONSOLE_PORT.")] = None,
+) -> None:
+    """Run the clinician console (web + JSON API + notifications) until interrupted."""
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from clinhub.console_service import build_console
+
+    settings = _settings()
+    parts = build_console(settings, CollectorRegistry())
+    bind_host, bind_port = host or settings.console.host, port or settings.console.port
+    typer.echo(f"console at http://{bind_host}:{bind_port}/")
+    uvicorn.run(parts.app, host=bind_host, port=bind_port, log_level="warning", access_log=False)
+
+
+def _password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+@users_app.command("add")
+def users_add(
+    username: str,
+    role: Annotated[str, typer.Option(help="clinician, integration, operator or admin.")],
+    institution: Annotated[str | None, typer.Option(help="Institution id (clinician, integration).")] = None,
+    wards: Annotated[str | None, typer.Option(help="Comma-separated wards; none: every ward.")] = None,
+    chain_level: Annotated[
+        int | None,
+        typer.Option(help="Place in the escalation chain: 0 responsible clinician, 1 attending..."),
+    ] = None,
+    display_name: Annotated[str | None, typer.Option(help="Shown in the console.")] = None,
+    password_stdin: Annotated[bool, typer.Option(help="Read the password from standard input.")] = False,
+) -> None:
+    """Create a console account (argon2id password hash)."""
+    import datetime as dt
+
+    from clinhub.console_service import accounts_for
+
+    account = accounts_for(_settings()).add(
+        username,
+        _password(password_stdin),
+        role,
+        display_name=display_name,
+        institution_id=institution,
+        wards=wards,
+        chain_level=chain_level,
+        now=dt.datetime.now(dt.UTC),
+    )
+    where = f", {account.institution_id}" if account.institution_id else ""
+    typer.echo(f"added {account.username} ({account.role}{where})")
+
+
+@users_app.command("disable")
+def users_disable(username: str) -> None:
+    """Disable an account and end its sessions and API tokens at once."""
+    import datetime as dt
+
+    from clinhub.console_service import accounts_for
+
+    accounts_for(_settings()).set_disabled(username, True, dt.datetime.now(dt.UTC))
+    typer.echo(f"disabled {username}")
+
+
+@users_app.command("enable")
+def users_enable(username: str) -> None:
+    import datetime as dt
+
+    from clinhub.console_service import accounts_for
+
+    accounts_for(_settings()).set_disabled(username, False, dt.datetime.now(dt.UTC))
+    typer.echo(f"enabled {username}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    from clinhub.console_service import accounts_for
+
+    for account in accounts_for(_settings()).list():
+        wards = ",".join(sorted(account.wards)) or "*"
+        state = "disabled" if account.disabled else "active"
+        typer.echo(
+            f"{account.username:20} {account.role:12} {account.institution_id or '-':8} wards={wards} "
+            f"level={account.chain_level} {state}"
+        )
 
 
 def main() -> None:
