@@ -12,7 +12,8 @@ Topics, under an optional prefix (tests give each run its own):
 - `norm.<kind>`: the regional standard, keyed by the regional patient id, so one patient's events
   stay in order on one partition;
 - `norm.identity`, `alerts.critical`, `alerts.escalation`, `alerts.ack`: the hub's own records, keyed
-  by the regional patient id; `deadletter`: rejected input, keyed as it came;
+  by the regional patient id; `deadletter`: rejected input, keyed as it came (the store keeps each
+  without its bytes, for the institutions' integration staff; `topic_kind` tells its clinical kind);
 - `alerts.state`: the state changes of each alert (repeats, escalations, acknowledgements), keyed by
   alert id and log-compacted (`HubRecord.compacted`, `topic_config`), so its latest record per key is
   the alert's current state. `alerts.critical` carries each alert once.
@@ -74,8 +75,9 @@ RECORD_SCHEMAS: dict[str, str] = {
     **{spec.name: spec.schema for spec in CLINICAL_KINDS},
     **{record.name: record.schema for record in HUB_RECORDS},
 }
-# What the regional store keeps: everything but dead letters.
-STORED_RECORDS: tuple[str, ...] = tuple(name for name in RECORD_SCHEMAS if name != DEADLETTER.name)
+# What the regional store keeps: every record of the hub's topics, dead letters included (their reason
+# and position, not their bytes, which stay on Kafka to be fixed and replayed).
+STORED_RECORDS: tuple[str, ...] = tuple(RECORD_SCHEMAS)
 
 
 def check_kind(kind: str) -> str:
@@ -99,6 +101,20 @@ _INSTITUTION = r"[A-Za-z0-9_-]+"
 def _raw_pattern(prefix: str) -> re.Pattern[str]:
     kinds = "|".join(map(re.escape, KINDS))
     return re.compile(rf"^{re.escape(prefix)}raw\.({_INSTITUTION})\.({kinds})$")
+
+
+@cache
+def _clinical_topic_pattern() -> re.Pattern[str]:
+    kinds = "|".join(map(re.escape, KINDS))
+    return re.compile(rf"(?:raw\.{_INSTITUTION}\.|norm\.)({kinds})\Z")
+
+
+def topic_kind(topic: str) -> str | None:
+    """The clinical kind a `raw.<institution>.<kind>` or `norm.<kind>` topic carries, under any prefix;
+    None for every other topic. For a dead letter, whose original topic is all that says what it was
+    (the prefix is the one of the topic it was read from, which the store need not know)."""
+    match = _clinical_topic_pattern().search(topic)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)

@@ -335,7 +335,8 @@ class AlertAcknowledgement(Base):
 
 class DeadLetterRow(Base):
     """A rejected message as the dead-letter topic carries it, without its bytes (they stay on Kafka to be
-    fixed and replayed): what the institution's integration staff see as "unprocessable"."""
+    fixed and replayed): what the institution's integration staff see as "unprocessable". Written by the
+    store stage, one row per dead-letter id (insert-or-ignore), its text cut to the column sizes."""
 
     __tablename__ = "dead_letters"
 
@@ -343,7 +344,7 @@ class DeadLetterRow(Base):
     original_topic: Mapped[str] = mapped_column(String(255))
     original_partition: Mapped[int] = mapped_column(Integer)
     original_offset: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str | None] = mapped_column(String(16))  # of a raw.<institution>.<kind> topic
+    kind: Mapped[str | None] = mapped_column(String(16))  # of a raw.<institution>.<kind> or norm.<kind> topic
     error_class: Mapped[str] = mapped_column(String(128))
     field: Mapped[str | None] = mapped_column(String(255))
     reason: Mapped[str] = mapped_column(Text)
@@ -461,3 +462,11 @@ class NotificationAttempt(Base):
     duration_ms: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index(None, "delivery_id"), Index(None, "time"))
+
+
+# Tables the console writes and the store stage never does: no write policy, no converter fills them
+# (sinks.sql.WRITE_POLICIES covers every other table).
+CONSOLE_TABLES: tuple[str, ...] = tuple(
+    model.__tablename__
+    for model in (ConsoleUser, ConsoleSession, AuditEntry, NotificationDelivery, NotificationAttempt)
+)

@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.contract import topic_kind
 from sinks.base import KINDS, StoreRecord
 from sinks.exceptions import StoreRejectedError
-from sinks.models import LAB, VITAL_SIGNS
+from sinks.models import LAB, VITAL_SIGNS, DeadLetterRow
 
 Row = dict[str, Any]
 
@@ -590,6 +591,58 @@ def _identity(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepar
         "created_time": now,
     }
     return Prepared(index=index, kind="identity", time=linked, rows=rows, patient=patient)
+
+
+DEAD_LETTER_COLUMNS = DeadLetterRow.__table__.columns
+TRUNCATED = "…"
+
+
+def clip(value: str | None, column: str) -> str | None:
+    """Text cut to its dead_letters column (a mark at the end says so): a reason or topic longer than the
+    schema allows must not cost the whole dead letter, nor be refused and so lost."""
+    length = getattr(DEAD_LETTER_COLUMNS[column].type, "length", None)
+    if value is None or length is None or len(value) <= length:
+        return value
+    return value[: length - len(TRUNCATED)] + TRUNCATED
+
+
+def _position(record: Mapping[str, Any], name: str) -> int:
+    value = _get(record, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Refused(name, f"expected a partition or offset, got {value!r}")
+    return value
+
+
+def _lenient_text(record: Mapping[str, Any], name: str) -> str | None:
+    """Optional text of a dead letter: whatever is there, as text (a dead letter is kept as it came)."""
+    value = record.get(name)
+    return None if value is None else clip(str(value), name)
+
+
+@converts("deadletter")
+def _dead_letter(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
+    """A dead letter without its bytes, with the clinical kind its original topic carried. Only what
+    locates it (id, topic, position, time) is required; text is cut to size, never refused for length."""
+    topic = _text(record, "original_topic")
+    failed = _time(record, "failed_time")
+    row = {
+        "deadletter_id": uuid_text(_get(record, "deadletter_id"), "deadletter_id"),
+        "original_topic": clip(topic, "original_topic"),
+        "original_partition": _position(record, "original_partition"),
+        "original_offset": _position(record, "original_offset"),
+        "kind": topic_kind(topic),
+        "error_class": _lenient_text(record, "error_class") or "unknown",
+        "field": _lenient_text(record, "field"),
+        "reason": _lenient_text(record, "reason") or "",
+        "institution_id": _lenient_text(record, "institution_id"),
+        "correlation_id": _lenient_text(record, "correlation_id"),
+        "processor": _lenient_text(record, "processor") or "unknown",
+        "possibly_critical": record.get("possibly_critical") is True,
+        "loinc_code": _lenient_text(record, "loinc_code"),
+        "failed_time": failed,
+        "ingested_time": now,
+    }
+    return Prepared(index=index, kind="deadletter", time=failed, rows={"dead_letters": [row]})
 
 
 def prepare(index: int, item: StoreRecord, now: dt.datetime) -> Prepared:

@@ -9,11 +9,11 @@ one row per key (`keep_newest`) and the INSERT ... ON CONFLICT sent for the batc
   (event_time, event_id); alerts keep the highest suppressed_repeats; identity links and aliases the
   latest link; patients fill in demographics from their newest record;
 - history and append-only tables insert-or-ignore (alert_history by state id, so a redelivered state
-  change adds nothing).
+  change adds nothing; dead_letters by dead-letter id, derived from the rejected message's position).
 Around the policies, a few steps of their own: vitals sets replace whole sets, encounters take their state
 from their history, alerts are refreshed from their escalations, acknowledgements and state changes,
 aliases stay one hop from a canonical id. Rows are sent sorted by key so that concurrent writers lock in
-the same order.
+the same order. The console's own tables (sinks.models.CONSOLE_TABLES) are never written here.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from sinks.models import (
     AlertAcknowledgement,
     AlertEscalation,
     AlertHistory,
+    DeadLetterRow,
     Diagnosis,
     Encounter,
     EncounterEvent,
@@ -104,6 +105,8 @@ ALERT_WRITES = WritePolicy(
     _table(Alert), Precedence(("alert_id",), ("suppressed_repeats",)), replaces=("suppressed_repeats",)
 )
 LINK_WRITES = WritePolicy(_table(IdentifierLink), Precedence(("institution_id", "patient_mrn"), LINK_VERSION))
+# The id is derived from the rejected message's position: a replayed rejection is the dead letter kept.
+DEAD_LETTER_WRITES = WritePolicy(_table(DeadLetterRow), Precedence(("deadletter_id",)))
 # Created here with do-nothing; its state is derived from the encounter's history (_encounter_state).
 ENCOUNTER_WRITES = WritePolicy(
     _table(Encounter), Precedence(("institution_id", "encounter_id")), returning=False
@@ -127,6 +130,7 @@ WRITE_POLICIES: tuple[WritePolicy, ...] = (
     ALERT_HISTORY_WRITES,
     ALERT_WRITES,
     LINK_WRITES,
+    DEAD_LETTER_WRITES,
     ENCOUNTER_WRITES,
     ALIAS_WRITES,
     PATIENT_WRITES,
@@ -142,6 +146,7 @@ ALERT_HISTORY = ALERT_HISTORY_WRITES.table
 PATIENTS = PATIENT_WRITES.table
 INGEST_LOG = INGEST_LOG_WRITES.table
 ENCOUNTERS = ENCOUNTER_WRITES.table
+DEAD_LETTERS = DEAD_LETTER_WRITES.table
 ALIAS_COMPRESSION_ROUNDS = 8
 
 

@@ -2,16 +2,28 @@
 
 A record the database itself refuses is found by bisection and dead-lettered, its neighbours stored
 (`sinks.base.write_records_isolating`); an unavailable database is waited for.
+
+The store also reads the dead-letter topic (it keeps each dead letter, without its bytes). A dead letter
+it cannot decode or store is never dead-lettered again: that would put it back on the topic the store
+reads, for ever. It is logged, counted (`clinhub_stream_events{kind="deadletter",outcome="unstorable"}`)
+and acknowledged with its batch; it stays on the dead-letter topic, where its position is in the log line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Sequence
 from typing import Any
 
+from core.contract import DEADLETTER
 from sinks.base import Sink, StoreRecord, StoreWriteResult, write_records_isolating
 from streams.runtime.messages import RawMessage, Rejection
 from streams.runtime.stage import Stage, judge_each
+
+log = logging.getLogger("clinhub.streams.store")
+
+UNSTORABLE = "unstorable"
 
 
 def store_topics(stage: Stage) -> list[str]:
@@ -26,6 +38,7 @@ class StoreHandler:
         self.stage = stage
         self.sink: Sink = stage.components.sink
         self.records_of = stage.topics.stored()
+        self.deadletter_topic = stage.topics.deadletter_topic
 
     def _store(
         self, messages: list[RawMessage]
@@ -62,7 +75,10 @@ class StoreHandler:
             return await asyncio.to_thread(self._store, messages)
 
         records, result, rejections = await stage.attempt("store batch", store, messages)
-        await stage.dead_letter(rejections, "norm")
+        # Never a dead letter of a dead letter: it would come back to this stage on the topic it reads.
+        unstorable = [r for r in rejections if r.message.topic == self.deadletter_topic]
+        await stage.dead_letter([r for r in rejections if r.message.topic != self.deadletter_topic], "norm")
+        self._unstorable(unstorable)
         committed = stage.clock()
         for item in records:
             envelope = item.record.get("envelope")
@@ -74,3 +90,21 @@ class StoreHandler:
             stage.metrics.events.labels(institution="*", kind=kind, outcome="stored").inc(count)
         for kind, count in result.unchanged.items():
             stage.metrics.events.labels(institution="*", kind=kind, outcome="unchanged").inc(count)
+
+    def _unstorable(self, rejections: Sequence[Rejection]) -> None:
+        """Dead letters the store cannot take: logged and counted, then acknowledged with their batch."""
+        for rejection in rejections:
+            message = rejection.message
+            self.stage.metrics.events.labels(
+                institution=rejection.institution_id or "?", kind=DEADLETTER.name, outcome=UNSTORABLE
+            ).inc()
+            log.error(
+                "dead letter %s[%d]@%d not stored, and not dead-lettered again: %s: %s (%s); "
+                "it stays on the dead-letter topic",
+                message.topic,
+                message.partition,
+                message.offset,
+                rejection.error_class,
+                rejection.reason,
+                rejection.field,
+            )

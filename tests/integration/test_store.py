@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DBAPIError
 
 from clinhub.infra import postgres
 from clinhub.infra.process import free_port
 from sinks.base import StoreRecord, write_records_isolating
 from sinks.exceptions import StoreRejectedError, StoreUnavailableError
+from sinks.models import AuditEntry
 from sinks.sql import SqlStoreSink
 from sinks.store import make_engine, upgrade
 from tests.unit.sinks import test_store_behaviour as shared
@@ -138,3 +140,12 @@ def _naive(value: Any) -> Any:
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
         return value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
+
+
+def test_the_audit_log_refuses_truncate_on_postgresql(engine: Engine) -> None:
+    """PostgreSQL's TRUNCATE skips row triggers; migration 0005's statement trigger refuses it too."""
+    shared._audit_row(engine)
+    with pytest.raises(DBAPIError, match="append-only: TRUNCATE refused"), engine.begin() as connection:
+        connection.exec_driver_sql("TRUNCATE audit_log")
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(AuditEntry)).scalar_one() == 1

@@ -58,13 +58,47 @@ def test_every_kind_and_hub_record_has_a_schema_of_the_standard() -> None:
         assert {spec.natural_key, "envelope", "patient_mrn"} <= fields, spec.name
 
 
-def test_the_store_keeps_every_record_but_dead_letters_each_from_its_own_topic() -> None:
+def test_the_store_keeps_every_record_dead_letters_included_each_from_its_own_topic() -> None:
     names = TopicNames(prefix="p-")
     stored = names.stored()
-    assert sorted(stored.values()) == sorted(contract.STORED_RECORDS)
-    assert "deadletter" not in stored.values() and names.deadletter_topic not in stored
+    assert sorted(stored.values()) == sorted(contract.STORED_RECORDS) == sorted(contract.RECORD_SCHEMAS)
+    assert stored[names.deadletter_topic] == "deadletter" == contract.DEADLETTER.name
     assert stored[names.norm("lab")] == "lab" and stored[names.alerts_topic] == "alert"
     assert stored[names.alert_states_topic] == "alert_state" == contract.ALERT_STATE.name
+    assert not any(topic.startswith("p-raw.") for topic in stored), "raw input is the normaliser's"
+
+
+@pytest.mark.parametrize(
+    ("topic", "kind"),
+    [
+        ("raw.H001.lab", "lab"),
+        ("norm.vitals", "vitals"),
+        ("t123.raw.H001.lab", "lab"),  # the tests' prefixes
+        ("t123.norm.diagnosis", "diagnosis"),
+        ("ci-1234-raw.C-3.medication", "medication"),  # a prefix without a dot
+        ("team.a.norm.encounter", "encounter"),
+        ("norm.raw.H002.lab", "lab"),  # a prefix that looks like a topic
+        ("norm.identity", None),  # the hub's own records carry no clinical kind
+        ("t1.alerts.critical", None),
+        ("deadletter", None),
+        ("raw.H001.xray", None),  # not a kind of the standard
+        ("raw.H0.01.lab", None),
+        ("norm.labs", None),
+        ("raw.H001.lab.extra", None),
+        ("", None),
+    ],
+)
+def test_the_kind_of_a_topic_is_read_under_any_prefix(topic: str, kind: str | None) -> None:
+    assert contract.topic_kind(topic) == kind
+
+
+@pytest.mark.parametrize("prefix", ["", "ci-", "test.run7.", "norm."])
+def test_every_clinical_topic_the_hub_names_reads_back_as_its_kind(prefix: str) -> None:
+    names = TopicNames(prefix=prefix)
+    for kind in KINDS:
+        assert contract.topic_kind(names.raw("H007", kind)) == kind
+        assert contract.topic_kind(names.norm(kind)) == kind
+    assert all(contract.topic_kind(names.hub(record)) is None for record in contract.HUB_RECORDS)
 
 
 def test_keys() -> None:

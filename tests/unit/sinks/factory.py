@@ -135,9 +135,38 @@ def identity(
     }
 
 
+def dead_letter(
+    topic: str = "raw.H001.lab", partition: int = 0, offset: int = 0, **fields: Any
+) -> dict[str, Any]:
+    """A DeadLetter as fastavro decodes it: by default the normaliser's for a potassium in an unknown unit."""
+    record: dict[str, Any] = {
+        "deadletter_id": uuid.uuid5(NAMESPACE, f"deadletter|{topic}|{partition}|{offset}"),
+        "original_topic": topic,
+        "original_partition": partition,
+        "original_offset": offset,
+        "original_key": b"H001|MRN0000001",
+        "original_value": b"\x00\x00\x00\x00\x01 the raw event",
+        "error_class": "RejectedEvent",
+        "field": "unit",
+        "reason": "unit 'mmol/dL' is not one the hub converts for 2823-3",
+        "institution_id": "H001",
+        "correlation_id": str(uuid.uuid5(NAMESPACE, f"correlation|{topic}|{offset}")),
+        "failed_time": NOW,
+        "processor": "streams.normaliser",
+        "possibly_critical": True,
+        "loinc_code": "2823-3",
+    }
+    unknown = set(fields) - set(record)
+    if unknown:
+        raise TypeError(f"not a DeadLetter field: {sorted(unknown)}")
+    record.update(fields)
+    return record
+
+
 def realistic_batch(seed: int, count: int) -> list[StoreRecord]:
     """Every kind: simulated clinical events, alerts for critical-looking labs with their states (opened,
-    repeats), escalations and acknowledgements, and an identity link per (institution, MRN)."""
+    repeats), escalations and acknowledgements, the dead letters of a few rejected raw events and of one
+    record the store itself refused, and last an identity link per (institution, MRN)."""
     records = simulated(seed, count)
     extra: list[StoreRecord] = []
     links: dict[tuple[str, str], str] = {}
@@ -156,6 +185,26 @@ def realistic_batch(seed: int, count: int) -> list[StoreRecord]:
                 extra.append(StoreRecord("escalation", escalation_for(alert, 1)))
             if n % 5 == 0:
                 extra.append(StoreRecord("ack", ack_for(alert, 20)))
+    extra.extend(
+        StoreRecord("deadletter", dead_letter(f"raw.H00{1 + n % 2}.lab", n % 3, seed * 100 + n))
+        for n in range(max(1, count // 50))
+    )
+    extra.append(
+        StoreRecord(
+            "deadletter",
+            dead_letter(
+                "norm.medication",
+                1,
+                seed,
+                error_class="StoreRejectedError",
+                field=None,
+                reason="database refused the batch",
+                processor="streams.store",
+                possibly_critical=False,
+                loinc_code=None,
+            ),
+        )
+    )
     extra.extend(
         StoreRecord("identity", identity(inst, mrn, regional))
         for (inst, mrn), regional in sorted(links.items())

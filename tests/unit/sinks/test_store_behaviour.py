@@ -16,20 +16,31 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, inspect, select
+from sqlalchemy.exc import DBAPIError
 
 from sinks.base import StoreRecord, StoreWriteResult, write_records_isolating
 from sinks.exceptions import StoreOutOfDateError, StoreRejectedError
 from sinks.metrics import make_sink_metrics
-from sinks.models import Base
+from sinks.models import CONSOLE_TABLES, AuditEntry, Base
 from sinks.queries import InvalidCursorError, TimelineEntry, latest_by_analyte, patient_timeline
-from sinks.sql import ALERT_HISTORY, ALERTS, ENCOUNTERS, INGEST_LOG, OBSERVATIONS, PATIENTS, SqlStoreSink
+from sinks.sql import (
+    ALERT_HISTORY,
+    ALERTS,
+    DEAD_LETTERS,
+    ENCOUNTERS,
+    INGEST_LOG,
+    OBSERVATIONS,
+    PATIENTS,
+    SqlStoreSink,
+)
 from sinks.store import current_revision, downgrade, ensure_current, head_revision, make_engine, upgrade
 from tests.factories import regional_id
 from tests.unit.sinks.factory import (
     NOW,
     ack_for,
     alert_for,
+    dead_letter,
     escalation_for,
     first,
     identity,
@@ -130,6 +141,7 @@ def test_every_kind_is_counted_and_stored(sink: SqlStoreSink, engine: Engine) ->
         "ack",
         "alert_state",
         "identity",
+        "deadletter",
     }
     expected = {kind: sum(1 for record in batch if record.kind == kind) for kind in kinds}
     assert {k: result.written.get(k, 0) + result.unchanged.get(k, 0) for k in kinds} == expected
@@ -144,6 +156,7 @@ def test_every_kind_is_counted_and_stored(sink: SqlStoreSink, engine: Engine) ->
     assert len(tables["alerts"]) == expected["alert"]
     assert len(tables["alert_history"]) == expected["alert_state"]
     assert len(tables["identifier_links"]) == expected["identity"]
+    assert len(tables["dead_letters"]) == expected["deadletter"]
 
 
 def test_no_national_identifier_reaches_the_store(sink: SqlStoreSink, engine: Engine) -> None:
@@ -496,6 +509,68 @@ def test_a_state_change_with_an_unknown_change_is_refused(sink: SqlStoreSink) ->
     state["change"] = "WORSENED"
     with pytest.raises(StoreRejectedError, match="change"):
         sink.write_records([StoreRecord("alert_state", state)])
+
+
+# -- dead letters ----------------------------------------------------------------------------------
+
+
+def test_dead_letters_are_kept_once_each_without_their_bytes(
+    sink: SqlStoreSink, engine: Engine, clock: Clock
+) -> None:
+    letters = [
+        dead_letter("t123.raw.H001.lab", 2, 41),
+        dead_letter("t123.norm.vitals", 0, 7, possibly_critical=False, loinc_code=None, institution_id=None),
+        dead_letter("t123.alerts.critical", 1, 3, field=None, processor="streams.store"),
+    ]
+    result = sink.write_records([StoreRecord("deadletter", letter) for letter in letters])
+    assert result.written == {"deadletter": 3}
+    stored = {row.deadletter_id: row for row in rows(engine, DEAD_LETTERS)}
+    assert set(stored) == {str(letter["deadletter_id"]) for letter in letters}
+    potassium = stored[str(letters[0]["deadletter_id"])]
+    assert (potassium.original_topic, potassium.original_partition, potassium.original_offset) == (
+        "t123.raw.H001.lab",
+        2,
+        41,
+    )
+    assert (potassium.kind, potassium.institution_id, potassium.field, potassium.error_class) == (
+        "lab",
+        "H001",
+        "unit",
+        "RejectedEvent",
+    )
+    assert (potassium.possibly_critical, potassium.loinc_code) == (True, "2823-3")
+    assert potassium.reason == letters[0]["reason"]
+    assert as_utc(potassium.failed_time) == NOW and as_utc(potassium.ingested_time) == clock.now
+    assert [stored[str(letter["deadletter_id"])].kind for letter in letters[1:]] == ["vitals", None]
+    assert stored[str(letters[1]["deadletter_id"])].possibly_critical is False
+    everything = snapshot(engine)
+    assert not any(isinstance(value, bytes) for row in everything["dead_letters"] for value in row)
+
+    clock.now += dt.timedelta(hours=1)
+    replayed = [{**letter, "reason": "rejected again", "failed_time": clock.now} for letter in letters]
+    again = sink.write_records([StoreRecord("deadletter", letter) for letter in replayed])
+    assert (again.written, again.unchanged) == ({}, {"deadletter": 3})
+    assert snapshot(engine) == everything, "the dead letter kept is the first"
+
+
+def test_a_dead_letters_text_is_cut_to_its_columns_not_refused(sink: SqlStoreSink, engine: Engine) -> None:
+    """PostgreSQL refuses a value longer than its column; a dead letter must be kept all the same."""
+    long = dead_letter(
+        "x" * 300 + ".raw.H001.lab",
+        error_class="E" * 500,
+        field="f" * 1000,
+        institution_id="I" * 100,
+        correlation_id="c" * 200,
+        processor="p" * 300,
+        loinc_code="9" * 40,
+        reason="r" * 20_000,
+    )
+    assert sink.write_records([StoreRecord("deadletter", long)]).written == {"deadletter": 1}
+    (row,) = rows(engine, DEAD_LETTERS)
+    columns = DEAD_LETTERS.c
+    for name in ("original_topic", "error_class", "field", "institution_id", "correlation_id", "processor"):
+        assert len(getattr(row, name)) == columns[name].type.length, name
+    assert (row.kind, len(row.loinc_code), len(row.reason)) == ("lab", 16, 20_000)
 
 
 # -- identities ------------------------------------------------------------------------------------
@@ -955,3 +1030,68 @@ def test_downgrade_to_0001_and_back(blank_engine: Engine) -> None:
     ensure_current(blank_engine)
     with blank_engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(OBSERVATIONS)).scalar_one() == labs
+
+
+def _audit_row(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            insert(AuditEntry.__table__),
+            {
+                "time": NOW,
+                "username": "dr.wu",
+                "role": "clinician",
+                "action": "view_patient",
+                "outcome": "ok",
+            },
+        )
+
+
+def test_migration_0005_downgrades_and_upgrades_again(blank_engine: Engine, clock: Clock) -> None:
+    """0005 (the console's tables, dead_letters, alerts.changed_time) off and on again, with rows in its
+    tables, the audit log's among them; what 0004 had stays."""
+    upgrade(blank_engine)
+    batch = realistic_batch(seed=92, count=60)
+    SqlStoreSink(blank_engine, clock=clock).write_records(batch)
+    _audit_row(blank_engine)
+    with blank_engine.connect() as connection:
+        alerts = connection.execute(select(func.count()).select_from(ALERTS)).scalar_one()
+    assert alerts and rows(blank_engine, DEAD_LETTERS)
+
+    downgrade(blank_engine, "0004")
+    assert current_revision(blank_engine) == "0004"
+    schema = inspect(blank_engine)
+    assert not {"dead_letters", *CONSOLE_TABLES} & set(schema.get_table_names())
+    assert "changed_time" not in {column["name"] for column in schema.get_columns("alerts")}
+    assert "ix_alerts_changed_time" not in {index["name"] for index in schema.get_indexes("alerts")}
+    with blank_engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM alerts").scalar_one() == alerts
+
+    upgrade(blank_engine)
+    ensure_current(blank_engine)
+    with blank_engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert [row.changed_time for row in rows(blank_engine, ALERTS)] == [None] * alerts, "not backfilled"
+    clock.now += dt.timedelta(minutes=1)
+    SqlStoreSink(blank_engine, clock=clock).write_records(batch)
+    assert len(rows(blank_engine, DEAD_LETTERS)) == sum(1 for item in batch if item.kind == "deadletter")
+    _audit_row(blank_engine)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_log SET outcome = 'denied'",
+        "UPDATE audit_log SET detail = 'rewritten' WHERE username = 'dr.wu'",
+        "DELETE FROM audit_log",
+        "DELETE FROM audit_log WHERE username = 'dr.wu'",
+    ],
+)
+def test_the_audit_log_refuses_update_and_delete(engine: Engine, statement: str) -> None:
+    """Append-only by trigger (migration 0005), whatever the application or an operator's session does."""
+    _audit_row(engine)
+    with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+        connection.exec_driver_sql(statement)
+    (row,) = rows(engine, AuditEntry.__table__)
+    assert (row.username, row.outcome, row.detail) == ("dr.wu", "ok", None)
+    _audit_row(engine)  # appending still works
+    assert len(rows(engine, AuditEntry.__table__)) == 2

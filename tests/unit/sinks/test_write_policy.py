@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 
 from sinks.base import KINDS
-from sinks.models import Base
+from sinks.models import CONSOLE_TABLES, Base
 from sinks.records import prepare
 from sinks.sql import POLICIES, VITALS_SET, WRITE_POLICIES
 from sinks.write_policy import Precedence, WritePolicy, keep_newest, merge_newest
@@ -18,8 +18,16 @@ T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
 
 def test_every_table_has_exactly_one_policy() -> None:
+    """Every table of the store, that is every table but the console's own, which the store never writes."""
     assert len(POLICIES) == len(WRITE_POLICIES)
-    assert set(POLICIES) == set(Base.metadata.tables)
+    assert set(POLICIES) == set(Base.metadata.tables) - set(CONSOLE_TABLES)
+
+
+def test_the_console_tables_are_tables_and_none_has_a_policy() -> None:
+    assert len(set(CONSOLE_TABLES)) == len(CONSOLE_TABLES)
+    assert set(CONSOLE_TABLES) <= set(Base.metadata.tables)
+    assert not set(CONSOLE_TABLES) & set(POLICIES)
+    assert {"dead_letters", "alerts"} <= set(POLICIES), "the console reads these; the store writes them"
 
 
 @pytest.mark.parametrize("policy", WRITE_POLICIES, ids=lambda policy: policy.name)
@@ -51,6 +59,7 @@ def test_every_table_a_converter_fills_has_a_policy() -> None:
     assert {item.kind for item in batch} == set(KINDS), "the batch should hold every stored kind"
     tables = {table for index, item in enumerate(batch) for table in prepare(index, item, NOW).rows}
     assert tables <= set(POLICIES)
+    assert not tables & set(CONSOLE_TABLES)
 
 
 def test_a_versioned_policy_replaces_every_column_but_the_key_unless_told() -> None:
@@ -59,6 +68,7 @@ def test_a_versioned_policy_replaces_every_column_but_the_key_unless_told() -> N
         column.name for column in policy.table.columns if column.name not in policy.precedence.key
     )
     assert POLICIES["alerts"].replaced_columns == ("suppressed_repeats",)
+    assert POLICIES["dead_letters"].replaced_columns == (), "insert-or-ignore by dead-letter id"
     assert POLICIES["encounter_events"].replaced_columns == ()
 
 
