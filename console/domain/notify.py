@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -349,6 +349,40 @@ def payload(notice: Notice, channel: str) -> str:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _parsed_time(value: str | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromisoformat(value)
+
+
+def notice_from_payload(text: str) -> Notice:
+    """The notice a delivery's payload was made of: the facts of an alert for its escalations, when the
+    store does not hold the alert (yet)."""
+    document = json.loads(text)
+    occurred = _parsed_time(document["occurred_time"])
+    if occurred is None:
+        raise ValueError("payload without occurred_time")
+    return Notice(
+        event=document["event"],
+        alert_id=document["alert_id"],
+        regional_patient_id=document["regional_patient_id"],
+        institution_id=document["institution_id"],
+        ward=document["ward"],
+        severity=document["severity"],
+        message=document["message"],
+        occurred_time=occurred,
+        level=document["escalation_level"],
+        recipient=document["escalation_recipient"],
+        next_deadline_time=_parsed_time(document["next_deadline_time"]),
+        analyte=document["analyte"],
+        loinc_code=document["loinc_code"],
+        value=document["value"],
+        value_comparator=document["value_comparator"],
+        unit=document["unit"],
+        limit_kind=document["limit_kind"],
+        limit_value=document["limit_value"],
+        result_time=_parsed_time(document["result_time"]),
+    )
+
+
 @dataclass(frozen=True)
 class PlannedDelivery:
     """One row of the outbox to be: which channel, for which alert and level, and the body to send."""
@@ -426,9 +460,15 @@ def signed_headers(body: bytes, secret: bytes | str, now: dt.datetime) -> dict[s
     }
 
 
+class Headers(Protocol):
+    """A request's headers: a dict, httpx or Starlette headers, or http.server's message."""
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
 def verify_signature(
     body: bytes,
-    headers: Mapping[str, str],
+    headers: Headers,
     secret: bytes | str,
     now: dt.datetime,
     tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS,
