@@ -429,6 +429,7 @@ def _comparator(record: Mapping[str, Any]) -> str | None:
 
 @converts("alert")
 def _alert(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
+    """A raised alert; `changed_time` is when the store wrote it, by which the console's feed finds it."""
     raised = _time(record, "raised_time")
     repeats = _count(record, "suppressed_repeats")
     row = {
@@ -455,6 +456,7 @@ def _alert(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
         "previous_time": _optional_time(record, "previous_time"),
         "suppressed_repeats": repeats,
         "escalation_level": 0,
+        "changed_time": now,
     }
     return Prepared(index=index, kind="alert", time=raised, rows={"alerts": [row]})
 

@@ -12,8 +12,10 @@ one row per key (`keep_newest`) and the INSERT ... ON CONFLICT sent for the batc
   change adds nothing; dead_letters by dead-letter id, derived from the rejected message's position).
 Around the policies, a few steps of their own: vitals sets replace whole sets, encounters take their state
 from their history, alerts are refreshed from their escalations, acknowledgements and state changes,
-aliases stay one hop from a canonical id. Rows are sent sorted by key so that concurrent writers lock in
-the same order. The console's own tables (sinks.models.CONSOLE_TABLES) are never written here.
+aliases stay one hop from a canonical id. An alerts row the batch inserts or changes gets the batch's time
+in `changed_time` (the console's live feed); one it leaves as it was keeps its time. Rows are sent sorted by
+key so that concurrent writers lock in the same order. The console's own tables (sinks.models.CONSOLE_TABLES)
+are never written here.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ ESCALATION_WRITES = WritePolicy(_table(AlertEscalation), Precedence(("escalation
 ACK_WRITES = WritePolicy(_table(AlertAcknowledgement), Precedence(("ack_id",)))
 ALERT_HISTORY_WRITES = WritePolicy(_table(AlertHistory), Precedence(("state_id",)))
 ALERT_WRITES = WritePolicy(
-    _table(Alert), Precedence(("alert_id",), ("suppressed_repeats",)), replaces=("suppressed_repeats",)
+    _table(Alert),
+    Precedence(("alert_id",), ("suppressed_repeats",)),
+    replaces=("suppressed_repeats", "changed_time"),
 )
 LINK_WRITES = WritePolicy(_table(IdentifierLink), Precedence(("institution_id", "patient_mrn"), LINK_VERSION))
 # The id is derived from the rejected message's position: a replayed rejection is the dead letter kept.
@@ -343,7 +347,7 @@ class SqlStoreSink(Sink):
             return StoreWriteResult()
         now = self._clock()
         prepared = [prepare(index, item, now) for index, item in enumerate(batch)]
-        outcome = self._transaction(prepared)
+        outcome = self._transaction(prepared, now)
         committed = self._clock()
         written: dict[str, int] = defaultdict(int)
         unchanged: dict[str, int] = defaultdict(int)
@@ -354,10 +358,10 @@ class SqlStoreSink(Sink):
 
     # -- the transaction ----------------------------------------------------------------------------
 
-    def _transaction(self, prepared: list[Prepared]) -> _Outcome:
+    def _transaction(self, prepared: list[Prepared], now: dt.datetime) -> _Outcome:
         try:
             with self._engine.begin() as connection:
-                return self._apply(connection, prepared)
+                return self._apply(connection, prepared, now)
         except DBAPIError as exc:
             if is_transient(exc):
                 self._count_retry(_error_class(exc))
@@ -372,7 +376,7 @@ class SqlStoreSink(Sink):
             self._count_retry(type(exc).__name__)
             raise StoreUnavailableError(f"database error: {exc!r}") from exc
 
-    def _apply(self, connection: Connection, prepared: list[Prepared]) -> _Outcome:
+    def _apply(self, connection: Connection, prepared: list[Prepared], now: dt.datetime) -> _Outcome:
         """The tables with steps of their own, every other table by its policy alone (in the order of
         WRITE_POLICIES), then what is derived from what was written."""
         outcome = _Outcome()
@@ -394,14 +398,18 @@ class SqlStoreSink(Sink):
         }
         new_events = {event_id for (event_id,) in stored_keys.get(ENCOUNTER_EVENT_WRITES.name, ())}
         self._encounters(connection, encounters, new_events, outcome)
-        touched_alerts = {alert_id for (alert_id,) in stored_keys.get(ALERT_WRITES.name, ())}
-        touched_alerts |= {
-            row["alert_id"]
-            for name in (ESCALATION_WRITES.name, ACK_WRITES.name, ALERT_HISTORY_WRITES.name)
-            for _, row in by_table[name]
-        }
+        # Alerts whose row or whose escalation, acknowledgement or state change this batch wrote are
+        # changed; those with only redelivered ones are refreshed too, but change only if their state does.
+        changed_alerts = {alert_id for (alert_id,) in stored_keys.get(ALERT_WRITES.name, ())}
+        touched_alerts = set(changed_alerts)
+        for policy in (ESCALATION_WRITES, ACK_WRITES, ALERT_HISTORY_WRITES):
+            written = stored_keys.get(policy.name, set())
+            for _, row in by_table[policy.name]:
+                touched_alerts.add(row["alert_id"])
+                if policy.precedence.key_of(row) in written:
+                    changed_alerts.add(row["alert_id"])
         if touched_alerts:
-            self._refresh_alert_state(connection, touched_alerts)
+            self._refresh_alert_state(connection, touched_alerts, changed_alerts, now)
         self._aliases(connection, aliases, outcome)
         self._patients(connection, [entry.patient for entry in live if entry.patient is not None], outcome)
         return outcome
@@ -490,9 +498,14 @@ class SqlStoreSink(Sink):
         )
         outcome.rows[ENCOUNTER_WRITES.name] += result.rowcount
 
-    def _refresh_alert_state(self, connection: Connection, alert_ids: set[str]) -> None:
+    def _refresh_alert_state(
+        self, connection: Connection, alert_ids: set[str], changed: set[str], now: dt.datetime
+    ) -> None:
         """Escalation level and first acknowledgement from their tables, suppressed repeats the highest of
-        the row's and its state changes' (any of them may come before the alert)."""
+        the row's and its state changes' (any of them may come before the alert). The rows updated, those
+        `changed` (something new of theirs was written) and those whose state this changes, take `now` as
+        changed_time; the others are left alone, so a redelivery leaves the row, and the console's live
+        feed, as they were."""
         a, e, k, h = ALERTS, ESCALATION_WRITES.table, ACK_WRITES.table, ALERT_HISTORY
         repeats = (
             select(func.max(h.c.suppressed_repeats)).where(h.c.alert_id == a.c.alert_id).scalar_subquery()
@@ -516,22 +529,24 @@ class SqlStoreSink(Sink):
                 .scalar_subquery()
             )
 
+        state = {
+            # a null (no state change yet) compares as not higher
+            "suppressed_repeats": case(
+                (repeats > a.c.suppressed_repeats, repeats), else_=a.c.suppressed_repeats
+            ),
+            "escalation_level": func.coalesce(top_escalation(e.c.level), literal(0)),
+            "escalated_time": top_escalation(e.c.escalated_time),
+            "escalation_recipient": top_escalation(e.c.recipient),
+            "next_deadline_time": top_escalation(e.c.next_deadline_time),
+            "acknowledged_time": first_ack(k.c.acknowledged_time),
+            "acknowledged_by": first_ack(k.c.acknowledged_by),
+            "ack_channel": first_ack(k.c.channel),
+        }
+        differs = [value.is_distinct_from(a.c[column]) for column, value in state.items()]
         connection.execute(
             update(a)
-            .where(a.c.alert_id.in_(sorted(alert_ids)))
-            .values(
-                # a null (no state change yet) compares as not higher
-                suppressed_repeats=case(
-                    (repeats > a.c.suppressed_repeats, repeats), else_=a.c.suppressed_repeats
-                ),
-                escalation_level=func.coalesce(top_escalation(e.c.level), literal(0)),
-                escalated_time=top_escalation(e.c.escalated_time),
-                escalation_recipient=top_escalation(e.c.recipient),
-                next_deadline_time=top_escalation(e.c.next_deadline_time),
-                acknowledged_time=first_ack(k.c.acknowledged_time),
-                acknowledged_by=first_ack(k.c.acknowledged_by),
-                ack_channel=first_ack(k.c.channel),
-            )
+            .where(a.c.alert_id.in_(sorted(alert_ids)), or_(a.c.alert_id.in_(sorted(changed)), *differs))
+            .values(**state, changed_time=bindparam("now", now, type_=a.c.changed_time.type))
         )
 
     def _aliases(self, connection: Connection, pairs: list[tuple[Prepared, Row]], outcome: _Outcome) -> None:

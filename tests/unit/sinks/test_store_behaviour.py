@@ -511,6 +511,55 @@ def test_a_state_change_with_an_unknown_change_is_refused(sink: SqlStoreSink) ->
         sink.write_records([StoreRecord("alert_state", state)])
 
 
+def test_an_alerts_row_takes_the_batch_time_whenever_the_store_changes_it(
+    sink: SqlStoreSink, engine: Engine, clock: Clock
+) -> None:
+    """alerts.changed_time, by which the console's live feed finds what changed since its cursor: raised,
+    a state change, a repeat, an escalation, an acknowledgement; a redelivery changes nothing, not even it."""
+    lab = first(simulated(seed=47, count=20, kinds={"lab": 1.0}), "lab")
+    alert = alert_for(lab)
+    steps: list[tuple[str, list[StoreRecord], bool]] = [
+        ("raised", [StoreRecord("alert", alert)], True),
+        ("the alert again", [StoreRecord("alert", alert)], False),
+        ("opened", [StoreRecord("alert_state", state_for(alert, "OPENED"))], True),
+        ("a repeat", [StoreRecord("alert_state", state_for(alert, "REPEAT", 1, 1))], True),
+        ("the repeat again", [StoreRecord("alert_state", state_for(alert, "REPEAT", 1, 1))], False),
+        ("a note", [StoreRecord("alert_state", state_for(alert, "NOTE", 1, 2, note="late result"))], True),
+        ("an escalation", [StoreRecord("escalation", escalation_for(alert, 1))], True),
+        ("the escalation again", [StoreRecord("escalation", escalation_for(alert, 1))], False),
+        ("an acknowledgement", [StoreRecord("ack", ack_for(alert, 20))], True),
+        ("the acknowledgement again", [StoreRecord("ack", ack_for(alert, 20))], False),
+        ("republished with more repeats", [StoreRecord("alert", alert_for(lab, 4))], True),
+        ("republished with fewer", [StoreRecord("alert", alert_for(lab, 2))], False),
+    ]
+    expected: dt.datetime | None = None
+    for what, records, changes in steps:
+        clock.now += dt.timedelta(minutes=1)
+        sink.write_records(records)
+        expected = clock.now if changes else expected
+        (row,) = rows(engine, ALERTS)
+        assert as_utc(row.changed_time) == expected, what
+    (row,) = rows(engine, ALERTS)
+    assert (row.suppressed_repeats, row.escalation_level, row.acknowledged_by) == (4, 1, "DR0042")
+
+
+def test_an_alert_stored_after_its_changes_takes_the_time_it_was_stored(
+    sink: SqlStoreSink, engine: Engine, clock: Clock
+) -> None:
+    lab = first(simulated(seed=48, count=20, kinds={"lab": 1.0}), "lab")
+    alert = alert_for(lab)
+    sink.write_records([StoreRecord("escalation", escalation_for(alert, 1))])
+    assert rows(engine, ALERTS) == []
+    clock.now += dt.timedelta(minutes=5)
+    sink.write_records(
+        [StoreRecord("alert", alert), StoreRecord("alert_state", state_for(alert, "REPEAT", 3))]
+    )
+    (row,) = rows(engine, ALERTS)
+    assert (as_utc(row.changed_time), row.escalation_level, row.suppressed_repeats) == (clock.now, 1, 3)
+    changed_since = rows(engine, ALERTS.c.alert_id, ALERTS.c.changed_time >= clock.now)
+    assert [alert_id for (alert_id,) in changed_since] == [str(alert["alert_id"])]
+
+
 # -- dead letters ----------------------------------------------------------------------------------
 
 

@@ -67,7 +67,7 @@ def test_a_versioned_policy_replaces_every_column_but_the_key_unless_told() -> N
     assert policy.replaced_columns == tuple(
         column.name for column in policy.table.columns if column.name not in policy.precedence.key
     )
-    assert POLICIES["alerts"].replaced_columns == ("suppressed_repeats",)
+    assert POLICIES["alerts"].replaced_columns == ("suppressed_repeats", "changed_time")
     assert POLICIES["dead_letters"].replaced_columns == (), "insert-or-ignore by dead-letter id"
     assert POLICIES["encounter_events"].replaced_columns == ()
 
