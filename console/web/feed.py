@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from console.domain import queue as q
 from console.domain.access import AlertScope, in_queue_of
 from console.exceptions import AuthenticationError, InvalidInputError, PermissionDeniedError
 from console.runtime.service import Console, QueueFilters, QueueItem, parse_filters
@@ -83,7 +84,7 @@ async def _stream(
 
     def payload(item: QueueItem) -> dict[str, Any]:
         in_queue = _in_queue(caller, item, filters)
-        html = row.render(item=item, caller=caller) if in_queue else ""
+        html = row.render(item=item, caller=caller, q=q) if in_queue else ""  # as pages.render gives it
         return {"in_queue": in_queue, "alert": item.to_json(), "html": html}
 
     sent: dict[str, tuple[Any, ...]] = {}
