@@ -194,7 +194,7 @@ class HubSettings(BaseSettings):
     database: DatabaseSettings
     security: SecuritySettings
     stream: StreamSettings
-    console: ConsoleSettings
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     infra: InfraSettings
 
 

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from console.domain import queue
 from console.exceptions import (
     AlertClosedError,
     AuthenticationError,
@@ -98,6 +99,7 @@ def create_app(
     )
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["now"] = lambda: dt.datetime.now(dt.UTC)
+    templates.env.globals["q"] = queue  # severity ranks and time helpers, for pages and feed rows alike
     app.state.console = console
     app.state.templates = templates
     app.state.secure_cookies = secure_cookies
@@ -126,6 +128,6 @@ def create_app(
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(pages.router)
+    app.include_router(feed.router)  # before the API: /api/v1/alerts/events is not an alert id
     app.include_router(api.router)
-    app.include_router(feed.router)
     return app

@@ -33,7 +33,7 @@ HOME = {CLINICIAN: "/queue", INTEGRATION: "/unprocessable", OPERATOR: "/operator
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     templates = request.app.state.templates
     response: HTMLResponse = templates.TemplateResponse(
-        request, template, {"q": q, **context}, status_code=status_code
+        request, template, context, status_code=status_code
     )
     response.headers["Cache-Control"] = "no-store"
     return response
