@@ -222,6 +222,14 @@ class Notice:
     result_time: dt.datetime | None = None
 
 
+def canonical_alert_id(value: Any) -> str:
+    """The store's form of an alert id (lower-case hyphenated UUID text), whatever form it came in."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        return str(value).lower()
+
+
 def _enum(value: Any) -> str:
     return str(getattr(value, "value", value))
 
@@ -230,7 +238,7 @@ def notice_from_alert(record: Mapping[str, Any]) -> Notice:
     """A CriticalValueAlert as fastavro decodes it (or an alerts row of the store, same field names)."""
     return Notice(
         event=ALERT_EVENT,
-        alert_id=str(record["alert_id"]).lower(),
+        alert_id=canonical_alert_id(record["alert_id"]),
         regional_patient_id=str(record["regional_patient_id"]),
         institution_id=str(record["institution_id"]),
         ward=record.get("ward"),
@@ -253,7 +261,7 @@ def notice_from_escalation(record: Mapping[str, Any], alert: Notice | None) -> N
     """An AlertEscalation, with the ward and facts of its alert when known (routing by ward needs them)."""
     return Notice(
         event=ESCALATION_EVENT,
-        alert_id=str(record["alert_id"]).lower(),
+        alert_id=canonical_alert_id(record["alert_id"]),
         regional_patient_id=str(record["regional_patient_id"]),
         institution_id=str(record["institution_id"]),
         ward=alert.ward if alert else None,
@@ -286,7 +294,7 @@ def is_stale(notice: Notice, now: dt.datetime, max_age: dt.timedelta) -> bool:
 
 def delivery_id(channel: str, alert_id: str, event: str, level: int) -> str:
     """The same (channel, alert, event, level) always gives the same id: replays queue nothing new."""
-    return str(uuid.uuid5(DELIVERY_NAMESPACE, f"{channel}|{str(alert_id).lower()}|{event}|{level}"))
+    return str(uuid.uuid5(DELIVERY_NAMESPACE, f"{channel}|{canonical_alert_id(alert_id)}|{event}|{level}"))
 
 
 def _time(value: dt.datetime | None) -> str | None:

@@ -51,6 +51,7 @@ from console.domain.notify import (
     PlannedDelivery,
     RetryPolicy,
     WebhookChannel,
+    canonical_alert_id,
     email_message,
     is_stale,
     notice_from_alert,
@@ -218,7 +219,7 @@ class Outbox:
                     notice = notice_from_alert(source.record)
                     batch_alerts[notice.alert_id] = notice
                 else:
-                    alert_id = str(source.record["alert_id"]).lower()
+                    alert_id = canonical_alert_id(source.record["alert_id"])
                     alert = batch_alerts.get(alert_id) or self._known_alert(connection, alert_id)
                     notice = notice_from_escalation(source.record, alert)
                 if is_stale(notice, now, self.max_notice_age):
@@ -339,6 +340,16 @@ class Outbox:
                 ).all()
             )
         return Claim(claimed, utc(next_due) if next_due is not None else None, pending)
+
+    def release(self, delivery_ids: Sequence[str], now: dt.datetime) -> None:
+        """Give claimed deliveries back without an attempt (a stopping dispatcher)."""
+        if delivery_ids:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    update(D)
+                    .where(D.c.delivery_id.in_(delivery_ids), D.c.status == PENDING)
+                    .values(next_attempt_time=now)
+                )
 
     def record(
         self,
@@ -578,6 +589,7 @@ class Dispatcher:
         self._own_executor = db_executor is None
         self._in_flight: dict[str, set[asyncio.Task[None]]] = {name: set() for name in self.senders}
         self._wake = asyncio.Event()
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         for name in self.senders:
             self.metrics.pending.labels(name).set(0)
@@ -599,10 +611,10 @@ class Dispatcher:
         return sum(len(tasks) for tasks in self._in_flight.values())
 
     async def run(self) -> None:
-        """Until cancelled; a database that is down is waited for (nothing is lost: the rows wait too)."""
+        """Until stop() (or cancelled); a database that is down is waited for: the rows wait too."""
         self._loop = asyncio.get_running_loop()
         outage = 0
-        while True:
+        while not self._stopping:
             self._wake.clear()
             now = self.clock()
             limits = {name: self.per_channel - len(tasks) for name, tasks in self._in_flight.items()}
@@ -617,6 +629,9 @@ class Dispatcher:
             if outage:
                 log.info("notifications: outbox readable again")
                 outage = 0
+            if self._stopping:  # claimed while stopping: hand them back at once rather than at lease end
+                await self.db(self.outbox.release, [d.delivery_id for d in claim.deliveries], self.clock())
+                break
             for name in self.senders:
                 self.metrics.pending.labels(name).set(claim.pending.get(name, 0))
             for delivery in claim.deliveries:
@@ -625,6 +640,11 @@ class Dispatcher:
             if claim.next_due is not None:
                 wait = min(wait, max((claim.next_due - self.clock()).total_seconds(), 0.01))
             await self._sleep(wait)
+
+    def stop(self) -> None:
+        """Ask run() to return after its current step; attempts in flight go on (see drain)."""
+        self._stopping = True
+        self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -749,7 +769,10 @@ class Notifier:
         if self.source is not None:
             await asyncio.to_thread(self.source.stop)
         if self._task is not None:
-            self._task.cancel()
+            self.dispatcher.stop()
+            _done, running = await asyncio.wait([self._task], timeout=self.grace_seconds)
+            for task in running:  # the store hangs: stop waiting for it
+                task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self.dispatcher.drain(self.grace_seconds)
