@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -364,3 +365,9 @@ def test_the_policy_comes_from_the_console_settings() -> None:
     policy = RetryPolicy.from_settings(ConsoleSettings(notify_max_attempts=3, notify_retry_max_seconds=5))
     assert (policy.max_attempts, policy.max_delay_seconds) == (3, 5)
     assert policy.schedule() == [2, 4]
+
+
+def test_the_example_channels_file_is_a_valid_document() -> None:
+    example = Path(__file__).resolve().parents[4] / "deploy" / "notifications.example.json"
+    config = parse_notification_config(example.read_text())
+    assert {channel.kind for channel in config.channels} == {"webhook", "email"}
