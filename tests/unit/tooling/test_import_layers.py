@@ -1,6 +1,6 @@
 """The import-layer contracts of pyproject.toml ([tool.importlinter]), run by `lint-imports` on small trees.
 
-Each test lays out the hub's six packages in a temporary folder, with one import added, and runs the
+Each test lays out the hub's seven packages in a temporary folder, with one import added, and runs the
 project's own contracts on it. The contracts must catch an import wherever it is written: at module
 level, inside a function, and under `if TYPE_CHECKING:`.
 """
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 PYPROJECT = ROOT / "pyproject.toml"
-PACKAGES = ("core", "schemas", "producers", "sinks", "streams", "clinhub")
+PACKAGES = ("core", "schemas", "producers", "sinks", "streams", "console", "clinhub")
 
 # Every layer, importing only what it may: the tree every test starts from.
 ALLOWED = {
@@ -30,7 +30,12 @@ ALLOWED = {
     "streams/runtime/app.py": (
         "from streams.domain import rules\nfrom producers import publisher\nfrom sinks import store\n"
     ),
-    "clinhub/demo.py": "from streams.runtime import app\nfrom producers import publisher\n",
+    "console/domain/access.py": "from streams.domain import rules\n",
+    "console/runtime/store.py": "from console.domain import access\nfrom sinks import store\n",
+    "console/web/app.py": "from console.runtime import store\n",
+    "clinhub/demo.py": (
+        "from streams.runtime import app\nfrom producers import publisher\nfrom console.web import app as web\n"
+    ),
 }
 
 IN_FUNCTION = "\n\ndef later() -> None:\n    from {target} import {name}\n"
@@ -65,7 +70,13 @@ def run_contracts(
     for package in PACKAGES:
         (tree / package).mkdir(parents=True, exist_ok=True)
         (tree / package / "__init__.py").write_text("")
-    for subpackage in ("streams/domain", "streams/runtime"):
+    for subpackage in (
+        "streams/domain",
+        "streams/runtime",
+        "console/domain",
+        "console/runtime",
+        "console/web",
+    ):
         (tree / subpackage).mkdir(parents=True, exist_ok=True)
         (tree / subpackage / "__init__.py").write_text("")
     for path, source in {**ALLOWED, **{p: "" for p in extra if p not in ALLOWED}}.items():
@@ -92,13 +103,14 @@ def contract_names() -> dict[str, str]:
     return {contract["id"]: contract["name"] for contract in config["contracts"]}
 
 
-def test_the_config_counts_every_import_of_all_six_packages() -> None:
+def test_the_config_counts_every_import_of_all_seven_packages() -> None:
     config = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]
     assert set(config["root_packages"]) == set(PACKAGES)
     assert config.get("exclude_type_checking_imports", False) is False
     layers = next(c for c in config["contracts"] if c["id"] == "hub-layers")["layers"]
     assert [re.sub(r"\s+", " ", layer) for layer in layers] == [
         "clinhub",
+        "console",
         "streams",
         "producers | sinks",
         "schemas",
@@ -138,6 +150,14 @@ def test_the_allowed_imports_keep_every_contract(tmp_path: Path) -> None:
         ("sinks/store.py", "producers", "publisher", "hub-layers"),
         ("streams/runtime/app.py", "clinhub", "demo", "hub-layers"),
         ("streams/domain/rules.py", "streams.runtime", "app", "streams-layers"),
+        (
+            "streams/runtime/app.py",
+            "console.web",
+            "app",
+            "hub-layers",
+        ),  # the stream never reaches the console
+        ("console/domain/access.py", "console.runtime", "store", "console-layers"),
+        ("console/runtime/store.py", "console.web", "app", "console-layers"),
     ],
 )
 @pytest.mark.parametrize("where", ["module", "function", "type-checking"])
