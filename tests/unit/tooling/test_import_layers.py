@@ -34,7 +34,8 @@ ALLOWED = {
     "console/runtime/store.py": "from console.domain import access\nfrom sinks import store\n",
     "console/web/app.py": "from console.runtime import store\n",
     "clinhub/demo.py": (
-        "from streams.runtime import app\nfrom producers import publisher\nfrom console.web import app as web\n"
+        "from streams.runtime import app\nfrom producers import publisher\n"
+        "from console.web import app as web\n"
     ),
 }
 
