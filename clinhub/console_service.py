@@ -5,6 +5,7 @@ them as plain objects."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from console.runtime.accounts import Accounts
 from console.runtime.acks import build_ack_publisher
+from console.runtime.alert_source import notify_group
 from console.runtime.audit import AuditLog
 from console.runtime.metrics import register_closed_loop_metrics
+from console.runtime.notify import ChannelHealth, Notifier, build_notifier, delivery_overview
 from console.runtime.service import AckSink, Console, ConsoleOptions
 from console.runtime.store import ConsoleReads
 from console.web.app import create_app
@@ -87,9 +90,24 @@ def build_console(
     return ConsoleParts(app, console, engine)
 
 
-def _notifier(settings: HubSettings, engine: Any, metrics: CollectorRegistry) -> Any:
-    return None
+def _notifier(settings: HubSettings, engine: Any, metrics: CollectorRegistry) -> Notifier | None:
+    from core.contract import TopicNames
+
+    return build_notifier(
+        settings.console,
+        settings.kafka,
+        settings.registry.client_config(),
+        TopicNames(settings.stream.topic_prefix),
+        notify_group(settings.stream.app_id),
+        engine,
+        metrics,
+    )
 
 
-def _overview(engine: Any) -> Any:
-    return None
+def _overview(engine: Any) -> Callable[[str | None], list[ChannelHealth]]:
+    """Per channel: delivered, pending, failed and the last error, for the console's pages."""
+
+    def overview(institution_id: str | None) -> list[ChannelHealth]:
+        return list(delivery_overview(engine, institution_id).channels)
+
+    return overview
