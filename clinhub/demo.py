@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -167,6 +168,85 @@ def _show_shared_timeline(engine: Any) -> None:
         )
 
 
+DEMO_CLINICIAN = "demo.clinician"
+
+
+def _demo_password(data_dir: Path) -> tuple[str, bool]:
+    """The demo clinician's password, made once and kept (owner-only) beside the demo's store."""
+    import secrets
+
+    path = data_dir / "console-demo.password"
+    if path.exists():
+        return path.read_text().strip(), False
+    password = secrets.token_urlsafe(12)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return password, True
+
+
+def _show_console(settings: HubSettings, data_dir: Path, keep_running: bool) -> None:
+    """The clinician console over this run: an H001 alert acknowledged with read-back through its API."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from clinhub.console_service import build_console
+    from console.exceptions import InvalidInputError
+
+    parts = build_console(settings, CollectorRegistry())
+    password, new = _demo_password(data_dir)
+    try:
+        parts.console.accounts.add(
+            DEMO_CLINICIAN, password, "clinician", display_name="Demo Clinician", institution_id="H001",
+            chain_level=0, now=dt.datetime.now(dt.UTC),
+        )  # fmt: skip
+    except InvalidInputError:
+        if new:  # an account from an earlier run whose password file is gone: set it again
+            parts.console.accounts.set_password(DEMO_CLINICIAN, password, dt.datetime.now(dt.UTC))
+    host, port = settings.console.host, settings.console.port
+    server = uvicorn.Server(uvicorn.Config(parts.app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="console", daemon=True)
+    thread.start()
+    if not _wait_until(lambda: server.started, 20):
+        typer.echo(f"console did not start on {host}:{port}", err=True)
+        raise typer.Exit(1)
+    url = f"http://{host}:{port}"
+    typer.echo(f"\nClinician console: {url}/  (sign in as {DEMO_CLINICIAN} / {password})")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        token = client.post("/api/v1/tokens", json={"username": DEMO_CLINICIAN, "password": password})
+        token.raise_for_status()
+        client.headers["Authorization"] = f"Bearer {token.json()['token']}"
+        queue = client.get("/api/v1/alerts").json()
+        typer.echo(f"  open H001 alerts in the demo clinician's queue: {len(queue)}")
+        if queue:
+            alert = queue[0]
+            value = f"{alert['value_comparator'] or ''}{alert['value']:g}"
+            done = client.post(
+                f"/api/v1/alerts/{alert['alert_id']}/acknowledge",
+                json={
+                    "patient_identifier": alert["patient"]["mrn"] or alert["patient"]["regional_patient_id"],
+                    "value": value,
+                    "note": "demo: value read back, clinician informed",
+                },
+            )
+            done.raise_for_status()
+            typer.echo(
+                f"  acknowledged {alert['analyte']} {value} {alert['unit']} with read-back "
+                f"({done.json()['minutes_after_result']:.0f} min after the result); escalation stops"
+            )
+        typer.echo(f"  OpenAPI description: {url}/openapi.json   metrics: {url}/metrics")
+    if keep_running:
+        typer.echo("  console running; Ctrl-C to stop")
+        with contextlib.suppress(KeyboardInterrupt):
+            thread.join()
+    server.should_exit = True
+    thread.join(15)
+    parts.engine.dispose()
+
+
 def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | None = None) -> None:
     from core.contract import TopicNames
     from producers.publisher import make_publisher
@@ -303,6 +383,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
             )
         _show_written_results(engine, [r["envelope"]["event_id"] for r in written])
         _show_shared_timeline(engine)
+        _show_console(settings, data_dir, keep_running)
         typer.echo(
             f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
             f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"

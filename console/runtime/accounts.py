@@ -141,6 +141,19 @@ class Accounts:
             rows = connection.execute(select(USERS).order_by(USERS.c.username)).all()
         return [_account(row) for row in rows]
 
+    def set_password(self, username: str, password: str, now: dt.datetime) -> None:
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise InvalidInputError("password", f"at least {MIN_PASSWORD_LENGTH} characters")
+        with self._engine.begin() as connection:
+            result = connection.execute(
+                update(USERS)
+                .where(USERS.c.username == username)
+                .values(password_hash=_HASHER.hash(password), changed_time=now)
+            )
+            if result.rowcount == 0:
+                raise NotFoundError("user", username)
+            connection.execute(delete(SESSIONS).where(SESSIONS.c.username == username))
+
     def set_disabled(self, username: str, disabled: bool, now: dt.datetime) -> None:
         """Disabling also ends every session and token of the user at once."""
         with self._engine.begin() as connection:
