@@ -237,6 +237,13 @@ def _show_console(settings: HubSettings, data_dir: Path, keep_running: bool) -> 
                 f"  acknowledged {alert['analyte']} {value} {alert['unit']} with read-back "
                 f"({done.json()['minutes_after_result']:.0f} min after the result); escalation stops"
             )
+
+            def stored() -> bool:
+                detail = client.get(f"/api/v1/alerts/{alert['alert_id']}").json()
+                return any(ack["acknowledged_by"] == DEMO_CLINICIAN for ack in detail["acknowledgements"])
+
+            where = "in the regional store" if _wait_until(stored, 30) else "NOT yet in the store after 30 s"
+            typer.echo(f"  the acknowledgement is {where}, by {DEMO_CLINICIAN}")
         typer.echo(f"  OpenAPI description: {url}/openapi.json   metrics: {url}/metrics")
     if keep_running:
         typer.echo("  console running; Ctrl-C to stop")

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from clinhub.infra.process import free_port
+from core.contract import KINDS
 from sinks.models import Alert, IngestLog, Observation
 from sinks.store import make_engine
 from tests.integration.conftest import INFRA_HOME, PROJECT_ROOT
@@ -43,6 +44,7 @@ def test_the_demo_stores_every_event_and_every_alert_it_reports(tmp_path: Path) 
         "CLINHUB_REGISTRY_URL": f"http://127.0.0.1:{registry_port}/apis/ccompat/v7",
         "CLINHUB_DATABASE_URL": f"sqlite:///{store}",
         "CLINHUB_STREAM_DATA_DIR": str(tmp_path / "data" / "faust"),
+        "CLINHUB_CONSOLE_PORT": str(free_port()),
     }
     run = subprocess.run(
         [sys.executable, "-m", "clinhub.cli", "demo", "--seed", str(SEED), "--count", "40"],
@@ -70,13 +72,27 @@ def test_the_demo_stores_every_event_and_every_alert_it_reports(tmp_path: Path) 
 
     engine = make_engine(f"sqlite:///{store}")
     with engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(IngestLog)).scalar_one() == 40
+        clinical = select(func.count()).select_from(IngestLog).where(IngestLog.kind.in_(KINDS))
+        assert connection.execute(clinical).scalar_one() == 40
         assert connection.execute(select(func.count()).select_from(Alert)).scalar_one() == alerts_on_kafka
         unmapped = connection.execute(
             select(func.count()).select_from(Observation).where(Observation.loinc_code.is_(None))
         ).scalar_one()
     assert unmapped == 0
     assert "One regional timeline" in run.stdout
+    # the console: its address and login, an alert acknowledged with read-back and stored
+    assert re.search(
+        r"Clinician console: http://127\.0\.0\.1:\d+/  \(sign in as demo\.clinician / \S+\)", run.stdout
+    )
+    assert "with read-back" in run.stdout, context
+    assert "the acknowledgement is in the regional store, by demo.clinician" in run.stdout, context
+    with engine.connect() as connection:
+        acknowledged_by = (
+            connection.execute(select(Alert.acknowledged_by).where(Alert.acknowledged_by.is_not(None)))
+            .scalars()
+            .all()
+        )
+    assert acknowledged_by == ["demo.clinician"]
     # the demo ran its broker in the given home, and stopped the services it started
     assert (infra_home / "kafka" / "broker.log").exists()
     assert "services stopped" in run.stdout
