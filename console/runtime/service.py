@@ -326,6 +326,21 @@ class Console:
             key=lambda item: q.sort_key(item.alert.severity, item.alert.result_time, item.alert.alert_id),
         )
 
+    def owned(self, request: Request, within: dt.timedelta = dt.timedelta(hours=24)) -> list[QueueItem]:
+        """Alerts the user acknowledged lately with no action recorded yet: acknowledgement is ownership."""
+        principal = request.principal
+        if not principal.clinical:
+            return []
+        now = self.clock()
+        rows = self.reads.alerts(
+            institutions=[principal.institution_id or ""],
+            open_only=False,
+            acknowledged_by=principal.username,
+            acknowledged_since=now - within,
+        )
+        items = [self._item(principal, row, now) for row in rows if not row.action_noted]
+        return sorted(items, key=lambda item: item.acknowledged_time or now)
+
     def changes(self, request: Request, since: dt.datetime) -> list[QueueItem]:
         """Alerts of the user's that changed since a moment (the live feed), acknowledged ones included."""
         principal = request.principal

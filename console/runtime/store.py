@@ -215,10 +215,18 @@ class ConsoleReads:
         wards: Collection[str] | None = None,
         alert_ids: Collection[str] | None = None,
         regional_patient_ids: Collection[str] | None = None,
+        acknowledged_by: str | None = None,
+        acknowledged_since: dt.datetime | None = None,
         limit: int = 500,
     ) -> list[AlertView]:
         a = ALERTS
         conditions: list[Any] = []
+        if acknowledged_by is not None:
+            conditions.append(a.c.acknowledged_by == acknowledged_by)
+        if acknowledged_since is not None:
+            conditions.append(
+                a.c.acknowledged_time >= literal(acknowledged_since, a.c.acknowledged_time.type)
+            )
         if institutions is not None:
             conditions.append(a.c.institution_id.in_(sorted(institutions)))
         if open_only:

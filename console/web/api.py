@@ -231,6 +231,12 @@ def list_alerts(
     return [item.to_json() for item in items]
 
 
+@router.get("/acknowledged", response_model=list[AlertOut], responses=ERRORS)
+def acknowledged_without_action(request: Request, caller: CallerDep) -> list[dict[str, Any]]:
+    """Alerts the caller acknowledged in the last 24 hours with no action recorded yet."""
+    return [item.to_json() for item in console_of(request).owned(caller.request)]
+
+
 @router.get("/alerts/{alert_id}", response_model=AlertDetailOut, responses=ERRORS)
 def get_alert(request: Request, alert_id: str, caller: CallerDep) -> dict[str, Any]:
     detail = console_of(request).open_alert(caller.request, alert_id)

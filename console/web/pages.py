@@ -32,9 +32,7 @@ HOME = {CLINICIAN: "/queue", INTEGRATION: "/unprocessable", OPERATOR: "/operator
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     templates = request.app.state.templates
-    response: HTMLResponse = templates.TemplateResponse(
-        request, template, context, status_code=status_code
-    )
+    response: HTMLResponse = templates.TemplateResponse(request, template, context, status_code=status_code)
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -123,12 +121,14 @@ def queue_page(
     console = console_of(request)
     filters = parse_filters(institution, ward, severity)
     items = console.queue(caller.request, filters)
+    owned = console.owned(caller.request)
     latest = console.latest_change()
     return render(
         request,
         "queue.html",
         caller=caller,
         items=items,
+        owned=owned,
         filters=filters,
         last_event_id=str(int(latest.timestamp() * 1000)) if latest else "",
         wards=sorted(caller.principal.wards),

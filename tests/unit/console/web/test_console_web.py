@@ -374,3 +374,37 @@ def test_the_api_is_described_by_openapi(parts: ConsoleParts) -> None:
         "/api/v1/patients/{regional_patient_id}/timeline",
         "/api/v1/unprocessable",
     } <= set(paths)
+
+
+def test_an_acknowledgement_without_action_is_owned_until_the_action_is_recorded(parts: ConsoleParts) -> None:
+    alert = seed_alert(parts.engine, "H001", "MRN-1")
+    c = api(parts, "dr.icu")
+    ack = c.post(
+        f"/api/v1/alerts/{alert['alert_id']}/acknowledge",
+        json={"patient_identifier": "MRN-1", "value": "6.9"},
+    )
+    assert ack.status_code == 200
+    assert parts.app.state.recorded_acks.records[-1]["note"] is None
+    # the store takes the acknowledgement (as the store stage would from alerts.ack)
+    with parts.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE alerts SET acknowledged_time = :t, acknowledged_by = 'dr.icu' WHERE alert_id = :a"),
+            {"t": NOW - dt.timedelta(minutes=31), "a": alert["alert_id"]},
+        )
+    owned = c.get("/api/v1/acknowledged").json()
+    assert [a["alert_id"] for a in owned] == [alert["alert_id"]]
+    assert owned[0]["no_action_recorded"] is True, "30 minutes (the default) have passed"
+    assert api(parts, "dr.attending").get("/api/v1/acknowledged").json() == [], (
+        "the owner is who acknowledged"
+    )
+    page, _ = browser(parts, "dr.icu")
+    assert "acknowledged, no action recorded" in page.get("/queue").text
+    assert c.post(f"/api/v1/alerts/{alert['alert_id']}/action", json={"note": "  "}).status_code == 422
+    done = c.post(f"/api/v1/alerts/{alert['alert_id']}/action", json={"note": "repeat K+ in 1 h, ECG"})
+    assert done.status_code == 204
+    action = parts.app.state.recorded_acks.records[-1]
+    assert (action["note"], action["read_back"], action["alert_id"]) == (
+        "repeat K+ in 1 h, ECG",
+        False,
+        alert["alert_id"],
+    )
