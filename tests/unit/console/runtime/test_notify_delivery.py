@@ -442,7 +442,7 @@ def test_a_channel_that_is_down_is_retried_with_back_off_while_a_healthy_one_is_
 
     healthy_seconds = asyncio.run(scenario())
     assert healthy_seconds < 1.5, f"the healthy channel waited {healthy_seconds:.2f} s for the broken ones"
-    assert max(lags) < 0.25, f"the event loop was blocked for {max(lags):.2f} s"
+    assert max(lags) < 0.5, f"the event loop was blocked for {max(lags):.2f} s"
     assert sorted(receiver.delivery_ids()) == sorted(
         delivery_id("healthy", n.alert_id, "alert", 0) for n in notices
     )
