@@ -154,7 +154,7 @@ class ConsoleSettings(BaseSettings):
     feed_poll_seconds: float = Field(default=0.5, gt=0)
     # An alert acknowledged without an action note is flagged "acknowledged, no action recorded" after this
     no_action_after_minutes: float = Field(default=30.0, gt=0)
-    # Channels per institution, ward and severity (JSON, docs/console-notifications.md); None: no notifications
+    # Channels per institution, ward and severity (docs/console-notifications.md); None: none
     notifications_file: Path | None = None
     # The HMAC-SHA256 key of webhook signatures, unless a channel names its own key file
     webhook_secret: SecretStr | None = None
