@@ -50,7 +50,9 @@ class AlertClosedError(ConsoleError):
     """The alert is already acknowledged (by this user or anyone else): says by whom and when."""
 
     def __init__(self, alert_id: str, acknowledged_by: str | None, acknowledged_time: str | None) -> None:
-        super().__init__(f"alert {alert_id} was already acknowledged by {acknowledged_by} at {acknowledged_time}")
+        super().__init__(
+            f"alert {alert_id} was already acknowledged by {acknowledged_by} at {acknowledged_time}"
+        )
         self.alert_id = alert_id
         self.acknowledged_by = acknowledged_by
         self.acknowledged_time = acknowledged_time
