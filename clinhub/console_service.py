@@ -18,7 +18,7 @@ from console.runtime.alert_source import notify_group
 from console.runtime.audit import AuditLog
 from console.runtime.metrics import register_closed_loop_metrics
 from console.runtime.notify import ChannelHealth, Notifier, build_notifier, delivery_overview
-from console.runtime.service import AckSink, Console, ConsoleOptions
+from console.runtime.service import AckSink, Console, ConsoleOptions, Terms
 from console.runtime.store import ConsoleReads
 from console.web.app import create_app
 from core.settings import HubSettings
@@ -57,14 +57,23 @@ def build_console(
     engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
     ensure_current(engine)
     reads = ConsoleReads(engine)
-    policy = load_reference(settings.stream.reference_dir or DATA_DIR).policy.escalation
+    reference = load_reference(settings.stream.reference_dir or DATA_DIR)
+    policy = reference.policy.escalation
     publisher = None
     if acks is None:
         publisher = build_ack_publisher(
             settings.kafka, settings.registry.client_config(), TopicNames(settings.stream.topic_prefix)
         )
         acks = publisher
-    console = Console(reads, Accounts(engine), AuditLog(engine), acks, policy, console_options(settings))
+    console = Console(
+        reads,
+        Accounts(engine),
+        AuditLog(engine),
+        acks,
+        policy,
+        console_options(settings),
+        terms=Terms.from_reference(reference),
+    )
     register_closed_loop_metrics(metrics, reads, policy)
     notifier = _notifier(settings, engine, metrics) if notify else None
 

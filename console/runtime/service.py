@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from console.runtime.audit import DENIED, FAILED, OK, AuditLog, AuditRecord
 from console.runtime.store import AckView, AlertView, ConsoleReads, HistoryView, LabSeries, PatientSummary
 from console.runtime.store import Unprocessable as UnprocessableRow
 from sinks.queries import InvalidCursorError, TimelinePage, patient_timeline
-from streams.domain.reference import EscalationPolicy
+from streams.domain.reference import EscalationPolicy, ReferenceData
 
 MAX_NOTE = 2000
 PENDING_ACK_MEMORY = dt.timedelta(minutes=10)
@@ -44,6 +44,31 @@ class ConsoleOptions:
     session_lifetime: dt.timedelta
     api_token_lifetime: dt.timedelta
     no_action_after: dt.timedelta
+
+
+@dataclass(frozen=True)
+class Terms:
+    """From the reference data: analyte names by LOINC, and each analyte's unbanded critical limits (in
+    its canonical unit), for labels and trend plots."""
+
+    names: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    def name(self, code: str | None, given: str | None = None) -> str | None:
+        """A stored name unless it is only the code again; else the reference's name; else the code."""
+        if given and given != code:
+            return given
+        return self.names.get(code or "", code)
+
+    @classmethod
+    def from_reference(cls, reference: ReferenceData) -> Terms:
+        limits = {
+            loinc: (rule.low, rule.high)
+            for loinc, rules in reference.rulebook.thresholds.items()
+            for rule in rules
+            if not rule.has_age_band and rule.sex is None
+        }
+        return cls({loinc: analyte.name for loinc, analyte in reference.analytes.items()}, limits)
 
 
 @dataclass(frozen=True)
@@ -200,7 +225,9 @@ class Console:
         policy: EscalationPolicy,
         options: ConsoleOptions,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        terms: Terms | None = None,
     ) -> None:
+        self.terms = terms or Terms()
         self.reads = reads
         self.accounts = accounts
         self.audit_log = audit

@@ -217,9 +217,15 @@ def patient_page(
     caller: CallerDep,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> HTMLResponse:
-    view = console_of(request).patient(caller.request, regional_patient_id, cursor=cursor)
-    plots = [(series, plot([(t, v) for t, v, _ in series.points])) for series in view.labs]
-    return render(request, "patient.html", caller=caller, view=view, plots=plots, cursor=cursor)
+    console = console_of(request)
+    view = console.patient(caller.request, regional_patient_id, cursor=cursor)
+    plots = [
+        (series, plot([(t, v) for t, v, _ in series.points]), console.terms.limits.get(series.loinc_code))
+        for series in view.labs
+    ]
+    return render(
+        request, "patient.html", caller=caller, view=view, plots=plots, cursor=cursor, terms=console.terms
+    )
 
 
 @router.get("/unprocessable", response_class=HTMLResponse)

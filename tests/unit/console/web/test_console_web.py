@@ -408,3 +408,27 @@ def test_an_acknowledgement_without_action_is_owned_until_the_action_is_recorded
         False,
         alert["alert_id"],
     )
+
+
+def test_the_patient_page_names_analytes_and_plots_their_trend_against_the_critical_limits(
+    parts: ConsoleParts,
+) -> None:
+    from sinks.models import Observation
+
+    alert = seed_alert(parts.engine, "H001", "MRN-1")
+    with parts.engine.begin() as connection:
+        for hours, value in ((30, 4.1), (20, 4.8), (5, 6.9)):
+            connection.execute(
+                insert(Observation.__table__).values(
+                    institution_id="H001", category="laboratory", result_id=f"R{hours}", component="",
+                    event_id=str(uuid.uuid4()), event_time=NOW, source_system="LIS",
+                    regional_patient_id=alert["patient"], local_code="K", loinc_code="2823-3", analyte=None,
+                    value=value, unit="mmol/L", status="final", flags="",
+                    effective_time=NOW - dt.timedelta(hours=hours), ingested_time=NOW,
+                )
+            )  # fmt: skip
+    page, _ = browser(parts, "dr.icu")
+    html = page.get(f"/patients/{alert['patient']}").text
+    assert "Potassium <small>(LOINC 2823-3)</small>" in html
+    assert "3 results, 4.1\u20136.9 mmol/L; critical below 3 or above 6.1" in html
+    assert html.count("<circle") == 3
