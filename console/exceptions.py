@@ -20,10 +20,11 @@ class AuthenticationError(ConsoleError):
 class PermissionDeniedError(ConsoleError):
     """The user may not see or do this; `what` names the resource kind, never its content."""
 
-    def __init__(self, what: str, reason: str) -> None:
+    def __init__(self, what: str, reason: str, audited: bool = False) -> None:
         super().__init__(f"{what}: {reason}")
         self.what = what
         self.reason = reason
+        self.audited = audited  # written to the audit log where it was raised
 
 
 class NotFoundError(ConsoleError):

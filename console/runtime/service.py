@@ -282,6 +282,25 @@ class Console:
     def session(self, token: str) -> Session:
         return self.accounts.session(token, self.clock())
 
+    def refused(
+        self, error: PermissionDeniedError, token: str | None, remote_addr: str | None, path: str
+    ) -> None:
+        """Audit a refusal raised before any use case ran (a missing CSRF token, an expired login form)."""
+        principal = None
+        if token:
+            try:
+                principal = self.session(token).principal
+            except AuthenticationError:
+                principal = None
+        self.audit_log.write(
+            action=actions.ACCESS,
+            outcome=DENIED,
+            now=self.clock(),
+            principal=principal,
+            remote_addr=remote_addr,
+            detail=f"{path}: {error}"[:2000],
+        )
+
     def deny(
         self, request: Request, action: str, what: str, reason: str, **subject: str | None
     ) -> PermissionDeniedError:
@@ -295,7 +314,7 @@ class Console:
             detail=f"{what}: {reason}",
             **subject,
         )
-        return PermissionDeniedError(what, reason)
+        return PermissionDeniedError(what, reason, audited=True)
 
     # the queue
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from console.domain import queue
 from console.exceptions import (
@@ -27,6 +28,7 @@ from console.exceptions import (
 )
 from console.runtime.service import Console
 from console.web import api, feed, pages
+from console.web.security import SESSION_COOKIE
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,6 +112,12 @@ def create_app(
     @app.exception_handler(ConsoleError)
     async def console_error(request: Request, exc: ConsoleError) -> Response:
         status = _status(exc)
+        if isinstance(exc, PermissionDeniedError) and not exc.audited:
+            token = (
+                request.cookies.get(SESSION_COOKIE) or request.headers.get("authorization", "")[7:] or None
+            )
+            client = request.client.host if request.client else None
+            await run_in_threadpool(console.refused, exc, token, client, request.url.path)
         headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, PublishFailedError) else None
         if request.url.path.startswith("/api/"):
             if status == 401:

@@ -181,6 +181,8 @@ def test_forms_without_the_csrf_token_are_refused(parts: ConsoleParts) -> None:
     refused = c.post(f"/alerts/{alert['alert_id']}/acknowledge", data=form)
     assert refused.status_code == 403
     assert parts.app.state.recorded_acks.records == []
+    denied = audit(parts, username="dr.icu", outcome="denied", action="access")
+    assert denied and "CSRF" in (denied[0].detail or "")
     login = client(parts).post(
         "/login", data={"username": "dr.icu", "password": PASSWORD, "login_token": "x"}
     )
