@@ -36,6 +36,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No such alert"},
     422: {"description": "A field the console cannot accept, named with the reason"},
 }
+# Operations with a JSON body: one that does not parse is refused before validation (found by fuzzing)
+BAD_BODY: dict[int | str, dict[str, Any]] = {400: {"description": "The body is not valid JSON"}}
+# Operations that publish to Kafka: the broker did not confirm, nothing was done (Retry-After)
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut, "description": "Not confirmed by the broker; nothing was recorded, try again"}
+}
 
 
 class TokenIn(BaseModel):
@@ -204,7 +210,7 @@ class AuditOut(BaseModel):
     detail: str | None
 
 
-@router.post("/tokens", response_model=TokenOut, responses={401: ERRORS[401]})
+@router.post("/tokens", response_model=TokenOut, responses={401: ERRORS[401], **BAD_BODY})
 def create_token(request: Request, body: TokenIn) -> TokenOut:
     """Exchange a username and password for a bearer token (an API session, audited)."""
     token, session = console_of(request).api_token(body.username, body.password, remote_addr(request))
@@ -246,7 +252,12 @@ def get_alert(request: Request, alert_id: str, caller: CallerDep) -> dict[str, A
 @router.post(
     "/alerts/{alert_id}/acknowledge",
     response_model=AcknowledgeOut,
-    responses={**ERRORS, 409: {"model": ErrorOut, "description": "Already acknowledged: by whom and when"}},
+    responses={
+        **ERRORS,
+        **BAD_BODY,
+        **UNAVAILABLE,
+        409: {"model": ErrorOut, "description": "Already acknowledged: by whom and when"},
+    },
 )
 def acknowledge(
     request: Request,
@@ -263,7 +274,7 @@ def acknowledge(
     return AcknowledgeOut(**vars(outcome))
 
 
-@router.post("/alerts/{alert_id}/action", status_code=204, responses=ERRORS)
+@router.post("/alerts/{alert_id}/action", status_code=204, responses={**ERRORS, **BAD_BODY, **UNAVAILABLE})
 def record_action(
     request: Request,
     alert_id: str,
