@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -28,6 +28,7 @@ from console.exceptions import (
 )
 from console.runtime.service import Console
 from console.web import api, feed, pages
+from console.web.deps import refuse_nul
 from console.web.security import SESSION_COOKIE
 
 HERE = Path(__file__).resolve().parent
@@ -88,6 +89,7 @@ def create_app(
                 await on_stop()
 
     app = FastAPI(
+        dependencies=[Depends(refuse_nul)],  # before any route reads the database
         title="clinhub console",
         version="1",
         description=(
