@@ -3,18 +3,21 @@
 (function () {
   "use strict";
   function minutes(ms) { return Math.max(0, Math.round(ms / 60000)); }
+  // under two minutes the seconds matter: "in 0 min" would read as "now"
+  function span(ms) { return ms < 120000 ? Math.max(1, Math.round(ms / 1000)) + " s" : minutes(ms) + " min"; }
   function tick() {
     var now = Date.now();
     document.querySelectorAll(".countdown[data-deadline]").forEach(function (el) {
       var left = Date.parse(el.dataset.deadline) - now;
       el.classList.toggle("overdue", left <= 0);
-      el.textContent = left > 0 ? "next escalation in " + minutes(left) + " min" : "escalation due now";
+      el.textContent = left > 0 ? "next escalation in " + span(left) : "escalation due now";
     });
     document.querySelectorAll(".age[data-since]").forEach(function (el) {
       el.textContent = minutes(now - Date.parse(el.dataset.since)) + " min since result";
     });
   }
-  setInterval(tick, 15000);
+  setInterval(tick, 5000);
+  tick();
   var list = document.getElementById("queue");
   if (!list || !window.EventSource) { return; }
   var live = document.getElementById("live");
