@@ -170,6 +170,41 @@ class ConsoleSettings(BaseSettings):
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
 
 
+class GatewaySettings(BaseSettings):
+    """The gateways for what hospitals already send: HL7 v2 over MLLP, FHIR R4 over HTTP, CSV exports.
+
+    The institution of a message comes from where it arrived (its listener, its client certificate, its
+    token), never from the message itself."""
+
+    model_config = _config("CLINHUB_GATEWAY_")
+
+    host: str = "127.0.0.1"
+    # MLLP: one listener port per institution
+    mllp_listeners: dict[str, int] = Field(default_factory=lambda: {"H001": 2575, "H002": 2576, "C003": 2577})
+    mllp_max_frame_bytes: int = Field(default=1_048_576, ge=1024)
+    mllp_idle_timeout_seconds: float = Field(default=300.0, gt=0)
+    mllp_max_connections: int = Field(default=256, ge=1)
+    # TLS for the MLLP listeners (all of them) when a certificate is given; with a client CA, mutual TLS:
+    # a client certificate is required and its subject CN must name the listener's institution, or be
+    # mapped to it by mllp_tls_client_institutions (CN -> institution).
+    mllp_tls_cert_file: Path | None = None
+    mllp_tls_key_file: Path | None = None
+    mllp_tls_client_ca_file: Path | None = None
+    mllp_tls_client_institutions: dict[str, str] = Field(default_factory=dict)
+    # The ACKs already sent, by sending facility and MSH-10, kept across restarts (resends get the same)
+    ledger_path: Path = PROJECT_ROOT / ".data" / "gateway-ledger.sqlite3"
+    ledger_days: float = Field(default=30.0, gt=0)
+    # How long a message may wait for Kafka's confirmation before the sender is told to resend (AR, 503)
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    # The MLLP gateway's HTTP side: /metrics, /healthz, /readyz
+    mllp_http_port: int = Field(default=9470, ge=0, le=65535)
+    # FHIR R4 over HTTP (its /metrics, /healthz, /readyz on the same port)
+    fhir_port: int = Field(default=8410, ge=1, le=65535)
+    # Bearer tokens of the institutions: a file of lines "<institution> <sha256 hex of the token>"
+    fhir_tokens_file: Path | None = None
+    fhir_max_body_bytes: int = Field(default=10_485_760, ge=1024)
+
+
 class InfraSettings(BaseSettings):
     """Where `clinhub infra` keeps the local services it starts, and their loopback ports."""
 
@@ -195,6 +230,7 @@ class HubSettings(BaseSettings):
     security: SecuritySettings
     stream: StreamSettings
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     infra: InfraSettings
 
 
@@ -207,5 +243,6 @@ def load_settings() -> HubSettings:
         security=SecuritySettings(),
         stream=StreamSettings(),
         console=ConsoleSettings(),
+        gateway=GatewaySettings(),
         infra=InfraSettings(),
     )
