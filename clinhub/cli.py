@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +25,10 @@ app.add_typer(stream_app, name="stream")
 app.add_typer(schemas_app, name="schemas")
 users_app = typer.Typer(help="Console accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+gateway_app = typer.Typer(help="Gateways for what hospitals already send.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+import_app = typer.Typer(help="Import institutions' exports.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 
 def _settings() -> HubSettings:
@@ -368,6 +373,37 @@ def users_list() -> None:
             f"{account.username:20} {account.role:12} {account.institution_id or '-':8} wards={wards} "
             f"level={account.chain_level} {state}"
         )
+
+
+@gateway_app.command("mllp")
+def gateway_mllp() -> None:
+    """HL7 v2 over MLLP: one listener per institution (CLINHUB_GATEWAY_MLLP_LISTENERS), until interrupted."""
+    from clinhub.gateway_mllp import run_mllp_gateway
+
+    run_mllp_gateway(_settings())
+
+
+@gateway_app.command("fhir")
+def gateway_fhir() -> None:
+    """FHIR R4 over HTTP on CLINHUB_GATEWAY_FHIR_PORT, until interrupted."""
+    from clinhub.gateway_fhir import run_fhir_gateway
+
+    run_fhir_gateway(_settings())
+
+
+@import_app.command("csv")
+def import_csv(
+    file: Annotated[Path, typer.Argument(help="The export to import.", exists=True, dir_okay=False)],
+    institution: Annotated[str, typer.Option(help="Institution the export comes from.")],
+    mapping: Annotated[Path, typer.Option(help="The column mapping (TOML).", exists=True, dir_okay=False)],
+    rejects: Annotated[
+        Path | None, typer.Option(help="Where to write rejected rows (default: FILE.rejects.csv).")
+    ] = None,
+) -> None:
+    """Validate each row, publish the good ones, write the rejects; a re-run publishes no duplicate."""
+    from clinhub.csv_command import run_csv_import
+
+    run_csv_import(_settings(), file, institution, mapping, rejects)
 
 
 def main() -> None:
