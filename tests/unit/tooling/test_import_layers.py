@@ -24,7 +24,13 @@ PACKAGES = ("core", "schemas", "producers", "sinks", "streams", "console", "clin
 ALLOWED = {
     "core/contract.py": "",
     "schemas/wire.py": "from core import contract\n",
-    "producers/publisher.py": "from schemas import wire\nfrom core import contract\n",
+    "producers/publisher.py": (
+        "from schemas import wire\nfrom core import contract\nfrom producers import validation\n"
+    ),
+    "producers/validation.py": "from producers import exceptions\n",
+    "producers/exceptions.py": "",
+    "producers/simulator.py": "from producers import validation\n",
+    "producers/gateways/mllp.py": "from producers import publisher\n",
     "sinks/store.py": "from schemas import wire\n",
     "streams/domain/rules.py": "from schemas import wire\n",
     "streams/runtime/app.py": (
@@ -77,6 +83,7 @@ def run_contracts(
         "console/domain",
         "console/runtime",
         "console/web",
+        "producers/gateways",
     ):
         (tree / subpackage).mkdir(parents=True, exist_ok=True)
         (tree / subpackage / "__init__.py").write_text("")
@@ -159,6 +166,12 @@ def test_the_allowed_imports_keep_every_contract(tmp_path: Path) -> None:
         ),  # the stream never reaches the console
         ("console/domain/access.py", "console.runtime", "store", "console-layers"),
         ("console/runtime/store.py", "console.web", "app", "console-layers"),
+        (
+            "producers/publisher.py",
+            "producers.gateways",
+            "mllp",
+            "producers-layers",
+        ),  # the SDK knows no gateway
     ],
 )
 @pytest.mark.parametrize("where", ["module", "function", "type-checking"])
