@@ -411,3 +411,58 @@ def test_vitals_one_measurement_per_row(tmp_path: Path) -> None:
     measurement = publisher.sent[0]["measurements"][0]
     assert measurement == {"loinc_code": "8867-4", "local_code": "HR", "value": 72.0, "unit": "/min"}
     assert _rejects(rejects)[0]["reject_column"] == "Value"
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+class ClosingPublisher(FakePublisher):
+    def close(self, timeout: float | None = None) -> None:
+        return None
+
+
+def _run_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, publisher: FakePublisher, mapping: Path
+) -> Any:
+    from typer.testing import CliRunner
+
+    import clinhub.csv_command
+    from clinhub.cli import app
+
+    monkeypatch.setenv("CLINHUB_GATEWAY_LEDGER_PATH", str(tmp_path / "gateway-ledger.sqlite3"))
+    monkeypatch.setattr(clinhub.csv_command, "make_publisher", lambda *args, **kwargs: publisher)
+    export = tmp_path / "h002.csv"
+    if not export.exists():
+        export.write_bytes((DEPLOY / "h002-lab-example.csv").read_bytes())
+    args = ["import", "csv", str(export), "--institution", "H002", "--mapping", str(mapping)]
+    return CliRunner().invoke(app, args)
+
+
+def test_the_command_exits_non_zero_when_rows_were_not_published_and_a_rerun_sends_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mapping = DEPLOY / "h002-lab.toml"
+    down = _run_command(tmp_path, monkeypatch, ClosingPublisher(fail_from=0), mapping)
+    assert down.exit_code == 1, down.output
+    assert "not published: 6" in down.output
+    assert "6 row(s) were not published (broker transport failure)" in down.output
+    assert "run the same command again" in down.output
+    assert (tmp_path / "h002.csv.rejects.csv").exists()
+    assert (tmp_path / "csv-ledger.sqlite3").exists()  # beside the gateways' ledger
+
+    back = ClosingPublisher()
+    up = _run_command(tmp_path, monkeypatch, back, mapping)
+    assert up.exit_code == 0, up.output
+    assert "published: 6" in up.output and "already imported: 0" in up.output
+    assert len(back.sent) == 6
+
+    again = _run_command(tmp_path, monkeypatch, ClosingPublisher(), mapping)
+    assert again.exit_code == 0 and "already imported: 6" in again.output and "published: 0" in again.output
+
+
+def test_the_command_reports_a_mapping_error_by_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text((DEPLOY / "h002-lab.toml").read_text().replace('value = "结果"\n', ""))
+    result = _run_command(tmp_path, monkeypatch, ClosingPublisher(), broken)
+    # clinhub.cli.main prints a HubError as "error: ..." and exits 2; the app itself lets it through
+    assert isinstance(result.exception, MappingError) and result.exception.key == "columns.value"
