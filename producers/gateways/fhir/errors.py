@@ -20,12 +20,6 @@ class FhirGatewayError(PublishError):
         self.expression = expression
         self.diagnostics = diagnostics
 
-    def at(self, prefix: str) -> FhirGatewayError:
-        """The same error with its expression placed under `prefix` (a Bundle entry's resource)."""
-        expression = prefix if not self.expression else f"{prefix}.{self.expression}"
-        error = type(self)(expression, self.diagnostics)
-        return error
-
 
 class InvalidFhirError(FhirGatewayError):
     """400: not JSON, not a resource this endpoint takes, or a resource that breaks the FHIR R4 rules."""

@@ -1,0 +1,112 @@
+"""`clinhub gateway fhir`: the FHIR R4 gateway on CLINHUB_GATEWAY_HOST:CLINHUB_GATEWAY_FHIR_PORT.
+
+It builds one publisher per institution of the tokens file (CLINHUB_GATEWAY_FHIR_TOKENS_FILE, lines
+`<institution> <sha256 hex of the token>`), the ledger of created resources (`fhir-ledger.sqlite3`
+next to CLINHUB_GATEWAY_LEDGER_PATH, so If-None-Exist survives a restart), the app, and serves it with
+uvicorn until interrupted.
+
+Making a token for an institution (the token is shown once; only its hash is kept):
+
+    .venv/bin/python -m clinhub.gateway_fhir H001
+    # prints the token (hand it to H001 once, over a safe channel) and, on the second line, the
+    # tokens-file line: append it to the tokens file and restart the gateway
+
+or, from code, `token, line = token_line("H001")`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from core.exceptions import ConfigurationError
+from core.settings import HubSettings
+from producers.gateways.common import kafka_and_registry_ready
+from producers.gateways.fhir.app import create_fhir_app
+from producers.gateways.fhir.auth import load_tokens, token_line
+from producers.gateways.fhir.ledger import LEDGER_FILE, ResourceLedger
+from producers.publisher import Publisher, make_publisher
+
+__all__ = ["FhirGateway", "build_fhir_gateway", "run_fhir_gateway", "token_line"]
+
+
+@dataclass
+class FhirGateway:
+    app: Any
+    publishers: dict[str, Publisher]
+    ledger: ResourceLedger
+
+    def close(self) -> None:
+        for publisher in self.publishers.values():
+            publisher.close(timeout=5)
+        self.ledger.close()
+
+
+def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None = None) -> FhirGateway:
+    gateway = settings.gateway
+    if gateway.fhir_tokens_file is None:
+        raise ConfigurationError(
+            "CLINHUB_GATEWAY_FHIR_TOKENS_FILE", "no tokens file; make a token line with token_line()"
+        )
+    try:
+        tokens = load_tokens(gateway.fhir_tokens_file)
+    except OSError as exc:
+        raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", str(exc)) from exc
+    if not tokens:
+        raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", "holds no token")
+    publishers = {
+        institution: make_publisher(settings, institution, delivery_timeout=gateway.publish_timeout_seconds)
+        for institution in sorted(set(tokens.values()))
+    }
+    metrics_registry = registry or CollectorRegistry()
+    ledger = ResourceLedger(gateway.ledger_path.parent / LEDGER_FILE)
+    kafka_config = settings.kafka.client_config()
+    registry_url = settings.registry.url
+
+    def readiness() -> str | None:
+        return kafka_and_registry_ready(kafka_config, registry_url)
+
+    app = create_fhir_app(
+        publishers.__getitem__,
+        tokens,
+        metrics_registry,
+        readiness,
+        ledger,
+        max_body_bytes=gateway.fhir_max_body_bytes,
+        publish_timeout_seconds=gateway.publish_timeout_seconds,
+    )
+    return FhirGateway(app, publishers, ledger)
+
+
+def run_fhir_gateway(settings: HubSettings) -> None:
+    import uvicorn
+
+    gateway = build_fhir_gateway(settings)
+    try:
+        uvicorn.run(
+            gateway.app,
+            host=settings.gateway.host,
+            port=settings.gateway.fhir_port,
+            log_level="warning",
+            access_log=False,
+        )
+    finally:
+        gateway.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m clinhub.gateway_fhir INSTITUTION`: print a new token, then its tokens-file line."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m clinhub.gateway_fhir INSTITUTION")
+    token, line = token_line(args[0])
+    print(token)
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
