@@ -23,8 +23,8 @@ from producers.gateways.csv_import import (
     CsvImportError,
     ImportSummary,
     Ledger,
+    check_export,
     load_mapping,
-    read_rows,
     run_import,
 )
 from producers.publisher import make_publisher
@@ -55,7 +55,7 @@ def run_csv_import(
 ) -> None:
     loaded = load_mapping(mapping)
     rejects_path = rejects if rejects is not None else default_rejects(file)
-    total = len(read_rows(file, loaded)[1])  # fails early, before any connection, on an unreadable file
+    total = len(check_export(file, loaded, institution)[1])  # fails before any connection
     try:
         publisher = make_publisher(settings, institution, kinds=(loaded.kind,))
     except HubError as exc:

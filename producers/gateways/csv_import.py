@@ -657,6 +657,18 @@ class ImportSummary:
         return lines
 
 
+def check_export(
+    path: Path, mapping: CsvMapping, institution: str
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Everything that stops the whole import, checked before any connection: the mapping is this
+    institution's, the file decodes, every mapped header is there. Returns the header and the rows."""
+    if mapping.institution is not None and mapping.institution != institution:
+        raise MappingError("institution", f"the mapping is for {mapping.institution!r}, not {institution!r}")
+    header, rows = read_rows(path, mapping)
+    RowBuilder(mapping, institution, header)
+    return header, rows
+
+
 def run_import(
     path: Path,
     mapping: CsvMapping,
@@ -671,9 +683,7 @@ def run_import(
     """Read, check, publish in batches, record what Kafka accepted, write the rejects. Once a batch has a
     failed delivery (broker down), no further batch is sent: the rest counts as not published, and a
     re-run sends exactly what is not in the ledger."""
-    if mapping.institution is not None and mapping.institution != institution:
-        raise MappingError("institution", f"the mapping is for {mapping.institution!r}, not {institution!r}")
-    header, rows = read_rows(path, mapping)
+    header, rows = check_export(path, mapping, institution)
     builder = RowBuilder(mapping, institution, header, now=now, source_name=path.name)
     summary = ImportSummary(rejects_path=rejects_path)
     rejects: list[RowResult] = []
