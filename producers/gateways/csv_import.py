@@ -239,7 +239,7 @@ def parse_mapping(text: str) -> CsvMapping:
             raise MappingError(key, f"unknown field; one of {', '.join(known)}")
         if name in columns:
             raise MappingError(key, f"is also mapped to the column {columns[name][0]!r}")
-        if name in ("value", *spec["times"]):
+        if name in ("value", natural_key, *spec["times"]):
             raise MappingError(key, "must come from a column, not a constant")
         if name == "patient_birth_year":
             if not isinstance(value, int) or isinstance(value, bool):

@@ -114,6 +114,7 @@ def _rejects(path: Path, encoding: str = "utf-8", delimiter: str = ",") -> list[
         (lambda t: t + '[constants]\nreference_low = "low"\n', "constants.reference_low"),
         (lambda t: t + '[constants]\nunit = "mmol/L"\n', "constants.unit"),
         (lambda t: t + '[constants]\nresult_time = "now"\n', "constants.result_time"),
+        (lambda t: t + '[constants]\nresult_id = "R1"\n', "constants.result_id"),
         (lambda t: t + '[status_values]\nF = "done"\n', "status_values.f"),
         (lambda t: t.replace('local_code = "Code"', "local_code = 3"), "columns.local_code"),
         (lambda t: t + "[columns", "(file)"),
