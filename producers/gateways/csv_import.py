@@ -33,6 +33,7 @@ from confluent_kafka import KafkaException
 from core.exceptions import HubError
 from producers.exceptions import DeliveryFailedError
 from producers.gateways.common import event_id_for
+from producers.gateways.exceptions import GatewayError
 from producers.validation import COMPARATORS, check_event
 from schemas import standard
 from schemas.exceptions import RecordValidationError
@@ -114,7 +115,7 @@ _TOP_KEYS = (
 )
 
 
-class CsvImportError(HubError):
+class CsvImportError(GatewayError):
     """Root of the CSV gateway's errors: the whole import cannot go on (nothing is published)."""
 
 
