@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,7 +36,7 @@ from producers.gateways.fhir.errors import (
     UnsupportedMediaError,
 )
 from producers.gateways.fhir.ledger import ResourceLedger
-from producers.gateways.fhir.mapping import GATEWAY, MAPPED_TYPES
+from producers.gateways.fhir.mapping import GATEWAY, MAPPED_TYPES, MappedEvent
 from producers.gateways.fhir.service import Created, FhirService, PublisherProvider, operation_outcome
 
 FHIR_JSON = "application/fhir+json"
@@ -177,8 +177,8 @@ def create_fhir_app(
         finally:
             gauges.response_seconds.labels(GATEWAY).observe(time.monotonic() - started)
 
-    def count_events(institution: str, created: Created) -> None:
-        for event in created.events:
+    def count_events(institution: str, events: Sequence[MappedEvent]) -> None:
+        for event in events:
             gauges.events.labels(GATEWAY, institution, event.kind).inc()
 
     @app.get("/metadata")
@@ -197,7 +197,7 @@ def create_fhir_app(
 
         def work(institution: str, raw: Any) -> Created:
             created = service.create(institution, resource_type, raw, if_none_exist, correlation)
-            count_events(institution, created)
+            count_events(institution, created.events)
             return created
 
         def render(created: Created) -> Response:
@@ -213,7 +213,9 @@ def create_fhir_app(
         correlation = request.headers.get("x-request-id") or str(uuid.uuid4())
 
         def work(institution: str, raw: Any) -> dict[str, Any]:
-            return service.bundle(institution, raw, correlation)
+            body, events = service.bundle(institution, raw, correlation)
+            count_events(institution, events)
+            return body
 
         return await handle(request, work, lambda body: FhirResponse(body))
 

@@ -172,13 +172,13 @@ def instant(value: Any, path: str, required: bool = True) -> dt.datetime | None:
 
 
 def _reference_text(ref: JsonObject | None) -> str | None:
-    """Who, as sent: the identifier's value, else the reference, else the display."""
+    """Who, as sent: the identifier's value, else the display, else the reference."""
     if ref is None:
         return None
     identifier = _obj(ref.get("identifier"))
     if identifier and _str(identifier.get("value")):
         return _str(identifier.get("value"))
-    return _str(ref.get("reference")) or _str(ref.get("display"))
+    return _str(ref.get("display")) or _str(ref.get("reference"))
 
 
 # --- identity ------------------------------------------------------------------------------------

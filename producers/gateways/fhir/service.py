@@ -224,8 +224,11 @@ class FhirService:
 
     # --- Bundles ---
 
-    def bundle(self, institution: str, raw: Any, correlation_id: str | None = None) -> dict[str, Any]:
-        """A transaction-response or batch-response Bundle, its entries in request order."""
+    def bundle(
+        self, institution: str, raw: Any, correlation_id: str | None = None
+    ) -> tuple[dict[str, Any], list[MappedEvent]]:
+        """A transaction-response or batch-response Bundle, its entries in request order, and the events
+        published for it."""
         if not isinstance(raw, dict) or raw.get("resourceType") != "Bundle":
             raise InvalidFhirError("resourceType", "POST / takes a Bundle of type transaction or batch")
         kind = raw.get("type")
@@ -236,18 +239,21 @@ class FhirService:
             raise InvalidFhirError("Bundle.entry", "must be a list of entries")
         correlation = correlation_id or str(uuid.uuid4())
         resolve = _bundle_resolver(entries)
+        published: list[MappedEvent] = []
         if kind == "transaction":
-            responses = self._transaction(institution, entries, correlation, resolve)
+            responses = self._transaction(institution, entries, correlation, resolve, published)
         else:
             responses = [
-                self._batch_entry(institution, e, i, correlation, resolve) for i, e in enumerate(entries)
+                self._batch_entry(institution, e, i, correlation, resolve, published)
+                for i, e in enumerate(entries)
             ]
-        return {
+        body = {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),
             "type": f"{kind}-response",
             "entry": responses,
         }
+        return body, published
 
     @staticmethod
     def _entry_resource(entry: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -309,10 +315,12 @@ class FhirService:
         entries: list[dict[str, Any]],
         correlation_id: str,
         resolve: Callable[[str], JsonObject | None],
+        published: list[MappedEvent],
     ) -> list[dict[str, Any]]:
         prepared = [self._prepare(institution, e, i, correlation_id, resolve) for i, e in enumerate(entries)]
         events = [event for _r, m in prepared if isinstance(m, MappedResource) for event in m.events]
         self._publish(institution, events)  # all, or 503 and nothing recorded
+        published += events
         responses = []
         for resource, outcome in prepared:
             if isinstance(outcome, MappedResource):
@@ -330,11 +338,13 @@ class FhirService:
         index: int,
         correlation_id: str,
         resolve: Callable[[str], JsonObject | None],
+        published: list[MappedEvent],
     ) -> dict[str, Any]:
         try:
             resource, outcome = self._prepare(institution, entry, index, correlation_id, resolve)
             if isinstance(outcome, MappedResource):
                 self._publish(institution, outcome.events)
+                published += outcome.events
                 return _entry_response(self._record(institution, resource, outcome))
             if isinstance(outcome, Created):
                 return _entry_response(outcome)
