@@ -320,13 +320,10 @@ def _lab(context: _Context, obr: Segment | None, obx: Segment) -> None:
     loinc = code if system.upper() == "LN" else (obx.value(3, 4) if obx.value(3, 6).upper() == "LN" else "")
     value = _value(obx)
     reference = _RANGE.fullmatch(obx.value(7))
-    result_time = (
-        (context.ts(obr, 22) if obr is not None else None)
-        or context.ts(obx, 19)
-        or context.ts(obx, 14)
-        or (context.ts(obr, 7) if obr is not None else None)
-        or context.message_time
-    )
+    # every time field is read (a malformed one is an error even when another is chosen)
+    obr22, obr7 = (context.ts(obr, 22), context.ts(obr, 7)) if obr is not None else (None, None)
+    obx19, obx14 = context.ts(obx, 19), context.ts(obx, 14)
+    result_time = obr22 or obx19 or obx14 or obr7 or context.message_time
     assert result_time is not None  # noqa: S101 - the message time is required
     sub_id = obx.value(4)
     context.add(
@@ -344,8 +341,7 @@ def _lab(context: _Context, obr: Segment | None, obx: Segment) -> None:
             "reference_high": float(reference.group(2)) if reference else None,
             "abnormal_flag": obx.value(8) or None,
             "status": _status(obx, obr),
-            "specimen_collected_time": (context.ts(obr, 7) if obr is not None else None)
-            or context.ts(obx, 14),
+            "specimen_collected_time": obr7 or obx14,
             "result_time": result_time,
             "performing_lab": obx.value(23) or obx.value(15) or None,
             "ordering_clinician": (obr.value(16) if obr is not None else "") or None,
@@ -404,9 +400,10 @@ def _vitals(context: _Context, obr: Segment | None, obxs: list[Segment]) -> None
             }
         )
     first = obxs[0]
-    measured = (
-        context.ts(first, 14) or (context.ts(obr, 7) if obr is not None else None) or context.message_time
-    )
+    times = [context.ts(obx, 14) for obx in obxs]  # each read: a malformed one is an error
+    statuses = [_status(obx, obr) for obx in obxs]
+    obr7 = context.ts(obr, 7) if obr is not None else None
+    measured = times[0] or obr7 or context.message_time
     assert measured is not None  # noqa: S101 - the message time is required
     context.add(
         "vitals",
@@ -415,7 +412,7 @@ def _vitals(context: _Context, obr: Segment | None, obxs: list[Segment]) -> None
             "observation_id": f"{_order_id(context, obr)}|vitals",
             "measured_time": measured,
             "device_id": first.value(18) or None,
-            "status": _status(first, obr),
+            "status": statuses[0],
             "measurements": measurements,
         },
     )
@@ -446,7 +443,8 @@ def _adt(context: _Context, trigger: str) -> None:
     evn = context.message.first("EVN")
     occurred = None
     if evn is not None:
-        occurred = context.ts(evn, 6) or context.ts(evn, 2)
+        evn6, evn2 = context.ts(evn, 6), context.ts(evn, 2)
+        occurred = evn6 or evn2
     occurred = occurred or context.message_time
     assert occurred is not None  # noqa: S101 - the message time is required
     patient_class = pv1.value(2).upper()
@@ -537,12 +535,13 @@ def _order(context: _Context, group: dict[str, Segment]) -> None:
     frequency = (
         (tq1.value(3) if tq1 else "") or (rx.value(1, 2) if rx.name == "RXE" else "") or orc.value(7, 2)
     )
-    start = (context.ts(tq1, 7) if tq1 else None) or (
-        _ts_component(context, rx, 1, 4) if rx.name == "RXE" else None
+    tq_start, tq_end = (context.ts(tq1, 7), context.ts(tq1, 8)) if tq1 else (None, None)
+    rx_start, rx_end = (
+        (_ts_component(context, rx, 1, 4), _ts_component(context, rx, 1, 5))
+        if rx.name == "RXE"
+        else (None, None)
     )
-    end = (context.ts(tq1, 8) if tq1 else None) or (
-        _ts_component(context, rx, 1, 5) if rx.name == "RXE" else None
-    )
+    start, end = tq_start or rx_start, tq_end or rx_end
     ordered = context.ts(orc, 9) or context.message_time
     assert ordered is not None  # noqa: S101 - the message time is required
     context.add(

@@ -218,7 +218,9 @@ def adt(
             f"DG1|2||N18.3^Chronic kidney disease, stage 3^I10||{when}|A",
         ]
     elif trigger == "A03":
-        segments += [f"DG1|1||E87.5^Hyperkalaemia^I10||{when}|F||||||||||1|D1234"]
+        segments += [
+            segment("DG1", {1: "1", 3: "E87.5^Hyperkalaemia^I10", 5: when, 6: "F", 15: "1", 16: "D1234"})
+        ]
     elif trigger == "A08":
         segments += [f"DG1|1||I10^Hypertension^I10||{when}|W"]
     return _finish(segments)
