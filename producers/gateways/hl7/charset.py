@@ -68,9 +68,9 @@ def _error(reason: str, code: int = DATA_TYPE_ERROR) -> HL7ContentError:
 
 def _msh_bytes(raw: bytes) -> bytes:
     body = raw.lstrip(b"\r\n")
-    if not body.startswith(b"MSH") or len(body) < 8:
-        raise HL7ContentError("MSH", None, "the message does not start with an MSH segment", code=100)
     end = min((i for i in (body.find(b"\r"), body.find(b"\n")) if i >= 0), default=len(body))
+    if not body.startswith(b"MSH") or end < 8:
+        raise HL7ContentError("MSH", None, "the message does not start with an MSH segment", code=100)
     return body[:end]
 
 

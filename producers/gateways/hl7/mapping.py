@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,6 +269,14 @@ _RANGE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*")
 _COMPARATORS = ("<", "<=", ">=", ">")
 
 
+def _finite(segment: Segment, field: int, text: str) -> float:
+    """A number as sent (the double nearest its decimal text); one too large for a double is an error."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise segment.error(field, f"{text[:20]}... is too large a number")
+    return value
+
+
 def _oru(context: _Context, trigger: str) -> None:
     obr: Segment | None = None
     vitals: dict[int, list[Segment]] = {}
@@ -337,8 +346,8 @@ def _lab(context: _Context, obr: Segment | None, obx: Segment) -> None:
             "loinc_code": loinc or None,
             **value,
             "unit": obx.value(6, 1) or obx.value(6, 2) or None,
-            "reference_low": float(reference.group(1)) if reference else None,
-            "reference_high": float(reference.group(2)) if reference else None,
+            "reference_low": _finite(obx, 7, reference.group(1)) if reference else None,
+            "reference_high": _finite(obx, 7, reference.group(2)) if reference else None,
             "abnormal_flag": obx.value(8) or None,
             "status": _status(obx, obr),
             "specimen_collected_time": obr7 or obx14,
@@ -358,14 +367,14 @@ def _value(obx: Segment) -> dict[str, Any]:
     if kind == "NM":
         text = obx.value(5) or None
         if text is not None and _NUMBER.fullmatch(text):
-            numeric = float(text)
+            numeric = _finite(obx, 5, text)
     elif kind == "SN":
         sign, first, separator, second = (obx.value(5, c) for c in (1, 2, 3, 4))
         if not separator and not second and _NUMBER.fullmatch(first or "-"):
             if sign in ("", "="):
-                numeric = float(first)
+                numeric = _finite(obx, 5, first)
             elif sign in _COMPARATORS:
-                numeric, comparator = float(first), sign
+                numeric, comparator = _finite(obx, 5, first), sign
             else:
                 raise obx.error(5, f"SN comparator {sign!r} is not one of =, <, <=, >=, >", component=1)
             text = f"{sign if sign != '=' else ''}{first}"
@@ -395,7 +404,7 @@ def _vitals(context: _Context, obr: Segment | None, obxs: list[Segment]) -> None
             {
                 "loinc_code": code if system == "LN" else None,
                 "local_code": code,
-                "value": float(value),
+                "value": _finite(obx, 5, value),
                 "unit": unit,
             }
         )
@@ -514,7 +523,7 @@ def _number(segment: Segment, field: int, component: int = 1) -> float | None:
         return None
     if not _NUMBER.fullmatch(text):
         raise segment.error(field, f"{text!r} is not a number", component=component)
-    return float(text)
+    return _finite(segment, field, text)
 
 
 def _order(context: _Context, group: dict[str, Segment]) -> None:

@@ -261,3 +261,9 @@ def test_headers() -> None:
     salvaged = salvage_header(bad)
     assert salvaged is not None and salvaged.control_id == "ORU0001" and salvaged.charset is None
     assert salvage_header(b"\x00\x01garbage") is None
+
+
+def test_a_number_too_large_for_a_double_is_an_error() -> None:
+    with pytest.raises(HL7ContentError) as caught:
+        _map(samples.oru_r01(potassium="9" * 400))
+    assert (caught.value.segment, caught.value.field) == ("OBX", 5)
