@@ -233,17 +233,18 @@ def rde_o11(
     dose: str = "20",
     at: dt.datetime = DEFAULT_TIME,
 ) -> bytes:
-    """RDE^O11 v2.5: a new order of potassium chloride 20 mmol IV q8h (RXE with its TQ in RXE-1, RXR) and
-    a discontinued amoxicillin order: two ORC groups."""
-    when = ts(at)
-    end = ts(at + dt.timedelta(days=3))
+    """RDE^O11 v2.5: a new order of potassium chloride 20 mmol IV q8h (RXE with its TQ in RXE-1: start and
+    end, RXR) and a discontinued amoxicillin order: two ORC groups."""
+    # ordered two hours before `at`, given from one hour before until `at` (no future times: the
+    # normaliser refuses instants in the future)
+    when, start, end = ts(at - dt.timedelta(hours=2)), ts(at - dt.timedelta(hours=1)), ts(at)
     return _finish(
         [
             _msh(institution, "RDE^O11^RDE_O11", control_id, at, "2.5", "UNICODE UTF-8"),
             _pid(institution, mrn),
             segment("PV1", {1: "1", 2: "I", 3: "ICU^12^3", 7: "D1234", 19: "E20261123001"}),
             f"ORC|NW|RX9001|PH9001||IP||||{when}|||D1234^ZHANG^Wei",
-            f"RXE|^q8h^^{when}^{end}|KCL20^Potassium chloride^LOCAL|{dose}||mmol^mmol^UCUM|INJ",
+            f"RXE|^q8h^^{start}^{end}|KCL20^Potassium chloride^LOCAL|{dose}||mmol^mmol^UCUM|INJ",
             "RXR|IV^Intravenous^HL70162",
             f"ORC|DC|RX9000|PH9000||DC||||{when}|||D1234^ZHANG^Wei",
             "RXE|^BID|AMOX500^Amoxicillin 500 mg cap^LOCAL|500||mg|CAP",
@@ -266,7 +267,7 @@ def omp_o09(
             _msh(institution, "OMP^O09^OMP_O09", control_id, at, "2.5", "UNICODE UTF-8"),
             _pid(institution, mrn, national_id=None),
             f"ORC|NW|OP5001|||SC||||{when}|||D0077",
-            f"TQ1|1||BID||||{when}|{ts(at + dt.timedelta(days=5))}",
+            f"TQ1|1||BID||||{ts(at - dt.timedelta(hours=1))}|{when}",
             "RXO|X0417^呋塞米注射液^HIS-H002|20||mg^mg^UCUM",
             "RXR|IV",
         ]

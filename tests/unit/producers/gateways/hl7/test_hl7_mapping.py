@@ -16,6 +16,7 @@ from producers.gateways.hl7.mapping import Mapped, map_message, parse_header, sa
 from producers.validation import check_event
 from schemas.standard import load
 from schemas.wire import validate_record
+from tests.factories import NOW, normalised
 
 RECEIVED = dt.datetime(2026, 11, 23, 2, 0, tzinfo=dt.UTC)
 INSTITUTION_OF = {"oru_r01_v23": "C003", "omp_o09": "H002", "oru_gb18030": "H002"}
@@ -267,3 +268,13 @@ def test_a_number_too_large_for_a_double_is_an_error() -> None:
     with pytest.raises(HL7ContentError) as caught:
         _map(samples.oru_r01(potassium="9" * 400))
     assert (caught.value.segment, caught.value.field) == ("OBX", 5)
+
+
+@pytest.mark.parametrize("name", sorted(samples.all_samples()))
+def test_every_sample_passes_the_real_normaliser(name: str) -> None:
+    institution = INSTITUTION_OF.get(name, "H001")
+    for kind, record in map_message(decode_message(samples.all_samples()[name]), institution, NOW).events:
+        out = normalised(kind, record)
+        assert out["regional_patient_id"]
+        if kind == "lab" and record["local_code"] in ("K", "K+", "LAB0101", "GLU"):
+            assert out["loinc_code"] and out["canonical_value"] is not None
