@@ -89,3 +89,10 @@ def test_encode_text_follows_the_charset() -> None:
     assert encode_text("钾", None) == b"?"
     assert encode_text("x", "KLINGON") == b"x"
     assert codec_for("unicode utf-8") == "utf-8" and codec_for(None) == "ascii"
+
+
+@pytest.mark.parametrize("raw", [b"MSH\rPID|1||42\r", b"MSH\nx", b"MSH|^~\r", b"\r\nMSH|"])
+def test_an_msh_shorter_than_its_header_is_no_msh(raw: bytes) -> None:
+    with pytest.raises(HL7ContentError) as caught:
+        decode_message(raw)
+    assert caught.value.segment == "MSH" and caught.value.code == 100

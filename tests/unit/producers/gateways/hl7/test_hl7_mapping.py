@@ -278,3 +278,35 @@ def test_every_sample_passes_the_real_normaliser(name: str) -> None:
         assert out["regional_patient_id"]
         if kind == "lab" and record["local_code"] in ("K", "K+", "LAB0101", "GLU"):
             assert out["loinc_code"] and out["canonical_value"] is not None
+
+
+def test_a_local_time_needs_the_institutions_clock() -> None:
+    with pytest.raises(HL7ContentError) as caught:
+        _map(samples.oru_r01_v23("X999"), "X999")
+    assert (caught.value.segment, caught.value.field) == ("MSH", 7)
+    assert "time zone" in caught.value.reason
+    zone = dt.timezone(dt.timedelta(hours=5))
+    mapped = map_message(decode_message(samples.oru_r01_v23("X999")), "X999", RECEIVED, zone=zone)
+    assert _kind(mapped, "lab")[0]["result_time"].utcoffset() == dt.timedelta(hours=5)
+
+
+def test_the_mrn_is_the_mr_identifier_wherever_it_is() -> None:
+    raw = samples.oru_r01().replace(
+        b"PID|1||MRN0000001^^^H001^MR~11010519491231002X^^^CHN^NNCHN",
+        b"PID|1||11010519491231002X^^^CHN^NNCHN~V-77^^^H001^VN~MRN0000009^^^H001^MR",
+    )
+    lab = _kind(_map(raw), "lab")[0]
+    assert (lab["patient_mrn"], lab["patient_national_id"]) == ("MRN0000009", "11010519491231002X")
+    first = samples.oru_r01().replace(b"MRN0000001^^^H001^MR~11010519491231002X^^^CHN^NNCHN", b"A-1~B-2")
+    assert _kind(_map(first), "lab")[0]["patient_mrn"] == "A-1"
+
+
+def test_cancelled_result_without_value() -> None:
+    raw = samples.oru_r01().replace(b"||6.8|mmol/L|3.5-5.1|HH|||F|", b"|||mmol/L|3.5-5.1||||X|")
+    k = _labs(_map(raw))["K"]
+    assert (k["status"], k["value_numeric"], k["value_text"], k["abnormal_flag"]) == (
+        "cancelled",
+        None,
+        None,
+        None,
+    )
