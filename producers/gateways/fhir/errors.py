@@ -1,15 +1,14 @@
 """The FHIR gateway's errors: each knows its HTTP status, its OperationOutcome issue code and the FHIRPath
 expression of what failed (`Observation.valueQuantity.value`), so the handlers only render them.
 
-They derive from `producers.exceptions.PublishError` (the SDK's root) until the gateways' own root
-(`producers/gateways/exceptions.py`, GatewayError) is there."""
+They derive from the gateways' root `producers.gateways.exceptions.GatewayError`."""
 
 from __future__ import annotations
 
-from producers.exceptions import PublishError
+from producers.gateways.exceptions import GatewayError
 
 
-class FhirGatewayError(PublishError):
+class FhirGatewayError(GatewayError):
     """Root of this gateway's errors."""
 
     status: int = 500
