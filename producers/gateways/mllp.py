@@ -59,7 +59,7 @@ from producers.gateways.exceptions import (
     UnsupportedMessageError,
 )
 from producers.gateways.hl7.ack import build_ack
-from producers.gateways.hl7.charset import decode_message, encode_text
+from producers.gateways.hl7.charset import Decoded, decode_message, encode_text
 from producers.gateways.hl7.mapping import Header, map_message, parse_header, salvage_header
 from producers.gateways.ledger import AckLedger, LedgerKey
 from producers.publisher import Receipt
@@ -571,18 +571,22 @@ class MessageHandler:
 
     async def _handle_frame(self, institution: str, raw: bytes) -> Answer:
         received = self.clock()
+        decoded: Decoded | None = None
+        failure: HL7ContentError | None = None
         try:
             decoded = decode_message(raw)
-            header = parse_header(decoded)
+            header: Header | None = parse_header(decoded)
         except HL7ContentError as error:
-            return await self.reject(institution, raw, error, _header_of(raw), "AE", _reason_label(error))
+            # not decodable (unknown or wrong MSH-18, no MSH...): the MSH read as Latin-1 if it can be,
+            # for MSA-2 and the ledger key
+            failure, header = error, _header_of(raw)
         key = (
             LedgerKey(institution, header.sending_facility or "", header.control_id)
-            if header.control_id
+            if header is not None and header.control_id
             else None
         )
         if key is None:
-            return await self._process(institution, raw, decoded, header, received, None)
+            return await self._answer(institution, raw, decoded, header, failure, received, None)
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:
@@ -593,21 +597,35 @@ class MessageHandler:
                         log.warning(
                             "%s resent MSH-10 %s with other content: answered as the first time",
                             institution,
-                            header.control_id,
+                            key.control_id,
                         )
-                    return Answer(
-                        entry.code, entry.ack, "resend" if entry.code == "AA" else "resend_ae", 0, True
-                    )
-                return await self._process(institution, raw, decoded, header, received, key)
+                    reason = "accepted" if entry.code == "AA" else "resend"
+                    return Answer(entry.code, entry.ack, reason, 0, True)
+                return await self._answer(institution, raw, decoded, header, failure, received, key)
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._key_locks.pop(key, None)
+
+    async def _answer(
+        self,
+        institution: str,
+        raw: bytes,
+        decoded: Decoded | None,
+        header: Header | None,
+        failure: HL7ContentError | None,
+        received: dt.datetime,
+        key: LedgerKey | None,
+    ) -> Answer:
+        if failure is not None or decoded is None or header is None:
+            error = failure or HL7ContentError("MSH", None, "the message cannot be read", code=100)
+            return await self.reject(institution, raw, error, header, "AE", _reason_label(error), key)
+        return await self._process(institution, raw, decoded, header, received, key)
 
     async def _process(
         self,
         institution: str,
         raw: bytes,
-        decoded: Any,
+        decoded: Decoded,
         header: Header,
         received: dt.datetime,
         key: LedgerKey | None,
@@ -713,7 +731,85 @@ def certificate_cn(peercert: Mapping[str, Any] | None) -> str | None:
 # --- the server ---------------------------------------------------------------------------------------------
 
 
-@dataclass
+class _Plain:
+    """A plain TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(65_536)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+class _TLS:
+    """TLS over the connection's own byte stream (ssl.MemoryBIO): the handshake's outcome is ours to see
+    and count (a refused client certificate included), and no byte is read before TLS owns the stream."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+
+    async def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _fill(self) -> bool:
+        data = await self.reader.read(65_536)
+        if not data:
+            self._incoming.write_eof()
+            return False
+        self._incoming.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionError("the client closed during the TLS handshake") from None
+                continue
+            except ssl.SSLError:
+                with contextlib.suppress(Exception):
+                    await self._flush()  # the alert, so the client knows why
+                raise
+            await self._flush()
+            return
+
+    def peercert(self) -> dict[str, Any] | None:
+        cert = self._tls.getpeercert()
+        return dict(cert) if cert else None
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                data = self._tls.read(65_536)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    return b""
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            await self._flush()
+            return data
+
+    async def send(self, data: bytes) -> None:
+        self._tls.write(data)
+        await self._flush()
+
+
+@dataclass(eq=False)
 class _Connection:
     institution: str
     writer: asyncio.StreamWriter
@@ -777,12 +873,16 @@ class MLLPServer:
         conn = _Connection(institution, writer, asyncio.current_task())
         self._connections.add(conn)
         try:
-            if self.ssl_context is not None and not await self._handshake(institution, writer):
-                return
+            stream: _Plain | _TLS = _Plain(reader, writer)
+            if self.ssl_context is not None:
+                tls = _TLS(reader, writer, self.ssl_context)
+                if not await self._handshake(institution, tls):
+                    return
+                stream = tls
             self.metrics.connections.labels(institution).inc()
             self.metrics.connections_open.labels(institution).inc()
             try:
-                await self._read_loop(conn, reader)
+                await self._read_loop(conn, stream)
             finally:
                 self.metrics.connections_open.labels(institution).dec()
         except asyncio.CancelledError:
@@ -795,16 +895,15 @@ class MLLPServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 5)
 
-    async def _handshake(self, institution: str, writer: asyncio.StreamWriter) -> bool:
-        assert self.ssl_context is not None  # noqa: S101 - only called with TLS on
+    async def _handshake(self, institution: str, tls: _TLS) -> bool:
         try:
-            await asyncio.wait_for(writer.start_tls(self.ssl_context), timeout=30)
+            await asyncio.wait_for(tls.handshake(), timeout=min(30.0, self.gateway.mllp_idle_timeout_seconds))
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-            log.warning("%s: TLS handshake refused (%s)", institution, exc)
+            log.warning("%s: TLS handshake refused (%s)", institution, exc or type(exc).__name__)
             self.metrics.connections_refused.labels(institution, "tls").inc()
             return False
         if self.mutual_tls:
-            cn = certificate_cn(writer.get_extra_info("peercert"))
+            cn = certificate_cn(tls.peercert())
             mapped = self.gateway.mllp_tls_client_institutions.get(cn or "", cn)
             if mapped != institution:
                 log.warning(
@@ -814,13 +913,13 @@ class MLLPServer:
                 return False
         return True
 
-    async def _read_loop(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
-        institution, writer = conn.institution, conn.writer
+    async def _read_loop(self, conn: _Connection, stream: _Plain | _TLS) -> None:
+        institution = conn.institution
         framer = MLLPFramer(self.gateway.mllp_max_frame_bytes)
         try:
             while not conn.closing:
                 try:
-                    data = await asyncio.wait_for(reader.read(65_536), self.gateway.mllp_idle_timeout_seconds)
+                    data = await asyncio.wait_for(stream.read(), self.gateway.mllp_idle_timeout_seconds)
                 except TimeoutError:
                     self.metrics.idle_closed.labels(institution).inc()
                     log.info("%s: idle connection closed", institution)
@@ -834,8 +933,7 @@ class MLLPServer:
                     for event in events:
                         answer = await self._on_event(institution, event)
                         if answer is not None:
-                            writer.write(wrap(answer.ack))
-                            await writer.drain()
+                            await stream.send(wrap(answer.ack))
                 finally:
                     conn.busy = False
         finally:
@@ -867,9 +965,11 @@ class MLLPServer:
         deadline = time.monotonic() + grace
         while self._connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for conn in list(self._connections):
-            if conn.task is not None:
-                conn.task.cancel()
+        left = [conn.task for conn in self._connections if conn.task is not None]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5)
         for server in self.servers.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
