@@ -29,7 +29,7 @@ from producers.gateways.hl7 import samples
 from producers.gateways.hl7.charset import decode_message
 from producers.gateways.hl7.mapping import map_message
 from producers.gateways.mllp import Frame, MLLPFramer, wrap
-from sinks.models import Encounter, IngestLog, Observation
+from sinks.models import Diagnosis, Encounter, IngestLog, Observation
 from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
 from tests.integration.test_lab_path import wait_for
 
@@ -408,8 +408,12 @@ def test_gb18030_message_reaches_the_store_intact_and_its_ack_carries_msh18(hub:
             .scalars()
             .all()
         )
-    assert samples.TRAP_WARD in wards, wards
-    assert any(samples.TRAP_DISPLAY in (a or "") for a in analytes) or analytes, analytes
+        displays = (
+            conn.execute(select(Diagnosis.display).where(Diagnosis.institution_id == "H002")).scalars().all()
+        )
+    assert samples.TRAP_WARD in wards, wards  # ADT PV1-3 in GBK, second bytes `|`/`^`
+    assert samples.TRAP_DISPLAY in analytes, analytes  # ORU OBX-3.2 in GB 18030
+    assert "低钾血症(東區)" in displays, displays  # DG1-4
 
 
 # --- broker outage ------------------------------------------------------------------------------------------
