@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,213 @@ def _show_shared_timeline(engine: Any) -> None:
 
 
 DEMO_CLINICIAN = "demo.clinician"
+
+
+def _mllp_exchange(port: int, message: bytes, timeout: float = 60.0) -> bytes:
+    """Send one framed message and read its ACK frame, as a sending system does."""
+    import socket
+
+    from producers.gateways.mllp import read_frames, wrap
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(wrap(message))
+        received = b""
+        while not read_frames(received):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    frames = read_frames(received)
+    return frames[0] if frames else b""
+
+
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+
+
+def _coded(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    coding = {"system": system, "code": code, **({"display": display} if display else {})}
+    return {"coding": [coding]}
+
+
+def _fhir_bundle(mrn: str, at: dt.datetime, stamp: str) -> dict[str, Any]:
+    """A C003 transaction: the patient (referenced, never stored by name), a potassium, a diagnosis."""
+    when = at.isoformat()
+    patient = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'demo-patient-' + stamp)}"
+    observation = {
+        "resourceType": "Observation",
+        "identifier": [{"system": "http://lis.c003.example/result", "value": f"FHIR-{stamp}-K"}],
+        "status": "final",
+        "category": [_coded(OBSERVATION_CATEGORY, "laboratory")],
+        "code": _coded("http://lis.c003.example/codes", "K+", "Potassium"),
+        "subject": {"reference": patient},
+        "effectiveDateTime": when,
+        "issued": when,
+        "valueQuantity": {"value": 6.4, "unit": "meq/L"},
+        "interpretation": [_coded(INTERPRETATION, "HH")],
+    }
+    condition = {
+        "resourceType": "Condition",
+        "identifier": [{"system": "http://his.c003.example/dx", "value": f"FHIR-{stamp}-DX"}],
+        "clinicalStatus": _coded(CONDITION_CLINICAL, "active"),
+        "code": _coded(ICD10, "E87.5", "Hyperkalaemia"),
+        "subject": {"reference": patient},
+        "recordedDate": when,
+    }
+    person = {
+        "resourceType": "Patient",
+        "identifier": [{"type": _coded(V2_0203, "MR"), "value": mrn}],
+        "gender": "female",
+        "birthDate": "1957",
+    }
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": patient, "resource": person, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": observation, "request": {"method": "POST", "url": "Observation"}},
+            {"resource": condition, "request": {"method": "POST", "url": "Condition"}},
+        ],
+    }
+
+
+def _show_gateways(settings: HubSettings, data_dir: Path, engine: Any, seed: int) -> list[str]:
+    """HL7 v2 over MLLP from H001 and H002 (one in GB 18030) and a FHIR transaction from C003, through the
+    gateways as hospitals would send them; returns the MRNs, whose records the timeline then shows."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from clinhub.gateway_fhir import build_fhir_gateway
+    from clinhub.gateway_mllp import start_mllp_gateway
+    from producers.gateways.fhir.auth import token_line
+    from producers.gateways.hl7 import samples
+
+    stamp = f"{seed % 100000:05d}"
+    at = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=10)
+    token, line = token_line("C003")
+    tokens = data_dir / "fhir-tokens.txt"
+    tokens.write_text(line + "\n")
+    tokens.chmod(0o600)
+    gateway_settings = settings.gateway.model_copy(
+        update={
+            "mllp_listeners": {"H001": 0, "H002": 0},
+            "mllp_http_port": 0,
+            "ledger_path": data_dir / "gateway-ledger.sqlite3",
+            "fhir_tokens_file": tokens,
+        }
+    )
+    gateway_hub = settings.model_copy(update={"gateway": gateway_settings})
+    h001, h002 = f"HL7-{stamp}", f"GB{stamp}"
+    messages = [
+        ("H001", "ORU^R01 v2.5.1", samples.oru_r01("H001", mrn=h001, control_id=f"D{stamp}1", at=at)),
+        (
+            "H001",
+            "ADT^A01",
+            samples.adt("A01", "H001", mrn=h001, control_id=f"D{stamp}2", encounter_id=f"E{stamp}", at=at),
+        ),
+        ("H002", "ORU^R01 GB 18030", samples.oru_gb18030("H002", mrn=h002, control_id=f"D{stamp}3", at=at)),
+    ]
+    typer.echo("\nGateways: HL7 v2 over MLLP (H001, H002) and FHIR R4 (C003)")
+    with start_mllp_gateway(gateway_hub) as gateway:
+        for institution, label, message in messages:
+            ack = _mllp_exchange(gateway.ports[institution], message)
+            msa = next((seg for seg in ack.split(b"\r") if seg.startswith(b"MSA")), b"MSA|?")
+            code = msa.split(b"|")[1].decode("ascii", "replace")
+            typer.echo(f"  {institution} {label:17} -> ACK {code} (only once Kafka has every event)")
+    fhir = build_fhir_gateway(gateway_hub)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(fhir.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="fhir-gateway", daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started, 20)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/",
+            json=_fhir_bundle(f"FH{stamp}", at, stamp),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
+            timeout=60,
+        )
+        statuses = [entry["response"]["status"] for entry in response.json().get("entry", [])]
+        typer.echo(
+            f"  C003 FHIR transaction Bundle -> HTTP {response.status_code}, entries {', '.join(statuses)}"
+        )
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        fhir.close()
+    return [f"HL7-{stamp}", f"GB{stamp}", f"FH{stamp}"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _show_gateway_records(engine: Any, mrns: list[str], since: dt.datetime, seconds: float = 60) -> bool:
+    """What the gateways' messages became in the regional store (Chinese text as sent)."""
+    from sqlalchemy import literal
+
+    from sinks.models import Diagnosis, EncounterEvent, IdentifierLink, Observation, UtcDateTime
+
+    def patients() -> list[str]:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(IdentifierLink.regional_patient_id).where(IdentifierLink.patient_mrn.in_(mrns))
+                ).scalars()
+            )
+
+    def stored() -> bool:
+        ids = patients()
+        if len(ids) < len(mrns):
+            return False
+        with engine.connect() as conn:
+            found = [
+                conn.execute(select(column).where(patient.in_(ids)).limit(1)).first()
+                for column, patient in (
+                    (Observation.result_id, Observation.regional_patient_id),
+                    (EncounterEvent.event_id, EncounterEvent.regional_patient_id),
+                    (Diagnosis.diagnosis_id, Diagnosis.regional_patient_id),
+                )
+            ]
+        return all(found)
+
+    done = _wait_until(stored, seconds)
+    ids = patients()
+    # this run's records only: the samples carry one national id, so earlier runs' are the same patient's
+    after = literal(since, UtcDateTime)
+    with engine.connect() as conn:
+        labs = conn.execute(
+            select(Observation)
+            .where(Observation.regional_patient_id.in_(ids), Observation.ingested_time >= after)
+            .order_by(Observation.institution_id)
+        ).all()
+        wards = conn.execute(
+            select(EncounterEvent.institution_id, EncounterEvent.event_type, EncounterEvent.ward).where(
+                EncounterEvent.regional_patient_id.in_(ids), EncounterEvent.ingested_time >= after
+            )
+        ).all()
+        diagnoses = conn.execute(
+            select(Diagnosis.institution_id, Diagnosis.icd10_code, Diagnosis.display).where(
+                Diagnosis.regional_patient_id.in_(ids), Diagnosis.ingested_time >= after
+            )
+        ).all()
+    typer.echo("  in the regional store:")
+    for row in labs:
+        typer.echo(f"    {_lab_row(row)}  {row.analyte or ''}".rstrip())
+    for institution, event_type, ward in wards:
+        typer.echo(f"    {institution} encounter {event_type} ward {ward}")
+    for institution, code, display in diagnoses:
+        typer.echo(f"    {institution} diagnosis {code} {display or ''}".rstrip())
+    return done
 
 
 def _demo_password(data_dir: Path) -> tuple[str, bool]:
@@ -390,6 +598,12 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
             )
         _show_written_results(engine, [r["envelope"]["event_id"] for r in written])
         _show_shared_timeline(engine)
+        gateways_started = dt.datetime.now(dt.UTC)
+        gateway_mrns = _show_gateways(settings, data_dir, engine, seed)
+        if not _show_gateway_records(engine, gateway_mrns, gateways_started):
+            problems_later = ["the gateways' messages did not all reach the store"]
+        else:
+            problems_later = []
         _show_console(settings, data_dir, keep_running)
         typer.echo(
             f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
@@ -407,6 +621,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
             )
             if failed
         ]
+        problems += problems_later
         if problems:
             typer.echo(f"the run is incomplete: {'; '.join(problems)}", err=True)
             raise typer.Exit(1)
