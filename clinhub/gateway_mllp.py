@@ -68,6 +68,7 @@ class _Gateway:
     settings: HubSettings
     parts: _Parts
     server: mllp.MLLPServer | None = None
+    handler: mllp.MessageHandler | None = None
     http: Any = None
     http_task: asyncio.Task[Any] | None = None
     http_port: int = 0
@@ -80,7 +81,7 @@ class _Gateway:
         publish_executor = ThreadPoolExecutor(workers, thread_name_prefix="mllp-publish")
         ledger_executor = ThreadPoolExecutor(1, thread_name_prefix="mllp-ledger")
         self.executors = [publish_executor, ledger_executor]
-        handler = mllp.MessageHandler(
+        self.handler = handler = mllp.MessageHandler(
             gateway,
             self.parts.publishers,
             self.parts.ledger,
@@ -130,6 +131,8 @@ class _Gateway:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.http_task, 10)
         loop = asyncio.get_running_loop()
+        if self.handler is not None:
+            await loop.run_in_executor(None, self.handler.close)
         await loop.run_in_executor(None, self._close_blocking)
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)

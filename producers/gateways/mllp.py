@@ -319,6 +319,8 @@ class PublisherLike(Protocol):
         self, kind: str, records: Sequence[Mapping[str, Any]]
     ) -> list[Receipt | DeliveryFailedError]: ...
 
+    def validate(self, kind: str, record: Mapping[str, Any]) -> None: ...
+
     def close(self, timeout: float | None = None) -> None: ...
 
 
@@ -459,6 +461,84 @@ def _header_of(raw: bytes) -> Header | None:
             return None
 
 
+Events = Sequence[tuple[str, Mapping[str, Any]]]
+BatchResult = list[Receipt | DeliveryFailedError] | BaseException
+
+
+def publish_batch(publisher: PublisherLike, messages: Sequence[Events]) -> list[BatchResult]:
+    """Publish the events of several messages with one `publish_many` per kind; results per message.
+
+    A message with an invalid record gets its `RecordValidationError` and sends nothing; the others are
+    published (publish_many would otherwise refuse the whole batch for one bad record)."""
+    out: list[BatchResult | None] = [None] * len(messages)
+    by_kind: dict[str, list[tuple[int, int, Mapping[str, Any]]]] = {}
+    for m, events in enumerate(messages):
+        try:
+            for kind, record in events:
+                publisher.validate(kind, record)
+        except RecordValidationError as error:
+            out[m] = error
+            continue
+        out[m] = [DeliveryFailedError("", "not published", True)] * len(events)
+        for e, (kind, record) in enumerate(events):
+            by_kind.setdefault(kind, []).append((m, e, record))
+    for kind, items in by_kind.items():
+        try:
+            results = publisher.publish_many(kind, [record for _m, _e, record in items])
+        except Exception as error:  # noqa: BLE001 - every message of the batch gets it (AR)
+            for m, _e, _record in items:
+                out[m] = error
+            continue
+        for (m, e, _record), result in zip(items, results, strict=True):
+            slot = out[m]
+            if isinstance(slot, list):
+                slot[e] = result
+    return [r if r is not None else [] for r in out]
+
+
+class PublishBatcher:
+    """One institution's publishing on one thread of its own: the messages that arrive while a batch is
+    on its way to Kafka go together in the next one (one publish_many per kind), so concurrent
+    connections share the broker's round trips instead of competing for the producer's delivery reports
+    (a publish_many polling from several threads at once can sleep through its own report)."""
+
+    def __init__(self, publisher: PublisherLike) -> None:
+        self.publisher = publisher
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mllp-publish")
+        self._pending: list[tuple[Events, asyncio.Future[list[Receipt | DeliveryFailedError]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def publish(self, events: Events) -> list[Receipt | DeliveryFailedError]:
+        future: asyncio.Future[list[Receipt | DeliveryFailedError]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append((events, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, publish_batch, self.publisher, [events for events, _f in batch]
+                )
+            except Exception as error:  # noqa: BLE001 - handed to every waiting message
+                results = [error] * len(batch)
+            for (_events, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
 class MessageHandler:
     """Turns one frame (or framing event) into its ACK. Blocking work runs in the given executors."""
 
@@ -482,6 +562,17 @@ class MessageHandler:
         self._ledger_executor = ledger_executor
         self.clock = clock
         self._key_locks: dict[LedgerKey, asyncio.Lock] = {}
+        self._batchers: dict[str, PublishBatcher] = {}
+
+    def _batcher(self, institution: str) -> PublishBatcher:
+        batcher = self._batchers.get(institution)
+        if batcher is None:
+            batcher = self._batchers[institution] = PublishBatcher(self.publishers[institution])
+        return batcher
+
+    def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
 
     async def _in(self, executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -636,22 +727,18 @@ class MessageHandler:
             return await self.reject(institution, raw, error, header, "AR", "unsupported")
         except HL7ContentError as error:
             return await self.reject(institution, raw, error, header, "AE", _reason_label(error), key)
-        groups: dict[str, list[Any]] = {}
-        for kind, record in mapped.events:
-            groups.setdefault(kind, []).append(record)
-        publisher = self.publishers[institution]
         published = 0
         try:
-            for kind, records in groups.items():
-                results = await asyncio.wait_for(
-                    self._in(self._publish_executor, publisher.publish_many, kind, records),
-                    timeout=self.gateway.publish_timeout_seconds + 10,
-                )
-                failed = [r for r in results if isinstance(r, DeliveryFailedError)]
-                if failed:
-                    raise failed[0]
-                published += len(results)
-                self.metrics.gateway.events.labels(GATEWAY, institution, kind).inc(len(results))
+            results = await asyncio.wait_for(
+                self._batcher(institution).publish(mapped.events),
+                timeout=self.gateway.publish_timeout_seconds + 10,
+            )
+            failed = [r for r in results if isinstance(r, DeliveryFailedError)]
+            if failed:
+                raise failed[0]
+            published = len(results)
+            for kind, _record in mapped.events:
+                self.metrics.gateway.events.labels(GATEWAY, institution, kind).inc()
         except RecordValidationError as error:
             content = HL7ContentError(
                 "MSH",
