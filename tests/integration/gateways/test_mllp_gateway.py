@@ -581,3 +581,47 @@ def test_mutual_tls_serves_the_right_certificate_and_refuses_the_others(hub: Hub
             == 1
         )
         assert metric(gw, "clinhub_mllp_connections_refused_total", institution="H001", reason="tls") == 3
+
+
+# --- the process --------------------------------------------------------------------------------------------
+
+
+def test_clinhub_gateway_mllp_serves_and_stops_cleanly_on_sigterm(hub: HubEnv) -> None:
+    import json
+    import subprocess
+    import sys
+
+    port, http_port = free_port(), free_port()
+    env = {
+        **hub.env(),
+        "CLINHUB_GATEWAY_MLLP_LISTENERS": json.dumps({"H001": port}),
+        "CLINHUB_GATEWAY_MLLP_HTTP_PORT": str(http_port),
+        "CLINHUB_GATEWAY_LEDGER_PATH": str(hub.workdir / "cli-ledger.sqlite3"),
+    }
+    log_path = hub.workdir / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clinhub.cli", "gateway", "mllp"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=hub.workdir,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "MLLP gateway listening" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.2)
+        client = Client(port)
+        assert parse_ack(client.send(samples.adt("A04", "H001", control_id="CLI-1")))["code"] == "AA"
+        assert httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=10).status_code == 200
+        proc.terminate()
+        assert proc.wait(60) == 0, log_path.read_text(errors="replace")
+        client.close()
+        text = log_path.read_text(errors="replace")
+        assert f"H001 :{port}" in text and "MLLP gateway stopped" in text, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
