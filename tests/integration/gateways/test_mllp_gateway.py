@@ -625,3 +625,54 @@ def test_clinhub_gateway_mllp_serves_and_stops_cleanly_on_sigterm(hub: HubEnv) -
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_connections_over_the_maximum_are_refused(hub: HubEnv) -> None:
+    settings = gateway_settings(hub.settings, hub.workdir, mllp_max_connections=2)
+    with gateway(settings) as gw:
+        first, second = Client(gw.ports["H001"]), Client(gw.ports["H002"])
+        assert parse_ack(first.send(samples.adt("A04", "H001", control_id="MAX-1")))["code"] == "AA"
+        third = Client(gw.ports["H001"], timeout=10)
+        assert third.sock.recv(10) == b""  # closed at once
+        assert metric(gw, "clinhub_mllp_connections_refused_total", reason="max_connections") == 1
+        assert parse_ack(second.send(samples.omp_o09("H002", control_id="MAX-2")))["code"] == "AA"
+        for client in (first, second, third):
+            client.close()
+
+
+def test_stop_lets_the_message_in_flight_be_answered(hub: HubEnv) -> None:
+    """SIGTERM's path: no new connections, but the message being published still gets its AA."""
+    from producers.publisher import Receipt
+
+    publishing = threading.Event()
+
+    class SlowPublisher:
+        def validate(self, kind: str, record: Any) -> None:
+            return None
+
+        def publish_many(self, kind: str, records: Any) -> list[Any]:
+            publishing.set()
+            time.sleep(2)
+            return [Receipt(r["envelope"]["event_id"], kind, 0, 0) for r in records]
+
+        def close(self, timeout: float | None = None) -> None:
+            return None
+
+    class NoDeadLetters:
+        def publish(self, record: Any, key: bytes | None) -> None:
+            raise AssertionError("nothing is rejected here")
+
+    settings = gateway_settings(hub.settings, hub.workdir)
+    gw = start_mllp_gateway(
+        settings, publishers={"H001": SlowPublisher(), "H002": SlowPublisher()}, dead_letters=NoDeadLetters()
+    )
+    client = Client(gw.ports["H001"])
+    client.send_raw(wrap(samples.adt("A04", "H001", control_id="STOP-1")))
+    assert publishing.wait(10)
+    stopper = threading.Thread(target=gw.stop)
+    stopper.start()
+    assert parse_ack(client.acks(1)[0])["code"] == "AA"
+    stopper.join(30)
+    assert not stopper.is_alive()
+    with pytest.raises(OSError):
+        Client(gw.ports["H001"], timeout=5).send(samples.adt("A04", "H001", control_id="STOP-2"))
