@@ -77,8 +77,8 @@ class _Gateway:
 
     async def start(self) -> None:
         gateway = self.settings.gateway
-        workers = min(gateway.mllp_max_connections, 64) + 4
-        publish_executor = ThreadPoolExecutor(workers, thread_name_prefix="mllp-publish")
+        workers = 8  # dead letters only: publishing runs on one thread per institution (PublishBatcher)
+        publish_executor = ThreadPoolExecutor(workers, thread_name_prefix="mllp-deadletter")
         ledger_executor = ThreadPoolExecutor(1, thread_name_prefix="mllp-ledger")
         self.executors = [publish_executor, ledger_executor]
         self.handler = handler = mllp.MessageHandler(
