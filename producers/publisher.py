@@ -114,22 +114,29 @@ class Publisher:
 
         Every record is validated before any is sent, so a batch with one bad record sends nothing.
         """
-        for record in records:
+        return self.publish_events([(kind, record) for record in records])
+
+    def publish_events(
+        self, events: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[Receipt | DeliveryFailedError]:
+        """`publish_many` over events of several kinds (one HL7 message makes labs, vitals, a diagnosis):
+        all validated first, all sent, then one wait for their delivery reports, not one per kind."""
+        for kind, record in events:
             self.validate(kind, record)
         results: dict[int, Any] = {}
-        for index, record in enumerate(records):
+        for index, (kind, record) in enumerate(events):
             self._produce(kind, record, results, index)
             self._producer.poll(0)
         deadline = time.monotonic() + self._delivery_timeout + 5
-        while len(results) < len(records) and time.monotonic() < deadline:
+        while len(results) < len(events) and time.monotonic() < deadline:
             self._producer.poll(0.1)
-        for i in range(len(records)):
+        for i in range(len(events)):
             if i not in results:
-                event_id = str(records[i]["envelope"]["event_id"])
+                event_id = str(events[i][1]["envelope"]["event_id"])
                 results[i] = DeliveryFailedError(
                     event_id, "no delivery report within the timeout", retriable=True
                 )
-        return [results[i] for i in range(len(records))]
+        return [results[i] for i in range(len(events))]
 
     def publish(self, kind: str, record: Mapping[str, Any]) -> Receipt:
         """Publish one event and return once the broker has it, or raise DeliveryFailedError."""

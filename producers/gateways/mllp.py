@@ -319,6 +319,10 @@ class PublisherLike(Protocol):
         self, kind: str, records: Sequence[Mapping[str, Any]]
     ) -> list[Receipt | DeliveryFailedError]: ...
 
+    def publish_events(
+        self, events: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[Receipt | DeliveryFailedError]: ...
+
     def validate(self, kind: str, record: Mapping[str, Any]) -> None: ...
 
     def close(self, timeout: float | None = None) -> None: ...
@@ -466,12 +470,13 @@ BatchResult = list[Receipt | DeliveryFailedError] | BaseException
 
 
 def publish_batch(publisher: PublisherLike, messages: Sequence[Events]) -> list[BatchResult]:
-    """Publish the events of several messages with one `publish_many` per kind; results per message.
+    """Publish the events of several messages in one `publish_events` (one wait for all their delivery
+    reports, whatever their kinds); results per message.
 
     A message with an invalid record gets its `RecordValidationError` and sends nothing; the others are
-    published (publish_many would otherwise refuse the whole batch for one bad record)."""
+    published (publish_events would otherwise refuse the whole batch for one bad record)."""
     out: list[BatchResult | None] = [None] * len(messages)
-    by_kind: dict[str, list[tuple[int, int, Mapping[str, Any]]]] = {}
+    items: list[tuple[int, int, str, Mapping[str, Any]]] = []
     for m, events in enumerate(messages):
         try:
             for kind, record in events:
@@ -480,19 +485,18 @@ def publish_batch(publisher: PublisherLike, messages: Sequence[Events]) -> list[
             out[m] = error
             continue
         out[m] = [DeliveryFailedError("", "not published", True)] * len(events)
-        for e, (kind, record) in enumerate(events):
-            by_kind.setdefault(kind, []).append((m, e, record))
-    for kind, items in by_kind.items():
+        items.extend((m, e, kind, record) for e, (kind, record) in enumerate(events))
+    if items:
         try:
-            results = publisher.publish_many(kind, [record for _m, _e, record in items])
+            results = publisher.publish_events([(kind, record) for _m, _e, kind, record in items])
         except Exception as error:  # noqa: BLE001 - every message of the batch gets it (AR)
-            for m, _e, _record in items:
+            for m, _e, _kind, _record in items:
                 out[m] = error
-            continue
-        for (m, e, _record), result in zip(items, results, strict=True):
-            slot = out[m]
-            if isinstance(slot, list):
-                slot[e] = result
+        else:
+            for (m, e, _kind, _record), result in zip(items, results, strict=True):
+                slot = out[m]
+                if isinstance(slot, list):
+                    slot[e] = result
     return [r if r is not None else [] for r in out]
 
 

@@ -651,9 +651,12 @@ def test_stop_lets_the_message_in_flight_be_answered(hub: HubEnv) -> None:
             return None
 
         def publish_many(self, kind: str, records: Any) -> list[Any]:
+            return self.publish_events([(kind, r) for r in records])
+
+        def publish_events(self, events: Any) -> list[Any]:
             publishing.set()
             time.sleep(2)
-            return [Receipt(r["envelope"]["event_id"], kind, 0, 0) for r in records]
+            return [Receipt(r["envelope"]["event_id"], kind, 0, 0) for kind, r in events]
 
         def close(self, timeout: float | None = None) -> None:
             return None
