@@ -57,7 +57,12 @@ def run_csv_import(
     rejects_path = rejects if rejects is not None else default_rejects(file)
     total = len(check_export(file, loaded, institution)[1])  # fails before any connection
     try:
-        publisher = make_publisher(settings, institution, kinds=(loaded.kind,))
+        publisher = make_publisher(
+            settings,
+            institution,
+            delivery_timeout=settings.gateway.publish_timeout_seconds,
+            kinds=(loaded.kind,),
+        )
     except HubError as exc:
         raise CsvImportError(f"cannot publish ({exc}); nothing was imported, run the command again") from exc
     ledger = Ledger(ledger_path(settings))

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -23,8 +24,14 @@ pytestmark = pytest.mark.integration
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "csv"
 
 
-def _import(hub: HubEnv, export: Path) -> subprocess.CompletedProcess[str]:
-    env = {**hub.env(), "CLINHUB_GATEWAY_LEDGER_PATH": str(hub.workdir / "gateway-ledger.sqlite3")}
+def _import(
+    hub: HubEnv, export: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **hub.env(),
+        "CLINHUB_GATEWAY_LEDGER_PATH": str(hub.workdir / "gateway-ledger.sqlite3"),
+        **(extra_env or {}),
+    }
     return subprocess.run(
         [
             sys.executable,
@@ -104,3 +111,41 @@ def test_h002_export_reaches_the_store_and_a_rerun_publishes_nothing(hub: HubEnv
     assert "published: 0" in again.stdout and "already imported: 6" in again.stdout, again.stdout
     assert _messages_on(hub, raw_topic) == 6, "a re-run must not send the rows again"
     assert len(_h002_rows(hub)) == 6
+
+
+def test_a_broker_outage_publishes_nothing_silently_and_the_rerun_sends_every_row_once(
+    schema_registry_url: str, postgres_cluster: Any, tmp_path: Path
+) -> None:
+    """On a broker of its own, stopped for the first run: the command exits non-zero saying how many rows
+    were not published, nothing reaches the ledger, and the re-run once it is back sends every row once."""
+    from clinhub.infra import kafka
+    from tests.integration.conftest import INFRA_HOME, running_hub
+    from tests.integration.console.conftest import free_port
+
+    layout = kafka.KafkaLayout(
+        home=tmp_path / "kafka2",
+        port=free_port(),
+        controller_port=free_port(),
+        shared_lib=INFRA_HOME / "kafka-lib",
+    )
+    process = kafka.start(layout)
+    try:
+        with running_hub(layout.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as hub:
+            export = hub.workdir / "h002-lab-example.csv"
+            shutil.copyfile(DEPLOY / "h002-lab-example.csv", export)
+            process.stop()
+            down = _import(hub, export, {"CLINHUB_GATEWAY_PUBLISH_TIMEOUT_SECONDS": "3"})
+            assert down.returncode == 1, down.stdout + down.stderr
+            assert "not published: 6" in down.stdout, down.stdout
+            assert "run the same command again" in down.stdout + down.stderr
+            process = kafka.start(layout)
+            back = _import(hub, export)
+            assert back.returncode == 0, back.stdout + back.stderr
+            assert "published: 6" in back.stdout and "already imported: 0" in back.stdout, back.stdout
+            hub.start_worker()
+            wait_for(
+                lambda: len(_h002_rows(hub)) == 6, hub, timeout=120, what="every row once the broker is back"
+            )
+            assert _messages_on(hub, hub.topics.raw("H002", "lab")) >= 6
+    finally:
+        process.stop()
