@@ -25,13 +25,10 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.local_services import services
 from clinhub.gateway_mllp import start_mllp_gateway
-from clinhub.infra import kafka, registry
-from clinhub.infra.process import free_port
 from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
@@ -48,25 +45,6 @@ from producers.gateways.hl7.charset import decode_message
 from producers.gateways.hl7.mapping import map_message
 from producers.gateways.mllp import Frame, MLLPFramer, wrap
 from streams.runtime.topics import create_topics
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def services(workdir: Path) -> Iterator[tuple[str, str]]:
-    broker = kafka.KafkaLayout(
-        workdir / "kafka", free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
-    )
-    schema_registry = registry.RegistryLayout(
-        workdir / "registry", free_port(), persistent=False, shared_app=ROOT / ".infra" / "registry-app"
-    )
-    broker_process = kafka.start(broker)
-    registry_process = registry.start(schema_registry)
-    try:
-        yield broker.bootstrap, schema_registry.url
-    finally:
-        registry_process.stop()
-        broker_process.stop()
 
 
 def messages(run: str, count: int) -> list[bytes]:

@@ -25,15 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
 
-from clinhub.infra import kafka, registry
-from clinhub.infra.process import free_port
+from benchmarks.local_services import services
 from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
@@ -51,25 +49,6 @@ from schemas.wire import AvroDecoder, ConfluentRegistry
 from sinks.models import IngestLog
 from sinks.store import make_engine, upgrade
 from streams.runtime.topics import create_topics
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def services(workdir: Path) -> Iterator[tuple[str, str]]:
-    broker = kafka.KafkaLayout(
-        workdir / "kafka", free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
-    )
-    schema_registry = registry.RegistryLayout(
-        workdir / "registry", free_port(), persistent=False, shared_app=ROOT / ".infra" / "registry-app"
-    )
-    broker_process = kafka.start(broker)
-    registry_process = registry.start(schema_registry)
-    try:
-        yield broker.bootstrap, schema_registry.url
-    finally:
-        registry_process.stop()
-        broker_process.stop()
 
 
 def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
