@@ -119,3 +119,39 @@ def normalised(kind: str, raw: dict[str, Any], now: dt.datetime = NOW) -> dict[s
     envelope["event_id"] = uuid.UUID(str(envelope["event_id"]))
     envelope["produced_time"] = envelope["produced_time"].astimezone(dt.UTC)
     return out
+
+
+def alert_record(raised: dt.datetime | None = None, **changes: Any) -> dict[str, Any]:
+    """A CriticalValueAlert as fastavro decodes it (uuid fields as UUIDs): a potassium of 6.9 mmol/L at
+    H001's ICU, its result two minutes before `raised` (default: now), acknowledgement due 15 minutes
+    after. Any field may be overridden by name."""
+    now = raised if raised is not None else dt.datetime.now(dt.UTC).replace(microsecond=0)
+    record: dict[str, Any] = {
+        "alert_id": uuid.uuid4(),
+        "source_event_id": uuid.uuid4(),
+        "regional_patient_id": "rp-7c21",
+        "institution_id": "H001",
+        "ward": "ICU",
+        "loinc_code": "2823-3",
+        "analyte": "Potassium",
+        "value": 6.9,
+        "value_comparator": None,
+        "unit": "mmol/L",
+        "limit_kind": "HIGH",
+        "limit_value": 6.2,
+        "severity": "CRITICAL",
+        "message": "Potassium 6.90 mmol/L above critical high 6.2",
+        "rule_source": "test rules",
+        "previous_value": None,
+        "previous_time": None,
+        "result_time": now - dt.timedelta(minutes=2),
+        "raised_time": now,
+        "deadline_time": now + dt.timedelta(minutes=15),
+        "correlation_id": "corr-1",
+        "suppressed_repeats": 0,
+    }
+    unknown = set(changes) - set(record)
+    if unknown:
+        raise TypeError(f"a CriticalValueAlert has no field {sorted(unknown)}")
+    record.update(changes)
+    return record

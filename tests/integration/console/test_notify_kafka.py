@@ -28,6 +28,7 @@ from core.settings import ConsoleSettings
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.models import NotificationAttempt, NotificationDelivery
+from tests import factories
 from tests.integration.conftest import HubEnv
 
 KEY = "the H001 receiver's signing key"
@@ -81,31 +82,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 def alert_record() -> dict[str, Any]:
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    return {
-        "alert_id": str(uuid.uuid4()),
-        "source_event_id": str(uuid.uuid4()),
-        "regional_patient_id": "rp-9d41e0",
-        "institution_id": "H001",
-        "ward": "ICU",
-        "loinc_code": "2823-3",
-        "analyte": "Potassium",
-        "value": 6.9,
-        "value_comparator": None,
-        "unit": "mmol/L",
-        "limit_kind": "HIGH",
-        "limit_value": 6.2,
-        "severity": "CRITICAL",
-        "message": "Potassium 6.90 mmol/L above critical high 6.2",
-        "rule_source": "test rules",
-        "previous_value": None,
-        "previous_time": None,
-        "result_time": now - dt.timedelta(minutes=2),
-        "raised_time": now,
-        "deadline_time": now + dt.timedelta(minutes=15),
-        "correlation_id": "corr-notify",
-        "suppressed_repeats": 0,
-    }
+    """An alert as the clinical stage publishes it (uuid fields as text, as the encoder takes them)."""
+    record = factories.alert_record(regional_patient_id="rp-9d41e0", correlation_id="corr-notify")
+    return {**record, "alert_id": str(record["alert_id"]), "source_event_id": str(record["source_event_id"])}
 
 
 def escalation_record(alert: dict[str, Any]) -> dict[str, Any]:

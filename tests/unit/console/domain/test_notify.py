@@ -34,6 +34,7 @@ from console.domain.notify import (
 )
 from core.exceptions import ConfigurationError
 from core.settings import ConsoleSettings
+from tests import factories
 
 NOW = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
 ALERT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "notify-alert"))
@@ -70,32 +71,13 @@ DOCUMENT: dict[str, Any] = {
 
 def alert_record(**changes: Any) -> dict[str, Any]:
     """A CriticalValueAlert as fastavro decodes it."""
-    record = {
+    fields = {
         "alert_id": uuid.UUID(ALERT_ID),
-        "source_event_id": uuid.uuid4(),
         "regional_patient_id": "rp-0f3a",
-        "institution_id": "H001",
-        "ward": "ICU",
-        "loinc_code": "2823-3",
-        "analyte": "Potassium",
-        "value": 6.9,
-        "value_comparator": None,
-        "unit": "mmol/L",
-        "limit_kind": "HIGH",
-        "limit_value": 6.2,
-        "severity": "CRITICAL",
-        "message": "Potassium 6.90 mmol/L above critical high 6.2",
-        "rule_source": "test rules",
-        "previous_value": None,
-        "previous_time": None,
         "result_time": NOW - dt.timedelta(minutes=2),
-        "raised_time": NOW - dt.timedelta(minutes=1),
-        "deadline_time": NOW + dt.timedelta(minutes=14),
-        "correlation_id": "corr-1",
-        "suppressed_repeats": 0,
+        **changes,
     }
-    record.update(changes)
-    return record
+    return factories.alert_record(NOW - dt.timedelta(minutes=1), **fields)
 
 
 def escalation_record(level: int = 1, **changes: Any) -> dict[str, Any]:

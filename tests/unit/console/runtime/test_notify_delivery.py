@@ -59,6 +59,7 @@ from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.exceptions import StoreUnavailableError
 from sinks.models import Alert, NotificationAttempt, NotificationDelivery
 from sinks.store import make_engine, upgrade
+from tests import factories
 
 SECRET = "receiver key: 32 random bytes in real life"  # noqa: S105 - a test key
 FAST = RetryPolicy(max_attempts=3, max_delay_seconds=0.4, first_delay_seconds=0.2)
@@ -169,33 +170,7 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 def alert_record(**changes: Any) -> dict[str, Any]:
     """A CriticalValueAlert as fastavro decodes it, raised just now."""
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    record = {
-        "alert_id": uuid.uuid4(),
-        "source_event_id": uuid.uuid4(),
-        "regional_patient_id": "rp-7c21",
-        "institution_id": "H001",
-        "ward": "ICU",
-        "loinc_code": "2823-3",
-        "analyte": "Potassium",
-        "value": 6.9,
-        "value_comparator": None,
-        "unit": "mmol/L",
-        "limit_kind": "HIGH",
-        "limit_value": 6.2,
-        "severity": "CRITICAL",
-        "message": "Potassium 6.90 mmol/L above critical high 6.2",
-        "rule_source": "test rules",
-        "previous_value": None,
-        "previous_time": None,
-        "result_time": now - dt.timedelta(minutes=2),
-        "raised_time": now,
-        "deadline_time": now + dt.timedelta(minutes=15),
-        "correlation_id": "corr-1",
-        "suppressed_repeats": 0,
-    }
-    record.update(changes)
-    return record
+    return factories.alert_record(**changes)
 
 
 def escalation_record(alert: dict[str, Any], level: int = 1) -> dict[str, Any]:
