@@ -142,6 +142,16 @@ def alert_page(request: Request, alert_id: str, caller: CallerDep, done: str | N
     return render(request, "alert.html", caller=caller, detail=detail, item=detail.item, done=done)
 
 
+def _alert_again(
+    request: Request, caller: Caller, alert_id: str, status: int, **context: Any
+) -> HTMLResponse:
+    """The alert's page once more, with why the form was not taken."""
+    detail = console_of(request).open_alert(caller.request, alert_id)
+    return render(
+        request, "alert.html", status_code=status, caller=caller, detail=detail, item=detail.item, **context
+    )
+
+
 @router.post("/alerts/{alert_id}/acknowledge")
 def acknowledge_form(
     request: Request,
@@ -153,26 +163,13 @@ def acknowledge_form(
     note: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
     check_csrf(caller, csrf_token)
-    console = console_of(request)
     try:
-        console.acknowledge(caller.request, alert_id, patient_identifier, value, note or None)
+        console_of(request).acknowledge(caller.request, alert_id, patient_identifier, value, note or None)
     except AlertClosedError as exc:
-        detail = console.open_alert(caller.request, alert_id)
-        return render(
-            request, "alert.html", status_code=409, caller=caller, detail=detail, item=detail.item, closed=exc
-        )
+        return _alert_again(request, caller, alert_id, 409, closed=exc)
     except InvalidInputError as exc:
-        detail = console.open_alert(caller.request, alert_id)
-        return render(
-            request,
-            "alert.html",
-            status_code=422,
-            caller=caller,
-            detail=detail,
-            item=detail.item,
-            form_error=exc,
-            form={"patient_identifier": patient_identifier, "value": value, "note": note},
-        )
+        form = {"patient_identifier": patient_identifier, "value": value, "note": note}
+        return _alert_again(request, caller, alert_id, 422, form_error=exc, form=form)
     return RedirectResponse(f"/alerts/{quote(alert_id)}?done=acknowledged", status_code=303)
 
 
@@ -185,20 +182,10 @@ def action_form(
     note: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
     check_csrf(caller, csrf_token)
-    console = console_of(request)
     try:
-        console.record_action(caller.request, alert_id, note)
+        console_of(request).record_action(caller.request, alert_id, note)
     except InvalidInputError as exc:
-        detail = console.open_alert(caller.request, alert_id)
-        return render(
-            request,
-            "alert.html",
-            status_code=422,
-            caller=caller,
-            detail=detail,
-            item=detail.item,
-            action_error=exc,
-        )
+        return _alert_again(request, caller, alert_id, 422, action_error=exc)
     return RedirectResponse(f"/alerts/{quote(alert_id)}?done=action", status_code=303)
 
 
