@@ -3,8 +3,10 @@
 ORU^R01 (lab results from OBX in their OBR context; vital signs when OBX-3 is a vital-sign code),
 ADT^A01/A02/A03/A04/A08 (and the cancels A11/A12/A13) as EncounterEvent, RDE^O11 and OMP^O09 as
 MedicationOrder, and every DG1 as Diagnosis. Values as sent: nothing rounded, trimmed (beyond HL7
-component whitespace) or guessed; patient names are never read. Times keep the offset they were sent
-with; one without offset is on the institution's clock (`streams/data/institutions.json`, read as data).
+component whitespace) or guessed. The patient's name is PID-5's first repetition as written (family
+name; given and middle names), carried on every event for the institution's own users. Times keep the
+offset they were sent with; one without offset is on the institution's clock
+(`streams/data/institutions.json`, read as data).
 Event ids are deterministic (`event_id_for("mllp", institution, "<MSH-4>|<MSH-10>", n)`), so a resend
 makes the same events.
 """
@@ -190,11 +192,14 @@ class _Context:
             raise pid.error(
                 8, f"administrative sex {sex_code!r} is not in HL7 table 0001", TABLE_VALUE_NOT_FOUND
             )
+        family, given = _patient_name(pid)
         return {
             "patient_mrn": mrn,
             "patient_national_id": national or None,
             "patient_birth_year": year,
             "patient_sex": sex,
+            "patient_family_name": family,
+            "patient_given_name": given,
         }
 
     def add(self, kind: str, event_time: dt.datetime, fields: dict[str, Any]) -> None:
@@ -216,6 +221,16 @@ class _Context:
 
 
 _SEX = {"F": "female", "M": "male", "O": "other", "A": "other", "U": "unknown", "N": "unknown"}
+HL7_NULL = '""'  # "delete the value" in HL7 v2: no value, never a name
+
+
+def _patient_name(pid: Segment) -> tuple[str | None, str | None]:
+    """(family, given) of PID-5's first repetition (XPN), as sent and unescaped in the message's own
+    character set: the family name is XPN.1's first subcomponent (FN.1, the surname); the given name
+    XPN.2, then XPN.3 (further given or middle names) after a space. None for what is not sent."""
+    family = pid.value(5, 1, 1, 1)
+    parts = [part for part in (pid.value(5, 2), pid.value(5, 3)) if part and part != HL7_NULL]
+    return (family if family and family != HL7_NULL else None), (" ".join(parts) or None)
 
 
 def map_message(

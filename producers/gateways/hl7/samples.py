@@ -3,8 +3,8 @@ benchmark: one function per message kind, returning the bytes on the wire (witho
 parameterised by institution, MRN, control id, value and time. Local codes are each institution's own
 (streams/data/terminology.json: H001 K, NA, GLU; H002 LAB0101, LAB0201; C003 K+, GLUC).
 
-`oru_gb18030` is written in GB 18030 with ward and test names whose GBK bytes have `|` (0x7C) or `^`
-(0x5E) as their second byte (`gbk_trap_characters` finds them): a receiver that splits raw bytes
+`oru_gb18030` is written in GB 18030 with a patient name, a ward and a test name whose GBK bytes have `|`
+(0x7C) or `^` (0x5E) as their second byte (`gbk_trap_characters` finds them): a receiver that splits raw bytes
 corrupts them.
 """
 
@@ -67,6 +67,10 @@ def gbk_trap_characters(second_byte: int) -> list[str]:
 # style name a GB 18030 system still carries
 TRAP_WARD = "東區病房"
 TRAP_DISPLAY = "钾 Potassium(東區急診)"
+# A Cantonese patient (Au Wai Tung) as a GB 18030 system writes the name: 區 (the surname) is 0x85 0x5E
+# ("^"), 瑋 0xAC 0x7C and 東 0x96 0x7C ("|") in GBK
+TRAP_FAMILY_NAME = "區"
+TRAP_GIVEN_NAME = "瑋東"
 
 
 def ts(at: dt.datetime, offset: bool = True) -> str:
@@ -100,9 +104,11 @@ def _msh(
     )
 
 
-def _pid(institution: str, mrn: str, national_id: str | None = "11010519491231002X") -> str:
+def _pid(
+    institution: str, mrn: str, national_id: str | None = "11010519491231002X", name: str = "WANG^Li^^^^^L"
+) -> str:
     national = f"~{national_id}^^^CHN^NNCHN" if national_id else ""
-    return f"PID|1||{mrn}^^^{institution}^MR{national}||WANG^Li^^^^^L||19600314|F|||1 Harbour Rd^^Shanghai"
+    return f"PID|1||{mrn}^^^{institution}^MR{national}||{name}||19600314|F|||1 Harbour Rd^^Shanghai"
 
 
 def oru_r01(
@@ -281,16 +287,17 @@ def oru_gb18030(
     potassium: str = "2.6",
     at: dt.datetime = DEFAULT_TIME,
     charset: str = "GB 18030-2000",
+    patient_name: str = f"{TRAP_FAMILY_NAME}^{TRAP_GIVEN_NAME}^^^^^L",
 ) -> bytes:
     """ORU^R01 v2.4 in GB 18030 (MSH-18 `GB 18030-2000`; `GBK` or `GB2312` as other senders write it):
-    the ward (PV1-3) `東區病房` and the test name (OBX-3.2) carry GBK characters whose second byte is `|`
-    or `^`; a Chinese diagnosis text in DG1."""
+    the patient's name (PID-5) `區^瑋東`, the ward (PV1-3) `東區病房` and the test name (OBX-3.2) carry GBK
+    characters whose second byte is `|` or `^`; a Chinese diagnosis text in DG1."""
     c = _codes(institution)
     when = ts(at)
     return _finish(
         [
             _msh(institution, "ORU^R01", control_id, at, "2.4", charset),
-            _pid(institution, mrn),
+            _pid(institution, mrn, name=patient_name),
             segment("PV1", {1: "1", 2: "I", 3: f"{TRAP_WARD}^08^2", 7: "D0077", 19: "V0042"}),
             f"OBR|1|PL0042|FL0042|ELEC^电解质^99LIS|||{when}|||||||||||||||{when}|||F",
             f"OBX|1|NM|{c.potassium[0]}^{TRAP_DISPLAY}^{c.system}||{potassium}|mmol/L|3.5-5.3|LL|||F",

@@ -90,12 +90,64 @@ def test_values_exactly_as_sent() -> None:
     assert k["encounter_id"] == "E20261123001" and k["ordering_clinician"] == "D1234"
 
 
-def test_no_name_in_any_record() -> None:
-    for name, raw in samples.all_samples().items():
-        mapped = _map(raw, INSTITUTION_OF.get(name, "H001"))
-        for _, record in mapped.events:
-            text = repr(record)
-            assert "WANG" not in text and "CHAN" not in text and "Tai Man" not in text
+def _names(mapped: Mapped) -> set[tuple[str | None, str | None]]:
+    return {(r["patient_family_name"], r["patient_given_name"]) for _, r in mapped.events}
+
+
+@pytest.mark.parametrize("name", sorted(samples.all_samples()))
+def test_every_event_carries_the_patient_name_of_pid5(name: str) -> None:
+    mapped = _map(samples.all_samples()[name], INSTITUTION_OF.get(name, "H001"))
+    expected = {
+        "oru_r01_v23": ("CHAN", "Tai Man"),  # PID-5 CHAN^Tai Man: the given name as sent, space and all
+        "oru_gb18030": (samples.TRAP_FAMILY_NAME, samples.TRAP_GIVEN_NAME),
+    }.get(name, ("WANG", "Li"))
+    assert _names(mapped) == {expected}
+
+
+def _with_name(pid5: str, charset: str = "UNICODE UTF-8", encoding: str = "utf-8") -> bytes:
+    text = samples.oru_r01().decode("utf-8").replace("WANG^Li^^^^^L", pid5)
+    return text.replace("UNICODE UTF-8", charset).encode(encoding)
+
+
+def test_gb18030_name_whose_gbk_bytes_hold_separators_reaches_the_records_intact() -> None:
+    """區 is 0x85 0x5E (`^`), 瑋 0xAC 0x7C and 東 0x96 0x7C (`|`): split as raw bytes, the name and
+    the whole PID would fall apart."""
+    raw = samples.oru_gb18030()
+    assert (samples.TRAP_FAMILY_NAME + samples.TRAP_GIVEN_NAME).encode("gb18030")[1::2] == b"^||"
+    assert f"||{samples.TRAP_FAMILY_NAME}^{samples.TRAP_GIVEN_NAME}^".encode("gb18030") in raw
+    mapped = _map(raw, "H002")
+    assert _names(mapped) == {("區", "瑋東")}
+    assert {r["patient_mrn"] for _, r in mapped.events} == {"0000000042"}
+    assert _kind(mapped, "lab")[0]["patient_birth_year"] == 1960  # PID-7 after the name, still in place
+
+
+def test_gb18030_name_of_a_chinese_hospital() -> None:
+    raw = _with_name("张^三丰^^^^^L", "GB 18030-2000", "gb18030")
+    assert "张^三丰".encode("gb18030") in raw and "张".encode() not in raw
+    assert _names(_map(raw)) == {("张", "三丰")}
+
+
+@pytest.mark.parametrize(
+    ("pid5", "expected"),
+    [
+        # XPN.1 is FN: the surname is its first subcomponent (FN.2-5: own surname prefix, own surname...)
+        ("VAN DER BERG&van der&BERG^Anna^Maria^^Dr^^L", ("VAN DER BERG", "Anna Maria")),
+        ("SMITH^John^Paul Edward~SMYTH^Jon^^^^^A", ("SMITH", "John Paul Edward")),  # first repetition
+        ("O\\T\\BRIEN^Sean", ("O&BRIEN", "Sean")),  # an escaped & is text, not a subcomponent
+        ("OUYANG", ("OUYANG", None)),
+        ("^Xiaoming", (None, "Xiaoming")),
+        ("^^Wei", (None, "Wei")),  # middle names alone are the given name
+        ("", (None, None)),
+        ('""^""', (None, None)),  # the HL7 null value: nothing sent
+    ],
+)
+def test_pid5_family_and_given_names(pid5: str, expected: tuple[str | None, str | None]) -> None:
+    assert _names(_map(_with_name(pid5))) == {expected}
+
+
+def test_an_unnamed_patient_in_a_message_without_pid5() -> None:
+    raw = samples.oru_r01().decode("utf-8").replace("||WANG^Li^^^^^L||", "||||").encode("utf-8")
+    assert _names(_map(raw)) == {(None, None)}
 
 
 def test_escape_sequences() -> None:
