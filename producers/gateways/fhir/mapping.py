@@ -9,13 +9,17 @@
 
 Values are taken from the JSON as sent (not from the parsed models): nothing rounded, trimmed or guessed.
 The patient is the MRN of `subject` (its identifier, or the identifier of the contained or bundled
-Patient it references); birth year and sex come from that Patient; names never go into a record. The
-institution is the caller's (the token's), never what the resource claims (meta.source, assigner).
+Patient it references); birth year, sex and the name come from that Patient (the first `name` whose use
+is official, else the first: its family, and its given names joined by spaces, as sent), for the
+institution's own users. The institution is the caller's (the token's), never what the resource claims
+(meta.source, assigner).
 
 Event ids are deterministic: `event_id_for("fhir", institution, "<type>/<key>#<content hash>", n)`, where
 key is the resource id, else its first identifier, else the content hash, and the hash is the SHA-256
-of the canonical JSON (sorted keys, `meta` left out) with the resolved patient: the same resource sent
-again makes the same events, a corrected one (same key, new content) new ones.
+of the canonical JSON (sorted keys, `meta` left out) with the resolved patient's identity (MRN, national
+id, birth year, sex; not the name of a bundled Patient, so that resources sent before names were carried
+keep their event ids): the same resource sent again makes the same events, a corrected one (same key,
+new content) new ones.
 """
 
 from __future__ import annotations
@@ -193,13 +197,23 @@ class PatientFields:
     national_id: str | None
     birth_year: int | None
     sex: str | None
+    family_name: str | None = None
+    given_name: str | None = None
 
-    def as_record(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
+        """Who the patient is, without the name: what the content hash covers."""
         return {
             "patient_mrn": self.mrn,
             "patient_national_id": self.national_id,
             "patient_birth_year": self.birth_year,
             "patient_sex": self.sex,
+        }
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
+            "patient_family_name": self.family_name,
+            "patient_given_name": self.given_name,
         }
 
 
@@ -218,6 +232,18 @@ def _patient_mrn(patient: JsonObject, path: str) -> str:
             "the Patient needs its MRN: an identifier of type MR, or exactly one local identifier",
         )
     return str(chosen[0]["value"])
+
+
+def patient_name(patient: JsonObject | None) -> tuple[str | None, str | None]:
+    """(family, given) of the Patient's official name, else of its first: as sent, the given names
+    joined by a space; None for what is not sent."""
+    names = _list(patient.get("name")) if patient is not None else []
+    chosen = next((n for n in names if n.get("use") == "official"), names[0] if names else None)
+    if chosen is None:
+        return None, None
+    sent = chosen.get("given")
+    given = [part for part in sent if isinstance(part, str) and part] if isinstance(sent, list) else []
+    return _str(chosen.get("family")) or None, " ".join(given) or None
 
 
 def _patient_details(patient: JsonObject | None) -> tuple[str | None, int | None, str | None]:
@@ -265,7 +291,8 @@ def patient_fields(resource: JsonObject, resolve: Resolver | None) -> PatientFie
             )
         mrn = _patient_mrn(patient, f"{path}.reference")
     national, birth_year, sex = _patient_details(patient)
-    return PatientFields(mrn, national, birth_year, sex)
+    family, given = patient_name(patient)
+    return PatientFields(mrn, national, birth_year, sex, family, given)
 
 
 # --- keys, hashes, envelopes -------------------------------------------------------------------------
@@ -274,7 +301,7 @@ def patient_fields(resource: JsonObject, resolve: Resolver | None) -> PatientFie
 def content_hash(resource: JsonObject, patient: PatientFields | None) -> str:
     canonical = {k: v for k, v in resource.items() if k != "meta"}
     text = json.dumps(
-        [canonical, patient.as_record() if patient else None],
+        [canonical, patient.identity() if patient else None],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

@@ -53,11 +53,99 @@ def test_lab_observation_with_comparator_is_carried_as_sent() -> None:
     assert record["performing_lab"] == "H001 Central Laboratory"
 
 
-def test_patient_identity_from_contained_patient_without_its_name() -> None:
+def test_patient_identity_and_name_from_the_contained_patient() -> None:
     record = only(fixture("observation-lab-comparator"), "lab")
     assert record["patient_mrn"] == "MRN0000042"
     assert record["patient_birth_year"] == 1958 and record["patient_sex"] == "female"
-    assert "Zhang" not in json.dumps(record, default=str) and "Wei" not in json.dumps(record, default=str)
+    assert (record["patient_family_name"], record["patient_given_name"]) == ("Zhang", "Wei")
+
+
+def _named(names: list[dict[str, Any]] | None) -> dict[str, Any]:
+    resource = fixture("observation-lab-comparator")
+    patient = resource["contained"][0]
+    if names is None:
+        del patient["name"]
+    else:
+        patient["name"] = names
+    return only(resource, "lab")
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        # the official name wins wherever it is; its given names joined by a space, as sent
+        (
+            [
+                {"use": "usual", "family": "Ouyang", "given": ["Tony"]},
+                {"use": "official", "family": "欧阳", "given": ["晓明"]},
+            ],
+            ("欧阳", "晓明"),
+        ),
+        ([{"use": "official", "family": "Smith", "given": ["John", "Paul"]}], ("Smith", "John Paul")),
+        # no official name: the first
+        ([{"use": "nickname", "given": ["Jo"]}, {"use": "old", "family": "Smith"}], (None, "Jo")),
+        ([{"family": "區", "given": ["瑋東"]}, {"use": "maiden", "family": "Au"}], ("區", "瑋東")),
+        ([{"text": "Zhang Wei"}], (None, None)),  # text only: nothing guessed from it
+        ([], (None, None)),
+        (None, (None, None)),
+    ],
+)
+def test_patient_name_official_else_first(
+    names: list[dict[str, Any]] | None, expected: tuple[str | None, str | None]
+) -> None:
+    record = _named(names)
+    assert (record["patient_family_name"], record["patient_given_name"]) == expected
+
+
+def test_no_name_without_a_patient_resource() -> None:
+    """subject.identifier alone says who, not what the patient is called."""
+    resource = fixture("observation-lab-comparator")
+    del resource["contained"]
+    resource["subject"] = {"identifier": {"value": "MRN0000042"}}
+    record = only(resource, "lab")
+    assert (record["patient_mrn"], record["patient_family_name"], record["patient_given_name"]) == (
+        "MRN0000042",
+        None,
+        None,
+    )
+
+
+def _bundle(patient: dict[str, Any]) -> Any:
+    return {"urn:uuid:p1": patient}.get
+
+
+def test_every_kind_carries_the_name_of_a_bundled_patient() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"value": "MRN9"}],
+        "name": [{"use": "official", "family": "欧阳", "given": ["晓明"]}],
+    }
+    for name in ("observation-vitals-bp", "encounter-transfer", "medicationrequest", "condition"):
+        resource = fixture(name)
+        resource.pop("contained", None)
+        resource["subject"] = {"reference": "urn:uuid:p1"}
+        result = map_resource(
+            parse_resource(resource), "H001", now=NOW, correlation_id="c", resolve=_bundle(patient)
+        )
+        for event in result.events:
+            record = event.record
+            check_event(event.kind, record, standard.load(standard.KIND_SCHEMAS[event.kind]), "H001")
+            assert (record["patient_family_name"], record["patient_given_name"]) == ("欧阳", "晓明"), name
+
+
+def test_a_bundled_patients_name_does_not_change_event_ids() -> None:
+    """The content hash covers the patient's identity, not the name of a bundled Patient: a resource sent
+    before names were carried makes the same events (the same alerts) when it is sent again."""
+    resource = fixture("observation-lab-string")
+    resource["subject"] = {"reference": "urn:uuid:p1"}
+    ids = []
+    for names in ([], [{"family": "Ouyang", "given": ["Xiaoming"]}]):
+        patient = {"resourceType": "Patient", "identifier": [{"value": "MRN9"}], "name": names}
+        result = map_resource(
+            parse_resource(resource), "H001", now=NOW, correlation_id="c", resolve=_bundle(patient)
+        )
+        ids.append([e.record["envelope"]["event_id"] for e in result.events])
+    assert ids[0] == ids[1]
 
 
 def test_value_string_is_not_trimmed_and_interpretation_h_kept() -> None:
