@@ -3,10 +3,12 @@
 The mapping says which kind the export holds (`lab`, or `vitals` with one measurement per row), how the
 file is written (encoding, delimiter, decimal mark), which CSV header feeds which field, how times are
 written (strptime formats, read as the institution's local time unless the format carries an offset) and
-constant fields (source system, local code system). Rows are turned into the raw records the publisher
-takes, checked with the SDK's own validation, published in batches (acks=all) and remembered in a ledger
-of event ids Kafka durably accepted, so a re-run neither publishes nor even re-sends them. Rows that
-cannot become a valid event go to a rejects file with their row number, column and reason.
+constant fields (source system, local code system). The patient's names come from columns only (the
+family and the given name each from its own), never from a constant. Rows are turned into the raw
+records the publisher takes, checked with the SDK's own validation, published in batches (acks=all) and
+remembered in a ledger of event ids Kafka durably accepted, so a re-run neither publishes nor even
+re-sends them. Rows that cannot become a valid event go to a rejects file with their row number, column
+and reason.
 
 Everything here but `run_import`'s publisher and `Ledger`'s file is pure; the command that wires them to
 the settings is `clinhub/csv_command.py`.
@@ -55,7 +57,15 @@ ENCODINGS = {
 LAB_STATUSES = ("preliminary", "final", "corrected", "cancelled", "unknown")
 
 # Per kind: the fields a column may feed, those that must be mapped, the time fields, the natural key.
-_COMMON_PATIENT = ("patient_mrn", "patient_national_id", "patient_birth_year", "patient_sex", "encounter_id")
+_NAMES = ("patient_family_name", "patient_given_name")  # each from its own column, as written
+_COMMON_PATIENT = (
+    "patient_mrn",
+    "patient_national_id",
+    "patient_birth_year",
+    "patient_sex",
+    *_NAMES,
+    "encounter_id",
+)
 _ENVELOPE_CONSTANTS = ("source_system",)
 _KIND_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "lab": {
@@ -240,7 +250,7 @@ def parse_mapping(text: str) -> CsvMapping:
             raise MappingError(key, f"unknown field; one of {', '.join(known)}")
         if name in columns:
             raise MappingError(key, f"is also mapped to the column {columns[name][0]!r}")
-        if name in ("value", natural_key, *spec["times"]):
+        if name in ("value", natural_key, *spec["times"], *_NAMES):
             raise MappingError(key, "must come from a column, not a constant")
         if name == "patient_birth_year":
             if not isinstance(value, int) or isinstance(value, bool):

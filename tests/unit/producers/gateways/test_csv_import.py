@@ -115,6 +115,8 @@ def _rejects(path: Path, encoding: str = "utf-8", delimiter: str = ",") -> list[
         (lambda t: t + '[constants]\nunit = "mmol/L"\n', "constants.unit"),
         (lambda t: t + '[constants]\nresult_time = "now"\n', "constants.result_time"),
         (lambda t: t + '[constants]\nresult_id = "R1"\n', "constants.result_id"),
+        (lambda t: t + '[constants]\npatient_family_name = "张"\n', "constants.patient_family_name"),
+        (lambda t: t + '[constants]\npatient_given_name = "三"\n', "constants.patient_given_name"),
         (lambda t: t + '[status_values]\nF = "done"\n', "status_values.f"),
         (lambda t: t.replace('local_code = "Code"', "local_code = 3"), "columns.local_code"),
         (lambda t: t + "[columns", "(file)"),
@@ -239,6 +241,62 @@ def test_values_are_carried_as_sent_only_surrounding_whitespace_is_trimmed(tmp_p
     assert summary.published == 2
     assert publisher.sent[0]["patient_mrn"] == "M1" and publisher.sent[0]["value_numeric"] == 4.25
     assert publisher.sent[1]["value_text"] == "trace  amount" and publisher.sent[1]["unit"] is None
+
+
+NAMED = MINIMAL.replace(
+    'unit = "Unit"', 'unit = "Unit"\npatient_family_name = "姓"\npatient_given_name = "名"'
+)
+
+
+def test_patient_names_from_their_columns_as_written_in_gb18030(tmp_path: Path) -> None:
+    """Each name from its own column (a full name in one column is not split: that would be a guess);
+    GBK bytes with `|` or `^` second (區 0x85 0x5E, 瑋 0xAC 0x7C) stay one character."""
+    path = _write(
+        tmp_path,
+        "MRN;姓;名;Code;Value;Unit;Time\n"
+        "0000000042;區;瑋東;K;2,6;mmol/L;2026-11-30 08:00\n"
+        "0000012345;欧阳;晓明 Tony;NA;139;mmol/L;2026-11-30 08:00\n"
+        "0000067890;;;K;4,1;mmol/L;2026-11-30 08:00\n",
+        encoding="gb18030",
+    )
+    mapping = 'encoding = "GBK"\ndelimiter = ";"\ndecimal = ","\n' + NAMED
+    summary, publisher, _ = _import(tmp_path, path, mapping_text=mapping, institution="H002")
+    assert summary.published == 3
+    names = [(r["patient_mrn"], r["patient_family_name"], r["patient_given_name"]) for r in publisher.sent]
+    assert names == [
+        ("0000000042", "區", "瑋東"),
+        ("0000012345", "欧阳", "晓明 Tony"),
+        ("0000067890", None, None),  # empty cells: no name sent
+    ]
+
+
+def test_a_mapping_without_name_columns_sends_no_name_and_keeps_its_event_ids(tmp_path: Path) -> None:
+    """The row's digest covers the mapped cells only: exports imported before names were carried make the
+    same events again."""
+    row = "MRN,Code,Value,Unit,Time\nM1,K,4.2,mmol/L,2026-11-30 08:00\n"
+    _, plain, _ = _import(tmp_path, _write(tmp_path, row))
+    (record,) = plain.sent
+    assert (record["patient_family_name"], record["patient_given_name"]) == (None, None)
+    cells = {"patient_mrn": "M1", "local_code": "K", "value": "4.2", "unit": "mmol/L"}
+    digest = content_digest("lab", {**cells, "result_time": "2026-11-30 08:00"})
+    assert record["envelope"]["event_id"] == event_id_for("csv", "H001", digest, 0)
+
+
+def test_vitals_carry_the_patient_names(tmp_path: Path) -> None:
+    mapping = (
+        'kind = "vitals"\ntime_zone = "Asia/Hong_Kong"\ndate_formats = ["%Y-%m-%d %H:%M"]\n'
+        '[columns]\npatient_mrn = "MRN"\npatient_family_name = "Surname"\npatient_given_name = "Given"\n'
+        'local_code = "Code"\nvalue = "Value"\nunit = "Unit"\nmeasured_time = "Time"\n'
+    )
+    path = _write(
+        tmp_path, "MRN,Surname,Given,Code,Value,Unit,Time\nHC-1,CHAN,Tai Man,HR,72,/min,2026-11-30 08:00\n"
+    )
+    summary, publisher, _ = _import(tmp_path, path, mapping_text=mapping, institution="C003")
+    assert summary.published == 1
+    assert (publisher.sent[0]["patient_family_name"], publisher.sent[0]["patient_given_name"]) == (
+        "CHAN",
+        "Tai Man",
+    )
 
 
 # --------------------------------------------------------------------------------------------- rejects
