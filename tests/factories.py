@@ -74,6 +74,8 @@ def lab_record(
         "patient_national_id": None,
         "patient_birth_year": 1960,
         "patient_sex": "female",
+        "patient_family_name": None,
+        "patient_given_name": None,
         "encounter_id": None,
         "local_code": code,
         "local_code_system": None,

@@ -1,7 +1,9 @@
 """Every event kind to the regional standard: `normalise_event`, the one entry point.
 
 The normalised record is the kind's own schema with the hub's fields filled in (regional patient id;
-for labs LOINC, canonical value and unit, flags) and the national identifier removed. What every kind
+for labs LOINC, canonical value and unit, flags) and the national identifier removed; the patient's name
+(`patient_family_name`, `patient_given_name`) passes through unchanged, for the store, and nothing here
+reads it, logs it or puts it in a rejection's reason. What every kind
 shares (the institution the topic authenticated, the MRN, plausible times, the regional identity) is
 checked here once; what is particular to a kind is its normaliser, registered with `@normaliser(kind)`.
 A new kind of `core.contract` needs one.

@@ -45,6 +45,19 @@ def run(kind: str, record: dict[str, Any], links: dict[str, str] | None = None) 
     )
 
 
+NAMES = {"patient_family_name": "區", "patient_given_name": "瑋東 Tony"}
+
+
+@pytest.mark.parametrize("kind", list(standard.KIND_SCHEMAS))
+def test_patient_names_pass_through_to_the_normalised_record_unchanged(kind: str) -> None:
+    record = first(kind, **NAMES)
+    event = run(kind, record)
+    validate_record(event.record, standard.load(standard.KIND_SCHEMAS[kind]))
+    assert {name: event.record[name] for name in NAMES} == NAMES
+    unnamed = run(kind, first(kind, patient_family_name=None, patient_given_name=None))
+    assert (unnamed.record["patient_family_name"], unnamed.record["patient_given_name"]) == (None, None)
+
+
 @pytest.mark.parametrize("kind", list(standard.KIND_SCHEMAS))
 def test_normalised_records_match_their_schema_and_carry_no_national_id(kind: str) -> None:
     for record in [r for k, r in EVENTS if k == kind][:15]:

@@ -126,6 +126,18 @@ def alerts_for(local_code: str, value: float, unit: str, status: str = "final") 
     return judge(normalised("lab", raw_lab(local_code, value, unit, status), NOW))
 
 
+def test_an_alert_carries_no_patient_name() -> None:
+    """A named patient's critical potassium: the alert (the schema has no name field) names nobody."""
+    raw = raw_lab("K", 6.9, "mmol/L")
+    raw.update(patient_family_name="區", patient_given_name="瑋東")
+    (draft,) = judge(normalised("lab", raw, NOW))
+    record = alert_record(draft)
+    validate_record(record, standard.load(standard.CRITICAL_VALUE_ALERT))
+    fields = {f["name"] for f in standard.load(standard.CRITICAL_VALUE_ALERT).parsed["fields"]}
+    assert not {name for name in fields if "name" in name}
+    assert "區" not in repr(record) and "瑋東" not in repr(record) and "瑋東" not in draft.message
+
+
 # (H001 local code, value as sent, unit as sent, expected limit kind); limits as the cited sources print them.
 SOURCE_BOUNDARIES = [
     ("K", 3.0, "mmol/L", None),  # ARUP <3.0
