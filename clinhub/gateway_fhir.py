@@ -16,6 +16,7 @@ or, from code, `token, line = token_line("H001")`.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,12 @@ class FhirGateway:
         self.ledger.close()
 
 
+def transactional_id(institution: str, port: int) -> str:
+    """Unique to one running gateway (host and port) and institution: a second process with the same
+    id would fence this one's transactions; a restart of this one aborts what it left open."""
+    return f"clinhub-fhir-{socket.gethostname()}-{port}-{institution}"
+
+
 def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None = None) -> FhirGateway:
     gateway = settings.gateway
     if gateway.fhir_tokens_file is None:
@@ -57,7 +64,12 @@ def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None
     if not tokens:
         raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", "holds no token")
     publishers = {
-        institution: make_publisher(settings, institution, delivery_timeout=gateway.publish_timeout_seconds)
+        institution: make_publisher(
+            settings,
+            institution,
+            delivery_timeout=gateway.publish_timeout_seconds,
+            transactional_id=transactional_id(institution, gateway.fhir_port),
+        )
         for institution in sorted(set(tokens.values()))
     }
     metrics_registry = registry or CollectorRegistry()

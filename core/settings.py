@@ -61,6 +61,15 @@ class KafkaSettings(BaseSettings):
             "logger": logging.getLogger("clinhub.kafka.producer"),
         }
 
+    def transactional_producer_config(self, delivery_timeout: float, transactional_id: str) -> dict[str, Any]:
+        """`producer_config` with transactions. A transaction left open by a crashed process holds back
+        every read-committed reader of its partitions until it times out, so the timeout is short."""
+        return {
+            **self.producer_config(delivery_timeout),
+            "transactional.id": transactional_id,
+            "transaction.timeout.ms": int(delivery_timeout * 1000) + 5000,
+        }
+
 
 class RegistrySettings(BaseSettings):
     """The Confluent-compatible schema registry (Apicurio's ccompat API locally)."""

@@ -19,6 +19,17 @@ class DeliveryFailedError(PublishError):
         self.retriable = retriable
 
 
+class TransactionFailedError(PublishError):
+    """A transaction of events was not committed: readers of committed data see none of them. Sending
+    the same events again is safe (the hub de-duplicates on event id)."""
+
+    def __init__(self, event_ids: list[str], reason: str) -> None:
+        super().__init__(f"transaction of {len(event_ids)} event(s) not committed: {reason}")
+        self.event_ids = event_ids
+        self.reason = reason
+        self.retriable = True
+
+
 class UndeliveredOnCloseError(PublishError):
     """close() ran out of time with events still queued; they are listed so nothing goes silently."""
 

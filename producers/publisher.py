@@ -4,22 +4,25 @@ publisher = make_publisher(load_settings(), institution_id="H001")
 receipt = publisher.publish("lab", record)          # raises if the broker did not accept it
 receipts = publisher.publish_many("vitals", batch)  # one result per record, in order
 publisher.close()                                   # raises listing anything undelivered
+
+Built with a transactional id, `publish_atomically(events)` sends events of any kinds in one Kafka
+transaction: a reader that reads committed (the hub's normaliser) gets all of them or none.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from core import contract
 from core.contract import TopicNames
 from core.settings import HubSettings
-from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
+from producers.exceptions import DeliveryFailedError, TransactionFailedError, UndeliveredOnCloseError
 from producers.validation import check_event
 from schemas import standard
 from schemas.exceptions import RecordValidationError
@@ -41,6 +44,40 @@ def message_key(record: Mapping[str, Any]) -> bytes:
     return contract.patient_key(record["envelope"]["institution_id"], record["patient_mrn"]).encode()
 
 
+class TransactionalProducer:
+    """A transactional librdkafka producer, made (its transactions initialised) on first use, and made
+    again after a failure that leaves it unusable. A new one with the same transactional id fences the
+    old one at the broker, which aborts whatever transaction the old one left open."""
+
+    def __init__(self, make: Callable[[], Any], timeout: float) -> None:
+        self._make = make
+        self._timeout = timeout
+        self._producer: Any = None
+
+    def get(self) -> Any:
+        if self._producer is None:
+            producer = self._make()
+            producer.init_transactions(self._timeout)  # raises KafkaException when the broker is away
+            self._producer = producer
+        return self._producer
+
+    def abort(self) -> None:
+        """Abort the open transaction; a producer that cannot abort it is dropped (the next is new)."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            producer.abort_transaction(self._timeout)
+            self._producer = producer
+        except KafkaException:
+            producer.purge()  # queued messages of the aborted transaction must never be sent
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(self._timeout)
+            self._producer = None
+
+
 class Publisher:
     """Publishes one institution's events. Thread-safe; one per institution and process is enough."""
 
@@ -51,6 +88,7 @@ class Publisher:
         topics: TopicNames,
         institution_id: str,
         delivery_timeout: float,
+        transactional: TransactionalProducer | None = None,
     ) -> None:
         self._producer = producer
         self._encoders = dict(encoders)
@@ -59,6 +97,8 @@ class Publisher:
         self._delivery_timeout = delivery_timeout
         self._lock = threading.Lock()
         self._in_flight: dict[str, None] = {}
+        self._transactional = transactional
+        self._transaction_lock = threading.Lock()  # one transaction at a time per transactional id
 
     def _encoder(self, kind: str) -> AvroEncoder:
         try:
@@ -72,7 +112,15 @@ class Publisher:
         """Raise RecordValidationError (field, value, rule) if the event must not be sent."""
         check_event(kind, record, self._encoder(kind).schema, self.institution_id)
 
-    def _produce(self, kind: str, record: Mapping[str, Any], results: dict[int, Any], index: int) -> None:
+    def _produce(
+        self,
+        kind: str,
+        record: Mapping[str, Any],
+        results: dict[int, Any],
+        index: int,
+        producer: Any = None,
+    ) -> None:
+        producer = self._producer if producer is None else producer
         value = self._encoder(kind)(record)
         event_id = str(record["envelope"]["event_id"])
         headers = [
@@ -95,7 +143,7 @@ class Publisher:
             self._in_flight[event_id] = None
         while True:
             try:
-                self._producer.produce(
+                producer.produce(
                     self._topics.raw(self.institution_id, kind),
                     value=value,
                     key=message_key(record),
@@ -105,7 +153,7 @@ class Publisher:
                 return
             except BufferError:
                 # Local queue full: back-pressure. Serve delivery reports until there is room.
-                self._producer.poll(0.1)
+                producer.poll(0.1)
 
     def publish_many(
         self, kind: str, records: Sequence[Mapping[str, Any]]
@@ -138,6 +186,33 @@ class Publisher:
                 )
         return [results[i] for i in range(len(events))]
 
+    def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Receipt]:
+        """Every event in one Kafka transaction, or none: raises TransactionFailedError (the transaction
+        was aborted, or its outcome is unknown and the client should send the same events again)."""
+        if self._transactional is None:
+            raise RuntimeError("this publisher was built without a transactional id")
+        for kind, record in events:
+            self.validate(kind, record)
+        event_ids = [str(record["envelope"]["event_id"]) for _kind, record in events]
+        results: dict[int, Any] = {}
+        with self._transaction_lock:
+            try:
+                producer = self._transactional.get()
+                producer.begin_transaction()
+                for index, (kind, record) in enumerate(events):
+                    self._produce(kind, record, results, index, producer)
+                producer.commit_transaction(self._delivery_timeout)  # flushes, serving delivery reports
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                reason = error.str() if isinstance(error, KafkaError) else str(exc)
+                self._transactional.abort()
+                raise TransactionFailedError(event_ids, reason) from None
+            producer.poll(0)
+        failed = [r for r in results.values() if not isinstance(r, Receipt)]
+        if failed or len(results) < len(events):  # committed, so each was delivered: a bug if not
+            raise RuntimeError(f"transaction committed without every delivery report: {failed[:1]}")
+        return [results[i] for i in range(len(events))]
+
     def publish(self, kind: str, record: Mapping[str, Any]) -> Receipt:
         """Publish one event and return once the broker has it, or raise DeliveryFailedError."""
         (result,) = self.publish_many(kind, [record])
@@ -154,6 +229,9 @@ class Publisher:
     def close(self, timeout: float | None = None) -> None:
         """Flush everything queued; raise (listing the events) if anything is still undelivered."""
         remaining = self._producer.flush(self._delivery_timeout if timeout is None else timeout)
+        if self._transactional is not None:
+            with self._transaction_lock:
+                self._transactional.close()
         if remaining:
             with self._lock:
                 raise UndeliveredOnCloseError(list(self._in_flight))
@@ -165,8 +243,12 @@ def make_publisher(
     delivery_timeout: float = 30.0,
     registry: Any = None,
     kinds: Sequence[str] = tuple(standard.KIND_SCHEMAS),
+    transactional_id: str | None = None,
 ) -> Publisher:
-    """Build a publisher for one institution; registers (or finds) each kind's schema once."""
+    """Build a publisher for one institution; registers (or finds) each kind's schema once.
+
+    With `transactional_id` (unique to one running process: a second process with the same id fences
+    the first) it can also `publish_atomically`."""
     from confluent_kafka import Producer
 
     schema_registry = registry or ConfluentRegistry(settings.registry.client_config())
@@ -174,12 +256,17 @@ def make_publisher(
         kind: make_encoder(schema_registry, standard.load(standard.KIND_SCHEMAS[kind]), check=False)
         for kind in kinds
     }
+    transactional = None
+    if transactional_id is not None:
+        config = settings.kafka.transactional_producer_config(delivery_timeout, transactional_id)
+        transactional = TransactionalProducer(lambda: Producer(config), delivery_timeout)
     return Publisher(
         Producer(settings.kafka.producer_config(delivery_timeout)),
         encoders,
         TopicNames(prefix=settings.stream.topic_prefix),
         institution_id,
         delivery_timeout,
+        transactional,
     )
 
 

@@ -50,9 +50,11 @@ def app_id_for(stream: StreamSettings, roles: Collection[str]) -> str:
     return stream.app_id if set(roles) == set(ROLES) else "-".join([stream.app_id, *sorted(roles)])
 
 
-def _faust_app(kafka: KafkaSettings, stream: StreamSettings, app_id: str) -> faust.App:
+def _faust_app(
+    kafka: KafkaSettings, stream: StreamSettings, app_id: str, skipped_offsets: GroupPositions
+) -> faust.App:
     stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
-    return contiguous_offsets_app(faust.App)(
+    return contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset)(
         app_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
         store=store_url(stream.table_store),
@@ -100,7 +102,10 @@ def create_app(
     check_roles(roles)
     topics = TopicNames(prefix=stream.topic_prefix)
     app_id = app_id_for(stream, roles)
-    app = _faust_app(kafka, stream, app_id)
+    # its own probe, so that checking skipped offsets never waits behind the stall watch's reads
+    skipped_offsets = GroupPositions(kafka.client_config(), app_id)
+    app = _faust_app(kafka, stream, app_id, skipped_offsets)
+    _on_shutdown(app, skipped_offsets.close)
     health = StageHealth(components.metrics)
     in_flight: dict[str, float] = {}  # Faust stage -> when its current batch started (stall watchdog)
     if publish_override is not None:

@@ -16,15 +16,20 @@ idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("clinhub.streams.runtime.stalls")
 
 TopicPartition = tuple[str, int]
+# (topic, partition, start) -> offset of the first record a read-committed reader gets at or after
+# start, None when the partition ends first (GroupPositions.first_record_offset)
+FirstRecordOffset = Callable[[str, int, int], "int | None"]
 
 
 @dataclass
@@ -78,17 +83,56 @@ class GroupPositions:
         self._probe: Any = None
         self._lock = threading.Lock()  # close() never runs under a read in another thread
 
-    def read(
-        self, partitions: list[TopicPartition]
-    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    def _consumer(self) -> Any:
         from confluent_kafka import Consumer
+
+        if self._probe is None:
+            self._probe = Consumer(
+                {
+                    **self.client_config,
+                    "group.id": self.group,
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                }
+            )
+        return self._probe
+
+    def first_record_offset(
+        self, topic: str, partition: int, start: int, timeout: float = 10.0
+    ) -> int | None:
+        """The offset of the first record at or after `start` that a read-committed reader gets; None
+        when the partition ends first. Offsets it skips hold no event: transaction markers and the
+        records of aborted transactions. Raises KafkaException when the broker does not answer."""
+        from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka import TopicPartition as KafkaTopicPartition
 
         with self._lock:
-            if self._probe is None:
-                self._probe = Consumer(
-                    {**self.client_config, "group.id": self.group, "enable.auto.commit": False}
-                )
+            probe = self._consumer()
+            probe.assign([KafkaTopicPartition(topic, partition, start)])
+            try:
+                deadline = time.monotonic() + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    message = probe.poll(min(1.0, left))
+                    if message is None:
+                        continue
+                    error = message.error()
+                    if error is None:
+                        return int(message.offset())
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        return None
+                    raise KafkaException(error)
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic}[{partition}]"))
+            finally:
+                probe.unassign()
+
+    def read(
+        self, partitions: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+        with self._lock:
+            self._consumer()
             wanted = [KafkaTopicPartition(topic, partition) for topic, partition in partitions]
             committed = {
                 (tp.topic, tp.partition): tp.offset for tp in self._probe.committed(wanted, timeout=15)
@@ -151,44 +195,111 @@ def skips_the_committed_offset(acked: list[int], committed: int | None) -> bool:
     return bool(acked) and min(acked) > (committed or 0)
 
 
-def contiguous_offsets_app(app_class: Any) -> Any:
-    """A Faust App class whose consumer never counts skipped offsets as processed.
+class SkippedOffsets:
+    """Verdicts on offsets below the first acknowledged one: events Faust dropped (never commit past
+    them), or offsets that hold no event, transaction markers and aborted records (commit past them).
 
-    Faust treats offsets its fetch loop jumped over as a "gap" and commits past them, for compacted
-    topics and transaction markers. Our source topics have neither (idempotent, non-transactional
-    producers, delete retention), so a jump means events Faust dropped after a rebalance: committing
-    past them would lose them for good (seen as an acknowledged event never stored). Without the gap,
-    and with no commit while the message at the committed offset is unacknowledged, the commit stops
-    at the first dropped event and the stall watchdog reads the partition again.
+    The raw topics carry transactions (a FHIR transaction Bundle is one), so a commit marker follows each;
+    after a restart or a rebalance the committed offset can even point at one. Faust's fetch loop cannot
+    tell the two apart, so each is checked once by reading committed from the first unacknowledged
+    offset: in a thread, as commits are synchronous; until the verdict arrives the commit waits.
+    """
+
+    def __init__(self, first_record_offset: FirstRecordOffset | None) -> None:
+        self._first_record_offset = first_record_offset
+        self._verdicts: dict[tuple[str, int, int, int], bool] = {}
+        self._checking: set[tuple[str, int, int, int]] = set()
+
+    def hold_no_event(self, topic: str, partition: int, start: int, end: int) -> bool | None:
+        """True when offsets start..end-1 hold no event, False when they hold some (dropped), None
+        while unknown (a check is started)."""
+        key = (topic, partition, start, end)
+        if key in self._verdicts:
+            return self._verdicts[key]
+        if self._first_record_offset is None:
+            return False
+        if key not in self._checking:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+            self._checking.add(key)
+            future = loop.run_in_executor(None, self._first_record_offset, topic, partition, start)
+            future.add_done_callback(lambda done: self._checked(key, done))
+        return None
+
+    def _checked(self, key: tuple[str, int, int, int], done: asyncio.Future[int | None]) -> None:
+        from confluent_kafka import KafkaException
+
+        self._checking.discard(key)
+        try:
+            first = done.result()
+        except KafkaException as exc:  # the broker did not answer: asked again at the next commit
+            log.warning("%s[%d]: could not read offsets %d..%d: %s", key[0], key[1], key[2], key[3], exc)
+            return
+        if len(self._verdicts) > 10_000:
+            self._verdicts.clear()
+        self._verdicts[key] = first is not None and first >= key[3]
+
+
+def contiguous_offsets_app(app_class: Any, first_record_offset: FirstRecordOffset | None = None) -> Any:
+    """A Faust App class whose consumer never counts skipped offsets as processed unless they hold no
+    event, and reads committed.
+
+    Faust treats offsets its fetch loop jumped over as a "gap" and commits past them. A jump can be a
+    transaction marker or an aborted transaction (the raw topics carry transactions), but it can also be
+    events Faust dropped after a rebalance: committing past those would lose them for good (seen as an
+    acknowledged event never stored). So Faust's gaps are ignored, and the commit never passes an
+    unacknowledged offset at the committed position unless `first_record_offset` (a read-committed
+    reader) shows that the offsets up to the first acknowledged one hold no event (`SkippedOffsets`).
+    A real drop holds the commit there, and the stall watchdog reads the partition again.
+
+    Read committed: aiokafka's isolation level, which Faust sets only for its exactly-once mode, is
+    set on the worker's consumer before it starts (`_isolation_level`, aiokafka 0.14 pinned).
     """
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
+    class ReadCommittedThread(faust_aiokafka.AIOKafkaConsumerThread):
+        def _create_worker_consumer(self, transport: Any) -> Any:
+            consumer = super()._create_worker_consumer(transport)
+            consumer._isolation_level = "read_committed"
+            return consumer
+
     class ContiguousOffsetsConsumer(faust_aiokafka.Consumer):
         async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
-            log.warning(
-                "%s[%d]: offsets %d..%d were not delivered; not committing past them",
-                tp.topic,
-                tp.partition,
-                offset_from,
-                offset_to,
-            )
+            """Not recorded: `_new_offset` decides what the jump was."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._held: set[tuple[Any, int]] = set()  # holds already logged: once each, not every commit
+            self._skipped = SkippedOffsets(first_record_offset)
+
+        def _new_consumer_thread(self) -> Any:
+            return ReadCommittedThread(self, loop=self.loop, beacon=self.beacon)
 
         def _new_offset(self, tp: Any) -> int | None:
             committed = self._committed_offset[tp] or 0
-            if skips_the_committed_offset(self._acked[tp], committed):
-                if (tp, committed) not in self._held:
-                    self._held.add((tp, committed))
-                    log.warning(
-                        "%s[%d]: offset %d was never acknowledged; not committing past it",
-                        tp.topic,
-                        tp.partition,
-                        committed,
-                    )
-                return None
+            acked = self._acked[tp]
+            if skips_the_committed_offset(acked, committed):
+                lowest = min(acked)
+                verdict = self._skipped.hold_no_event(tp.topic, tp.partition, committed, lowest)
+                if not verdict:
+                    if verdict is False and (tp, committed) not in self._held:
+                        self._held.add((tp, committed))
+                        log.warning(
+                            "%s[%d]: offsets %d..%d were never delivered; not committing past them",
+                            tp.topic,
+                            tp.partition,
+                            committed,
+                            lowest - 1,
+                        )
+                    return None
+                no_event = [
+                    offset for offset in range(committed, lowest) if offset not in self._acked_index[tp]
+                ]
+                acked.extend(no_event)  # markers and aborted records: nothing to process
+                self._acked_index[tp].update(no_event)
+                acked.sort()
             return super()._new_offset(tp)
 
     class HubApp(app_class):

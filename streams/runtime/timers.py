@@ -106,6 +106,20 @@ class StallWatch:
         self.metrics = metrics
         self.detector = StallDetector(patience=patience)
         self.reports: dict[str, LagReport] = {}
+        self._previous: dict[TopicPartition, int] = {}  # committed offsets at the last tick
+        self._event_ends: dict[tuple[TopicPartition, int, int], int] = {}  # (tp, committed, end) -> end
+
+    async def _event_end(self, tp: TopicPartition, committed: int, end: int) -> int:
+        """Where the partition's events end, for a partition whose commit has not moved since the last
+        tick: `committed` when only transaction markers or aborted records follow it (nothing waits,
+        and the commit can never reach the end), else `end`. Read once per position."""
+        key = (tp, committed, end)
+        if key not in self._event_ends:
+            first = await asyncio.to_thread(self.positions.first_record_offset, tp[0], tp[1], committed)
+            if len(self._event_ends) > 10_000:
+                self._event_ends.clear()
+            self._event_ends[key] = committed if first is None or first >= end else end
+        return self._event_ends[key]
 
     async def tick(self) -> None:
         app = self.app
@@ -118,6 +132,14 @@ class StallWatch:
             committed, ends = await asyncio.to_thread(self.positions.read, assigned) if assigned else ({}, {})
         except _unavailable() as exc:
             log.warning("could not read the group's positions: %s", exc)
+            return
+        previous, self._previous = self._previous, dict(committed)
+        try:
+            for tp, end in ends.items():
+                if committed.get(tp, 0) < end and previous.get(tp) == committed.get(tp):
+                    ends[tp] = await self._event_end(tp, committed[tp], end)
+        except _unavailable() as exc:
+            log.warning("could not read past the group's committed offsets: %s", exc)
             return
         lag = lag_by_topic(committed, ends)
         for stage, topics in stage_topics.items():

@@ -2,12 +2,11 @@
 process a transaction or batch Bundle. Validate, map, publish through the institution's publisher, then
 remember what was created (the ledger) so If-None-Exist finds it again.
 
-Transactions: the hub's normaliser reads the raw topics with Faust at_least_once, that is aiokafka's
-`read_uncommitted`, so a Kafka transaction would not hide an aborted one from it. A transaction is
-therefore made all-or-nothing by construction instead: every entry is validated and mapped (and every
-record checked against the standard) before any is published; then all events are published with their
-deterministic ids, and if Kafka does not confirm every one the answer is 503 and nothing is recorded, so
-the client retries the whole transaction, which makes the same events (the hub stores each once)."""
+Transactions: every entry is validated and mapped (and every record checked against the standard)
+before any is published; then all the events go in one Kafka transaction (`publish_atomically`), which
+the hub's normaliser reads committed: it sees all of them or none. Not committed, the answer is 503 and
+nothing is recorded; the client retries the whole transaction, which makes the same events (their ids
+are deterministic; the hub stores each once)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaException
 
-from producers.exceptions import DeliveryFailedError
+from producers.exceptions import DeliveryFailedError, TransactionFailedError
 from producers.gateways.fhir.errors import (
     FhirGatewayError,
     InvalidFhirError,
@@ -46,6 +45,8 @@ class EventPublisher(Protocol):
     def validate(self, kind: str, record: Mapping[str, Any]) -> None: ...
 
     def publish_many(self, kind: str, records: Sequence[Mapping[str, Any]]) -> Sequence[object]: ...
+
+    def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> Sequence[object]: ...
 
 
 PublisherProvider = Callable[[str], EventPublisher]
@@ -167,6 +168,19 @@ class FhirService:
                 f"Kafka did not confirm {len(failures)} event(s) in time ({failures[0]}); nothing was "
                 "accepted, retry the same request",
             )
+
+    def _publish_atomically(self, institution: str, events: Sequence[MappedEvent]) -> None:
+        """All the events in one Kafka transaction; UnavailableError (and none of them) otherwise."""
+        if not events:
+            return
+        try:
+            self._publishers(institution).publish_atomically([(e.kind, e.record) for e in events])
+        except RecordValidationError as exc:
+            raise UnmappableError(None, f"the regional record is refused: {exc}") from None
+        except (BufferError, TransactionFailedError) as exc:
+            raise UnavailableError(
+                None, f"Kafka did not commit the transaction ({exc}); nothing was accepted, retry it"
+            ) from None
 
     def _map(
         self,
@@ -319,7 +333,7 @@ class FhirService:
     ) -> list[dict[str, Any]]:
         prepared = [self._prepare(institution, e, i, correlation_id, resolve) for i, e in enumerate(entries)]
         events = [event for _r, m in prepared if isinstance(m, MappedResource) for event in m.events]
-        self._publish(institution, events)  # all, or 503 and nothing recorded
+        self._publish_atomically(institution, events)  # all, or 503 and nothing recorded
         published += events
         responses = []
         for resource, outcome in prepared:

@@ -193,3 +193,30 @@ def test_kafka_unreachable_is_503_and_a_retry_on_a_working_broker_publishes_once
     assert len(records) == 1  # the refused attempt put nothing on the topic
     assert records[0]["value_text"] == " 6.80 (haemolysed) "
     assert httpx.get(f"{gateway.url}/readyz", timeout=30).status_code == 200
+
+
+def test_a_transaction_kafka_did_not_commit_is_503_and_its_retry_publishes_each_entry_once(
+    hub: HubEnv, gateway: Gateway, tmp_path: Path
+) -> None:
+    bundle = fixture("bundle-transaction")
+    result_id, diagnosis_id = f"R-TX-{uuid.uuid4().hex[:8]}", f"D-TX-{uuid.uuid4().hex[:8]}"
+    bundle["entry"][1]["resource"]["identifier"][0]["value"] = result_id
+    bundle["entry"][1]["request"].pop("ifNoneExist", None)
+    bundle["entry"][2]["resource"]["identifier"][0]["value"] = diagnosis_id
+    closed = free_port()
+    down_settings = hub.settings.model_copy(
+        update={"kafka": hub.settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{closed}"})}
+    )
+    broken = serve(down_settings, tmp_path / "broken", publish_timeout=3.0)
+    try:
+        refused = broken.gateway.post("/", bundle)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["resourceType"] == "OperationOutcome"
+    finally:
+        broken.stop()
+    assert raw_records(hub, "lab", "result_id", result_id, timeout=3) == []
+
+    accepted = gateway.post("/", bundle)
+    assert accepted.status_code == 200, accepted.text
+    assert len(raw_records(hub, "lab", "result_id", result_id)) == 1
+    assert len(raw_records(hub, "diagnosis", "diagnosis_id", diagnosis_id, timeout=3)) == 1

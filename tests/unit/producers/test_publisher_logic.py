@@ -7,10 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from core.contract import TopicNames
-from producers.exceptions import DeliveryFailedError, UndeliveredOnCloseError
-from producers.publisher import Publisher, Receipt
+from producers.exceptions import DeliveryFailedError, TransactionFailedError, UndeliveredOnCloseError
+from producers.publisher import Publisher, Receipt, TransactionalProducer
 from producers.simulator import simulate_labs
 from schemas import standard
 from schemas.exceptions import RecordValidationError
@@ -216,3 +217,92 @@ def test_a_bound_above_or_below_the_measuring_range_is_publishable(comparator: s
     record = copy.deepcopy(h001_labs(1)[0])
     record.update(value_comparator=comparator, value_numeric=600.0)
     publisher(FakeProducer()).validate("lab", record)
+
+
+class FakeTransactionalProducer(FakeProducer):
+    """FakeProducer with librdkafka's transaction calls; `commit_error` makes the commit fail."""
+
+    def __init__(self, commit_error: Exception | None = None, abort_error: Exception | None = None) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.commit_error, self.abort_error = commit_error, abort_error
+
+    def init_transactions(self, _timeout: float) -> None:
+        self.calls.append("init")
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def commit_transaction(self, _timeout: float) -> None:
+        self.calls.append("commit")
+        if self.commit_error is not None:
+            raise self.commit_error
+        self.poll(1)
+
+    def abort_transaction(self, _timeout: float) -> None:
+        self.calls.append("abort")
+        self.queue.clear()
+        if self.abort_error is not None:
+            raise self.abort_error
+
+    def purge(self) -> None:
+        self.calls.append("purge")
+        self.queue.clear()
+
+
+def transactional_publisher(made: list[FakeTransactionalProducer], **errors: Any) -> Publisher:
+    def make() -> FakeTransactionalProducer:
+        made.append(FakeTransactionalProducer(**errors))
+        return made[-1]
+
+    registry = ConfluentRegistry({"url": "mock://publisher-logic"})
+    encoders = {"lab": make_encoder(registry, standard.load(standard.LAB_RESULT), check=False)}
+    return Publisher(FakeProducer(), encoders, TopicNames(), "H001", 1.0, TransactionalProducer(make, 1.0))
+
+
+def test_publish_atomically_sends_every_event_in_one_committed_transaction() -> None:
+    made: list[FakeTransactionalProducer] = []
+    publisher = transactional_publisher(made)
+    events = [("lab", record) for record in h001_labs(3)]
+    receipts = publisher.publish_atomically(events)
+    assert [r.event_id for r in receipts] == [str(r["envelope"]["event_id"]) for _k, r in events]
+    assert len(made) == 1 and made[0].calls == ["init", "begin", "commit"] and len(made[0].sent) == 3
+    publisher.publish_atomically(events[:1])
+    assert made[0].calls[3:] == ["begin", "commit"], "transactions are initialised once"
+
+
+def test_a_transaction_not_committed_is_aborted_and_reported_as_retriable() -> None:
+    made: list[FakeTransactionalProducer] = []
+    timeout = KafkaException(KafkaError(KafkaError._TIMED_OUT, "commit timed out"))
+    publisher = transactional_publisher(made, commit_error=timeout)
+    events = [("lab", record) for record in h001_labs(2)]
+    with pytest.raises(TransactionFailedError) as failed:
+        publisher.publish_atomically(events)
+    assert failed.value.retriable and failed.value.event_ids == [
+        str(r["envelope"]["event_id"]) for _k, r in events
+    ]
+    assert made[0].calls == ["init", "begin", "commit", "abort"] and made[0].sent == []
+
+
+def test_a_producer_that_cannot_abort_is_purged_and_replaced() -> None:
+    made: list[FakeTransactionalProducer] = []
+    away = KafkaException(KafkaError(KafkaError._TRANSPORT, "broker away"))
+    publisher = transactional_publisher(made, commit_error=away, abort_error=away)
+    events = [("lab", record) for record in h001_labs(1)]
+    with pytest.raises(TransactionFailedError):
+        publisher.publish_atomically(events)
+    assert made[0].calls[-2:] == ["abort", "purge"]
+    with pytest.raises(TransactionFailedError):
+        publisher.publish_atomically(events)
+    assert len(made) == 2 and made[1].calls[0] == "init", "a new producer fences the old one"
+
+
+def test_one_invalid_record_means_no_transaction_is_begun() -> None:
+    made: list[FakeTransactionalProducer] = []
+    publisher = transactional_publisher(made)
+    good, bad = h001_labs(2)
+    bad = copy.deepcopy(bad)
+    bad["envelope"]["institution_id"] = "H002"
+    with pytest.raises(RecordValidationError):
+        publisher.publish_atomically([("lab", good), ("lab", bad)])
+    assert made == [], "validated before any producer is made"

@@ -100,3 +100,43 @@ def test_skips_the_committed_offset() -> None:
     assert not skips_the_committed_offset([40, 41], 40)
     assert not skips_the_committed_offset([], 40)
     assert skips_the_committed_offset([3], None)
+
+
+def test_offsets_holding_no_event_are_committed_past_once_a_read_committed_reader_shows_it(
+    tmp_path: Any,
+) -> None:
+    """Transaction markers and aborted records are never delivered; after a check (a read-committed
+    read from the committed offset) the commit passes them. Events Faust dropped still hold it."""
+    import asyncio
+
+    import faust
+    from faust.types import TP as FaustTP
+
+    first_records = {("raw.C003.lab", 0, 40): 42, ("raw.H001.lab", 0, 40): 41}  # (topic, partition, start)
+    asked: list[tuple[str, int, int]] = []
+
+    def first_record_offset(topic: str, partition: int, start: int) -> int | None:
+        asked.append((topic, partition, start))
+        return first_records[(topic, partition, start)]
+
+    app = contiguous_offsets_app(faust.App, first_record_offset)(
+        "stalls-test", broker="kafka://127.0.0.1:1", store="memory://", datadir=str(tmp_path)
+    )
+    consumer = app.consumer
+
+    async def commits(tp: FaustTP, acked: list[int]) -> list[int | None]:
+        consumer._committed_offset[tp] = 40
+        consumer._acked[tp] = list(acked)
+        consumer._acked_index[tp] = set(acked)
+        first = consumer._new_offset(tp)  # the check starts in a thread; meanwhile the commit waits
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if asked.count((tp.topic, tp.partition, 40)) and consumer._skipped._checking == set():
+                break
+        return [first, consumer._new_offset(tp)]
+
+    # 40 and 41 hold no event (an aborted record, its marker): a read-committed reader gets 42 first
+    assert asyncio.run(commits(FaustTP("raw.C003.lab", 0), [42, 43])) == [None, 44]
+    # 40 is an event (Faust dropped it): the commit stays at 40 for the watchdog
+    assert asyncio.run(commits(FaustTP("raw.H001.lab", 0), [42, 43])) == [None, None]
+    assert asked == [("raw.C003.lab", 0, 40), ("raw.H001.lab", 0, 40)], "each position is checked once"

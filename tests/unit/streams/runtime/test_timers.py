@@ -19,12 +19,20 @@ from streams.runtime.timers import StallWatch, StoreLagWatch, stage_topic_sets
 
 
 class FakePositions:
-    """GroupPositions' one method, answering from fixed numbers (or failing as a broker that is away)."""
+    """GroupPositions answering from fixed numbers (or failing as a broker that is away). The first
+    record a read-committed reader gets is at the asked offset, unless `no_events_after` says only
+    transaction markers and aborted records follow that offset."""
 
     def __init__(self, committed: dict[TopicPartition, int], ends: dict[TopicPartition, int]) -> None:
         self.committed, self.ends = committed, ends
         self.unavailable = False
         self.asked: list[list[TopicPartition]] = []
+        self.no_events_after: set[tuple[TopicPartition, int]] = set()
+        self.looked_past: list[tuple[str, int, int]] = []
+
+    def first_record_offset(self, topic: str, partition: int, start: int) -> int | None:
+        self.looked_past.append((topic, partition, start))
+        return None if ((topic, partition), start) in self.no_events_after else start
 
     def read(
         self, partitions: list[TopicPartition]
@@ -139,3 +147,32 @@ def test_stall_watch_waits_out_a_rebalance_and_leaves_a_long_batch_alone(
     asyncio.run(watch.tick())
     asyncio.run(watch.tick())
     assert reread == []
+
+
+def test_a_partition_that_ends_in_transaction_markers_is_neither_lagging_nor_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A FHIR transaction's commit marker follows its last event: the group commits the event, never the
+    marker, so committed stays one short of the end with nothing waiting."""
+    metrics = make_stream_metrics(CollectorRegistry())
+    app = FakeApp(FakeConsumer([TP("raw.C003.lab", 0), TP("raw.C003.lab", 1)]))
+    positions = FakePositions(
+        {("raw.C003.lab", 0): 6, ("raw.C003.lab", 1): 2}, {("raw.C003.lab", 0): 7, ("raw.C003.lab", 1): 9}
+    )
+    positions.no_events_after = {(("raw.C003.lab", 0), 6)}
+    reread: list[Any] = []
+
+    async def record(_consumer: Any, *args: Any) -> None:
+        reread.append(args)
+
+    monkeypatch.setattr(timers, "reread_from_committed", record)
+    clock = iter([0.0, 100.0, 200.0, 300.0])
+    topics = stage_topic_sets({"normaliser"}, ["raw.C003.lab"], [])
+    watch = StallWatch(app, positions, topics, {}, metrics, 60.0, clock=lambda: next(clock))  # type: ignore[arg-type]
+    asyncio.run(watch.tick())
+    assert positions.looked_past == [], "a commit that may still move is not looked past"
+    for _ in range(3):
+        asyncio.run(watch.tick())
+    assert lag(metrics, "normaliser", "raw.C003.lab") == 7, "partition 1's seven events still wait"
+    assert reread == [("raw.C003.lab", 1, 2)] * 3, "partition 0 is never read again"
+    assert positions.looked_past.count(("raw.C003.lab", 0, 6)) == 1, "each position is read once"

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from producers.exceptions import DeliveryFailedError
+from producers.exceptions import DeliveryFailedError, TransactionFailedError
 from producers.gateways.fhir.app import create_fhir_app
 from producers.gateways.fhir.auth import parse_tokens, token_digest, token_line
 from producers.gateways.fhir.ledger import ResourceLedger
@@ -53,6 +53,16 @@ class FakePublisher:
             ]
         self.published += [(kind, dict(r)) for r in records]
         return [Receipt(str(r["envelope"]["event_id"]), "raw", 0, i) for i, r in enumerate(records)]
+
+    def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[object]:
+        """One transaction: all published, or (down) TransactionFailedError and none."""
+        for kind, record in events:
+            self.validate(kind, record)
+        ids = [str(r["envelope"]["event_id"]) for _k, r in events]
+        if self.down:
+            raise TransactionFailedError(ids, "Local: Message timed out")
+        self.published += [(kind, dict(r)) for kind, r in events]
+        return [Receipt(event_id, "raw", 0, i) for i, event_id in enumerate(ids)]
 
 
 @pytest.fixture()
