@@ -44,7 +44,7 @@ class EventPublisher(Protocol):
 
     def validate(self, kind: str, record: Mapping[str, Any]) -> None: ...
 
-    def publish_many(self, kind: str, records: Sequence[Mapping[str, Any]]) -> Sequence[object]: ...
+    def publish_events(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> Sequence[object]: ...
 
     def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> Sequence[object]: ...
 
@@ -148,20 +148,14 @@ class FhirService:
                 ) from None
 
     def _publish(self, institution: str, events: Sequence[MappedEvent]) -> None:
-        """Publish every event; raise UnavailableError unless Kafka confirmed them all."""
-        publisher = self._publishers(institution)
-        by_kind: dict[str, list[dict[str, Any]]] = {}
-        for event in events:
-            by_kind.setdefault(event.kind, []).append(event.record)
-        failures: list[str] = []
-        for kind, records in by_kind.items():
-            try:
-                results = publisher.publish_many(kind, records)
-            except RecordValidationError as exc:
-                raise UnmappableError(None, f"the regional record is refused: {exc}") from None
-            except (BufferError, KafkaException) as exc:
-                raise UnavailableError(None, f"Kafka is not available: {exc}") from None
-            failures += [r.reason for r in results if isinstance(r, DeliveryFailedError)]
+        """Publish every event (one wait for all); raise UnavailableError unless Kafka confirmed them all."""
+        try:
+            results = self._publishers(institution).publish_events([(e.kind, e.record) for e in events])
+        except RecordValidationError as exc:
+            raise UnmappableError(None, f"the regional record is refused: {exc}") from None
+        except (BufferError, KafkaException) as exc:
+            raise UnavailableError(None, f"Kafka is not available: {exc}") from None
+        failures = [r.reason for r in results if isinstance(r, DeliveryFailedError)]
         if failures:
             raise UnavailableError(
                 None,

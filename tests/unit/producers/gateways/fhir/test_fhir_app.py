@@ -43,16 +43,14 @@ class FakePublisher:
     def validate(self, kind: str, record: Mapping[str, Any]) -> None:
         check_event(kind, record, standard.load(standard.KIND_SCHEMAS[kind]), self.institution)
 
-    def publish_many(self, kind: str, records: Sequence[Mapping[str, Any]]) -> list[object]:
-        for record in records:
+    def publish_events(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[object]:
+        for kind, record in events:
             self.validate(kind, record)
+        ids = [str(r["envelope"]["event_id"]) for _k, r in events]
         if self.down:
-            return [
-                DeliveryFailedError(str(r["envelope"]["event_id"]), "Local: Message timed out", True)
-                for r in records
-            ]
-        self.published += [(kind, dict(r)) for r in records]
-        return [Receipt(str(r["envelope"]["event_id"]), "raw", 0, i) for i, r in enumerate(records)]
+            return [DeliveryFailedError(event_id, "Local: Message timed out", True) for event_id in ids]
+        self.published += [(kind, dict(r)) for kind, r in events]
+        return [Receipt(event_id, "raw", 0, i) for i, event_id in enumerate(ids)]
 
     def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[object]:
         """One transaction: all published, or (down) TransactionFailedError and none."""

@@ -25,7 +25,7 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 class Publisher:
-    """Validates like the SDK and keeps what it is given (one call per kind, or one transaction)."""
+    """Validates like the SDK and keeps what it is given (one call, or one transaction)."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, dict[str, Any]]] = []
@@ -33,9 +33,9 @@ class Publisher:
     def validate(self, kind: str, record: Mapping[str, Any]) -> None:
         check_event(kind, record, standard.load(standard.KIND_SCHEMAS[kind]), "H001")
 
-    def publish_many(self, kind: str, records: Sequence[Mapping[str, Any]]) -> list[object]:
-        self.published += [(kind, dict(r)) for r in records]
-        return [object() for _ in records]
+    def publish_events(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[object]:
+        self.published += [(kind, dict(r)) for kind, r in events]
+        return [object() for _ in events]
 
     def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[object]:
         self.published += [(kind, dict(r)) for kind, r in events]
