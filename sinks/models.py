@@ -1,4 +1,9 @@
-"""SQLAlchemy 2 models of the regional store. No raw national identifier and no patient name is ever stored.
+"""SQLAlchemy 2 models of the regional store. No raw national identifier is ever stored.
+
+A patient's name is stored per institution, only in `patient_names`: the name an institution sent for
+its own MRN, which the console shows only to that institution's users, beside that MRN. No other table
+holds a name (the clinical rows, alerts, escalations, dead letters and notifications carry the
+pseudonymous regional id), and the name is never in a log line or a metric label.
 
 Versioned tables (observations, encounters, medication_orders, diagnoses) keep one row per natural key:
 the version with the latest (event_time, event_id) wins, whatever order deliveries arrive in. All times
@@ -9,7 +14,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UnicodeText,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, synonym
 
 NAMING = {
@@ -54,6 +70,27 @@ class IdentifierLink(Base):
     patient_mrn: Mapped[str] = mapped_column(String(64), primary_key=True)
     regional_patient_id: Mapped[str] = mapped_column(String(40))
     linked_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index(None, "regional_patient_id"),)
+
+
+class PatientName(Base):
+    """The patient's name as an institution wrote it, for its MRN: from the newest event (by event time,
+    then event id) that carried a name, so an older event arriving late never overwrites a newer name.
+    Both parts come from that one event (a name sent without a given name has none). Shown only to users
+    of that institution, where its MRN is shown; never in an alert, a notification, a log line or a metric
+    label. `regional_patient_id` is the one that event resolved to."""
+
+    __tablename__ = "patient_names"
+
+    institution_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    patient_mrn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    regional_patient_id: Mapped[str] = mapped_column(String(40))
+    family_name: Mapped[str | None] = mapped_column(UnicodeText)
+    given_name: Mapped[str | None] = mapped_column(UnicodeText)
+    event_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)  # of the event the name came from
+    event_id: Mapped[str] = mapped_column(String(36))
     ingested_time: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
     __table_args__ = (Index(None, "regional_patient_id"),)

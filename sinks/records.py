@@ -201,7 +201,31 @@ def _clinical(
             "created_time": now,
         },
     )
+    name = _patient_name(record, envelope, patient_id, now)
+    if name is not None:
+        prepared.rows["patient_names"] = [name]
     return prepared, envelope
+
+
+def _patient_name(
+    record: Mapping[str, Any], envelope: _Envelope, patient_id: str, now: dt.datetime
+) -> Row | None:
+    """The patient_names row of an event that carries a name (either part), as sent; None otherwise.
+    A refusal names the field, never its value."""
+    family = _optional_text(record, "patient_family_name")
+    given = _optional_text(record, "patient_given_name")
+    if not family and not given:
+        return None
+    return {
+        "institution_id": envelope.institution_id,
+        "patient_mrn": _text(record, "patient_mrn").strip(),
+        "regional_patient_id": patient_id,
+        "family_name": family,
+        "given_name": given,
+        "event_time": envelope.event_time,
+        "event_id": envelope.event_id,
+        "ingested_time": now,
+    }
 
 
 def _observation(envelope: _Envelope, patient_id: str, now: dt.datetime) -> Row:

@@ -7,7 +7,8 @@ one row per key (`keep_newest`) and the INSERT ... ON CONFLICT sent for the batc
   already had are redeliveries and go no further;
 - versioned tables (observations, medication_orders, diagnoses) keep each natural key's newest version by
   (event_time, event_id); alerts keep the highest suppressed_repeats; identity links and aliases the
-  latest link; patients fill in demographics from their newest record;
+  latest link; patients fill in demographics from their newest record; patient_names keep, per
+  institution and MRN, the name of the newest event (event_time, event_id) that carried one;
 - history and append-only tables insert-or-ignore (alert_history by state id, so a redelivered state
   change adds nothing; dead_letters by dead-letter id, derived from the rejected message's position).
 Around the policies, a few steps of their own: vitals sets replace whole sets, encounters take their state
@@ -68,6 +69,7 @@ from sinks.models import (
     Observation,
     Patient,
     PatientAlias,
+    PatientName,
 )
 from sinks.records import (
     ENCOUNTER_STATUS,
@@ -109,6 +111,10 @@ ALERT_WRITES = WritePolicy(
     replaces=("suppressed_repeats", "changed_time"),
 )
 LINK_WRITES = WritePolicy(_table(IdentifierLink), Precedence(("institution_id", "patient_mrn"), LINK_VERSION))
+# The name of the newest event that carried one, both parts from it: a late older event changes nothing.
+PATIENT_NAME_WRITES = WritePolicy(
+    _table(PatientName), Precedence(("institution_id", "patient_mrn"), EVENT_VERSION)
+)
 # The id is derived from the rejected message's position: a replayed rejection is the dead letter kept.
 DEAD_LETTER_WRITES = WritePolicy(_table(DeadLetterRow), Precedence(("deadletter_id",)))
 # Created here with do-nothing; its state is derived from the encounter's history (_encounter_state).
@@ -134,6 +140,7 @@ WRITE_POLICIES: tuple[WritePolicy, ...] = (
     ALERT_HISTORY_WRITES,
     ALERT_WRITES,
     LINK_WRITES,
+    PATIENT_NAME_WRITES,
     DEAD_LETTER_WRITES,
     ENCOUNTER_WRITES,
     ALIAS_WRITES,
@@ -150,6 +157,7 @@ ALERT_HISTORY = ALERT_HISTORY_WRITES.table
 PATIENTS = PATIENT_WRITES.table
 INGEST_LOG = INGEST_LOG_WRITES.table
 ENCOUNTERS = ENCOUNTER_WRITES.table
+PATIENT_NAMES = PATIENT_NAME_WRITES.table
 DEAD_LETTERS = DEAD_LETTER_WRITES.table
 ALIAS_COMPRESSION_ROUNDS = 8
 

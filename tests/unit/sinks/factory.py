@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from core.contract import KINDS
 from producers.simulator import simulate_events
 from sinks.base import StoreRecord
 from sinks.models import Base
@@ -163,11 +164,28 @@ def dead_letter(
     return record
 
 
+# Names as institutions write them (a GB 18030 system's 區 and 瑋 have `^` and `|` as second byte)
+NAMES = (("區", "瑋東"), ("王", "丽"), ("SMITH", "John Paul"), ("欧阳", None))
+
+
+def named(records: list[StoreRecord]) -> list[StoreRecord]:
+    """Every other clinical event carries its patient's name (one per institution and MRN)."""
+    out = []
+    for n, item in enumerate(records):
+        record = item.record
+        if n % 2 == 0 and item.kind in KINDS:
+            family, given = NAMES[sum(map(ord, record["patient_mrn"])) % len(NAMES)]
+            record = {**record, "patient_family_name": family, "patient_given_name": given}
+        out.append(StoreRecord(item.kind, record))
+    return out
+
+
 def realistic_batch(seed: int, count: int) -> list[StoreRecord]:
-    """Every kind: simulated clinical events, alerts for critical-looking labs with their states (opened,
-    repeats), escalations and acknowledgements, the dead letters of a few rejected raw events and of one
-    record the store itself refused, and last an identity link per (institution, MRN)."""
-    records = simulated(seed, count)
+    """Every kind: simulated clinical events (every other one with the patient's name), alerts for
+    critical-looking labs with their states (opened, repeats), escalations and acknowledgements, the dead
+    letters of a few rejected raw events and of one record the store itself refused, and last an
+    identity link per (institution, MRN)."""
+    records = named(simulated(seed, count))
     extra: list[StoreRecord] = []
     links: dict[tuple[str, str], str] = {}
     for n, item in enumerate(records):

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, func, insert, inspect, select
 from sqlalchemy.exc import DBAPIError
 
+from core.contract import KINDS
 from sinks.base import StoreRecord, StoreWriteResult, write_records_isolating
 from sinks.exceptions import StoreOutOfDateError, StoreRejectedError
 from sinks.metrics import make_sink_metrics
@@ -31,6 +32,7 @@ from sinks.sql import (
     ENCOUNTERS,
     INGEST_LOG,
     OBSERVATIONS,
+    PATIENT_NAMES,
     PATIENTS,
     SqlStoreSink,
 )
@@ -726,6 +728,116 @@ def test_patients_keep_the_newest_demographics(sink: SqlStoreSink, engine: Engin
     assert (patient.birth_year, patient.sex) == (1951, "female")
 
 
+# -- patient names ---------------------------------------------------------------------------------
+
+
+def _named_lab(seed: int = 53, **changes: Any) -> dict[str, Any]:
+    lab = first(simulated(seed=seed, count=20, kinds={"lab": 1.0}), "lab")
+    return {**lab, "patient_family_name": "區", "patient_given_name": "瑋東", **changes}
+
+
+def _names(engine: Engine) -> dict[tuple[str, str], tuple[Any, ...]]:
+    return {
+        (r.institution_id, r.patient_mrn): (r.family_name, r.given_name, r.regional_patient_id)
+        for r in rows(engine, PATIENT_NAMES)
+    }
+
+
+def test_a_name_is_stored_exactly_as_sent_for_its_institution_and_mrn(
+    sink: SqlStoreSink, engine: Engine
+) -> None:
+    lab = _named_lab()
+    unnamed = revised(_named_lab(seed=54), 0, patient_family_name=None, patient_given_name=None)
+    result = sink.write_records([StoreRecord("lab", lab), StoreRecord("lab", unnamed)])
+    assert result.written == {"lab": 2}
+    institution, mrn = lab["envelope"]["institution_id"], lab["patient_mrn"]
+    assert _names(engine) == {(institution, mrn): ("區", "瑋東", lab["regional_patient_id"])}
+    (row,) = rows(engine, PATIENT_NAMES)
+    assert as_utc(row.event_time) == lab["envelope"]["event_time"]
+    assert row.event_id == str(lab["envelope"]["event_id"])
+
+
+@pytest.mark.parametrize("order", ["older first", "newer first", "one batch", "one batch reversed"])
+def test_the_newest_name_wins_and_a_late_older_one_changes_nothing(
+    sink: SqlStoreSink, engine: Engine, order: str
+) -> None:
+    lab = _named_lab()
+    older = revised(lab, -60, patient_family_name="WANG", patient_given_name="Li", result_id="older")
+    newer = revised(lab, 0, patient_family_name="歐陽", patient_given_name=None, result_id="newer")
+    records = [StoreRecord("lab", older), StoreRecord("lab", newer)]
+    if order == "newer first":
+        sink.write_records(records[1:])
+        assert sink.write_records(records[:1]).written == {"lab": 1}  # its own result is new
+    elif order == "older first":
+        sink.write_records(records[:1])
+        sink.write_records(records[1:])
+    else:
+        sink.write_records(records if order == "one batch" else records[::-1])
+    # both parts from the newest event that carried a name: it sent no given name
+    assert list(_names(engine).values()) == [("歐陽", None, lab["regional_patient_id"])]
+    (row,) = rows(engine, PATIENT_NAMES)
+    assert as_utc(row.event_time) == newer["envelope"]["event_time"]
+
+
+def test_an_event_without_a_name_leaves_the_stored_name(sink: SqlStoreSink, engine: Engine) -> None:
+    lab = _named_lab()
+    later = revised(lab, 30, patient_family_name=None, patient_given_name=None, result_id="later")
+    sink.write_records([StoreRecord("lab", lab)])
+    sink.write_records([StoreRecord("lab", later)])
+    assert [name[:2] for name in _names(engine).values()] == [("區", "瑋東")]
+
+
+def test_a_redelivered_name_changes_nothing(sink: SqlStoreSink, engine: Engine, clock: Clock) -> None:
+    vitals = first(simulated(seed=55, count=40), "vitals")
+    batch = [
+        StoreRecord("lab", _named_lab()),
+        StoreRecord("vitals", {**vitals, "patient_family_name": "SMITH", "patient_given_name": "John Paul"}),
+    ]
+    sink.write_records(batch)
+    before = snapshot(engine)
+    assert len(before["patient_names"]) == 2
+    clock.now += dt.timedelta(hours=1)  # a rewrite would show in ingested_time
+    for again in (batch, batch[::-1] + batch):
+        result = sink.write_records(again)
+        assert result.written == {} and sum(result.unchanged.values()) == len(again)
+    assert snapshot(engine) == before
+
+
+def test_the_same_mrn_at_two_institutions_has_two_names(sink: SqlStoreSink, engine: Engine) -> None:
+    lab = _named_lab()
+    other = revised(lab, 0, patient_family_name="CHAN", patient_given_name="Tai Man")
+    other["envelope"] = {**other["envelope"], "institution_id": "C003"}
+    sink.write_records([StoreRecord("lab", lab), StoreRecord("lab", other)])
+    names = _names(engine)
+    assert {key[0] for key in names} == {lab["envelope"]["institution_id"], "C003"}
+    assert names[("C003", lab["patient_mrn"])][:2] == ("CHAN", "Tai Man")
+
+
+def test_every_kind_writes_its_name_and_no_other_table_holds_one(sink: SqlStoreSink, engine: Engine) -> None:
+    batch = [
+        StoreRecord(item.kind, {**item.record, "patient_family_name": "區", "patient_given_name": "瑋東"})
+        if item.kind in KINDS
+        else item
+        for item in realistic_batch(seed=56, count=200)
+    ]
+    sink.write_records(batch)
+    clinical = {item.kind for item in batch if item.kind in KINDS}
+    assert clinical == {"lab", "vitals", "encounter", "medication", "diagnosis"}
+    expected = {
+        (r.record["envelope"]["institution_id"], r.record["patient_mrn"]) for r in batch if r.kind in clinical
+    }
+    assert set(_names(engine)) == expected
+    for table, table_rows in snapshot(engine).items():
+        if table != "patient_names":
+            assert "瑋東" not in repr(table_rows), table
+
+
+def test_a_name_that_is_not_text_is_refused_naming_the_field_not_the_value(sink: SqlStoreSink) -> None:
+    with pytest.raises(StoreRejectedError) as refused:
+        sink.write_records([StoreRecord("lab", _named_lab(patient_given_name=["瑋", "東"]))])
+    assert "patient_given_name" in str(refused.value) and "瑋" not in str(refused.value)
+
+
 # -- timeline paging -------------------------------------------------------------------------------
 
 
@@ -1124,6 +1236,31 @@ def test_migration_0005_downgrades_and_upgrades_again(blank_engine: Engine, cloc
     SqlStoreSink(blank_engine, clock=clock).write_records(batch)
     assert len(rows(blank_engine, DEAD_LETTERS)) == sum(1 for item in batch if item.kind == "deadletter")
     _audit_row(blank_engine)
+
+
+def test_migration_0006_downgrades_and_upgrades_again(blank_engine: Engine, clock: Clock) -> None:
+    """0006 (patient_names) off and on again: the names go with it, everything else stays; names come
+    back with the next events that carry them (nothing stored elsewhere to backfill them from)."""
+    upgrade(blank_engine)
+    batch = realistic_batch(seed=93, count=60)
+    SqlStoreSink(blank_engine, clock=clock).write_records(batch)
+    assert rows(blank_engine, PATIENT_NAMES)
+    observations = len(rows(blank_engine, OBSERVATIONS))
+
+    downgrade(blank_engine, "0005")
+    assert current_revision(blank_engine) == "0005"
+    assert "patient_names" not in inspect(blank_engine).get_table_names()
+    with blank_engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM observations").scalar_one() == observations
+
+    upgrade(blank_engine)
+    ensure_current(blank_engine)
+    with blank_engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert rows(blank_engine, PATIENT_NAMES) == []
+    lab = revised(first(batch, "lab"), 1, patient_family_name="區", patient_given_name="瑋東")
+    SqlStoreSink(blank_engine, clock=clock).write_records([StoreRecord("lab", lab)])
+    assert [(r.family_name, r.given_name) for r in rows(blank_engine, PATIENT_NAMES)] == [("區", "瑋東")]
 
 
 @pytest.mark.parametrize(
