@@ -3,7 +3,8 @@
 Roles (sinks.models.ROLES):
 - clinician: the alerts of their institution and wards (all wards when they have none), at or above
   their place in the escalation chain; the timeline of any patient known at their institution, with
-  what other institutions stored of them;
+  what other institutions stored of them; a patient's MRN at their own institution and, beside it, the
+  name their institution sent (`sees_local_identity`), never another institution's MRN or name;
 - integration: their institution's unprocessable results, nothing clinical beyond the rejection;
 - operator: aggregate figures only, never a patient;
 - admin: accounts and the audit log, never a patient.
@@ -29,6 +30,7 @@ __all__ = [
     "Principal",
     "can_see_alert",
     "parse_wards",
+    "sees_local_identity",
 ]
 
 
@@ -92,3 +94,9 @@ def can_see_alert(principal: Principal, alert: AlertScope) -> bool:
 def in_queue_of(principal: Principal, alert: AlertScope) -> bool:
     """In the user's queue: theirs to see, and escalated at least as far as their place in the chain."""
     return can_see_alert(principal, alert) and alert.escalation_level >= principal.chain_level
+
+
+def sees_local_identity(principal: Principal, institution_id: str | None) -> bool:
+    """See a patient's MRN at `institution_id` and the name that institution sent for it: exactly where
+    the MRN is shown, the name is, and only to that institution's clinicians."""
+    return principal.clinical and institution_id is not None and principal.institution_id == institution_id

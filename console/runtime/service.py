@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from console.domain import queue as q
-from console.domain.access import AlertScope, Principal, can_see_alert, in_queue_of
+from console.domain.access import AlertScope, Principal, can_see_alert, in_queue_of, sees_local_identity
 from console.domain.readback import ReadBackTarget, check_read_back
 from console.exceptions import (
     AlertClosedError,
@@ -81,7 +81,8 @@ class Request:
 
 @dataclass(frozen=True)
 class QueueItem:
-    """One alert as this user may see it."""
+    """One alert as this user may see it. `show_mrn`: the patient's MRN at the alert's institution and the
+    name it sent are shown (to that institution's clinicians only)."""
 
     alert: AlertView
     show_mrn: bool
@@ -111,6 +112,8 @@ class QueueItem:
                 "birth_year": a.birth_year,
                 "sex": a.sex,
                 "mrn": a.mrn if self.show_mrn else None,
+                "family_name": a.family_name if self.show_mrn else None,
+                "given_name": a.given_name if self.show_mrn else None,
             },
             "analyte": a.analyte,
             "loinc_code": a.loinc_code,
@@ -325,7 +328,7 @@ class Console:
         deadline = None if acknowledged_time else alert.pending_deadline
         return QueueItem(
             alert=alert,
-            show_mrn=principal.institution_id == alert.institution_id,
+            show_mrn=sees_local_identity(principal, alert.institution_id),
             chain=q.escalation_chain(
                 self.policy, alert.severity, alert.escalation_level, alert.raised_time, deadline
             ),

@@ -21,6 +21,7 @@ from sinks.models import (
     IdentifierLink,
     Observation,
     Patient,
+    PatientName,
 )
 from sinks.queries import patient_ids
 
@@ -32,6 +33,7 @@ LINKS = IdentifierLink.__table__
 OBSERVATIONS = Observation.__table__
 ENCOUNTERS = Encounter.__table__
 DEAD_LETTERS = DeadLetterRow.__table__
+NAMES = PatientName.__table__
 
 
 def aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -48,7 +50,8 @@ def _must(value: dt.datetime | None) -> dt.datetime:
 @dataclass(frozen=True)
 class AlertView:
     """An alert with what the queue shows beside it. `mrn` is the patient's MRN at the alert's own
-    institution: the web layer shows it only to users of that institution."""
+    institution, `family_name` and `given_name` the name that institution sent for that MRN: the web
+    layer shows them only to users of that institution (`access.sees_local_identity`)."""
 
     alert_id: str
     institution_id: str
@@ -57,6 +60,8 @@ class AlertView:
     birth_year: int | None
     sex: str | None
     mrn: str | None
+    family_name: str | None
+    given_name: str | None
     loinc_code: str
     analyte: str
     value: float
@@ -140,6 +145,14 @@ def _alert_select() -> Any:
     def sent_column(column: Any) -> Any:
         return select(column).where(sent).order_by(o.c.ingested_time.desc()).limit(1).scalar_subquery()
 
+    def name_column(column: Any) -> Any:
+        """The name the alert's institution sent for the MRN shown."""
+        return (
+            select(column)
+            .where(NAMES.c.institution_id == a.c.institution_id, NAMES.c.patient_mrn == mrn)
+            .scalar_subquery()
+        )
+
     noted = exists(
         select(ACKS.c.ack_id).where(
             ACKS.c.alert_id == a.c.alert_id, ACKS.c.note.is_not(None), ACKS.c.note != ""
@@ -150,6 +163,8 @@ def _alert_select() -> Any:
         PATIENTS.c.birth_year,
         PATIENTS.c.sex,
         mrn.label("mrn"),
+        name_column(NAMES.c.family_name).label("family_name"),
+        name_column(NAMES.c.given_name).label("given_name"),
         sent_column(o.c.original_value).label("sent_value"),
         sent_column(o.c.original_unit).label("sent_unit"),
         sent_column(o.c.value_text).label("sent_text"),
@@ -166,6 +181,8 @@ def _view(row: Any) -> AlertView:
         birth_year=row.birth_year,
         sex=row.sex,
         mrn=row.mrn,
+        family_name=row.family_name,
+        given_name=row.given_name,
         loinc_code=row.loinc_code,
         analyte=row.analyte,
         value=row.value,
@@ -360,6 +377,7 @@ class ConsoleReads:
                 )
             )
             mrns: list[str] = []
+            names: dict[str, PatientNameView] = {}
             if institution_id:
                 mrns = sorted(
                     connection.execute(
@@ -368,12 +386,21 @@ class ConsoleReads:
                         )
                     ).scalars()
                 )
+                names = {
+                    row.patient_mrn: PatientNameView(row.patient_mrn, row.family_name, row.given_name)
+                    for row in connection.execute(
+                        select(NAMES.c.patient_mrn, NAMES.c.family_name, NAMES.c.given_name).where(
+                            NAMES.c.institution_id == institution_id, NAMES.c.patient_mrn.in_(mrns)
+                        )
+                    )
+                }
         return PatientSummary(
             regional_patient_id=canonical,
             birth_year=demo.birth_year if demo else None,
             sex=demo.sex if demo else None,
             institutions=institutions,
             mrns_here=mrns,
+            names_here=[names[mrn] for mrn in mrns if mrn in names],
         )
 
     def lab_series(self, regional_patient_id: str, per_analyte: int = 30) -> list[LabSeries]:
@@ -477,12 +504,22 @@ class ConsoleReads:
 
 
 @dataclass(frozen=True)
+class PatientNameView:
+    """The name an institution sent for one of its MRNs."""
+
+    mrn: str
+    family_name: str | None
+    given_name: str | None
+
+
+@dataclass(frozen=True)
 class PatientSummary:
     regional_patient_id: str
     birth_year: int | None
     sex: str | None
     institutions: list[str]
     mrns_here: list[str]  # at the viewer's institution
+    names_here: list[PatientNameView]  # the names it sent for them (not every MRN has one)
 
 
 @dataclass(frozen=True)

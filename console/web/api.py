@@ -64,6 +64,16 @@ class PatientOut(BaseModel):
     birth_year: int | None
     sex: str | None
     mrn: str | None = Field(description="The MRN at the alert's institution; only for its own users")
+    family_name: str | None = Field(
+        default=None,
+        description="The family name the alert's institution sent for that MRN, as written; only for its "
+        "own users, exactly where the MRN is",
+    )
+    given_name: str | None = Field(
+        default=None,
+        description="The given name(s) the alert's institution sent for that MRN, as written; only for its "
+        "own users, exactly where the MRN is",
+    )
 
 
 class ChainStepOut(BaseModel):
@@ -161,12 +171,23 @@ class TimelineEntryOut(BaseModel):
     status: str | None
 
 
+class PatientNameOut(BaseModel):
+    mrn: str = Field(description="An MRN of the caller's institution (one of mrns_here)")
+    family_name: str | None = Field(default=None, description="As the caller's institution wrote it")
+    given_name: str | None = Field(default=None, description="As the caller's institution wrote it")
+
+
 class TimelineOut(BaseModel):
     regional_patient_id: str
     birth_year: int | None
     sex: str | None
     institutions: list[str]
     mrns_here: list[str]
+    names_here: list[PatientNameOut] = Field(
+        default_factory=list,
+        description="The names the caller's institution sent for its MRNs of the patient (none for an MRN "
+        "it sent no name for); never another institution's",
+    )
     entries: list[TimelineEntryOut]
     next_cursor: str | None
 
@@ -304,6 +325,7 @@ def timeline(
         sex=s.sex,
         institutions=s.institutions,
         mrns_here=s.mrns_here,
+        names_here=[PatientNameOut.model_validate(vars(name)) for name in s.names_here],
         entries=[TimelineEntryOut.model_validate(vars(entry)) for entry in view.page.entries],
         next_cursor=view.page.next_cursor,
     )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from console.domain.access import AlertScope, Principal, can_see_alert, in_queue_of, parse_wards
+from console.domain.access import (
+    AlertScope,
+    Principal,
+    can_see_alert,
+    in_queue_of,
+    parse_wards,
+    sees_local_identity,
+)
 
 
 def clinician(institution: str = "H001", wards: str = "", level: int = 0) -> Principal:
@@ -41,3 +48,12 @@ def test_wards_parse_from_text_or_lists() -> None:
     assert parse_wards(" ICU, WARD7 ,,") == frozenset({"ICU", "WARD7"})
     assert parse_wards(["ICU"]) == frozenset({"ICU"})
     assert parse_wards(None) == frozenset()
+
+
+def test_the_mrn_and_the_name_are_for_the_clinicians_of_the_institution_that_sent_them() -> None:
+    assert sees_local_identity(clinician("H001"), "H001")
+    assert sees_local_identity(clinician("H001", wards="WARD7", level=2), "H001")
+    assert not sees_local_identity(clinician("H002"), "H001"), "another institution: neither MRN nor name"
+    assert not sees_local_identity(clinician("H001"), None)
+    for role in ("integration", "operator", "admin"):
+        assert not sees_local_identity(Principal("u", "U", role, "H001"), "H001")

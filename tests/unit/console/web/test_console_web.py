@@ -18,7 +18,7 @@ from sqlalchemy import insert, text
 
 from clinhub.console_service import ConsoleParts, build_console
 from core.settings import ConsoleSettings, DatabaseSettings, HubSettings, load_settings
-from sinks.models import Alert, DeadLetterRow, IdentifierLink, Patient
+from sinks.models import Alert, DeadLetterRow, IdentifierLink, Patient, PatientName
 from sinks.store import make_engine, upgrade
 
 PASSWORD = "correct horse battery staple"  # noqa: S105 - test accounts
@@ -255,7 +255,86 @@ def test_the_mrn_is_shown_to_the_alerts_own_institution_only(parts: ConsoleParts
         "birth_year": 1960,
         "sex": "female",
         "mrn": "MRN-77",
+        "family_name": None,  # H001 sent no name for MRN-77
+        "given_name": None,
     }
+
+
+def seed_name(
+    engine: Any, institution: str, mrn: str, patient: str, family: str | None, given: str | None
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            insert(PatientName.__table__).values(
+                institution_id=institution,
+                patient_mrn=mrn,
+                regional_patient_id=patient,
+                family_name=family,
+                given_name=given,
+                event_time=NOW,
+                event_id=str(uuid.uuid4()),
+                ingested_time=NOW,
+            )
+        )
+
+
+def link(engine: Any, institution: str, mrn: str, patient: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            insert(IdentifierLink.__table__).values(
+                institution_id=institution,
+                patient_mrn=mrn,
+                regional_patient_id=patient,
+                linked_time=NOW,
+                ingested_time=NOW,
+            )
+        )
+
+
+def test_the_name_is_shown_beside_the_mrn_to_the_institution_that_sent_it(parts: ConsoleParts) -> None:
+    """Queue row, alert page, patient page and API: the name H001 sent, where H001's MRN is shown."""
+    alert = seed_alert(parts.engine, "H001", "MRN-77")
+    seed_name(parts.engine, "H001", "MRN-77", alert["patient"], "區", "瑋東")
+    patient = api(parts, "dr.icu").get(f"/api/v1/alerts/{alert['alert_id']}").json()["alert"]["patient"]
+    assert (patient["mrn"], patient["family_name"], patient["given_name"]) == ("MRN-77", "區", "瑋東")
+    (queued,) = api(parts, "dr.icu").get("/api/v1/alerts").json()
+    assert (queued["patient"]["family_name"], queued["patient"]["given_name"]) == ("區", "瑋東")
+    page, _ = browser(parts, "dr.icu")
+    assert 'MRN <b class="rid">MRN-77</b> <b class="name">區 瑋東</b>' in page.get("/queue").text
+    assert (
+        'MRN <span class="rid">MRN-77</span> <span class="name">區 瑋東</span>'
+        in page.get(f"/alerts/{alert['alert_id']}").text
+    )
+    assert (
+        'MRN here: MRN-77 <span class="name">區 瑋東</span>' in page.get(f"/patients/{alert['patient']}").text
+    )
+    timeline = api(parts, "dr.icu").get(f"/api/v1/patients/{alert['patient']}/timeline").json()
+    assert timeline["mrns_here"] == ["MRN-77"]
+    assert timeline["names_here"] == [{"mrn": "MRN-77", "family_name": "區", "given_name": "瑋東"}]
+
+
+def test_another_institution_sees_neither_the_mrn_nor_the_name(parts: ConsoleParts) -> None:
+    """The patient is known at H002 too: H002's clinician sees H002's MRN and the name H002 sent, never
+    H001's, on the patient page, in the API, and not beside H001's alert in the patient's alert list."""
+    alert = seed_alert(parts.engine, "H001", "MRN-77")
+    seed_name(parts.engine, "H001", "MRN-77", alert["patient"], "區", "瑋東")
+    link(parts.engine, "H002", "H2-0042", alert["patient"])
+    seed_name(parts.engine, "H002", "H2-0042", alert["patient"], "欧阳", "晓明")
+    other = api(parts, "dr.h2")
+    assert other.get(f"/api/v1/alerts/{alert['alert_id']}").status_code == 403
+    timeline = other.get(f"/api/v1/patients/{alert['patient']}/timeline").json()
+    assert timeline["mrns_here"] == ["H2-0042"]
+    assert timeline["names_here"] == [{"mrn": "H2-0042", "family_name": "欧阳", "given_name": "晓明"}]
+    page, _ = browser(parts, "dr.h2")
+    html = page.get(f"/patients/{alert['patient']}").text
+    assert "欧阳 晓明" in html and "Potassium" in html  # H001's alert is listed, without its name or MRN
+    assert "區" not in html and "瑋東" not in html and "MRN-77" not in html
+    assert "區" not in other.get(f"/api/v1/patients/{alert['patient']}/timeline").text
+    # and H001 does not see the name H002 sent
+    own = api(parts, "dr.icu").get(f"/api/v1/patients/{alert['patient']}/timeline").json()
+    assert own["names_here"] == [{"mrn": "MRN-77", "family_name": "區", "given_name": "瑋東"}]
+    for username in ("integ.h1", "operator", "admin"):
+        assert "區" not in api(parts, username).get("/api/v1/alerts").text
 
 
 def test_acknowledging_twice_gives_a_clear_answer(parts: ConsoleParts) -> None:
