@@ -7,11 +7,14 @@ its clients from the part it needs.
 from __future__ import annotations
 
 import logging
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.exceptions import ConfigurationError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,29 +25,75 @@ def _config(prefix: str) -> SettingsConfigDict:
     )
 
 
+def read_secret_file(path: Path, setting: str) -> SecretStr:
+    """A secret kept in a file: refused when others may read it (a password in a shared file is no
+    longer a secret), and never echoed in an error."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigurationError(setting, f"cannot read {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(
+            setting, f"{path} may be read by others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
+        )
+    return SecretStr(path.read_text(encoding="utf-8").strip())
+
+
 class KafkaSettings(BaseSettings):
-    """How to reach the Kafka cluster."""
+    """How to reach the Kafka cluster, and as whom (one principal per institution and per stage)."""
 
     model_config = _config("CLINHUB_KAFKA_")
 
     bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # or the password in a file only its owner may read (CLINHUB_KAFKA_SASL_PASSWORD_FILE)
+    sasl_password_file: Path | None = None
+    # the CA that signed the brokers' certificates (PEM); None: the system's CAs
+    ssl_ca_location: Path | None = None
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication: int = Field(default=1, ge=1)
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def password(self) -> SecretStr | None:
+        """The SASL password, from the setting or its file."""
+        if self.sasl_password is not None:
+            return self.sasl_password
+        if self.sasl_password_file is not None:
+            return read_secret_file(self.sasl_password_file, "CLINHUB_KAFKA_SASL_PASSWORD_FILE")
+        return None
 
     def client_config(self) -> dict[str, str]:
         """librdkafka properties shared by producers, consumers and admin clients."""
         config = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
-        if self.sasl_mechanism:
+        if self.uses_sasl:
+            password = self.password()
+            if not (self.sasl_mechanism and self.sasl_username and password):
+                raise ConfigurationError(
+                    "CLINHUB_KAFKA_SASL_USERNAME",
+                    f"{self.security_protocol} needs a mechanism, a username and a password",
+                )
             config["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username:
             config["sasl.username"] = self.sasl_username
-        if self.sasl_password:
-            config["sasl.password"] = self.sasl_password.get_secret_value()
+            config["sasl.password"] = password.get_secret_value()
+        if self.uses_tls and self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
         return config
+
+    def as_principal(self, username: str, password: SecretStr) -> KafkaSettings:
+        """The same cluster, as another principal (a stage of a worker that runs several)."""
+        return self.model_copy(
+            update={"sasl_username": username, "sasl_password": password, "sasl_password_file": None}
+        )
 
     def producer_config(self, delivery_timeout: float) -> dict[str, Any]:
         """An idempotent acks=all producer that reports delivery only once the broker has the message."""

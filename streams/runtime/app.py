@@ -50,6 +50,25 @@ def app_id_for(stream: StreamSettings, roles: Collection[str]) -> str:
     return stream.app_id if set(roles) == set(ROLES) else "-".join([stream.app_id, *sorted(roles)])
 
 
+def faust_credentials(kafka: KafkaSettings) -> Any:
+    """The worker's principal for Faust's aiokafka clients, as `client_config` gives librdkafka's."""
+    context = None
+    if kafka.uses_tls:
+        from aiokafka.helpers import create_ssl_context
+
+        cafile = str(kafka.ssl_ca_location) if kafka.ssl_ca_location is not None else None
+        context = create_ssl_context(cafile=cafile)  # verifies the broker's certificate and name
+    if kafka.uses_sasl:
+        config = kafka.client_config()  # refuses missing credentials, reads the password file
+        return faust.SASLCredentials(
+            username=config["sasl.username"],
+            password=config["sasl.password"],
+            ssl_context=context,
+            mechanism=config["sasl.mechanism"],
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+
+
 def _faust_app(
     kafka: KafkaSettings, stream: StreamSettings, app_id: str, skipped_offsets: GroupPositions
 ) -> faust.App:
@@ -57,6 +76,7 @@ def _faust_app(
     return contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset)(
         app_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(kafka),
         store=store_url(stream.table_store),
         Table=RawKeyTable,
         autodiscover=False,

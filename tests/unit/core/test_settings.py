@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
+from core.exceptions import ConfigurationError
 from core.settings import (
     DatabaseSettings,
     KafkaSettings,
@@ -153,3 +154,31 @@ def test_load_settings_assembles_every_part(monkeypatch: pytest.MonkeyPatch) -> 
     assert hub.kafka.bootstrap_servers == "k:1"
     assert hub.stream.topic_prefix == "ci-"
     assert hub.stream.institutions == ("H001", "H003")
+
+
+def test_a_password_file_readable_by_others_is_refused_and_never_echoed(tmp_path: Path) -> None:
+    secret = tmp_path / "normaliser.password"
+    secret.write_text(f"{SECRET}\n", encoding="utf-8")
+    secret.chmod(0o644)
+    kafka = KafkaSettings(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="normaliser",
+        sasl_password_file=secret,
+        ssl_ca_location=tmp_path / "ca.crt",
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        kafka.client_config()
+    assert "chmod 600" in str(refused.value) and SECRET not in str(refused.value)
+    secret.chmod(0o600)
+    config = kafka.client_config()
+    assert (config["sasl.password"], config["ssl.ca.location"]) == (SECRET, str(tmp_path / "ca.crt"))
+    other = kafka.as_principal("clinical", SecretStr("another"))
+    assert other.client_config()["sasl.username"] == "clinical" and other.password() == SecretStr("another")
+
+
+def test_sasl_without_credentials_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="CLINHUB_KAFKA_SASL_USERNAME"):
+        KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512").client_config()
+    with pytest.raises(ValidationError):
+        KafkaSettings(security_protocol="SASL_SSSL")
