@@ -29,7 +29,7 @@ from producers.gateways.hl7 import samples
 from producers.gateways.hl7.charset import decode_message
 from producers.gateways.hl7.mapping import map_message
 from producers.gateways.mllp import Frame, MLLPFramer, wrap
-from sinks.models import Diagnosis, Encounter, IngestLog, Observation
+from sinks.models import Diagnosis, Encounter, IngestLog, Observation, PatientName
 from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
 from tests.integration.test_lab_path import wait_for
 
@@ -382,12 +382,19 @@ def test_resend_gets_the_original_ack_and_publishes_nothing_also_after_a_restart
 
 
 def test_gb18030_message_reaches_the_store_intact_and_its_ack_carries_msh18(hub: HubEnv) -> None:
+    """Issue 13: a GB 18030 message whose patient name reaches the store intact (with its ward, test name
+    and diagnosis text), though the GBK bytes of 區 and 瑋東 hold `^` and `|`."""
+    family, given = samples.TRAP_FAMILY_NAME, samples.TRAP_GIVEN_NAME
     assert any(b in samples.TRAP_WARD.encode("gb18030")[1::2] for b in (b"|"[0], b"^"[0]))
+    assert (family + given).encode("gb18030")[1::2] == b"^||"
     settings = gateway_settings(hub.settings, hub.workdir)
     oru = samples.oru_gb18030("H002", mrn="0000000042", control_id="GB-ORU-1")
+    assert f"|{family}^{given}^".encode("gb18030") in oru
     adt_text = samples.adt("A01", "H002", mrn="0000000042", control_id="GB-ADT-1").decode("utf-8")
-    adt_text = adt_text.replace("UNICODE UTF-8", "GBK").replace(
-        "PV1|1|I|ICU^", f"PV1|1|I|{samples.TRAP_WARD}^"
+    adt_text = (
+        adt_text.replace("UNICODE UTF-8", "GBK")
+        .replace("PV1|1|I|ICU^", f"PV1|1|I|{samples.TRAP_WARD}^")
+        .replace("|WANG^Li^", f"|{family}^{given}^")
     )
     adt = adt_text.encode("gb18030")
     assert adt.count(b"|") > adt_text.count("|")  # the trap: raw bytes hold more `|` than the text
@@ -411,9 +418,19 @@ def test_gb18030_message_reaches_the_store_intact_and_its_ack_carries_msh18(hub:
         displays = (
             conn.execute(select(Diagnosis.display).where(Diagnosis.institution_id == "H002")).scalars().all()
         )
+        names = conn.execute(
+            select(
+                PatientName.institution_id,
+                PatientName.patient_mrn,
+                PatientName.family_name,
+                PatientName.given_name,
+            )
+        ).all()
     assert samples.TRAP_WARD in wards, wards  # ADT PV1-3 in GBK, second bytes `|`/`^`
     assert samples.TRAP_DISPLAY in analytes, analytes  # ORU OBX-3.2 in GB 18030
     assert "低钾血症(東區)" in displays, displays  # DG1-4
+    # PID-5 in GB 18030 (ORU) and GBK (ADT): the name exactly as sent, once, for H002's MRN
+    assert [tuple(row) for row in names] == [("H002", "0000000042", family, given)], names
 
 
 # --- broker outage ------------------------------------------------------------------------------------------
