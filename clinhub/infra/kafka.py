@@ -1,4 +1,11 @@
-"""Apache Kafka 4.x, single node in KRaft mode, from Maven Central jars fetched by `infra/kafka/pom.xml`."""
+"""Apache Kafka 4.x, single node in KRaft mode, from Maven Central jars fetched by `infra/kafka/pom.xml`.
+
+Secure by default: clients reach it only over SASL_SSL with SCRAM-SHA-512, through a certificate of the
+local CA (`clinhub/infra/tls.py`) naming 127.0.0.1 and localhost, and the StandardAuthorizer refuses
+whatever no ACL allows. The admin principal (the only super user besides the controller's loopback
+listener, which is PLAINTEXT and so authenticates as User:ANONYMOUS) is created when the storage is
+formatted; every other principal by the admin afterwards (`ensure_principals`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 
 from clinhub.exceptions import ServiceError
 from clinhub.infra.process import (
@@ -19,8 +27,15 @@ from clinhub.infra.process import (
     stop_recorded,
     wait_until,
 )
+from clinhub.infra.secrets import ensure_password
+from clinhub.infra.tls import ensure_ca, issue_certificate, write_private
+from core.settings import KafkaSettings
 
 POM = Path(__file__).resolve().parents[2] / "infra" / "kafka" / "pom.xml"
+ADMIN = "admin"
+MECHANISM: Final = "SCRAM-SHA-512"
+SCRAM_ITERATIONS = 8192
+ANSWERING = "answering metadata requests"
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
@@ -50,6 +65,9 @@ class KafkaLayout:
     controller_port: int = 9093
     heap: str = "768m"
     shared_lib: Path | None = None
+    secure: bool = False  # SASL_SSL, SCRAM and ACLs; on for the local stack and the tests
+    tls_home: Path | None = None  # the local CA and service certificates; default beside home
+    secrets_home: Path | None = None  # the principals' password files; default beside home
 
     @property
     def lib_dir(self) -> Path:
@@ -75,6 +93,38 @@ class KafkaLayout:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.tls_home or self.home.parent / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.crt"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.secrets_home or self.home.parent / "secrets" / "kafka"
+
+    def password_file(self, principal: str) -> Path:
+        return self.secrets_dir / f"{principal}.password"
+
+    def settings_for(self, principal: str) -> KafkaSettings:
+        """Client settings of one principal of this broker (its password made on first use)."""
+        if not self.secure:
+            return KafkaSettings(bootstrap_servers=self.bootstrap)
+        ensure_password(self.password_file(principal))
+        return KafkaSettings(
+            bootstrap_servers=self.bootstrap,
+            security_protocol="SASL_SSL",
+            sasl_mechanism=MECHANISM,
+            sasl_username=principal,
+            sasl_password_file=self.password_file(principal),
+            ssl_ca_location=self.ca_file,
+        )
+
+    def admin_config(self) -> dict[str, Any]:
+        return self.settings_for(ADMIN).client_config()
 
 
 def ensure_jars(lib_dir: Path, pom: Path = POM) -> Path:
@@ -106,17 +156,46 @@ def ensure_jars(lib_dir: Path, pom: Path = POM) -> Path:
     return lib_dir
 
 
+def _listeners(layout: KafkaLayout) -> list[str]:
+    controller = f"CONTROLLER://127.0.0.1:{layout.controller_port}"
+    if not layout.secure:
+        return [
+            f"listeners=PLAINTEXT://127.0.0.1:{layout.port},{controller}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{layout.port}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
+    admin_password = ensure_password(layout.password_file(ADMIN))
+    return [
+        f"listeners=SASL_SSL://127.0.0.1:{layout.port},{controller}",
+        f"advertised.listeners=SASL_SSL://127.0.0.1:{layout.port}",
+        "inter.broker.listener.name=SASL_SSL",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
+        f"sasl.enabled.mechanisms={MECHANISM}",
+        f"sasl.mechanism.inter.broker.protocol={MECHANISM}",
+        # the broker's own connections to itself, as the admin
+        f"listener.name.sasl_ssl.{MECHANISM.lower()}.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{ADMIN}" password="{admin_password}";',
+        "ssl.keystore.type=PEM",
+        f"ssl.keystore.location={layout.home / 'broker-keystore.pem'}",
+        "ssl.truststore.type=PEM",
+        f"ssl.truststore.location={layout.ca_file}",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+        # ANONYMOUS: the controller listener, PLAINTEXT on loopback; without it the broker never opens
+        f"super.users=User:{ADMIN};User:ANONYMOUS",
+    ]
+
+
 def _server_properties(layout: KafkaLayout) -> str:
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.bootstrap.servers=127.0.0.1:{layout.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{layout.port},CONTROLLER://127.0.0.1:{layout.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{layout.port}",
+            *_listeners(layout),
             "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             f"log.dirs={layout.data_dir}",
             "num.partitions=3",
             "auto.create.topics.enable=false",
@@ -131,6 +210,13 @@ def _server_properties(layout: KafkaLayout) -> str:
             "",
         ]
     )
+
+
+def _certificates(layout: KafkaLayout) -> None:
+    """The broker's key and certificate chain in one PEM file, as Kafka's PEM keystore reads it."""
+    ca = ensure_ca(layout.tls_dir)
+    broker = issue_certificate(ca, layout.tls_dir, "kafka", ["127.0.0.1", "localhost"])
+    write_private(layout.home / "broker-keystore.pem", broker.key.read_bytes() + broker.cert.read_bytes())
 
 
 def _java(layout: KafkaLayout, main: str, *args: str) -> list[str]:
@@ -167,9 +253,17 @@ def prepare(layout: KafkaLayout) -> None:
     """Fetch jars, write configuration and format storage if it is not formatted yet."""
     ensure_jars(layout.lib_dir)
     layout.home.mkdir(parents=True, exist_ok=True)
-    layout.config_path.write_text(_server_properties(layout))
+    if layout.secure:
+        _certificates(layout)
+    write_private(layout.config_path, _server_properties(layout).encode())  # holds the admin's password
     (layout.home / "log4j2.properties").write_text(LOG4J2)
     if not (layout.data_dir / "meta.properties").exists():
+        scram: list[str] = []
+        secrets: list[str] = []
+        if layout.secure:
+            password = ensure_password(layout.password_file(ADMIN))
+            scram = ["--add-scram", f"{MECHANISM}=[name={ADMIN},password={password}]"]
+            secrets = [password]
         run_checked(
             _java(
                 layout,
@@ -180,21 +274,49 @@ def prepare(layout: KafkaLayout) -> None:
                 "-c",
                 str(layout.config_path),
                 "--standalone",
+                *scram,
             ),
             "kafka (format storage)",
+            secrets=secrets,
         )
 
 
-def broker_answers(bootstrap: str) -> bool:
-    """True once the broker serves a metadata request."""
+def broker_answers(client_config: dict[str, Any]) -> bool:
+    """True once the broker serves a metadata request (to the admin, when secured)."""
     from confluent_kafka.admin import AdminClient
 
-    host, _, port = bootstrap.rpartition(":")
+    host, _, port = client_config["bootstrap.servers"].split(",")[0].rpartition(":")
     if not port_open(int(port), host):
         return False
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000})
+    admin = AdminClient({**client_config, "socket.timeout.ms": 2000})
     metadata = admin.list_topics(timeout=2)
     return bool(metadata.brokers)
+
+
+def ensure_principals(layout: KafkaLayout, principals: list[str]) -> None:
+    """SCRAM credentials for each principal (its password made once), set by the admin."""
+    from confluent_kafka.admin import (
+        AdminClient,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialAlteration,
+        UserScramCredentialUpsertion,
+    )
+
+    if not layout.secure or not principals:
+        return
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
+    upserts: list[UserScramCredentialAlteration] = [
+        UserScramCredentialUpsertion(name, info, ensure_password(layout.password_file(name)).encode())
+        for name in principals
+    ]
+    admin = AdminClient(dict(layout.admin_config()))  # kept while its futures wait: freed, it cancels them
+    futures = admin.alter_user_scram_credentials(upserts)
+    for name, future in futures.items():
+        try:
+            future.result()
+        except Exception as exc:
+            raise ServiceError("kafka", f"could not set the credentials of {name}: {exc}") from exc
 
 
 def start(layout: KafkaLayout, timeout: float = 120.0) -> ServiceProcess:
@@ -202,13 +324,13 @@ def start(layout: KafkaLayout, timeout: float = 120.0) -> ServiceProcess:
     running = running_pid(layout)
     if running is not None:
         proc = ServiceProcess("kafka", running, layout.log_path)
-        wait_until(proc, lambda: broker_answers(layout.bootstrap), timeout, "answering metadata requests")
+        wait_until(proc, lambda: broker_answers(layout.admin_config()), timeout, ANSWERING)
         return proc
     prepare(layout)
     proc = spawn(
         "kafka", _java(layout, MAIN_CLASS, str(layout.config_path)), layout.log_path, layout.pid_path
     )
-    wait_until(proc, lambda: broker_answers(layout.bootstrap), timeout, "answering metadata requests")
+    wait_until(proc, lambda: broker_answers(layout.admin_config()), timeout, ANSWERING)
     return proc
 
 

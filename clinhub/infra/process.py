@@ -155,8 +155,15 @@ def wait_until(service: ServiceProcess, ready: Callable[[], bool], timeout: floa
     raise ServiceError(service.name, f"not {what} within {timeout:.0f}s; log tail:\n{service.log_tail()}")
 
 
-def run_checked(argv: Sequence[str], what: str, cwd: Path | None = None, timeout: float = 1800) -> str:
-    """Run a set-up command to completion; its output goes into the error if it fails."""
+def run_checked(
+    argv: Sequence[str],
+    what: str,
+    cwd: Path | None = None,
+    timeout: float = 1800,
+    secrets: Sequence[str] = (),
+) -> str:
+    """Run a set-up command to completion; its output goes into the error if it fails, with each of
+    `secrets` (passwords on its command line) masked."""
     try:
         done = subprocess.run(  # noqa: S603 - argv is built by the project
             list(argv), capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
@@ -164,8 +171,9 @@ def run_checked(argv: Sequence[str], what: str, cwd: Path | None = None, timeout
     except FileNotFoundError as exc:
         raise ServiceError(what, f"command not found: {argv[0]}") from exc
     if done.returncode != 0:
-        raise ServiceError(
-            what,
-            f"`{' '.join(argv)}` exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
-        )
+        output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        message = f"`{' '.join(argv)}` exited {done.returncode}:\n{output}"
+        for secret in secrets:
+            message = message.replace(secret, "***")
+        raise ServiceError(what, message)
     return done.stdout
