@@ -203,7 +203,8 @@ def _coded(system: str, code: str, display: str | None = None) -> dict[str, Any]
 
 
 def _fhir_bundle(mrn: str, at: dt.datetime, stamp: str) -> dict[str, Any]:
-    """A C003 transaction: the patient (referenced, never stored by name), a potassium, a diagnosis."""
+    """A C003 transaction: the patient (referenced; its name reaches the store, never the gateway's
+    ledger), a potassium, a diagnosis."""
     when = at.isoformat()
     patient = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'demo-patient-' + stamp)}"
     observation = {
@@ -229,6 +230,7 @@ def _fhir_bundle(mrn: str, at: dt.datetime, stamp: str) -> dict[str, Any]:
     person = {
         "resourceType": "Patient",
         "identifier": [{"type": _coded(V2_0203, "MR"), "value": mrn}],
+        "name": [{"use": "official", "family": "CHAN", "given": ["Siu", "Ming"]}],
         "gender": "female",
         "birthDate": "1957",
     }
@@ -321,10 +323,26 @@ def _free_port() -> int:
 
 
 def _show_gateway_records(engine: Any, mrns: list[str], since: dt.datetime, seconds: float = 60) -> bool:
-    """What the gateways' messages became in the regional store (Chinese text as sent)."""
+    """What the gateways' messages became in the regional store (Chinese text as sent), and the name each
+    institution sent for its patient (H002's in GB 18030), as patient_names keeps it."""
     from sqlalchemy import literal
 
-    from sinks.models import Diagnosis, EncounterEvent, IdentifierLink, Observation, UtcDateTime
+    from sinks.models import Diagnosis, EncounterEvent, IdentifierLink, Observation, PatientName, UtcDateTime
+
+    def names() -> list[Any]:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(
+                        PatientName.institution_id,
+                        PatientName.patient_mrn,
+                        PatientName.family_name,
+                        PatientName.given_name,
+                    )
+                    .where(PatientName.patient_mrn.in_(mrns))
+                    .order_by(PatientName.institution_id)
+                )
+            )
 
     def patients() -> list[str]:
         with engine.connect() as conn:
@@ -347,7 +365,7 @@ def _show_gateway_records(engine: Any, mrns: list[str], since: dt.datetime, seco
                     (Diagnosis.diagnosis_id, Diagnosis.regional_patient_id),
                 )
             ]
-        return all(found)
+        return all(found) and len(names()) == len(mrns)
 
     done = _wait_until(stored, seconds)
     ids = patients()
@@ -376,6 +394,8 @@ def _show_gateway_records(engine: Any, mrns: list[str], since: dt.datetime, seco
         typer.echo(f"    {institution} encounter {event_type} ward {ward}")
     for institution, code, display in diagnoses:
         typer.echo(f"    {institution} diagnosis {code} {display or ''}".rstrip())
+    for institution, mrn, family, given in names():
+        typer.echo(f"    {institution} patient {mrn}: family name {family or '—'}, given name {given or '—'}")
     return done
 
 

@@ -94,6 +94,9 @@ def test_the_demo_stores_every_event_and_every_alert_it_reports(tmp_path: Path) 
     assert run.stdout.count("-> ACK AA") == 3, context
     assert "C003 FHIR transaction Bundle -> HTTP 200" in run.stdout, context
     assert "钾 Potassium(東區急診)" in run.stdout, "GB 18030 text with GBK second bytes | and ^, intact"
+    # issue 13: the GB 18030 ORU's patient name in the store as sent (區 0x85 0x5E, 瑋 0xAC 0x7C)
+    assert re.search(r"H002 patient GB\d{5}: family name 區, given name 瑋東\n", run.stdout), context
+    assert re.search(r"C003 patient FH\d{5}: family name CHAN, given name Siu Ming\n", run.stdout), context
     assert "the gateways' messages did not all reach the store" not in run.stderr
     # the console: its address and login, an alert acknowledged with read-back and stored
     assert re.search(
