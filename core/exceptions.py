@@ -24,3 +24,23 @@ class ServiceUnavailableError(HubError):
     """
 
     retry_after: float = 1.0
+
+
+class KafkaAccessError(HubError):
+    """The broker refused this principal: wrong credentials, or no ACL for what it tried. Retrying
+    changes nothing until an operator acts, so it is reported at once, naming who and what."""
+
+    def __init__(self, principal: str | None, reason: str, topic: str | None = None) -> None:
+        on = f" on {topic}" if topic else ""
+        super().__init__(f"Kafka refused principal {principal or '(none)'}{on}: {reason}")
+        self.principal = principal
+        self.topic = topic
+        self.reason = reason
+
+
+class KafkaAuthenticationError(KafkaAccessError):
+    """The principal's credentials were refused (librdkafka reports it only to its error callback)."""
+
+
+class KafkaAuthorizationError(KafkaAccessError):
+    """The principal may not do this on that topic or group (TOPIC_AUTHORIZATION_FAILED and the like)."""

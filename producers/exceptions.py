@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.exceptions import HubError
+from core.exceptions import HubError, KafkaAccessError
 
 
 class PublishError(HubError):
@@ -17,6 +17,17 @@ class DeliveryFailedError(PublishError):
         self.event_id = event_id
         self.reason = reason
         self.retriable = retriable
+
+
+class AccessRefusedError(DeliveryFailedError):
+    """The broker refused the principal (credentials, or no ACL for the topic): not published, and
+    sending again changes nothing until an operator acts. `refused` names the principal and topic."""
+
+    def __init__(self, event_id: str, refused: KafkaAccessError) -> None:
+        super().__init__(event_id, str(refused), retriable=False)
+        self.refused = refused
+        self.principal = refused.principal
+        self.topic = refused.topic
 
 
 class TransactionFailedError(PublishError):

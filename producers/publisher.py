@@ -21,8 +21,15 @@ from confluent_kafka import KafkaError, KafkaException
 
 from core import contract
 from core.contract import TopicNames
+from core.exceptions import KafkaAccessError
+from core.kafka_errors import ClientErrors, refusal
 from core.settings import HubSettings
-from producers.exceptions import DeliveryFailedError, TransactionFailedError, UndeliveredOnCloseError
+from producers.exceptions import (
+    AccessRefusedError,
+    DeliveryFailedError,
+    TransactionFailedError,
+    UndeliveredOnCloseError,
+)
 from producers.validation import check_event
 from schemas import standard
 from schemas.exceptions import RecordValidationError
@@ -89,8 +96,10 @@ class Publisher:
         institution_id: str,
         delivery_timeout: float,
         transactional: TransactionalProducer | None = None,
+        errors: ClientErrors | None = None,
     ) -> None:
         self._producer = producer
+        self._errors = errors  # the producers' error_cb: a refused password shows only there
         self._encoders = dict(encoders)
         self._topics = topics
         self.institution_id = institution_id
@@ -121,6 +130,7 @@ class Publisher:
         producer: Any = None,
     ) -> None:
         producer = self._producer if producer is None else producer
+        topic = self._topics.raw(self.institution_id, kind)
         value = self._encoder(kind)(record)
         event_id = str(record["envelope"]["event_id"])
         headers = [
@@ -132,6 +142,10 @@ class Publisher:
             with self._lock:
                 self._in_flight.pop(event_id, None)
             if err is not None:
+                refused = refusal(err, self._principal, topic)
+                if refused is not None:
+                    results[index] = AccessRefusedError(event_id, refused)
+                    return
                 # A timed-out message may or may not have landed; resending is safe (the hub de-duplicates
                 # on event id), so it counts as retriable for the caller.
                 retriable = bool(err.retriable()) or err.code() == KafkaError._MSG_TIMED_OUT
@@ -144,7 +158,7 @@ class Publisher:
         while True:
             try:
                 producer.produce(
-                    self._topics.raw(self.institution_id, kind),
+                    topic,
                     value=value,
                     key=message_key(record),
                     headers=headers,
@@ -178,6 +192,8 @@ class Publisher:
         deadline = time.monotonic() + self._delivery_timeout + 5
         while len(results) < len(events) and time.monotonic() < deadline:
             self._producer.poll(0.1)
+            if self._errors is not None and (refused := self._errors.refused) is not None:
+                self._refuse_waiting(events, results, refused)
         for i in range(len(events)):
             if i not in results:
                 event_id = str(events[i][1]["envelope"]["event_id"])
@@ -185,6 +201,25 @@ class Publisher:
                     event_id, "no delivery report within the timeout", retriable=True
                 )
         return [results[i] for i in range(len(events))]
+
+    @property
+    def _principal(self) -> str | None:
+        return self._errors.principal if self._errors is not None else None
+
+    def _refuse_waiting(
+        self,
+        events: Sequence[tuple[str, Mapping[str, Any]]],
+        results: dict[int, Any],
+        refused: KafkaAccessError,
+    ) -> None:
+        """The broker refused our credentials: what waits would only time out. It is dropped from the
+        queue (never sent later) and reported now."""
+        self._producer.purge(in_queue=True, in_flight=False)
+        self._producer.poll(0)  # purged messages report their delivery as failed ("Purged in queue")
+        for i, (_kind, record) in enumerate(events):
+            if not isinstance(results.get(i), Receipt):
+                event_id = str(record["envelope"]["event_id"])
+                results[i] = AccessRefusedError(event_id, refused)
 
     def publish_atomically(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Receipt]:
         """Every event in one Kafka transaction, or none: raises TransactionFailedError (the transaction
@@ -247,10 +282,13 @@ def make_publisher(
 ) -> Publisher:
     """Build a publisher for one institution; registers (or finds) each kind's schema once.
 
-    With `transactional_id` (unique to one running process: a second process with the same id fences
-    the first) it can also `publish_atomically`."""
+    It connects as that institution's principal unless the settings name one (a gateway publishes for
+    several institutions as itself). With `transactional_id` (unique to one running process: a second
+    process with the same id fences the first) it can also `publish_atomically`."""
     from confluent_kafka import Producer
 
+    kafka = settings.kafka.for_principal(institution_id)
+    errors = ClientErrors(kafka.sasl_username)
     schema_registry = registry or ConfluentRegistry(settings.registry.client_config())
     encoders = {
         kind: make_encoder(schema_registry, standard.load(standard.KIND_SCHEMAS[kind]), check=False)
@@ -258,15 +296,17 @@ def make_publisher(
     }
     transactional = None
     if transactional_id is not None:
-        config = settings.kafka.transactional_producer_config(delivery_timeout, transactional_id)
+        config = kafka.transactional_producer_config(delivery_timeout, transactional_id)
+        config["error_cb"] = errors
         transactional = TransactionalProducer(lambda: Producer(config), delivery_timeout)
     return Publisher(
-        Producer(settings.kafka.producer_config(delivery_timeout)),
+        Producer({**kafka.producer_config(delivery_timeout), "error_cb": errors}),
         encoders,
         TopicNames(prefix=settings.stream.topic_prefix),
         institution_id,
         delivery_timeout,
         transactional,
+        errors,
     )
 
 

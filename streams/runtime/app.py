@@ -98,6 +98,23 @@ def _faust_app(
     )
 
 
+def clinical_sources(topics: TopicNames) -> list[str]:
+    """What the clinical stage reads: results, encounters (the ward), acknowledgements, escalations."""
+    return [topics.norm("lab"), topics.norm("encounter"), topics.acks_topic, topics.escalations_topic]
+
+
+def source_topics(topics: TopicNames, stream: StreamSettings, roles: Collection[str]) -> list[str]:
+    """The topics the given stages read (raw ones of the configured institutions; others found later)."""
+    names: list[str] = []
+    if "normaliser" in roles:
+        names += [topics.raw(institution, kind) for institution in stream.institutions for kind in KINDS]
+    if "clinical" in roles:
+        names += clinical_sources(topics)
+    if "store" in roles:
+        names += sorted(topics.stored())
+    return list(dict.fromkeys(names))
+
+
 def _on_shutdown(app: faust.App, close: Any) -> None:
     async def run(_app: Any, **_kwargs: Any) -> None:
         await asyncio.to_thread(close)
@@ -151,12 +168,7 @@ def create_app(
 
     configured = [topics.raw(institution, kind) for institution in stream.institutions for kind in KINDS]
     raw_names = sorted(set(configured) | set(raw_topics))
-    clinical_names = [
-        topics.norm("lab"),
-        topics.norm("encounter"),
-        topics.acks_topic,
-        topics.escalations_topic,
-    ]
+    clinical_names = clinical_sources(topics)
 
     if "normaliser" in roles:
         normaliser = stage("normaliser")

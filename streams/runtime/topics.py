@@ -6,10 +6,13 @@ Their names are built and parsed by `core.contract.TopicNames`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from core.contract import TopicNames, topic_config
+from core.exceptions import KafkaAuthorizationError
+from core.kafka_errors import ClientErrors, refusal
 
 
 def create_topics(
@@ -75,3 +78,38 @@ def subscribe_more(app: Any, known: str, names: Sequence[str], settle_seconds: f
         conductor._resubscribe_sleep_lock_seconds = settle_seconds
         conductor._flag_changes()  # what Conductor.add/discard call; there is no public "topics changed"
     return changed
+
+
+def check_access(
+    client_config: Mapping[str, Any], principal: str | None, topics: Iterable[str], timeout: float = 10.0
+) -> None:
+    """Fail within seconds, typed, when the broker refuses this principal: its credentials (librdkafka
+    tells only its error callback, then retries for ever) or a topic it may not even describe.
+
+    A worker that started anyway would wait silently: nothing consumed, nothing logged.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    errors = ClientErrors(principal)
+    config: dict[str, Any] = {**client_config, "error_cb": errors}
+    admin = AdminClient(config)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            listed = admin.list_topics(timeout=1.0).topics
+            break
+        except KafkaException:
+            admin.poll(0.5)  # serves error_cb: the refusal, if that is what it was
+            errors.raise_if_refused()
+            if time.monotonic() > deadline:
+                raise
+    for topic in topics:
+        if topic in listed:
+            continue
+        found = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
+        error = found.error if found is not None else None
+        refused = refusal(error, principal, topic) if error is not None else None
+        if refused is not None:
+            raise refused
+        raise KafkaAuthorizationError(principal, "the topic does not exist or may not be described", topic)

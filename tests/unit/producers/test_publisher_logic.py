@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,14 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from core.contract import TopicNames
-from producers.exceptions import DeliveryFailedError, TransactionFailedError, UndeliveredOnCloseError
+from core.exceptions import KafkaAuthorizationError
+from core.kafka_errors import ClientErrors
+from producers.exceptions import (
+    AccessRefusedError,
+    DeliveryFailedError,
+    TransactionFailedError,
+    UndeliveredOnCloseError,
+)
 from producers.publisher import Publisher, Receipt, TransactionalProducer
 from producers.simulator import simulate_labs
 from schemas import standard
@@ -306,3 +314,48 @@ def test_one_invalid_record_means_no_transaction_is_begun() -> None:
     with pytest.raises(RecordValidationError):
         publisher.publish_atomically([("lab", good), ("lab", bad)])
     assert made == [], "validated before any producer is made"
+
+
+class NamedError(FakeError):
+    """A librdkafka error with its name, as error_cb and delivery reports give it."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(text, retriable=False)
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+
+class PurgingProducer(FakeProducer):
+    def purge(self, in_queue: bool = True, in_flight: bool = True) -> None:
+        self.queue.clear()
+
+
+def test_a_refused_password_fails_every_waiting_event_at_once_and_sends_none_later() -> None:
+    """librdkafka reports a wrong password only to error_cb; without it the events would time out."""
+    producer = PurgingProducer()
+    producer.deliver = False  # nothing is delivered: the broker refused the connection
+    errors = ClientErrors("H001")
+    registry = ConfluentRegistry({"url": "mock://publisher-logic"})
+    encoders = {"lab": make_encoder(registry, standard.load(standard.LAB_RESULT), check=False)}
+    refusing = Publisher(producer, encoders, TopicNames(), "H001", 60.0, errors=errors)
+    errors(NamedError("_AUTHENTICATION", "SASL authentication error: invalid credentials"))
+    started = time.monotonic()
+    results = refusing.publish_many_labs(h001_labs(3))
+    assert time.monotonic() - started < 5, "not the 60 s delivery timeout"
+    assert all(isinstance(r, AccessRefusedError) and not r.retriable for r in results)
+    assert isinstance(results[0], AccessRefusedError) and results[0].principal == "H001"
+    assert "invalid credentials" in str(results[0]) and producer.queue == [], "purged, never sent later"
+
+
+def test_a_topic_the_principal_may_not_write_is_a_typed_refusal_naming_principal_and_topic() -> None:
+    denied = NamedError("TOPIC_AUTHORIZATION_FAILED", "Broker: Topic authorization failed")
+    producer = FakeProducer(fail=lambda _n: denied)
+    errors = ClientErrors("H001")
+    registry = ConfluentRegistry({"url": "mock://publisher-logic"})
+    encoders = {"lab": make_encoder(registry, standard.load(standard.LAB_RESULT), check=False)}
+    with pytest.raises(AccessRefusedError) as refused:
+        Publisher(producer, encoders, TopicNames(), "H001", 2.0, errors=errors).publish_lab(h001_labs(1)[0])
+    assert (refused.value.principal, refused.value.topic) == ("H001", "raw.H001.lab")
+    assert isinstance(refused.value.refused, KafkaAuthorizationError)
