@@ -1,5 +1,6 @@
 """Kafka and the schema registry of a benchmark run: its own, on free ports, from the jars the project
-fetched into .infra/ (`make bootstrap`), stopped at the end."""
+fetched into .infra/ (`make bootstrap`), stopped at the end. The broker is secured as the local stack
+is (SASL_SSL, SCRAM, ACLs): benchmarks measure what a deployment runs."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from pathlib import Path
 
 from clinhub.infra import kafka, registry
 from clinhub.infra.process import free_port
+from core import principals
+from core.settings import KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+INSTITUTIONS = ("H001", "H002", "C003")
 
 
 @contextmanager
-def services(workdir: Path) -> Iterator[tuple[str, str]]:
-    """(bootstrap servers, registry URL) of a broker and registry started in `workdir`."""
+def services(workdir: Path) -> Iterator[tuple[KafkaSettings, str]]:
+    """(the admin's Kafka settings, each component then its own principal; registry URL) of a broker and
+    registry started in `workdir`."""
     broker = kafka.KafkaLayout(
         workdir / "kafka", free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
     )
@@ -23,9 +28,23 @@ def services(workdir: Path) -> Iterator[tuple[str, str]]:
         workdir / "registry", free_port(), persistent=False, shared_app=ROOT / ".infra" / "registry-app"
     )
     broker_process = kafka.start(broker)
+    kafka.ensure_principals(broker, [*principals.SERVICE_PRINCIPALS, *INSTITUTIONS])
     registry_process = registry.start(schema_registry)
     try:
-        yield broker.bootstrap, schema_registry.url
+        admin = broker.settings_for(principals.ADMIN)
+        yield admin.model_copy(update={"principal_secrets_dir": broker.secrets_dir}), schema_registry.url
     finally:
         registry_process.stop()
         broker_process.stop()
+
+
+def worker_env(kafka_settings: KafkaSettings) -> dict[str, str]:
+    """A worker's Kafka environment: the cluster, and its own principal's secrets (no username)."""
+    values = {
+        "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "CLINHUB_KAFKA_SECURITY_PROTOCOL": kafka_settings.security_protocol,
+        "CLINHUB_KAFKA_SASL_MECHANISM": kafka_settings.sasl_mechanism,
+        "CLINHUB_KAFKA_SSL_CA_LOCATION": kafka_settings.ssl_ca_location,
+        "CLINHUB_KAFKA_PRINCIPAL_SECRETS_DIR": kafka_settings.principal_secrets_dir,
+    }
+    return {name: str(value) for name, value in values.items() if value is not None}

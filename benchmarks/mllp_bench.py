@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.local_services import services
 from clinhub.gateway_mllp import start_mllp_gateway
-from core.contract import TopicNames
+from clinhub.provision import provision
 from core.settings import (
     DatabaseSettings,
     GatewaySettings,
@@ -44,7 +44,6 @@ from producers.gateways.hl7 import samples
 from producers.gateways.hl7.charset import decode_message
 from producers.gateways.hl7.mapping import map_message
 from producers.gateways.mllp import Frame, MLLPFramer, wrap
-from streams.runtime.topics import create_topics
 
 
 def messages(run: str, count: int) -> list[bytes]:
@@ -128,8 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clinhub-mllp-bench-"))
     try:
-        with services(workdir) as (bootstrap, registry_url):
-            figures = run(workdir, bootstrap, registry_url, args.messages, args.connections)
+        with services(workdir) as (kafka, registry_url):
+            figures = run(workdir, kafka, registry_url, args.messages, args.connections)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
@@ -138,10 +137,12 @@ def main() -> None:
         print(f"written {args.json}")
 
 
-def run(workdir: Path, bootstrap: str, registry_url: str, count: int, connections: int) -> dict[str, object]:
+def run(
+    workdir: Path, kafka: KafkaSettings, registry_url: str, count: int, connections: int
+) -> dict[str, object]:
     prefix = f"bench{secrets.token_hex(3)}."
     settings = HubSettings(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        kafka=kafka,
         registry=RegistrySettings(url=registry_url),
         database=DatabaseSettings(url=f"sqlite:///{workdir / 'unused.sqlite3'}"),  # type: ignore[arg-type]
         security=SecuritySettings(),
@@ -155,7 +156,7 @@ def run(workdir: Path, bootstrap: str, registry_url: str, count: int, connection
             publish_timeout_seconds=30.0,
         ),
     )
-    create_topics(settings.kafka.client_config(), TopicNames(prefix).all_for(("H001",)), 3, 1)
+    provision(settings)  # topics and every principal's ACLs
 
     warm, single, many = messages("W", 50), messages("A", count), messages("B", count)
     base, events = baseline(single)

@@ -31,7 +31,8 @@ from pathlib import Path
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
 
-from benchmarks.local_services import services
+from benchmarks.local_services import services, worker_env
+from clinhub.provision import provision
 from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
@@ -48,11 +49,10 @@ from schemas.registration import register_standard
 from schemas.wire import AvroDecoder, ConfluentRegistry
 from sinks.models import IngestLog
 from sinks.store import make_engine, upgrade
-from streams.runtime.topics import create_topics
 
 
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-probe"})
+def end_offsets(client: dict[str, str], topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = Consumer({**client, "group.id": "bench-probe"})
     ends = {}
     for topic in topics:
         for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
@@ -63,12 +63,12 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
     return ends
 
 
-def baseline(bootstrap: str, registry_url: str, topics: list[str], count: int) -> tuple[float, float]:
+def baseline(client: dict[str, str], registry_url: str, topics: list[str], count: int) -> tuple[float, float]:
     """Events/s of consume + decode, from the first message polled to the last decoded; CPU s per event."""
     decode = AvroDecoder(ConfluentRegistry({"url": registry_url}))
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client,
             "group.id": f"bench-baseline-{secrets.token_hex(4)}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -107,8 +107,8 @@ def worker_pid(process: subprocess.Popen[bytes]) -> int:
     raise SystemExit(f"py-spy (pid {process.pid}) started no worker")
 
 
-def committed_to_end(bootstrap: str, group: str, ends: dict[tuple[str, int], int]) -> bool:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+def committed_to_end(client: dict[str, str], group: str, ends: dict[tuple[str, int], int]) -> bool:
+    consumer = Consumer({**client, "group.id": group})
     try:
         committed = consumer.committed([TopicPartition(t, p) for t, p in ends], timeout=10)
         return all(
@@ -118,12 +118,12 @@ def committed_to_end(bootstrap: str, group: str, ends: dict[tuple[str, int], int
         consumer.close()
 
 
-def norm_span(bootstrap: str, topic: str) -> tuple[float, float, int]:
+def norm_span(client: dict[str, str], topic: str) -> tuple[float, float, int]:
     """(first, last) create time in seconds and the count of messages on the topic."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-span-{secrets.token_hex(4)}"})
+    consumer = Consumer({**client, "group.id": f"bench-span-{secrets.token_hex(4)}"})
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    ends = end_offsets(bootstrap, [topic])
+    ends = end_offsets(client, [topic])
     total = sum(ends.values())
     stamps: list[float] = []
     while len(stamps) < total:
@@ -151,21 +151,21 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clinhub-stream-bench-"))
     try:
-        with services(workdir) as (bootstrap, registry_url):
-            run(workdir, bootstrap, registry_url, args.events, args.split, args.profile)
+        with services(workdir) as (kafka, registry_url):
+            run(workdir, kafka, registry_url, args.events, args.split, args.profile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(
-    workdir: Path, bootstrap: str, registry_url: str, count: int, split: bool, profile: Path | None
+    workdir: Path, kafka: KafkaSettings, registry_url: str, count: int, split: bool, profile: Path | None
 ) -> None:
     db_url = f"sqlite:///{workdir / 'store.sqlite3'}"
     engine = make_engine(db_url)
     upgrade(engine)
     app_id = f"bench-{secrets.token_hex(4)}"
     settings = HubSettings(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        kafka=kafka,
         registry=RegistrySettings(url=registry_url),
         database=DatabaseSettings(url=db_url),  # type: ignore[arg-type]
         security=SecuritySettings(),
@@ -174,7 +174,8 @@ def run(
     )
     topics = TopicNames()
     institutions = settings.stream.institutions
-    create_topics(settings.kafka.client_config(), topics.all_for(institutions), 3, 1)
+    provision(settings)  # topics and every principal's ACLs
+    client = settings.kafka.client_config()
     register_standard(ConfluentRegistry({"url": registry_url}))
 
     records = simulate_labs(seed=7, count=count, critical_share=0.05, patients=500)
@@ -188,13 +189,13 @@ def run(
     print(f"published {count} lab results in {time.perf_counter() - started:.1f}s")
 
     raw_topics = [topics.raw(institution, "lab") for institution in institutions]
-    base, base_cpu = baseline(bootstrap, registry_url, raw_topics, count)
+    base, base_cpu = baseline(client, registry_url, raw_topics, count)
     base_figures = f"{base:9.0f} events/s   1.00x   {base_cpu * 1e6:.0f} us CPU/event"
     print(f"baseline   consume + decode         {base_figures}")
 
     env = {
         **os.environ,
-        "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        **worker_env(kafka),
         "CLINHUB_REGISTRY_URL": registry_url,
         "CLINHUB_DATABASE_URL": db_url,
         "CLINHUB_STREAM_APP_ID": app_id,
@@ -244,18 +245,18 @@ def run(
             time.sleep(0.5)
             now = time.time()  # wall clock, comparable with Kafka create times
             if not norm_ends:
-                ends = end_offsets(bootstrap, [topics.norm("lab")])
+                ends = end_offsets(client, [topics.norm("lab")])
                 if not start_cpu and sum(ends.values()):
                     start_cpu = [cpu_seconds(worker_pid(worker)) for worker in workers]
                 if sum(ends.values()) >= count:
                     norm_ends = ends
-            if norm_ends and not alert_done and committed_to_end(bootstrap, clinical_group, norm_ends):
+            if norm_ends and not alert_done and committed_to_end(client, clinical_group, norm_ends):
                 alert_done = now
             with engine.connect() as connection:
                 stored = connection.execute(select(func.count()).select_from(IngestLog)).scalar_one()
             if stored >= count and alert_done:
                 store_done = now
-        first, last, normalised = norm_span(bootstrap, topics.norm("lab"))
+        first, last, normalised = norm_span(client, topics.norm("lab"))
         normalise_rate = normalised / max(last - first, 1e-3)
         # spans start at the first normalised output, so the worker's start-up is not counted
         alert_rate = count / max(alert_done - first, 1e-3)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from core import principals
 from core.exceptions import HubError
 from core.settings import HubSettings, load_settings
 
@@ -29,6 +30,8 @@ gateway_app = typer.Typer(help="Gateways for what hospitals already send.", no_a
 app.add_typer(gateway_app, name="gateway")
 import_app = typer.Typer(help="Import institutions' exports.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
+institutions_app = typer.Typer(help="Institutions' Kafka principals.", no_args_is_help=True)
+app.add_typer(institutions_app, name="institutions")
 
 
 def _settings() -> HubSettings:
@@ -51,11 +54,15 @@ def infra_up(
     from clinhub.infra import registry as registry_service
     from clinhub.services import stack_for
 
-    stack = stack_for(_settings().infra)
+    settings = _settings()
+    stack = stack_for(settings.infra)
     if kafka:
         started = time.monotonic()
         kafka_service.start(stack.kafka)
-        typer.echo(f"kafka     up at {stack.kafka.bootstrap} ({time.monotonic() - started:.1f}s)")
+        names = [*principals.SERVICE_PRINCIPALS, *settings.stream.institutions]
+        kafka_service.ensure_principals(stack.kafka, names)
+        secured = f"SASL_SSL, principals in {stack.kafka.secrets_dir}" if stack.kafka.secure else "plaintext"
+        typer.echo(f"kafka     up at {stack.kafka.bootstrap}, {secured} ({time.monotonic() - started:.1f}s)")
     if registry:
         started = time.monotonic()
         registry_service.start(stack.registry)
@@ -128,19 +135,41 @@ def db_check() -> None:
 
 @app.command("topics")
 def topics_create() -> None:
-    """Create the hub's topics (raw per institution, alerts, dead letters) if missing."""
-    from core.contract import TopicNames
-    from streams.runtime.topics import create_topics
+    """Create the hub's topics (raw per institution, alerts, dead letters) and every principal's ACLs,
+    if missing (as the admin)."""
+    from clinhub.provision import provision
+
+    done = provision(_settings())
+    typer.echo(f"created {len(done.topics_created)} topic(s): {', '.join(done.topics_created) or '-'}")
+    typer.echo(f"ACLs: {done.acls} in place")
+
+
+@institutions_app.command("add")
+def institutions_add(institution: str) -> None:
+    """A principal for an institution, its raw topics, its ACLs; prints the settings to hand over."""
+    from clinhub.provision import add_institution
 
     settings = _settings()
-    names = TopicNames(prefix=settings.stream.topic_prefix).all_for(settings.stream.institutions)
-    created = create_topics(
-        settings.kafka.client_config(),
-        names,
-        settings.kafka.topic_partitions,
-        settings.kafka.topic_replication,
-    )
-    typer.echo(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
+    added = add_institution(settings, institution)
+    kafka = settings.kafka
+    typer.echo(f"{institution}: may write {', '.join(added.topics)} and read nothing.")
+    typer.echo("Hand these client settings over once, over a safe channel (the password is not shown again):")
+    typer.echo(f"  CLINHUB_KAFKA_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}")
+    typer.echo(f"  CLINHUB_KAFKA_SECURITY_PROTOCOL={kafka.security_protocol}")
+    typer.echo(f"  CLINHUB_KAFKA_SASL_MECHANISM={kafka.sasl_mechanism}")
+    typer.echo(f"  CLINHUB_KAFKA_SASL_USERNAME={institution}")
+    typer.echo(f"  CLINHUB_KAFKA_SASL_PASSWORD={added.password}")
+    if kafka.ssl_ca_location is not None:
+        typer.echo(f"  CLINHUB_KAFKA_SSL_CA_LOCATION=<a copy of {kafka.ssl_ca_location}>")
+
+
+@institutions_app.command("revoke")
+def institutions_revoke(institution: str) -> None:
+    """Remove an institution's ACLs (it can publish nothing from now on) and its credentials."""
+    from clinhub.provision import revoke_institution
+
+    removed = revoke_institution(_settings(), institution)
+    typer.echo(f"{institution}: {removed} ACL(s) removed and its credentials deleted")
 
 
 @schemas_app.command("register")
@@ -199,8 +228,8 @@ def stream_worker(
 
     from clinhub.worker import build_components
     from core.contract import TopicNames
-    from streams.runtime.app import ROLES, create_app
-    from streams.runtime.topics import discover_raw_topics
+    from streams.runtime.app import ROLES, create_app, source_topics
+    from streams.runtime.topics import check_access, discover_raw_topics
 
     unknown = sorted(set(role or ()) - set(ROLES))
     if unknown:
@@ -212,10 +241,13 @@ def stream_worker(
     settings = _settings()
     if settings.infra.metrics_port:
         start_http_server(settings.infra.metrics_port, addr=settings.infra.metrics_host, registry=REGISTRY)
-    raw_topics = discover_raw_topics(
-        settings.kafka.client_config(), TopicNames(prefix=settings.stream.topic_prefix)
-    )
     roles = tuple(role) if role else settings.stream.roles
+    settings = settings.as_principal(principals.worker_principal(roles))
+    topics = TopicNames(prefix=settings.stream.topic_prefix)
+    # wrong credentials or missing ACLs: exit non-zero naming the principal and topic, not wait silently
+    client = settings.kafka.client_config()
+    check_access(client, settings.kafka.sasl_username, source_topics(topics, settings.stream, roles))
+    raw_topics = discover_raw_topics(settings.kafka.client_config(), topics)
     components = build_components(settings, REGISTRY, roles)
     faust_app = create_app(settings.kafka, settings.stream, components, raw_topics=raw_topics, roles=roles)
     faust_worker(faust_app, loglevel).execute_from_commandline()

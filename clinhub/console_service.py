@@ -21,6 +21,7 @@ from console.runtime.notify import ChannelHealth, Notifier, build_notifier, deli
 from console.runtime.service import AckSink, Console, ConsoleOptions, Terms
 from console.runtime.store import ConsoleReads
 from console.web.app import create_app
+from core import principals
 from core.settings import HubSettings
 from sinks.store import ensure_current, make_engine
 from streams.domain.reference import DATA_DIR, load_reference
@@ -54,6 +55,7 @@ def build_console(
     """The console app. `acks` replaces the Kafka publisher (tests of pure web behaviour only)."""
     from core.contract import TopicNames
 
+    settings = settings.as_principal(principals.CONSOLE)
     engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
     ensure_current(engine)
     reads = ConsoleReads(engine)

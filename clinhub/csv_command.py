@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 
+from core import principals
 from core.exceptions import HubError
 from core.settings import HubSettings
 from producers.exceptions import PublishError
@@ -53,6 +54,7 @@ def _progress(total: int) -> Iterator[Callable[[int], None] | None]:
 def run_csv_import(
     settings: HubSettings, file: Path, institution: str, mapping: Path, rejects: Path | None
 ) -> None:
+    settings = settings.as_principal(principals.GATEWAYS)
     loaded = load_mapping(mapping)
     rejects_path = rejects if rejects is not None else default_rejects(file)
     total = len(check_export(file, loaded, institution)[1])  # fails before any connection

@@ -21,7 +21,10 @@ from sqlalchemy import func, select
 from clinhub.infra import kafka as kafka_service
 from clinhub.infra import registry as registry_service
 from clinhub.infra.process import stop_pid
+from clinhub.infra.tls import write_private
+from clinhub.provision import provision
 from clinhub.services import stack_for
+from core import principals
 from core.settings import HubSettings
 
 # The publishers' producers log through this logger (their idempotent producer config names it).
@@ -47,13 +50,32 @@ class _TransientPidNotice(logging.Filter):
 
 _TRANSIENT_PID_NOTICE = _TransientPidNotice()
 
+# The demo's own short-lived readers (watermarks, the records it prints) log through this logger.
+READER_LOGGER = "clinhub.kafka.demo-reader"
+
+
+class _ClosedWhileConnecting(logging.Filter):
+    """Drops the error a reader closed right after its work logs for its group coordinator connection,
+    still in its SASL handshake when the client goes: `GroupCoordinator: SASL authentication error:
+    SaslAuthenticateRequest failed: Local: Broker transport failure (after 0ms in state DOWN)`. A refused
+    password reads `Authentication failed ... invalid credentials` instead, and still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "SaslAuthenticateRequest failed: Local: Broker transport failure" not in message
+
+
+def _reader_config(settings: HubSettings, group: str) -> dict[str, Any]:
+    logger = logging.getLogger(READER_LOGGER)
+    if not logger.filters:
+        logger.addFilter(_ClosedWhileConnecting())
+    return {**settings.kafka.client_config(), "group.id": group, "logger": logger}
+
 
 def ensure_key_file(path: Path) -> Path:
     """A local pseudonymisation key, created once in the git-ignored data folder; never committed."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        os.chmod(path, 0o600)
+        write_private(path, secrets.token_hex(32).encode())  # 0600 from its creation
     return path
 
 
@@ -67,11 +89,7 @@ def _read_topic(
 
     decode = AvroDecoder(ConfluentRegistry(settings.registry.client_config()))
     consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"demo-{secrets.token_hex(4)}",
-            "enable.auto.commit": False,
-        }
+        {**_reader_config(settings, f"demo-{secrets.token_hex(4)}"), "enable.auto.commit": False}
     )
     wanted = sum(max(0, until[p] - since.get(p, 0)) for p in until)
     consumer.assign([TopicPartition(topic, p, since.get(p, 0)) for p in until if until[p] > since.get(p, 0)])
@@ -91,7 +109,7 @@ def _read_topic(
 def _high_watermarks(settings: HubSettings, topic: str) -> dict[int, int]:
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "demo-watermarks"})
+    consumer = Consumer(_reader_config(settings, "demo-watermarks"))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
     consumer.close()
@@ -491,28 +509,26 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     from sinks.models import Alert, IngestLog, Observation
     from sinks.store import make_engine, upgrade
     from streams.domain.reference import load_reference
-    from streams.runtime.topics import create_topics
 
     stack = stack_for(settings.infra)
+    # The demo's own clients (watermarks, reading topics) are the admin's; each part it starts connects
+    # as its own principal: institutions, the worker, the gateways, the console.
+    settings = settings.as_principal(principals.ADMIN)
     logging.getLogger(PRODUCER_LOGGER).addFilter(_TRANSIENT_PID_NOTICE)
     typer.echo("1/6 starting Kafka (KRaft) and the schema registry (first run fetches them with Maven)...")
     kafka_service.start(stack.kafka)
+    kafka_service.ensure_principals(
+        stack.kafka, [*principals.SERVICE_PRINCIPALS, *settings.stream.institutions]
+    )
     registry_service.start(stack.registry)
-    typer.echo(f"    kafka {stack.kafka.bootstrap}, registry {stack.registry.url}")
+    secured = "SASL_SSL, SCRAM, ACLs" if stack.kafka.secure else "plaintext"
+    typer.echo(f"    kafka {stack.kafka.bootstrap} ({secured}), registry {stack.registry.url}")
 
-    typer.echo("2/6 migrating the regional store, creating topics, registering schemas...")
+    typer.echo("2/6 migrating the regional store, creating topics and ACLs, registering schemas...")
     engine = make_engine(settings.database.url.get_secret_value())
     upgrade(engine)
     topics = TopicNames(prefix=settings.stream.topic_prefix)
-    create_topics(
-        # log_level 5 (notice): librdkafka's info lines stay off the terminal, such as the admin client's
-        # `BGQUEUE ... Purging 1 unserved events from background queue` as it is destroyed; notices,
-        # warnings and errors still show, and a failed creation raises.
-        {**settings.kafka.client_config(), "log_level": 5},
-        topics.all_for(settings.stream.institutions),
-        settings.kafka.topic_partitions,
-        settings.kafka.topic_replication,
-    )
+    provision(settings)
     register_standard(ConfluentRegistry(settings.registry.client_config()))
     load_reference()
 

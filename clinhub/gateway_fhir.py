@@ -22,6 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from core import principals
 from core.exceptions import ConfigurationError
 from core.settings import HubSettings
 from producers.gateways.common import kafka_and_registry_ready
@@ -48,10 +49,11 @@ class FhirGateway:
 def transactional_id(institution: str, port: int) -> str:
     """Unique to one running gateway (host and port) and institution: a second process with the same
     id would fence this one's transactions; a restart of this one aborts what it left open."""
-    return f"clinhub-fhir-{socket.gethostname()}-{port}-{institution}"
+    return f"{principals.FHIR_TRANSACTIONAL_PREFIX}{socket.gethostname()}-{port}-{institution}"
 
 
 def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None = None) -> FhirGateway:
+    settings = settings.as_principal(principals.GATEWAYS)
     gateway = settings.gateway
     if gateway.fhir_tokens_file is None:
         raise ConfigurationError(

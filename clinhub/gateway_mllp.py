@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import principals
 from core.settings import HubSettings
 from producers.gateways import mllp
 from producers.gateways.common import kafka_and_registry_ready
@@ -156,7 +157,8 @@ def run_mllp_gateway(settings: HubSettings) -> None:
     """The `clinhub gateway mllp` command: runs until SIGTERM or SIGINT."""
 
     async def main() -> None:
-        gateway = _Gateway(settings, _build(settings, None, None))
+        as_gateways = settings.as_principal(principals.GATEWAYS)
+        gateway = _Gateway(as_gateways, _build(as_gateways, None, None))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -209,6 +211,7 @@ def start_mllp_gateway(
     dead_letters: mllp.DeadLetterSink | None = None,
 ) -> RunningGateway:
     """Start the gateway in-process (listeners on the configured ports; 0 picks free ones)."""
+    settings = settings.as_principal(principals.GATEWAYS)
     parts = _build(settings, publishers, dead_letters)
     gateway = _Gateway(settings, parts)
     loop = asyncio.new_event_loop()

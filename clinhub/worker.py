@@ -11,7 +11,7 @@ from collections.abc import Collection
 from prometheus_client import CollectorRegistry
 
 from core.exceptions import ConfigurationError
-from core.settings import HubSettings, SecuritySettings
+from core.settings import HubSettings, SecuritySettings, read_secret_file
 from schemas.wire import ConfluentRegistry
 from sinks.metrics import make_sink_metrics
 from sinks.sql import SqlStoreSink
@@ -40,11 +40,9 @@ def load_pseudonym_key(security: SecuritySettings) -> bytes:
             security.pseudonym_key.get_secret_value().encode(), "CLINHUB_SECURITY_PSEUDONYM_KEY"
         )
     if security.pseudonym_key_file is not None:
-        try:
-            key = security.pseudonym_key_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigurationError("CLINHUB_SECURITY_PSEUDONYM_KEY_FILE", str(exc)) from exc
-        return _long_enough(key, "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE")
+        # refused when others may read it: whoever reads the key can re-identify every patient
+        key = read_secret_file(security.pseudonym_key_file, "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE")
+        return _long_enough(key.get_secret_value().encode(), "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE")
     raise ConfigurationError(
         "CLINHUB_SECURITY_PSEUDONYM_KEY",
         "no pseudonymisation key; set it or CLINHUB_SECURITY_PSEUDONYM_KEY_FILE",

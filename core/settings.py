@@ -44,15 +44,22 @@ class KafkaSettings(BaseSettings):
 
     model_config = _config("CLINHUB_KAFKA_")
 
+    # Secure by default: the defaults reach the local broker `clinhub infra up` starts (SASL_SSL, SCRAM,
+    # its CA and principals under .infra/). Another cluster sets its own values.
     bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "SASL_SSL"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = "SCRAM-SHA-512"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     # or the password in a file only its owner may read (CLINHUB_KAFKA_SASL_PASSWORD_FILE)
     sasl_password_file: Path | None = None
     # the CA that signed the brokers' certificates (PEM); None: the system's CAs
-    ssl_ca_location: Path | None = None
+    ssl_ca_location: Path | None = PROJECT_ROOT / ".infra" / "tls" / "ca.crt"
+    # Each component connects as its own principal (core/principals.py), with the password in
+    # <this directory>/<principal>.password, as `clinhub infra up` keeps them; the username and password
+    # above are then only those of direct clients. None: every component uses those. `load_settings`
+    # points it at the local stack's unless a username is given.
+    principal_secrets_dir: Path | None = None
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication: int = Field(default=1, ge=1)
 
@@ -89,10 +96,19 @@ class KafkaSettings(BaseSettings):
             config["ssl.ca.location"] = str(self.ssl_ca_location)
         return config
 
-    def as_principal(self, username: str, password: SecretStr) -> KafkaSettings:
-        """The same cluster, as another principal (a stage of a worker that runs several)."""
+    def for_principal(self, principal: str) -> KafkaSettings:
+        """The settings a component that is `principal` connects with: with `principal_secrets_dir`
+        (the local stack's layout) that principal and its password file there, chosen for good (a
+        gateway's publishers stay the gateway's); otherwise the one username and password given."""
+        if not self.uses_sasl or self.principal_secrets_dir is None:
+            return self
         return self.model_copy(
-            update={"sasl_username": username, "sasl_password": password, "sasl_password_file": None}
+            update={
+                "sasl_username": principal,
+                "sasl_password": None,
+                "sasl_password_file": self.principal_secrets_dir / f"{principal}.password",
+                "principal_secrets_dir": None,
+            }
         )
 
     def producer_config(self, delivery_timeout: float) -> dict[str, Any]:
@@ -291,16 +307,30 @@ class HubSettings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     infra: InfraSettings
 
+    def as_principal(self, principal: str) -> HubSettings:
+        """These settings for a component that connects to Kafka as `principal` (`for_principal`)."""
+        return self.model_copy(update={"kafka": self.kafka.for_principal(principal)})
+
+
+def local_stack_kafka(kafka: KafkaSettings, infra: InfraSettings) -> KafkaSettings:
+    """The CA and principals' secrets of the local stack under CLINHUB_INFRA_HOME, unless set. A username
+    given (CLINHUB_KAFKA_SASL_USERNAME) is one identity for every component: no principals' secrets."""
+    local: dict[str, Path] = {"ssl_ca_location": infra.home / "tls" / "ca.crt"}
+    if "sasl_username" not in kafka.model_fields_set:
+        local["principal_secrets_dir"] = infra.home / "secrets" / "kafka"
+    return kafka.model_copy(update={k: v for k, v in local.items() if k not in kafka.model_fields_set})
+
 
 def load_settings() -> HubSettings:
     """Read the environment (and `.env`) once; call at the edge, pass the parts inward."""
+    infra = InfraSettings()
     return HubSettings(
-        kafka=KafkaSettings(),
+        kafka=local_stack_kafka(KafkaSettings(), infra),
         registry=RegistrySettings(),
         database=DatabaseSettings(),
         security=SecuritySettings(),
         stream=StreamSettings(),
         console=ConsoleSettings(),
         gateway=GatewaySettings(),
-        infra=InfraSettings(),
+        infra=infra,
     )

@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from clinhub.exceptions import ServiceError
+from clinhub.infra.acls import set_passwords, with_credentials
 from clinhub.infra.process import (
     ServiceProcess,
     pid_from_file,
@@ -34,7 +36,6 @@ from core.settings import KafkaSettings
 POM = Path(__file__).resolve().parents[2] / "infra" / "kafka" / "pom.xml"
 ADMIN = "admin"
 MECHANISM: Final = "SCRAM-SHA-512"
-SCRAM_ITERATIONS = 8192
 ANSWERING = "answering metadata requests"
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
@@ -65,7 +66,7 @@ class KafkaLayout:
     controller_port: int = 9093
     heap: str = "768m"
     shared_lib: Path | None = None
-    secure: bool = False  # SASL_SSL, SCRAM and ACLs; on for the local stack and the tests
+    secure: bool = True  # SASL_SSL, SCRAM and ACLs; False only for a plaintext broker on purpose
     tls_home: Path | None = None  # the local CA and service certificates; default beside home
     secrets_home: Path | None = None  # the principals' password files; default beside home
 
@@ -112,7 +113,7 @@ class KafkaLayout:
     def settings_for(self, principal: str) -> KafkaSettings:
         """Client settings of one principal of this broker (its password made on first use)."""
         if not self.secure:
-            return KafkaSettings(bootstrap_servers=self.bootstrap)
+            return KafkaSettings(bootstrap_servers=self.bootstrap, security_protocol="PLAINTEXT")
         ensure_password(self.password_file(principal))
         return KafkaSettings(
             bootstrap_servers=self.bootstrap,
@@ -257,7 +258,16 @@ def prepare(layout: KafkaLayout) -> None:
         _certificates(layout)
     write_private(layout.config_path, _server_properties(layout).encode())  # holds the admin's password
     (layout.home / "log4j2.properties").write_text(LOG4J2)
-    if not (layout.data_dir / "meta.properties").exists():
+    marker = layout.data_dir / ".clinhub-secure"  # formatted with the admin's SCRAM credentials
+    formatted = (layout.data_dir / "meta.properties").exists()
+    if formatted and layout.secure and not marker.exists():
+        raise ServiceError(
+            "kafka",
+            f"{layout.data_dir} was formatted before the broker was secured (no admin credentials in its "
+            "metadata); stop it (`clinhub infra down`), remove that directory and the workers' table "
+            "state (CLINHUB_STREAM_DATA_DIR, .data/faust by default), local data only, then start again",
+        )
+    if not formatted:
         scram: list[str] = []
         secrets: list[str] = []
         if layout.secure:
@@ -279,6 +289,8 @@ def prepare(layout: KafkaLayout) -> None:
             "kafka (format storage)",
             secrets=secrets,
         )
+        if layout.secure:
+            marker.write_text("SASL_SSL, SCRAM-SHA-512 admin created at format\n")
 
 
 def broker_answers(client_config: dict[str, Any]) -> bool:
@@ -293,30 +305,24 @@ def broker_answers(client_config: dict[str, Any]) -> bool:
     return bool(metadata.brokers)
 
 
-def ensure_principals(layout: KafkaLayout, principals: list[str]) -> None:
-    """SCRAM credentials for each principal (its password made once), set by the admin."""
-    from confluent_kafka.admin import (
-        AdminClient,
-        ScramCredentialInfo,
-        ScramMechanism,
-        UserScramCredentialAlteration,
-        UserScramCredentialUpsertion,
-    )
-
-    if not layout.secure or not principals:
+def ensure_principals(layout: KafkaLayout, principals: list[str], timeout: float = 30.0) -> None:
+    """SCRAM credentials for each principal that has none, its password made once under the layout's
+    secrets; returns once the broker holds them (a client connecting at once is not refused). Existing
+    credentials are left alone: replacing them would race clients authenticating meanwhile."""
+    if not layout.secure:
         return
-    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
-    upserts: list[UserScramCredentialAlteration] = [
-        UserScramCredentialUpsertion(name, info, ensure_password(layout.password_file(name)).encode())
-        for name in principals
-    ]
-    admin = AdminClient(dict(layout.admin_config()))  # kept while its futures wait: freed, it cancels them
-    futures = admin.alter_user_scram_credentials(upserts)
-    for name, future in futures.items():
-        try:
-            future.result()
-        except Exception as exc:
-            raise ServiceError("kafka", f"could not set the credentials of {name}: {exc}") from exc
+    admin = layout.admin_config()
+    missing = sorted(set(principals) - with_credentials(admin, principals))
+    if not missing:
+        return
+    set_passwords(admin, {name: ensure_password(layout.password_file(name)) for name in missing})
+    deadline = time.monotonic() + timeout
+    while set(missing) - with_credentials(admin, missing):
+        if time.monotonic() > deadline:
+            raise ServiceError(
+                "kafka", f"credentials of {', '.join(missing)} not in force after {timeout:.0f}s"
+            )
+        time.sleep(0.1)
 
 
 def start(layout: KafkaLayout, timeout: float = 120.0) -> ServiceProcess:

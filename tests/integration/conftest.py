@@ -26,22 +26,23 @@ from sqlalchemy import Engine
 
 from clinhub.infra import kafka, postgres, registry
 from clinhub.infra.process import ServiceProcess, free_port
+from clinhub.provision import provision
+from core import principals
 from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
     HubSettings,
     InfraSettings,
-    KafkaSettings,
     RegistrySettings,
     SecuritySettings,
     StreamSettings,
 )
 from schemas.wire import AvroDecoder, ConfluentRegistry
 from sinks.store import make_engine, upgrade
-from streams.runtime.topics import create_topics
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INFRA_HOME = PROJECT_ROOT / ".infra"
+TEST_INSTITUTIONS = ("H001", "H002", "C003")  # each a principal of its own on every test broker
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +105,18 @@ class HubEnv:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
+        """A worker's environment: the same cluster, connecting as its own principal (no username)."""
         s = self.settings
+        security = {
+            "CLINHUB_KAFKA_SECURITY_PROTOCOL": s.kafka.security_protocol,
+            "CLINHUB_KAFKA_SASL_MECHANISM": s.kafka.sasl_mechanism,
+            "CLINHUB_KAFKA_SSL_CA_LOCATION": s.kafka.ssl_ca_location,
+            "CLINHUB_KAFKA_PRINCIPAL_SECRETS_DIR": s.kafka.principal_secrets_dir,
+        }
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CLINHUB_KAFKA_SASL_")}
         return {
-            **os.environ,
+            **inherited,
+            **{name: str(value) for name, value in security.items() if value is not None},
             "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
             "CLINHUB_REGISTRY_URL": s.registry.url,
             "CLINHUB_DATABASE_URL": self.db_url,
@@ -168,19 +178,14 @@ class HubEnv:
                     proc.wait(10)
 
     def producer(self) -> Producer:
-        return Producer(
-            {
-                "bootstrap.servers": self.settings.kafka.bootstrap_servers,
-                "enable.idempotence": True,
-                "acks": "all",
-            }
-        )
+        """The admin's producer: writes any topic, as a test must to publish raw bytes."""
+        return Producer({**self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
 
     def consume_all(self, topic: str, timeout: float, until: Callable[[list[Any]], bool]) -> list[Any]:
         """Read a topic from the beginning until `until(messages)` holds or time runs out."""
         consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.kafka.bootstrap_servers,
+                **self.settings.kafka.client_config(),
                 "group.id": f"reader-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
             }
@@ -198,7 +203,7 @@ class HubEnv:
 
     def caught_up(self, group: str, topic: str) -> bool:
         """True when `group` has committed offsets at the end of every partition of `topic`."""
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka.bootstrap_servers, "group.id": group})
+        consumer = Consumer({**self.settings.kafka.client_config(), "group.id": group})
         try:
             partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
             committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
@@ -215,15 +220,22 @@ class HubEnv:
 
 
 def make_hub(
-    bootstrap: str, schema_registry_url: str, postgres_cluster: postgres.PostgresLayout, workdir: Path
+    broker: kafka.KafkaLayout,
+    schema_registry_url: str,
+    postgres_cluster: postgres.PostgresLayout,
+    workdir: Path,
 ) -> HubEnv:
-    """A private topic prefix, consumer group and database on the given broker; workers started on demand."""
+    """A private topic prefix, consumer group and database on the given broker, with the ACLs of every
+    principal for them; workers started on demand. The test's own clients are the admin's."""
+    kafka.ensure_principals(broker, [*principals.SERVICE_PRINCIPALS, *TEST_INSTITUTIONS])
     prefix = f"t{uuid.uuid4().hex[:8]}."
     db_url = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
     engine = make_engine(db_url)
     upgrade(engine)
     settings = HubSettings(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        kafka=broker.settings_for(principals.ADMIN).model_copy(
+            update={"principal_secrets_dir": broker.secrets_dir if broker.secure else None}
+        ),
         registry=RegistrySettings(url=schema_registry_url),
         database=DatabaseSettings(url=SecretStr(db_url)),
         security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
@@ -236,7 +248,7 @@ def make_hub(
         infra=InfraSettings(metrics_port=0),
     )
     topics = TopicNames(prefix=prefix)
-    create_topics(settings.kafka.client_config(), topics.all_for(settings.stream.institutions), 3, 1)
+    provision(settings)  # topics and ACLs, as `clinhub topics` makes them
     return HubEnv(settings=settings, topics=topics, engine=engine, db_url=db_url, workdir=workdir)
 
 
@@ -248,16 +260,19 @@ def hub(
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
     """A private topic prefix, consumer group and database for one test; workers started on demand."""
-    with running_hub(kafka_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as env:
+    with running_hub(kafka_broker, schema_registry_url, postgres_cluster, tmp_path) as env:
         yield env
 
 
 @contextmanager
 def running_hub(
-    bootstrap: str, schema_registry_url: str, postgres_cluster: postgres.PostgresLayout, workdir: Path
+    broker: kafka.KafkaLayout,
+    schema_registry_url: str,
+    postgres_cluster: postgres.PostgresLayout,
+    workdir: Path,
 ) -> Iterator[HubEnv]:
     """`make_hub`, with its workers stopped and its connections closed afterwards."""
-    env = make_hub(bootstrap, schema_registry_url, postgres_cluster, workdir)
+    env = make_hub(broker, schema_registry_url, postgres_cluster, workdir)
     try:
         yield env
     finally:

@@ -102,7 +102,7 @@ def test_a_restart_that_reorders_results_keeps_every_alert_of_the_undisturbed_ru
     assert undisturbed, "the series has delta and critical alerts"
 
     (tmp_path / "b").mkdir()
-    with running_hub(kafka_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path / "b") as other:
+    with running_hub(kafka_broker, schema_registry_url, postgres_cluster, tmp_path / "b") as other:
         first = [r for r in records if r["envelope"]["institution_id"] == "H001"]
         worker = other.start_worker()
         sent = publish(other, first)

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from clinhub.infra import postgres
 from clinhub.infra.process import free_port
+from clinhub.provision import provision
 from producers.publisher import Receipt, make_publisher
 from producers.simulator import simulate_labs
 from sinks.models import Alert, IngestLog, Observation
@@ -195,7 +196,12 @@ def test_consumer_group_replay_from_zero_changes_nothing(hub: HubEnv) -> None:
 
     # A new consumer group starts from offset 0 and re-reads every topic, with fresh tables: the
     # clinical agent raises every alert again (same ids), the store stage writes everything again.
-    hub.start_worker({"CLINHUB_STREAM_APP_ID": hub.settings.stream.app_id + "-replay"})  # group id = app id
+    replay_app = hub.settings.stream.app_id + "-replay"  # group id = app id
+    replay = hub.settings.model_copy(
+        update={"stream": hub.settings.stream.model_copy(update={"app_id": replay_app})}
+    )
+    provision(replay)  # the stage principals' ACLs for that app id and group, as `clinhub topics` makes them
+    hub.start_worker({"CLINHUB_STREAM_APP_ID": replay_app})
 
     def replayed() -> bool:
         again = hub.consume_all(hub.topics.alerts_topic, 3, lambda m: False)

@@ -133,7 +133,7 @@ def settled(hub: HubEnv) -> bool:
 
 def lag_report(hub: HubEnv, group: str) -> str:
     """Partitions where the group's committed offset is behind the end of the topic, for failure messages."""
-    consumer = Consumer({"bootstrap.servers": hub.settings.kafka.bootstrap_servers, "group.id": group})
+    consumer = Consumer({**hub.settings.kafka.client_config(), "group.id": group})
     lines = []
     try:
         for topic in hub.topics.all_for(hub.settings.stream.institutions):
@@ -273,7 +273,7 @@ def restart_hub(
     postgres_cluster: postgres.PostgresLayout,
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
-    with running_hub(own_broker.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as env:
+    with running_hub(own_broker, schema_registry_url, postgres_cluster, tmp_path) as env:
         yield env
 
 

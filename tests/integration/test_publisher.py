@@ -7,7 +7,7 @@ import time
 import pytest
 
 from clinhub.infra.process import free_port
-from core.settings import HubSettings, KafkaSettings
+from core.settings import HubSettings
 from producers.exceptions import DeliveryFailedError
 from producers.publisher import Publisher, Receipt, make_publisher
 from producers.simulator import simulate_events
@@ -88,7 +88,7 @@ def test_every_kind_is_published_to_its_own_raw_topic(hub: HubEnv) -> None:
 def test_a_broker_that_is_down_gives_a_clear_error_within_the_timeout(hub: HubEnv) -> None:
     """Nothing listens on the port: the publish fails with DeliveryFailedError, not silently, not forever."""
     unreachable = HubSettings(
-        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+        kafka=hub.settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
         registry=hub.settings.registry,
         database=hub.settings.database,
         security=hub.settings.security,

@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import Producer
 from sqlalchemy import select
 
+from core import principals
 from producers.publisher import make_publisher, message_key
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
@@ -61,7 +62,10 @@ def commit_position(hub: HubEnv, partition: int) -> tuple[int, int]:
 
 
 def test_aborted_transactions_never_reach_the_store_and_commits_pass_every_marker(hub: HubEnv) -> None:
-    publisher = make_publisher(hub.settings, "H001", transactional_id=f"test-{uuid.uuid4().hex[:8]}")
+    # as the FHIR gateway publishes a transaction: its principal, a transactional id of its prefix
+    as_gateways = hub.settings.as_principal(principals.GATEWAYS)
+    transactional_id = f"{principals.FHIR_TRANSACTIONAL_PREFIX}test-{uuid.uuid4().hex[:8]}"
+    publisher = make_publisher(as_gateways, "H001", transactional_id=transactional_id)
     worker = hub.start_worker()
     first, aborted, plain, last = [lab(), lab()], [lab(), lab()], lab(), [lab(), lab()]
     receipts = publisher.publish_atomically([("lab", r) for r in first])

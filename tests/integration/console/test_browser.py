@@ -99,7 +99,7 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("browser")
-    with running_hub(kafka_broker.bootstrap, schema_registry_url, postgres_cluster, workdir) as hub:
+    with running_hub(kafka_broker, schema_registry_url, postgres_cluster, workdir) as hub:
         worker_env = fast_escalation(workdir, minutes=ESCALATION_MINUTES)
         hub.start_worker(worker_env)
         publisher = make_publisher(hub.settings, "H001")

@@ -55,7 +55,7 @@ def _import(
 
 
 def _messages_on(hub: HubEnv, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": hub.settings.kafka.bootstrap_servers, "group.id": "counter"})
+    consumer = Consumer({**hub.settings.kafka.client_config(), "group.id": "counter"})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         total = 0
@@ -130,7 +130,7 @@ def test_a_broker_outage_publishes_nothing_silently_and_the_rerun_sends_every_ro
     )
     process = kafka.start(layout)
     try:
-        with running_hub(layout.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as hub:
+        with running_hub(layout, schema_registry_url, postgres_cluster, tmp_path) as hub:
             export = hub.workdir / "h002-lab-example.csv"
             shutil.copyfile(DEPLOY / "h002-lab-example.csv", export)
             process.stop()

@@ -129,7 +129,7 @@ def raw_topic_counts(hub: HubEnv, institution: str, kinds: set[str], timeout: fl
 def _at_end(hub: HubEnv, topic: str, messages: list[Any]) -> bool:
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": hub.settings.kafka.bootstrap_servers, "group.id": "probe"})
+    consumer = Consumer({**hub.settings.kafka.client_config(), "group.id": "probe"})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         total = sum(
@@ -447,7 +447,7 @@ def test_broker_outage_gives_ar_and_the_resend_once_it_is_back_gives_aa_and_one_
     )
     process = kafka.start(layout)
     try:
-        with running_hub(layout.bootstrap, schema_registry_url, postgres_cluster, tmp_path) as hub:
+        with running_hub(layout, schema_registry_url, postgres_cluster, tmp_path) as hub:
             settings = gateway_settings(hub.settings, hub.workdir, publish_timeout_seconds=3.0)
             message = samples.oru_r01("H001", mrn="MRN0005555", control_id="OUT-1")
             ids = all_ids(event_ids(message, "H001"))

@@ -62,4 +62,16 @@ def test_a_short_or_empty_pseudonym_key_is_refused(key: str) -> None:
 def test_a_key_file_is_read_and_stripped(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("k" * 40 + "\n")
+    key_file.chmod(0o600)
     assert load_pseudonym_key(SecuritySettings(pseudonym_key_file=key_file)) == b"k" * 40
+
+
+def test_a_key_file_others_may_read_is_refused_without_showing_the_key(tmp_path: Path) -> None:
+    """Whoever reads the key can re-identify every patient: the worker does not start on it."""
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 40)
+    key_file.chmod(0o640)
+    with pytest.raises(ConfigurationError) as refused:
+        load_pseudonym_key(SecuritySettings(pseudonym_key_file=key_file))
+    assert refused.value.setting == "CLINHUB_SECURITY_PSEUDONYM_KEY_FILE"
+    assert "chmod 600" in str(refused.value) and "kkkk" not in str(refused.value)

@@ -38,6 +38,7 @@ def test_kafka_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("CLINHUB_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
     monkeypatch.setenv("CLINHUB_KAFKA_SASL_USERNAME", "hub")
     monkeypatch.setenv("CLINHUB_KAFKA_SASL_PASSWORD", SECRET)
+    monkeypatch.setenv("CLINHUB_KAFKA_SSL_CA_LOCATION", "/etc/clinhub/kafka-ca.pem")
     monkeypatch.setenv("CLINHUB_KAFKA_TOPIC_PARTITIONS", "12")
 
     kafka = KafkaSettings()
@@ -49,12 +50,14 @@ def test_kafka_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "hub",
         "sasl.password": SECRET,
+        "ssl.ca.location": "/etc/clinhub/kafka-ca.pem",
     }
 
 
 def test_kafka_without_sasl_sends_no_sasl_properties(monkeypatch: pytest.MonkeyPatch) -> None:
     """librdkafka rejects SASL properties on a PLAINTEXT connection, so none are set."""
     monkeypatch.setenv("CLINHUB_KAFKA_BOOTSTRAP_SERVERS", "localhost:19092")
+    monkeypatch.setenv("CLINHUB_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
     config = KafkaSettings().client_config()
     assert config["bootstrap.servers"] == "localhost:19092"
     assert not any(key.startswith("sasl.") for key in config)
@@ -173,8 +176,27 @@ def test_a_password_file_readable_by_others_is_refused_and_never_echoed(tmp_path
     secret.chmod(0o600)
     config = kafka.client_config()
     assert (config["sasl.password"], config["ssl.ca.location"]) == (SECRET, str(tmp_path / "ca.crt"))
-    other = kafka.as_principal("clinical", SecretStr("another"))
-    assert other.client_config()["sasl.username"] == "clinical" and other.password() == SecretStr("another")
+
+
+def test_each_component_connects_as_its_own_principal_with_the_local_stacks_secrets(tmp_path: Path) -> None:
+    for name, password in (("clinical", "c-secret"), ("store", "s-secret")):
+        (tmp_path / f"{name}.password").write_text(password)
+        (tmp_path / f"{name}.password").chmod(0o600)
+    local = KafkaSettings(
+        security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", principal_secrets_dir=tmp_path
+    )
+    clinical = local.for_principal("clinical").client_config()
+    assert (clinical["sasl.username"], clinical["sasl.password"]) == ("clinical", "c-secret")
+    assert local.for_principal("store").client_config()["sasl.password"] == "s-secret"
+    chosen_for_good = local.for_principal("store").for_principal("clinical")  # a gateway's publishers
+    assert chosen_for_good.client_config()["sasl.username"] == "store"
+    admin = local.model_copy(update={"sasl_username": "admin", "sasl_password": SecretStr("a")})
+    assert admin.client_config()["sasl.username"] == "admin"
+    assert admin.for_principal("clinical").client_config()["sasl.username"] == "clinical"
+    one = admin.model_copy(update={"principal_secrets_dir": None})
+    assert one.for_principal("clinical").client_config()["sasl.username"] == "admin", "one identity given"
+    plaintext = KafkaSettings(security_protocol="PLAINTEXT")
+    assert plaintext.for_principal("clinical") == plaintext, "plaintext: no principal"
 
 
 def test_sasl_without_credentials_is_a_configuration_error() -> None:
@@ -182,3 +204,29 @@ def test_sasl_without_credentials_is_a_configuration_error() -> None:
         KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512").client_config()
     with pytest.raises(ValidationError):
         KafkaSettings(security_protocol="SASL_SSSL")
+
+
+def test_by_default_every_client_reaches_the_local_broker_secured() -> None:
+    """Secure by default: SASL_SSL with SCRAM, the local CA, each component its own principal."""
+    kafka = KafkaSettings()
+    assert (kafka.security_protocol, kafka.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert kafka.ssl_ca_location is not None and kafka.ssl_ca_location.name == "ca.crt"
+    with pytest.raises(ConfigurationError):
+        kafka.client_config()  # no principal chosen: nothing connects anonymously
+    local = load_settings().kafka
+    assert local.principal_secrets_dir is not None
+    normaliser = local.for_principal("normaliser")
+    assert normaliser.sasl_password_file == local.principal_secrets_dir / "normaliser.password"
+
+
+def test_the_local_stacks_ca_and_secrets_follow_its_home_unless_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CLINHUB_INFRA_HOME", str(tmp_path / "infra"))
+    kafka = load_settings().kafka
+    assert kafka.ssl_ca_location == tmp_path / "infra" / "tls" / "ca.crt"
+    assert kafka.principal_secrets_dir == tmp_path / "infra" / "secrets" / "kafka"
+    monkeypatch.setenv("CLINHUB_KAFKA_SSL_CA_LOCATION", "/etc/kafka-ca.pem")
+    assert load_settings().kafka.ssl_ca_location == Path("/etc/kafka-ca.pem")
+    monkeypatch.setenv("CLINHUB_KAFKA_SASL_USERNAME", "hub")  # one identity for every component
+    assert load_settings().kafka.principal_secrets_dir is None

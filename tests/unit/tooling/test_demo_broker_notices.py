@@ -75,7 +75,7 @@ def test_every_other_line_still_shows(producer_log: Any, level: int, facility: s
 
 
 def publishers_producer_config() -> dict[str, Any]:
-    kafka = KafkaSettings()
+    kafka = KafkaSettings(security_protocol="PLAINTEXT")
     if hasattr(kafka, "producer_config"):  # the producer config in core.settings
         config: dict[str, Any] = kafka.producer_config(30.0)
         return config

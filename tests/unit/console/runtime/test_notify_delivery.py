@@ -666,7 +666,7 @@ def test_an_alert_older_than_the_window_is_not_notified(engine: Engine) -> None:
 def build(console: ConsoleSettings, engine: Engine) -> Notifier | None:
     return build_notifier(
         console,
-        KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        KafkaSettings(bootstrap_servers="127.0.0.1:1", security_protocol="PLAINTEXT"),
         {"url": "mock://build"},
         TopicNames("t."),
         notify_group("clinhub-streams"),
