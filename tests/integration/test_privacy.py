@@ -1,6 +1,7 @@
-"""Raw national identifiers never leave the normaliser: not on the topics it writes, not in the store,
-not in the worker's log. The dead-letter topic is the one place that keeps an event's original bytes
-(an operator must be able to replay what was refused), so only its readable fields are checked there.
+"""Raw national identifiers never leave the normaliser, and no credential appears anywhere: not on
+the topics, not in the store, not in the worker's log (at DEBUG). The dead-letter topic is the one
+place that keeps an event's original bytes (an operator must be able to replay what was refused), so
+only its readable fields are checked there for national ids.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def test_no_raw_national_id_leaves_the_normaliser(hub: HubEnv) -> None:
     dead = hub.consume_all(hub.topics.deadletter_topic, 60, lambda m: len(m) >= 1)
     assert len(dead) == 1, "the impossible potassium is refused"
     identifiers = [nid.encode() for nid in (normal_nid, critical_nid, refused_nid)]
+    secrets_dir = hub.settings.kafka.principal_secrets_dir
+    assert secrets_dir is not None
+    credentials = [path.read_bytes().strip() for path in sorted(secrets_dir.glob("*.password"))]
+    assert len(credentials) >= 9, "the admin, six service principals, the institutions"
 
     written = [hub.topics.norm(kind) for kind in KINDS]
     written += [hub.topics.identity_topic, hub.topics.alerts_topic, hub.topics.escalations_topic]
@@ -52,6 +57,11 @@ def test_no_raw_national_id_leaves_the_normaliser(hub: HubEnv) -> None:
         for message in hub.consume_all(topic, 3, lambda m: False):
             blob = (message.key() or b"") + message.value() + repr(message.headers()).encode()
             assert not any(nid in blob for nid in identifiers), f"a national id on {topic}"
+    raw_topics = [hub.topics.raw(institution, "lab") for institution in ("H001", "H002")]
+    for topic in [*written, *raw_topics, hub.topics.deadletter_topic]:
+        for message in hub.consume_all(topic, 3, lambda m: False):
+            blob = (message.key() or b"") + message.value() + repr(message.headers()).encode()
+            assert not any(secret in blob for secret in credentials), f"a credential on {topic}"
 
     letter: dict[str, Any] = hub.decoder()(dead[0].value())
     readable = repr({k: v for k, v in letter.items() if k != "original_value"}).encode()
@@ -63,7 +73,9 @@ def test_no_raw_national_id_leaves_the_normaliser(hub: HubEnv) -> None:
             rows = conn.execute(text(f'select t::text from "{table.name}" t')).scalars().all()  # noqa: S608
             dump = "\n".join(rows).encode()
             assert not any(nid in dump for nid in identifiers), f"a national id in table {table.name}"
+            assert not any(secret in dump for secret in credentials), f"a credential in table {table.name}"
 
     log = "\n".join(p.read_text(errors="replace") for p in sorted(hub.workdir.glob("worker-*.log")))
     assert "DEBUG" in log, "the worker logged at DEBUG, the most talkative level"
     assert not any(nid.decode() in log for nid in identifiers), "a national id in the worker's log"
+    assert not any(secret.decode() in log for secret in credentials), "a credential in the worker's log"
