@@ -11,36 +11,47 @@ from pathlib import Path
 from clinhub.infra import kafka, registry
 from clinhub.infra.process import free_port
 from core import principals
-from core.settings import KafkaSettings
+from core.settings import KafkaSettings, RegistrySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTITUTIONS = ("H001", "H002", "C003")
 
 
 @contextmanager
-def services(workdir: Path) -> Iterator[tuple[KafkaSettings, str]]:
-    """(the admin's Kafka settings, each component then its own principal; registry URL) of a broker and
+def services(workdir: Path) -> Iterator[tuple[KafkaSettings, RegistrySettings]]:
+    """The admin's Kafka and registry settings (each component then its own principal) of a broker and
     registry started in `workdir`."""
     broker = kafka.KafkaLayout(
         workdir / "kafka", free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
     )
     schema_registry = registry.RegistryLayout(
-        workdir / "registry", free_port(), persistent=False, shared_app=ROOT / ".infra" / "registry-app"
+        workdir / "registry",
+        free_port(),
+        persistent=False,
+        shared_app=ROOT / ".infra" / "registry-app",
+        upstream_port=free_port(),
     )
     broker_process = kafka.start(broker)
     kafka.ensure_principals(broker, [*principals.SERVICE_PRINCIPALS, *INSTITUTIONS])
-    registry_process = registry.start(schema_registry)
+    registry.start(schema_registry, [*principals.SERVICE_PRINCIPALS, *INSTITUTIONS])
     try:
         admin = broker.settings_for(principals.ADMIN)
-        yield admin.model_copy(update={"principal_secrets_dir": broker.secrets_dir}), schema_registry.url
+        registry_admin = schema_registry.settings_for(principals.ADMIN)
+        yield (
+            admin.model_copy(update={"principal_secrets_dir": broker.secrets_dir}),
+            registry_admin.model_copy(update={"principal_secrets_dir": schema_registry.proxy.secrets_dir}),
+        )
     finally:
-        registry_process.stop()
+        registry.stop(schema_registry)
         broker_process.stop()
 
 
-def worker_env(kafka_settings: KafkaSettings) -> dict[str, str]:
-    """A worker's Kafka environment: the cluster, and its own principal's secrets (no username)."""
+def worker_env(kafka_settings: KafkaSettings, registry_settings: RegistrySettings) -> dict[str, str]:
+    """A worker's Kafka and registry environment: its own principal's secrets (no username)."""
     values = {
+        "CLINHUB_REGISTRY_URL": registry_settings.url,
+        "CLINHUB_REGISTRY_SSL_CA_LOCATION": registry_settings.ssl_ca_location,
+        "CLINHUB_REGISTRY_PRINCIPAL_SECRETS_DIR": registry_settings.principal_secrets_dir,
         "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
         "CLINHUB_KAFKA_SECURITY_PROTOCOL": kafka_settings.security_protocol,
         "CLINHUB_KAFKA_SASL_MECHANISM": kafka_settings.sasl_mechanism,

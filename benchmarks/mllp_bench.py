@@ -127,8 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clinhub-mllp-bench-"))
     try:
-        with services(workdir) as (kafka, registry_url):
-            figures = run(workdir, kafka, registry_url, args.messages, args.connections)
+        with services(workdir) as (kafka, registry):
+            figures = run(workdir, kafka, registry, args.messages, args.connections)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
@@ -138,12 +138,12 @@ def main() -> None:
 
 
 def run(
-    workdir: Path, kafka: KafkaSettings, registry_url: str, count: int, connections: int
+    workdir: Path, kafka: KafkaSettings, registry: RegistrySettings, count: int, connections: int
 ) -> dict[str, object]:
     prefix = f"bench{secrets.token_hex(3)}."
     settings = HubSettings(
         kafka=kafka,
-        registry=RegistrySettings(url=registry_url),
+        registry=registry,
         database=DatabaseSettings(url=f"sqlite:///{workdir / 'unused.sqlite3'}"),  # type: ignore[arg-type]
         security=SecuritySettings(),
         stream=StreamSettings(topic_prefix=prefix, institutions=("H001",), data_dir=workdir / "faust"),

@@ -63,9 +63,11 @@ def end_offsets(client: dict[str, str], topics: list[str]) -> dict[tuple[str, in
     return ends
 
 
-def baseline(client: dict[str, str], registry_url: str, topics: list[str], count: int) -> tuple[float, float]:
+def baseline(
+    client: dict[str, str], registry: RegistrySettings, topics: list[str], count: int
+) -> tuple[float, float]:
     """Events/s of consume + decode, from the first message polled to the last decoded; CPU s per event."""
-    decode = AvroDecoder(ConfluentRegistry({"url": registry_url}))
+    decode = AvroDecoder(ConfluentRegistry(registry.client_config()))
     consumer = Consumer(
         {
             **client,
@@ -151,14 +153,19 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clinhub-stream-bench-"))
     try:
-        with services(workdir) as (kafka, registry_url):
-            run(workdir, kafka, registry_url, args.events, args.split, args.profile)
+        with services(workdir) as (kafka, registry):
+            run(workdir, kafka, registry, args.events, args.split, args.profile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(
-    workdir: Path, kafka: KafkaSettings, registry_url: str, count: int, split: bool, profile: Path | None
+    workdir: Path,
+    kafka: KafkaSettings,
+    registry: RegistrySettings,
+    count: int,
+    split: bool,
+    profile: Path | None,
 ) -> None:
     db_url = f"sqlite:///{workdir / 'store.sqlite3'}"
     engine = make_engine(db_url)
@@ -166,7 +173,7 @@ def run(
     app_id = f"bench-{secrets.token_hex(4)}"
     settings = HubSettings(
         kafka=kafka,
-        registry=RegistrySettings(url=registry_url),
+        registry=registry,
         database=DatabaseSettings(url=db_url),  # type: ignore[arg-type]
         security=SecuritySettings(),
         stream=StreamSettings(app_id=app_id, data_dir=workdir / "faust"),
@@ -176,7 +183,7 @@ def run(
     institutions = settings.stream.institutions
     provision(settings)  # topics and every principal's ACLs
     client = settings.kafka.client_config()
-    register_standard(ConfluentRegistry({"url": registry_url}))
+    register_standard(ConfluentRegistry(registry.client_config()))
 
     records = simulate_labs(seed=7, count=count, critical_share=0.05, patients=500)
     started = time.perf_counter()
@@ -189,14 +196,13 @@ def run(
     print(f"published {count} lab results in {time.perf_counter() - started:.1f}s")
 
     raw_topics = [topics.raw(institution, "lab") for institution in institutions]
-    base, base_cpu = baseline(client, registry_url, raw_topics, count)
+    base, base_cpu = baseline(client, registry, raw_topics, count)
     base_figures = f"{base:9.0f} events/s   1.00x   {base_cpu * 1e6:.0f} us CPU/event"
     print(f"baseline   consume + decode         {base_figures}")
 
     env = {
         **os.environ,
-        **worker_env(kafka),
-        "CLINHUB_REGISTRY_URL": registry_url,
+        **worker_env(kafka, registry),
         "CLINHUB_DATABASE_URL": db_url,
         "CLINHUB_STREAM_APP_ID": app_id,
         "CLINHUB_STREAM_DATA_DIR": str(workdir / "faust"),

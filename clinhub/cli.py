@@ -56,16 +56,16 @@ def infra_up(
 
     settings = _settings()
     stack = stack_for(settings.infra)
+    names = [*principals.SERVICE_PRINCIPALS, *settings.stream.institutions]
     if kafka:
         started = time.monotonic()
         kafka_service.start(stack.kafka)
-        names = [*principals.SERVICE_PRINCIPALS, *settings.stream.institutions]
         kafka_service.ensure_principals(stack.kafka, names)
         secured = f"SASL_SSL, principals in {stack.kafka.secrets_dir}" if stack.kafka.secure else "plaintext"
         typer.echo(f"kafka     up at {stack.kafka.bootstrap}, {secured} ({time.monotonic() - started:.1f}s)")
     if registry:
         started = time.monotonic()
-        registry_service.start(stack.registry)
+        registry_service.start(stack.registry, names)
         typer.echo(f"registry  up at {stack.registry.url} ({time.monotonic() - started:.1f}s)")
     if postgres:
         pg_service.start(stack.postgres)
@@ -147,10 +147,13 @@ def topics_create() -> None:
 @institutions_app.command("add")
 def institutions_add(institution: str) -> None:
     """A principal for an institution, its raw topics, its ACLs; prints the settings to hand over."""
+    from clinhub.infra import registry_proxy
     from clinhub.provision import add_institution
+    from clinhub.services import stack_for
 
     settings = _settings()
-    added = add_institution(settings, institution)
+    proxy = stack_for(settings.infra).registry.proxy  # the local stack's; another registry: its own users
+    added = add_institution(settings, institution, lambda name: registry_proxy.add_user(proxy, name))
     kafka = settings.kafka
     typer.echo(f"{institution}: may write {', '.join(added.topics)} and read nothing.")
     typer.echo("Hand these client settings over once, over a safe channel (the password is not shown again):")
@@ -161,6 +164,11 @@ def institutions_add(institution: str) -> None:
     typer.echo(f"  CLINHUB_KAFKA_SASL_PASSWORD={added.password}")
     if kafka.ssl_ca_location is not None:
         typer.echo(f"  CLINHUB_KAFKA_SSL_CA_LOCATION=<a copy of {kafka.ssl_ca_location}>")
+    if proxy.password_file(institution).exists():
+        typer.echo(f"  CLINHUB_REGISTRY_URL={settings.registry.url}")
+        typer.echo(f"  CLINHUB_REGISTRY_BASIC_AUTH_USER={institution}")
+        registry_password = proxy.password_file(institution).read_text().strip()
+        typer.echo(f"  CLINHUB_REGISTRY_BASIC_AUTH_PASSWORD={registry_password}")
 
 
 @institutions_app.command("revoke")
@@ -178,7 +186,8 @@ def schemas_register() -> None:
     from schemas.registration import register_standard
     from schemas.wire import ConfluentRegistry
 
-    for change in register_standard(ConfluentRegistry(_settings().registry.client_config())):
+    admin = _settings().as_principal(principals.ADMIN)  # registering is the admin's alone
+    for change in register_standard(ConfluentRegistry(admin.registry.client_config())):
         typer.echo(f"{change.subject}: {change.describe()}")
 
 
@@ -187,7 +196,7 @@ def schemas_list() -> None:
     """Subjects and versions in the registry."""
     from schemas.wire import ConfluentRegistry
 
-    registry = ConfluentRegistry(_settings().registry.client_config())
+    registry = ConfluentRegistry(_settings().as_principal(principals.ADMIN).registry.client_config())
     for subject in registry.subjects():
         typer.echo(f"{subject}: versions {registry.versions(subject)}")
 

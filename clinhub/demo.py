@@ -520,7 +520,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     kafka_service.ensure_principals(
         stack.kafka, [*principals.SERVICE_PRINCIPALS, *settings.stream.institutions]
     )
-    registry_service.start(stack.registry)
+    registry_service.start(stack.registry, [*principals.SERVICE_PRINCIPALS, *settings.stream.institutions])
     secured = "SASL_SSL, SCRAM, ACLs" if stack.kafka.secure else "plaintext"
     typer.echo(f"    kafka {stack.kafka.bootstrap} ({secured}), registry {stack.registry.url}")
 

@@ -77,10 +77,10 @@ def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None
     metrics_registry = registry or CollectorRegistry()
     ledger = ResourceLedger(gateway.ledger_path.parent / LEDGER_FILE)
     kafka_config = settings.kafka.client_config()
-    registry_url = settings.registry.url
+    registry_config = settings.registry.client_config()
 
     def readiness() -> str | None:
-        return kafka_and_registry_ready(kafka_config, registry_url)
+        return kafka_and_registry_ready(kafka_config, registry_config)
 
     app = create_fhir_app(
         publishers.__getitem__,

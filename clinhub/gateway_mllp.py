@@ -96,9 +96,9 @@ class _Gateway:
         )
         await self.server.start()
         kafka_config = self.settings.kafka.client_config()
-        registry_url = self.settings.registry.url
+        registry_config = self.settings.registry.client_config()
         app = mllp.make_http_app(
-            self.parts.metrics, lambda: kafka_and_registry_ready(kafka_config, registry_url, timeout=2.0)
+            self.parts.metrics, lambda: kafka_and_registry_ready(kafka_config, registry_config, timeout=2.0)
         )
         sock = mllp.bind_socket(gateway.host, gateway.mllp_http_port)
         self.http_port = int(sock.getsockname()[1])

@@ -7,7 +7,7 @@ Each step can be run again: existing topics and ACLs are left as they are.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from clinhub.infra.acls import apply_grants, revoke_principal, set_passwords
@@ -54,9 +54,12 @@ class NewInstitution:
     topics: list[str]
 
 
-def add_institution(settings: HubSettings, institution: str) -> NewInstitution:
+def add_institution(
+    settings: HubSettings, institution: str, registry_user: Callable[[str], None] | None = None
+) -> NewInstitution:
     """A principal of its own (a new password each time: adding again replaces it), its raw topics and
-    its ACLs. With the local stack's secrets directory, the password is also kept there."""
+    its ACLs. With the local stack's secrets directory, the password is also kept there, and
+    `registry_user` gives it a user of the schema registry (the local proxy's)."""
     topics = TopicNames(prefix=settings.stream.topic_prefix)
     names = [topics.raw(institution, kind) for kind in KINDS]  # refuses a malformed id first
     password = secrets.token_urlsafe(32)
@@ -66,6 +69,8 @@ def add_institution(settings: HubSettings, institution: str) -> NewInstitution:
         write_private(settings.kafka.principal_secrets_dir / f"{institution}.password", password.encode())
     create_topics(config, names, settings.kafka.topic_partitions, settings.kafka.topic_replication)
     apply_grants(config, institution_grants(topics, institution))
+    if registry_user is not None:
+        registry_user(institution)
     return NewInstitution(institution, password, names)
 
 

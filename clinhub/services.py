@@ -20,6 +20,8 @@ def stack_for(infra: InfraSettings, home: Path | None = None) -> Stack:
     root = home or infra.home
     return Stack(
         kafka=kafka.KafkaLayout(root / "kafka", infra.kafka_port, infra.kafka_controller_port),
-        registry=registry.RegistryLayout(root / "registry", infra.registry_port),
+        registry=registry.RegistryLayout(
+            root / "registry", infra.registry_port, upstream_port=infra.registry_upstream_port
+        ),
         postgres=postgres.PostgresLayout(root / "postgres", infra.postgres_port),
     )

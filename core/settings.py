@@ -137,19 +137,48 @@ class KafkaSettings(BaseSettings):
 
 
 class RegistrySettings(BaseSettings):
-    """The Confluent-compatible schema registry (Apicurio's ccompat API locally)."""
+    """The Confluent-compatible schema registry (Apicurio's ccompat API locally, behind an
+    authenticating TLS proxy: every principal reads, only the admin registers)."""
 
     model_config = _config("CLINHUB_REGISTRY_")
 
-    url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    url: str = "https://127.0.0.1:8081/apis/ccompat/v7"
     basic_auth_user: str | None = None
     basic_auth_password: SecretStr | None = None
+    basic_auth_password_file: Path | None = None  # only its owner may read it
+    ssl_ca_location: Path | None = None  # the CA of the registry's certificate; None: the system's
+    # as for Kafka: each component its own principal, password in <dir>/<principal>.password
+    principal_secrets_dir: Path | None = None
+
+    def password(self) -> SecretStr | None:
+        if self.basic_auth_password is not None:
+            return self.basic_auth_password
+        if self.basic_auth_password_file is not None:
+            return read_secret_file(
+                self.basic_auth_password_file, "CLINHUB_REGISTRY_BASIC_AUTH_PASSWORD_FILE"
+            )
+        return None
+
+    def for_principal(self, principal: str) -> RegistrySettings:
+        """See `KafkaSettings.for_principal`."""
+        if self.principal_secrets_dir is None:
+            return self
+        return self.model_copy(
+            update={
+                "basic_auth_user": principal,
+                "basic_auth_password": None,
+                "basic_auth_password_file": self.principal_secrets_dir / f"{principal}.password",
+                "principal_secrets_dir": None,
+            }
+        )
 
     def client_config(self) -> dict[str, str]:
         config = {"url": self.url}
-        if self.basic_auth_user and self.basic_auth_password:
-            secret = self.basic_auth_password.get_secret_value()
-            config["basic.auth.user.info"] = f"{self.basic_auth_user}:{secret}"
+        password = self.password()
+        if self.basic_auth_user and password:
+            config["basic.auth.user.info"] = f"{self.basic_auth_user}:{password.get_secret_value()}"
+        if self.url.startswith("https:") and self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
         return config
 
 
@@ -287,7 +316,8 @@ class InfraSettings(BaseSettings):
     home: Path = PROJECT_ROOT / ".infra"
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
-    registry_port: int = 8081
+    registry_port: int = 8081  # the authenticating TLS proxy clients reach
+    registry_upstream_port: int = 8082  # Apicurio itself, behind it, loopback only
     postgres_port: int = 5433
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"  # the worker's /metrics; 0.0.0.0 in a container
@@ -308,8 +338,13 @@ class HubSettings(BaseSettings):
     infra: InfraSettings
 
     def as_principal(self, principal: str) -> HubSettings:
-        """These settings for a component that connects to Kafka as `principal` (`for_principal`)."""
-        return self.model_copy(update={"kafka": self.kafka.for_principal(principal)})
+        """These settings for a component that connects to Kafka and the registry as `principal`."""
+        return self.model_copy(
+            update={
+                "kafka": self.kafka.for_principal(principal),
+                "registry": self.registry.for_principal(principal),
+            }
+        )
 
 
 def local_stack_kafka(kafka: KafkaSettings, infra: InfraSettings) -> KafkaSettings:
@@ -321,12 +356,20 @@ def local_stack_kafka(kafka: KafkaSettings, infra: InfraSettings) -> KafkaSettin
     return kafka.model_copy(update={k: v for k, v in local.items() if k not in kafka.model_fields_set})
 
 
+def local_stack_registry(registry: RegistrySettings, infra: InfraSettings) -> RegistrySettings:
+    """The local stack's CA and registry principals' secrets, unless set (as `local_stack_kafka`)."""
+    local: dict[str, Path] = {"ssl_ca_location": infra.home / "tls" / "ca.crt"}
+    if "basic_auth_user" not in registry.model_fields_set:
+        local["principal_secrets_dir"] = infra.home / "secrets" / "registry"
+    return registry.model_copy(update={k: v for k, v in local.items() if k not in registry.model_fields_set})
+
+
 def load_settings() -> HubSettings:
     """Read the environment (and `.env`) once; call at the edge, pass the parts inward."""
     infra = InfraSettings()
     return HubSettings(
         kafka=local_stack_kafka(KafkaSettings(), infra),
-        registry=RegistrySettings(),
+        registry=local_stack_registry(RegistrySettings(), infra),
         database=DatabaseSettings(),
         security=SecuritySettings(),
         stream=StreamSettings(),

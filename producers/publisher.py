@@ -289,7 +289,9 @@ def make_publisher(
 
     kafka = settings.kafka.for_principal(institution_id)
     errors = ClientErrors(kafka.sasl_username)
-    schema_registry = registry or ConfluentRegistry(settings.registry.client_config())
+    schema_registry = registry or ConfluentRegistry(
+        settings.registry.for_principal(institution_id).client_config()
+    )
     encoders = {
         kind: make_encoder(schema_registry, standard.load(standard.KIND_SCHEMAS[kind]), check=False)
         for kind in kinds

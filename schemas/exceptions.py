@@ -52,3 +52,8 @@ class RegistryUnavailableError(SchemaError, ServiceUnavailableError):
     def __init__(self, reason: str, retry_after: float = 1.0) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class RegistryAccessError(SchemaError):
+    """The registry refused this principal: no or wrong credentials (401), or an action that is the
+    admin's (403: registering a schema, changing compatibility). Retrying changes nothing."""

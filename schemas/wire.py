@@ -22,6 +22,7 @@ from schemas.exceptions import (
     MagicByteError,
     PayloadDecodeError,
     RecordValidationError,
+    RegistryAccessError,
     RegistryUnavailableError,
     ShortHeaderError,
     UnknownSchemaIdError,
@@ -43,16 +44,29 @@ class SchemaRegistry(Protocol):
 class ConfluentRegistry:
     """confluent-kafka's registry client (HTTP, or `mock://` in-process) behind the hub's small interface."""
 
-    def __init__(self, config: Mapping[str, str]) -> None:
+    def __init__(self, config: Mapping[str, Any]) -> None:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         self._client = SchemaRegistryClient.new_client(dict(config))  # mock:// gives the in-process one
 
     def register(self, subject: str, schema_text: str) -> int:
+        """The schema's id: looked up when registered (any principal may), else registered (only the
+        admin may, behind the authenticating proxy)."""
         from confluent_kafka.schema_registry import Schema
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+        schema = Schema(schema_text, "AVRO")
         try:
-            return int(self._client.register_schema(subject, Schema(schema_text, "AVRO")))
+            found = self._client.lookup_schema(subject, schema).schema_id
+            if found is not None:
+                return int(found)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code != 404:
+                raise _translate(exc, f"looking up {subject}") from exc
+        except Exception as exc:
+            raise _translate(exc, f"looking up {subject}") from exc
+        try:
+            return int(self._client.register_schema(subject, schema))
         except Exception as exc:
             raise _translate(exc, f"registering {subject}") from exc
 
@@ -85,6 +99,8 @@ def _translate(exc: Exception, doing: str) -> Exception:
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     if isinstance(exc, SchemaRegistryError):
+        if exc.http_status_code in (401, 403):
+            return RegistryAccessError(f"registry refused {doing}: {exc.error_message}")
         if exc.http_status_code == 404:
             return UnknownSchemaIdError(
                 f"registry has nothing for {doing}: {exc.error_message}", field="schema_id"

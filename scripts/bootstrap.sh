@@ -14,6 +14,9 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresq
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 # the console's browser tests drive Debian's chromium through Playwright (its own download is not used)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# the authenticating TLS proxy in front of the schema registry, and the hashes of its passwords
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "bootstrap: please install: ${need_apt[*]} (apt-get install -y ...)" >&2

@@ -1,16 +1,20 @@
 """Apicurio Registry 3.x (Confluent-compatible API under /apis/ccompat/v7), from Maven Central.
 
 `infra/registry/build.sh` unpacks the official server distribution; this module starts it on loopback.
+Secure by default: Apicurio listens on a loopback port of its own (`upstream_port`) and clients reach it
+only through the authenticating TLS proxy of `clinhub/infra/registry_proxy.py` on `port`.
 """
 
 from __future__ import annotations
 
 import shutil
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from clinhub.exceptions import ServiceError
+from clinhub.infra import registry_proxy
 from clinhub.infra.process import (
     ServiceProcess,
     pid_from_file,
@@ -20,6 +24,9 @@ from clinhub.infra.process import (
     stop_recorded,
     wait_until,
 )
+from clinhub.infra.secrets import ensure_password
+from core.principals import ADMIN
+from core.settings import RegistrySettings
 
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "registry" / "build.sh"
 CCOMPAT_PATH = "/apis/ccompat/v7"
@@ -32,6 +39,10 @@ class RegistryLayout:
     persistent: bool = True
     heap: str = "256m"
     shared_app: Path | None = None
+    secure: bool = True
+    upstream_port: int = 0  # Apicurio's own (loopback, no client is given it); 0: port + 1
+    tls_home: Path | None = None  # the local CA; default beside home
+    secrets_home: Path | None = None  # the principals' password files; default beside home
 
     @property
     def app_dir(self) -> Path:
@@ -47,7 +58,36 @@ class RegistryLayout:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{CCOMPAT_PATH}"
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{CCOMPAT_PATH}"
+
+    @property
+    def app_port(self) -> int:
+        """Where Apicurio itself listens: behind the proxy when secure, else the clients' port."""
+        return (self.upstream_port or self.port + 1) if self.secure else self.port
+
+    @property
+    def proxy(self) -> registry_proxy.ProxyLayout:
+        return registry_proxy.ProxyLayout(
+            home=self.home / "proxy",
+            port=self.port,
+            upstream_port=self.app_port,
+            tls_dir=self.tls_home or self.home.parent / "tls",
+            secrets_dir=self.secrets_home or self.home.parent / "secrets" / "registry",
+        )
+
+    def settings_for(self, principal: str) -> RegistrySettings:
+        """Client settings of one principal (its password made on first use)."""
+        if not self.secure:
+            return RegistrySettings(url=self.url)
+        proxy = self.proxy
+        ensure_password(proxy.password_file(principal))
+        return RegistrySettings(
+            url=self.url,
+            basic_auth_user=principal,
+            basic_auth_password_file=proxy.password_file(principal),
+            ssl_ca_location=proxy.tls_dir / "ca.crt",
+        )
 
 
 def ensure_built(app_dir: Path) -> Path:
@@ -67,14 +107,34 @@ def registry_answers(url: str) -> bool:
         return int(response.status) == 200
 
 
-def start(layout: RegistryLayout, timeout: float = 120.0) -> ServiceProcess:
+def proxy_answers(settings: RegistrySettings) -> bool:
+    """The registry through the proxy, as a client reaches it (TLS verified, authenticated)."""
+    from schemas.wire import ConfluentRegistry
+
+    ConfluentRegistry(settings.client_config()).subjects()
+    return True
+
+
+def start(layout: RegistryLayout, principals: Iterable[str] = (), timeout: float = 120.0) -> ServiceProcess:
+    """Apicurio, and when secure the proxy in front of it with a user for each of `principals` (and the
+    admin); returns once clients can use it."""
+    upstream = f"http://127.0.0.1:{layout.app_port}{CCOMPAT_PATH}"
+    proc = _start_app(layout, upstream, timeout)
+    if layout.secure:
+        users = sorted({ADMIN, *principals})
+        admin = layout.settings_for(ADMIN)
+        registry_proxy.start(layout.proxy, users, lambda: proxy_answers(admin))
+    return proc
+
+
+def _start_app(layout: RegistryLayout, upstream: str, timeout: float) -> ServiceProcess:
     running = running_pid(layout)
     if running is not None:
         proc = ServiceProcess("registry", running, layout.log_path)
-        wait_until(proc, lambda: registry_answers(layout.url), timeout, "serving the ccompat API")
+        wait_until(proc, lambda: registry_answers(upstream), timeout, "serving the ccompat API")
         return proc
-    if port_open(layout.port):
-        raise ServiceError("registry", f"port {layout.port} is taken by another process")
+    if port_open(layout.app_port):
+        raise ServiceError("registry", f"port {layout.app_port} is taken by another process")
     jar = ensure_built(layout.app_dir)
     layout.home.mkdir(parents=True, exist_ok=True)
     java = shutil.which("java")
@@ -90,7 +150,7 @@ def start(layout: RegistryLayout, timeout: float = 120.0) -> ServiceProcess:
         f"-Xmx{layout.heap}",
         "-XX:+UseSerialGC",
         "-Dquarkus.http.host=127.0.0.1",
-        f"-Dquarkus.http.port={layout.port}",
+        f"-Dquarkus.http.port={layout.app_port}",
         "-Dquarkus.http.access-log.enabled=false",
         "-Dapicurio.rules.global.compatibility=BACKWARD_TRANSITIVE",
         *storage,
@@ -98,7 +158,7 @@ def start(layout: RegistryLayout, timeout: float = 120.0) -> ServiceProcess:
         str(jar),
     ]
     proc = spawn("registry", argv, layout.log_path, layout.pid_path, cwd=layout.home)
-    wait_until(proc, lambda: registry_answers(layout.url), timeout, "serving the ccompat API")
+    wait_until(proc, lambda: registry_answers(upstream), timeout, "serving the ccompat API")
     return proc
 
 
@@ -107,4 +167,5 @@ def running_pid(layout: RegistryLayout) -> int | None:
 
 
 def stop(layout: RegistryLayout) -> bool:
-    return stop_recorded(layout.pid_path)
+    proxy_stopped = registry_proxy.stop(layout.proxy) if layout.secure else False
+    return stop_recorded(layout.pid_path) or proxy_stopped

@@ -9,6 +9,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from schemas.exceptions import SchemaError
+from schemas.wire import ConfluentRegistry
+
 # The namespace of every gateway event id: uuid5(GATEWAY_NAMESPACE, "<gateway>|<institution>|<source id>|<n>")
 GATEWAY_NAMESPACE = uuid.UUID("6f1c1f0e-2b7d-5c44-9a57-3f0c1b9d2e41")
 
@@ -66,10 +69,10 @@ def make_gateway_metrics(registry: CollectorRegistry) -> GatewayMetrics:
 
 
 def kafka_and_registry_ready(
-    kafka_config: dict[str, Any], registry_url: str, timeout: float = 3.0
+    kafka_config: dict[str, Any], registry_config: dict[str, str], timeout: float = 3.0
 ) -> str | None:
-    """None when the broker lists its topics and the registry answers; else what is not ready."""
-    import httpx
+    """None when the broker lists its topics and the registry answers this principal; else what is not
+    ready (a refused credential included)."""
     from confluent_kafka.admin import AdminClient
 
     try:
@@ -77,9 +80,7 @@ def kafka_and_registry_ready(
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported as text
         return f"kafka: {exc}"
     try:
-        response = httpx.get(f"{registry_url.rstrip('/')}/subjects", timeout=timeout)
-        if response.status_code >= 500:
-            return f"registry: HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
+        ConfluentRegistry({**registry_config, "timeout": max(1.0, timeout)}).subjects()
+    except SchemaError as exc:
         return f"registry: {exc}"
     return None

@@ -26,17 +26,18 @@ from sqlalchemy import Engine
 
 from clinhub.infra import kafka, postgres, registry
 from clinhub.infra.process import ServiceProcess, free_port
-from clinhub.provision import provision
+from clinhub.infra.registry_proxy import add_user
+from clinhub.provision import add_institution, provision
 from core import principals
 from core.contract import TopicNames
 from core.settings import (
     DatabaseSettings,
     HubSettings,
     InfraSettings,
-    RegistrySettings,
     SecuritySettings,
     StreamSettings,
 )
+from schemas.registration import register_standard
 from schemas.wire import AvroDecoder, ConfluentRegistry
 from sinks.store import make_engine, upgrade
 
@@ -59,16 +60,20 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.Kaf
 
 
 @pytest.fixture(scope="session")
-def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry.RegistryLayout]:
+    """Apicurio behind its authenticating TLS proxy, with the standard registered by the admin (the
+    others may only look schemas up)."""
     layout = registry.RegistryLayout(
         home=tmp_path_factory.mktemp("registry"),
         port=free_port(),
         persistent=False,
         shared_app=INFRA_HOME / "registry-app",
+        upstream_port=free_port(),
     )
-    process = registry.start(layout)
-    yield layout.url
-    process.stop()
+    registry.start(layout, [*principals.SERVICE_PRINCIPALS, *TEST_INSTITUTIONS])
+    register_standard(ConfluentRegistry(layout.settings_for(principals.ADMIN).client_config()))
+    yield layout
+    registry.stop(layout)
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +108,14 @@ class HubEnv:
     db_url: str
     workdir: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    schema_registry: registry.RegistryLayout | None = None
+
+    def add_institution(self, institution: str) -> Any:
+        """`clinhub institutions add`: its Kafka principal, raw topics, ACLs and registry user."""
+        proxy = self.schema_registry.proxy if self.schema_registry is not None else None
+        return add_institution(
+            self.settings, institution, (lambda name: add_user(proxy, name)) if proxy else None
+        )
 
     def env(self) -> dict[str, str]:
         """A worker's environment: the same cluster, connecting as its own principal (no username)."""
@@ -112,8 +125,14 @@ class HubEnv:
             "CLINHUB_KAFKA_SASL_MECHANISM": s.kafka.sasl_mechanism,
             "CLINHUB_KAFKA_SSL_CA_LOCATION": s.kafka.ssl_ca_location,
             "CLINHUB_KAFKA_PRINCIPAL_SECRETS_DIR": s.kafka.principal_secrets_dir,
+            "CLINHUB_REGISTRY_SSL_CA_LOCATION": s.registry.ssl_ca_location,
+            "CLINHUB_REGISTRY_PRINCIPAL_SECRETS_DIR": s.registry.principal_secrets_dir,
         }
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CLINHUB_KAFKA_SASL_")}
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CLINHUB_KAFKA_SASL_", "CLINHUB_REGISTRY_BASIC_AUTH_"))
+        }
         return {
             **inherited,
             **{name: str(value) for name, value in security.items() if value is not None},
@@ -221,7 +240,7 @@ class HubEnv:
 
 def make_hub(
     broker: kafka.KafkaLayout,
-    schema_registry_url: str,
+    schema_registry: registry.RegistryLayout,
     postgres_cluster: postgres.PostgresLayout,
     workdir: Path,
 ) -> HubEnv:
@@ -236,7 +255,9 @@ def make_hub(
         kafka=broker.settings_for(principals.ADMIN).model_copy(
             update={"principal_secrets_dir": broker.secrets_dir if broker.secure else None}
         ),
-        registry=RegistrySettings(url=schema_registry_url),
+        registry=schema_registry.settings_for(principals.ADMIN).model_copy(
+            update={"principal_secrets_dir": schema_registry.proxy.secrets_dir}
+        ),
         database=DatabaseSettings(url=SecretStr(db_url)),
         security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
         stream=StreamSettings(
@@ -249,30 +270,37 @@ def make_hub(
     )
     topics = TopicNames(prefix=prefix)
     provision(settings)  # topics and ACLs, as `clinhub topics` makes them
-    return HubEnv(settings=settings, topics=topics, engine=engine, db_url=db_url, workdir=workdir)
+    return HubEnv(
+        settings=settings,
+        topics=topics,
+        engine=engine,
+        db_url=db_url,
+        workdir=workdir,
+        schema_registry=schema_registry,
+    )
 
 
 @pytest.fixture()
 def hub(
     kafka_broker: kafka.KafkaLayout,
-    schema_registry_url: str,
+    schema_registry: registry.RegistryLayout,
     postgres_cluster: postgres.PostgresLayout,
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
     """A private topic prefix, consumer group and database for one test; workers started on demand."""
-    with running_hub(kafka_broker, schema_registry_url, postgres_cluster, tmp_path) as env:
+    with running_hub(kafka_broker, schema_registry, postgres_cluster, tmp_path) as env:
         yield env
 
 
 @contextmanager
 def running_hub(
     broker: kafka.KafkaLayout,
-    schema_registry_url: str,
+    schema_registry: registry.RegistryLayout,
     postgres_cluster: postgres.PostgresLayout,
     workdir: Path,
 ) -> Iterator[HubEnv]:
     """`make_hub`, with its workers stopped and its connections closed afterwards."""
-    env = make_hub(broker, schema_registry_url, postgres_cluster, workdir)
+    env = make_hub(broker, schema_registry, postgres_cluster, workdir)
     try:
         yield env
     finally:

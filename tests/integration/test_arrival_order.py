@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import select
 
 from clinhub.infra import kafka, postgres
+from clinhub.infra.registry import RegistryLayout
 from core.national_id import check_character
 from sinks.models import Alert, AlertHistory
 from streams.runtime.store_consumer import store_group
@@ -88,7 +89,7 @@ def settle(hub: HubEnv, expected: set[str]) -> set[str]:
 def test_a_restart_that_reorders_results_keeps_every_alert_of_the_undisturbed_run(
     hub: HubEnv,
     kafka_broker: kafka.KafkaLayout,
-    schema_registry_url: str,
+    schema_registry: RegistryLayout,
     postgres_cluster: postgres.PostgresLayout,
     tmp_path: Path,
 ) -> None:
@@ -102,7 +103,7 @@ def test_a_restart_that_reorders_results_keeps_every_alert_of_the_undisturbed_ru
     assert undisturbed, "the series has delta and critical alerts"
 
     (tmp_path / "b").mkdir()
-    with running_hub(kafka_broker, schema_registry_url, postgres_cluster, tmp_path / "b") as other:
+    with running_hub(kafka_broker, schema_registry, postgres_cluster, tmp_path / "b") as other:
         first = [r for r in records if r["envelope"]["institution_id"] == "H001"]
         worker = other.start_worker()
         sent = publish(other, first)

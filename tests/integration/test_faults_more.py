@@ -26,6 +26,7 @@ from sqlalchemy import func, select, text
 
 from clinhub.infra import kafka, postgres
 from clinhub.infra.process import free_port, pid_alive
+from clinhub.infra.registry import RegistryLayout
 from producers.publisher import Receipt, make_publisher, message_key
 from producers.simulator import simulate_events
 from schemas import standard
@@ -269,11 +270,11 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.Kafka
 @pytest.fixture()
 def restart_hub(
     own_broker: kafka.KafkaLayout,
-    schema_registry_url: str,
+    schema_registry: RegistryLayout,
     postgres_cluster: postgres.PostgresLayout,
     tmp_path: Path,
 ) -> Iterator[HubEnv]:
-    with running_hub(own_broker, schema_registry_url, postgres_cluster, tmp_path) as env:
+    with running_hub(own_broker, schema_registry, postgres_cluster, tmp_path) as env:
         yield env
 
 

@@ -18,7 +18,7 @@ from aiokafka.helpers import create_ssl_context
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import SecretStr
 
-from clinhub.provision import add_institution, revoke_institution
+from clinhub.provision import revoke_institution
 from core import principals
 from core.exceptions import KafkaAuthenticationError, KafkaAuthorizationError
 from core.settings import HubSettings
@@ -178,7 +178,7 @@ def test_a_stage_may_not_write_raw_topics(hub: HubEnv, stage: str) -> None:
 
 def test_a_revoked_institution_publishes_nothing_more(hub: HubEnv) -> None:
     institution = f"R{uuid.uuid4().hex[:5].upper()}"
-    added = add_institution(hub.settings, institution)
+    added = hub.add_institution(institution)
     own = as_only(hub, institution, SecretStr(added.password))
     publisher = make_publisher(own, institution)
     publisher.publish("lab", lab_record(institution, "K", 4.0, "mmol/L"))  # allowed before the revocation

@@ -182,10 +182,9 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_its_neighbours_store
 
 def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None:
     """X009 is in no configuration: its raw.X009.* topics are discovered when the worker starts."""
-    from clinhub.provision import add_institution
     from core.contract import KINDS
 
-    added = add_institution(hub.settings, "X009")  # `clinhub institutions add X009`
+    added = hub.add_institution("X009")  # `clinhub institutions add X009`
     assert added.topics == [hub.topics.raw("X009", kind) for kind in KINDS]
     publisher = make_publisher(hub.settings, "X009")
     record = lab_record("X009", "NEWCODE", 12.5, "U/L", mrn="X-1")
@@ -206,7 +205,6 @@ def test_a_new_institutions_raw_topics_are_found_by_pattern(hub: HubEnv) -> None
 
 def test_raw_topics_created_after_start_up_join_the_subscription(hub: HubEnv) -> None:
     """A hospital that joins while the worker runs: its topics are found at the next scan, no restart."""
-    from clinhub.provision import add_institution
 
     hub.start_worker({"CLINHUB_STREAM_RAW_TOPIC_SCAN_SECONDS": "2"})
     known = lab_record("H001", "K", 4.1, "mmol/L", mrn="MRN-KNOWN")
@@ -215,7 +213,7 @@ def test_raw_topics_created_after_start_up_join_the_subscription(hub: HubEnv) ->
     publisher.close()
     wait_for(lambda: rows_for(hub, known["envelope"]["event_id"]) == 1, hub, what="worker running")
 
-    add_institution(hub.settings, "X010")  # its principal, raw topics and ACLs
+    hub.add_institution("X010")  # its principal, raw topics, ACLs and registry user
     newcomer = lab_record("X010", "NEWCODE", 4.4, "mmol/L", mrn="X-10", loinc_code="2823-3")
     publisher = make_publisher(hub.settings, "X010")
     publisher.publish_lab(newcomer)

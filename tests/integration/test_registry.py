@@ -1,4 +1,5 @@
-"""Schema governance against the real Confluent-compatible registry (Apicurio, ccompat API)."""
+"""Schema governance against the real Confluent-compatible registry (Apicurio, ccompat API), behind its
+authenticating TLS proxy: every principal reads, only the admin registers."""
 
 from __future__ import annotations
 
@@ -7,15 +8,37 @@ import uuid
 
 import pytest
 
+from clinhub.infra.registry import RegistryLayout
+from core import principals
 from schemas import standard
-from schemas.exceptions import IncompatibleSchemaError, UnknownSchemaIdError
+from schemas.exceptions import IncompatibleSchemaError, RegistryAccessError, SchemaError, UnknownSchemaIdError
 from schemas.registration import register_standard
 from schemas.wire import AvroDecoder, ConfluentRegistry, make_encoder
 
 
 @pytest.fixture()
-def registry(schema_registry_url: str) -> ConfluentRegistry:
-    return ConfluentRegistry({"url": schema_registry_url})
+def registry(schema_registry: RegistryLayout) -> ConfluentRegistry:
+    return ConfluentRegistry(schema_registry.settings_for(principals.ADMIN).client_config())
+
+
+def test_only_the_admin_registers_every_principal_looks_up_and_no_one_reads_anonymously(
+    schema_registry: RegistryLayout, registry: ConfluentRegistry
+) -> None:
+    lab = standard.load(standard.LAB_RESULT)
+    for principal in ("H001", principals.NORMALISER, principals.GATEWAYS):
+        reader = ConfluentRegistry(schema_registry.settings_for(principal).client_config())
+        assert reader.register(lab.subject, lab.text) == registry.register(lab.subject, lab.text), "a lookup"
+        subject = f"test.{uuid.uuid4().hex[:8]}.Forged"
+        with pytest.raises(RegistryAccessError, match="only the admin"):
+            reader.register(subject, lab.text)
+        assert subject not in registry.subjects(), f"{principal} registered a schema"
+    ca = str(schema_registry.settings_for("H001").ssl_ca_location)
+    anonymous = ConfluentRegistry({"url": schema_registry.url, "ssl.ca.location": ca})
+    with pytest.raises(RegistryAccessError):
+        anonymous.subjects()
+    plain = schema_registry.url.replace("https://", "http://")
+    with pytest.raises(SchemaError):
+        ConfluentRegistry({"url": plain}).subjects()  # TLS only
 
 
 def test_registering_the_standard_reports_new_then_unchanged_subjects(registry: ConfluentRegistry) -> None:

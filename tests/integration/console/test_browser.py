@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clinhub.infra import kafka, postgres
+from clinhub.infra.registry import RegistryLayout
 from producers.publisher import Publisher, make_publisher
 from sinks.models import Alert, AlertAcknowledgement
 from tests.factories import lab_record
@@ -94,12 +95,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(
     kafka_broker: kafka.KafkaLayout,
-    schema_registry_url: str,
+    schema_registry: RegistryLayout,
     postgres_cluster: postgres.PostgresLayout,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("browser")
-    with running_hub(kafka_broker, schema_registry_url, postgres_cluster, workdir) as hub:
+    with running_hub(kafka_broker, schema_registry, postgres_cluster, workdir) as hub:
         worker_env = fast_escalation(workdir, minutes=ESCALATION_MINUTES)
         hub.start_worker(worker_env)
         publisher = make_publisher(hub.settings, "H001")

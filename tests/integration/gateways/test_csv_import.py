@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import select
 
+from clinhub.infra.registry import RegistryLayout
 from sinks.models import Observation
 from tests.integration.conftest import HubEnv
 from tests.integration.test_lab_path import wait_for
@@ -114,7 +115,7 @@ def test_h002_export_reaches_the_store_and_a_rerun_publishes_nothing(hub: HubEnv
 
 
 def test_a_broker_outage_publishes_nothing_silently_and_the_rerun_sends_every_row_once(
-    schema_registry_url: str, postgres_cluster: Any, tmp_path: Path
+    schema_registry: RegistryLayout, postgres_cluster: Any, tmp_path: Path
 ) -> None:
     """On a broker of its own, stopped for the first run: the command exits non-zero saying how many rows
     were not published, nothing reaches the ledger, and the re-run once it is back sends every row once."""
@@ -130,7 +131,7 @@ def test_a_broker_outage_publishes_nothing_silently_and_the_rerun_sends_every_ro
     )
     process = kafka.start(layout)
     try:
-        with running_hub(layout, schema_registry_url, postgres_cluster, tmp_path) as hub:
+        with running_hub(layout, schema_registry, postgres_cluster, tmp_path) as hub:
             export = hub.workdir / "h002-lab-example.csv"
             shutil.copyfile(DEPLOY / "h002-lab-example.csv", export)
             process.stop()

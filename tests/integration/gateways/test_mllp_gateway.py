@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from clinhub.gateway_mllp import RunningGateway, start_mllp_gateway
 from clinhub.infra import kafka
 from clinhub.infra.process import free_port
+from clinhub.infra.registry import RegistryLayout
 from core.settings import GatewaySettings, HubSettings
 from producers.gateways.hl7 import samples
 from producers.gateways.hl7.charset import decode_message
@@ -437,7 +438,7 @@ def test_gb18030_message_reaches_the_store_intact_and_its_ack_carries_msh18(hub:
 
 
 def test_broker_outage_gives_ar_and_the_resend_once_it_is_back_gives_aa_and_one_event(
-    schema_registry_url: str, postgres_cluster: Any, tmp_path: Path
+    schema_registry: RegistryLayout, postgres_cluster: Any, tmp_path: Path
 ) -> None:
     layout = kafka.KafkaLayout(
         home=tmp_path / "kafka2",
@@ -447,7 +448,7 @@ def test_broker_outage_gives_ar_and_the_resend_once_it_is_back_gives_aa_and_one_
     )
     process = kafka.start(layout)
     try:
-        with running_hub(layout, schema_registry_url, postgres_cluster, tmp_path) as hub:
+        with running_hub(layout, schema_registry, postgres_cluster, tmp_path) as hub:
             settings = gateway_settings(hub.settings, hub.workdir, publish_timeout_seconds=3.0)
             message = samples.oru_r01("H001", mrn="MRN0005555", control_id="OUT-1")
             ids = all_ids(event_ids(message, "H001"))

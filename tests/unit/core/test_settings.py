@@ -230,3 +230,17 @@ def test_the_local_stacks_ca_and_secrets_follow_its_home_unless_set(
     assert load_settings().kafka.ssl_ca_location == Path("/etc/kafka-ca.pem")
     monkeypatch.setenv("CLINHUB_KAFKA_SASL_USERNAME", "hub")  # one identity for every component
     assert load_settings().kafka.principal_secrets_dir is None
+
+
+def test_each_component_reads_the_registry_as_its_own_principal(tmp_path: Path) -> None:
+    (tmp_path / "gateways.password").write_text("g-secret")
+    (tmp_path / "gateways.password").chmod(0o600)
+    local = RegistrySettings(
+        url="https://127.0.0.1:8081/apis/ccompat/v7",
+        ssl_ca_location=tmp_path / "ca.crt",
+        principal_secrets_dir=tmp_path,
+    )
+    config = local.for_principal("gateways").client_config()
+    assert config["basic.auth.user.info"] == "gateways:g-secret"
+    assert config["ssl.ca.location"] == str(tmp_path / "ca.crt")
+    assert "basic.auth.user.info" not in local.client_config(), "no principal chosen: no credentials"
