@@ -131,6 +131,7 @@ def _alert_select() -> Any:
             LINKS.c.institution_id == a.c.institution_id,
             LINKS.c.regional_patient_id == a.c.regional_patient_id,
         )
+        .correlate(a)  # to the alert row even when nested in the name's subquery (else: every alert)
         .scalar_subquery()
     )
     # the result as sent, by the alert's natural coordinates (indexed), not the version's event id
@@ -150,6 +151,7 @@ def _alert_select() -> Any:
         return (
             select(column)
             .where(NAMES.c.institution_id == a.c.institution_id, NAMES.c.patient_mrn == mrn)
+            .correlate(a)
             .scalar_subquery()
         )
 

@@ -368,14 +368,19 @@ def test_screenshots_of_the_queue_the_alert_and_the_patient_view(
     """Written to tests/artifacts/ to be looked at; each page also checked for sideways scrolling."""
     mrn = "MRN-TREND"
     earlier = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    named = {"patient_family_name": "區", "patient_given_name": "瑋東"}  # shown beside H001's MRN
     for hours, value in ((30, 4.1), (20, 4.6), (8, 5.3)):
         at = earlier - dt.timedelta(hours=hours)
-        stack.publisher.publish_lab(lab_record("H001", "K", value, "mmol/L", mrn=mrn, at=at))
+        stack.publisher.publish_lab(lab_record("H001", "K", value, "mmol/L", mrn=mrn, at=at, **named))
         stack.publisher.publish_lab(lab_record("H001", "NA", 139 - hours / 10, "mmol/L", mrn=mrn, at=at))
     desktop = open_queue(new_context(browser, contexts), stack.url, "dr.icu")
     alert_id, _ = arrive(stack, desktop, mrn)
     with stack.server.api("dr.icu") as api:
         regional = api.get(f"/api/v1/alerts/{alert_id}").json()["alert"]["patient"]["regional_patient_id"]
+        patients = [alert["patient"] for alert in api.get("/api/v1/alerts").json()]
+    # each name beside its own MRN only (a mis-correlated query once showed it beside every MRN)
+    assert {(p["mrn"], p["family_name"]) for p in patients if p["mrn"] == mrn} == {(mrn, "區")}
+    assert all(p["family_name"] is None for p in patients if p["mrn"] != mrn), patients
     phone = open_queue(new_context(browser, contexts, PHONE), stack.url, "dr.icu")
     expect(phone.locator(f"#alert-{alert_id}")).to_have_count(1)
 
