@@ -34,7 +34,7 @@ from producers.simulator import simulate_labs
 from sinks.base import StoreRecord
 from sinks.records import prepare
 from sinks.sql import OBSERVATIONS, SqlStoreSink
-from sinks.store import make_engine, upgrade
+from sinks.store import engine_for, make_engine, upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the shared record factories live in tests/, which is not installed
@@ -129,15 +129,15 @@ def measure(
 
 @contextmanager
 def throwaway_postgres() -> Iterator[postgres.PostgresLayout]:
-    home = Path(tempfile.mkdtemp(prefix="clinhub-bench-pg-"))
-    home.chmod(0o755)  # the server runs as the postgres user
-    layout = postgres.PostgresLayout(home=home, port=free_port())
+    root = Path(tempfile.mkdtemp(prefix="clinhub-bench-pg-"))
+    root.chmod(0o755)  # the server runs as the postgres user; its CA and roles' secrets go beside it
+    layout = postgres.PostgresLayout(home=root / "postgres", port=free_port())
     process = postgres.start(layout)
     try:
         yield layout
     finally:
         process.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 measure(
                     "postgresql",
-                    lambda name: make_engine(
+                    lambda name: engine_for(
                         postgres.create_database(layout, f"bench_{name}_{uuid.uuid4().hex[:8]}")
                     ),
                     records,

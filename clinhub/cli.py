@@ -117,9 +117,10 @@ def infra_status() -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Migrate the store's schema (Alembic)."""
-    from sinks.store import current_revision, make_engine, upgrade
+    from sinks.privileges import OWNER
+    from sinks.store import current_revision, engine_for, upgrade
 
-    engine = make_engine(_settings().database.url.get_secret_value())
+    engine = engine_for(_settings().database.for_role(OWNER))  # the migration role owns the schema
     upgrade(engine, revision)
     typer.echo(f"database at revision {current_revision(engine)}")
 
@@ -127,9 +128,10 @@ def db_upgrade(revision: str = "head") -> None:
 @db_app.command("check")
 def db_check() -> None:
     """Exit non-zero when the store's schema is behind the code."""
-    from sinks.store import ensure_current, make_engine
+    from sinks.privileges import OWNER
+    from sinks.store import engine_for, ensure_current
 
-    ensure_current(make_engine(_settings().database.url.get_secret_value()))
+    ensure_current(engine_for(_settings().database.for_role(OWNER)))
     typer.echo("database schema is current")
 
 

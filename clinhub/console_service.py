@@ -23,7 +23,8 @@ from console.runtime.store import ConsoleReads
 from console.web.app import create_app
 from core import principals
 from core.settings import HubSettings
-from sinks.store import ensure_current, make_engine
+from sinks import privileges
+from sinks.store import engine_for, ensure_current
 from streams.domain.reference import DATA_DIR, load_reference
 
 
@@ -44,7 +45,7 @@ def console_options(settings: HubSettings) -> ConsoleOptions:
 
 
 def accounts_for(settings: HubSettings) -> Accounts:
-    engine = make_engine(settings.database.url.get_secret_value())
+    engine = engine_for(settings.database.for_role(privileges.CONSOLE))
     ensure_current(engine)
     return Accounts(engine)
 
@@ -56,7 +57,7 @@ def build_console(
     from core.contract import TopicNames
 
     settings = settings.as_principal(principals.CONSOLE)
-    engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
+    engine = engine_for(settings.database.for_role(privileges.CONSOLE))
     ensure_current(engine)
     reads = ConsoleReads(engine)
     reference = load_reference(settings.stream.reference_dir or DATA_DIR)

@@ -507,7 +507,8 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     from schemas.registration import register_standard
     from schemas.wire import ConfluentRegistry
     from sinks.models import Alert, IngestLog, Observation
-    from sinks.store import make_engine, upgrade
+    from sinks.privileges import OWNER
+    from sinks.store import engine_for, upgrade
     from streams.domain.reference import load_reference
 
     stack = stack_for(settings.infra)
@@ -525,7 +526,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     typer.echo(f"    kafka {stack.kafka.bootstrap} ({secured}), registry {stack.registry.url}")
 
     typer.echo("2/6 migrating the regional store, creating topics and ACLs, registering schemas...")
-    engine = make_engine(settings.database.url.get_secret_value())
+    engine = engine_for(settings.database.for_role(OWNER))
     upgrade(engine)
     topics = TopicNames(prefix=settings.stream.topic_prefix)
     provision(settings)

@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry
 from core.exceptions import ConfigurationError
 from core.settings import HubSettings, SecuritySettings, read_secret_file
 from schemas.wire import ConfluentRegistry
+from sinks import privileges
 from sinks.metrics import make_sink_metrics
 from sinks.sql import SqlStoreSink
-from sinks.store import ensure_current, make_engine
+from sinks.store import engine_for, ensure_current
 from streams.domain.codes import load_codes
 from streams.domain.identity import RegionalIdentity
 from streams.domain.reference import DATA_DIR, load_reference
@@ -56,7 +57,7 @@ def build_components(
     database only where the store is written, so a stage's process holds no secret it does not use."""
     sink = None
     if "store" in roles:
-        engine = make_engine(settings.database.url.get_secret_value(), settings.database.echo)
+        engine = engine_for(settings.database.for_role(privileges.STORE))
         ensure_current(engine)
         sink = SqlStoreSink(engine, metrics=make_sink_metrics(registry))
     reference_dir = settings.stream.reference_dir or DATA_DIR

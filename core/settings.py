@@ -183,12 +183,48 @@ class RegistrySettings(BaseSettings):
 
 
 class DatabaseSettings(BaseSettings):
-    """The regional store. The URL is a secret because production URLs carry a password."""
+    """The regional store. The URL is a secret because a URL may carry a password; better, leave the
+    user and password out of it and give them below (the password from a file only its owner reads)."""
 
     model_config = _config("CLINHUB_DATABASE_")
 
     url: SecretStr = SecretStr(f"sqlite:///{PROJECT_ROOT / '.data' / 'clinhub.sqlite3'}")
     echo: bool = False
+    # PostgreSQL only (the embedded SQLite store has no roles): who connects, unless the URL names a user
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    # libpq's sslmode, unless the URL sets one: verify-full checks the server's certificate against
+    # ssl_ca_location (None: libpq's default, ~/.postgresql/root.crt) and its host name
+    ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "verify-full"
+    ssl_ca_location: Path | None = None
+    # Each component connects as its own role (sinks/privileges.py), with the password in
+    # <this directory>/<role>.password, as `clinhub infra up --postgres` keeps them. None: every
+    # component uses the username and password above. `load_settings` points it at the local stack's
+    # unless a username is given.
+    role_secrets_dir: Path | None = None
+
+    def secret_password(self) -> SecretStr | None:
+        """The password, from the setting or its file."""
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            return read_secret_file(self.password_file, "CLINHUB_DATABASE_PASSWORD_FILE")
+        return None
+
+    def for_role(self, role: str) -> DatabaseSettings:
+        """The settings a component that connects as `role` uses: with `role_secrets_dir` that role and
+        its password file there, chosen for good; otherwise the one username and password given."""
+        if self.role_secrets_dir is None:
+            return self
+        return self.model_copy(
+            update={
+                "username": role,
+                "password": None,
+                "password_file": self.role_secrets_dir / f"{role}.password",
+                "role_secrets_dir": None,
+            }
+        )
 
 
 class SecuritySettings(BaseSettings):
@@ -364,13 +400,21 @@ def local_stack_registry(registry: RegistrySettings, infra: InfraSettings) -> Re
     return registry.model_copy(update={k: v for k, v in local.items() if k not in registry.model_fields_set})
 
 
+def local_stack_database(database: DatabaseSettings, infra: InfraSettings) -> DatabaseSettings:
+    """The local stack's CA and database roles' secrets, unless set (as `local_stack_kafka`)."""
+    local: dict[str, Path] = {"ssl_ca_location": infra.home / "tls" / "ca.crt"}
+    if "username" not in database.model_fields_set:
+        local["role_secrets_dir"] = infra.home / "secrets" / "postgres"
+    return database.model_copy(update={k: v for k, v in local.items() if k not in database.model_fields_set})
+
+
 def load_settings() -> HubSettings:
     """Read the environment (and `.env`) once; call at the edge, pass the parts inward."""
     infra = InfraSettings()
     return HubSettings(
         kafka=local_stack_kafka(KafkaSettings(), infra),
         registry=local_stack_registry(RegistrySettings(), infra),
-        database=DatabaseSettings(),
+        database=local_stack_database(DatabaseSettings(), infra),
         security=SecuritySettings(),
         stream=StreamSettings(),
         console=ConsoleSettings(),

@@ -31,7 +31,6 @@ from clinhub.provision import add_institution, provision
 from core import principals
 from core.contract import TopicNames
 from core.settings import (
-    DatabaseSettings,
     HubSettings,
     InfraSettings,
     SecuritySettings,
@@ -39,7 +38,7 @@ from core.settings import (
 )
 from schemas.registration import register_standard
 from schemas.wire import AvroDecoder, ConfluentRegistry
-from sinks.store import make_engine, upgrade
+from sinks.store import engine_for, upgrade
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INFRA_HOME = PROJECT_ROOT / ".infra"
@@ -79,20 +78,20 @@ def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[regist
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[postgres.PostgresLayout]:
     # Not under pytest's tmp dir: that is private to root, and the server runs as the postgres user.
-    home = Path(tempfile.mkdtemp(prefix="clinhub-pg-"))
-    home.chmod(0o755)
-    layout = postgres.PostgresLayout(home=home, port=free_port())
+    # Its CA and the roles' passwords beside it, in tls/ and secrets/ (the roles' readable by us only).
+    root = Path(tempfile.mkdtemp(prefix="clinhub-pg-"))
+    root.chmod(0o755)
+    layout = postgres.PostgresLayout(home=root / "postgres", port=free_port())
     process: ServiceProcess = postgres.start(layout)
     yield layout
     process.stop()
-    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture()
 def postgres_engine(postgres_cluster: postgres.PostgresLayout) -> Iterator[Engine]:
-    """A fresh, migrated database per test."""
-    url = postgres.create_database(postgres_cluster, f"t_{uuid.uuid4().hex[:12]}")
-    engine = make_engine(url)
+    """A fresh, migrated database per test, as its owner (the migration role)."""
+    engine = engine_for(postgres.create_database(postgres_cluster, f"t_{uuid.uuid4().hex[:12]}"))
     upgrade(engine)
     yield engine
     engine.dispose()
@@ -104,8 +103,7 @@ class HubEnv:
 
     settings: HubSettings
     topics: TopicNames
-    engine: Engine
-    db_url: str
+    engine: Engine  # the owner's (the migration role): tests read and arrange anything through it
     workdir: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     schema_registry: registry.RegistryLayout | None = None
@@ -127,18 +125,27 @@ class HubEnv:
             "CLINHUB_KAFKA_PRINCIPAL_SECRETS_DIR": s.kafka.principal_secrets_dir,
             "CLINHUB_REGISTRY_SSL_CA_LOCATION": s.registry.ssl_ca_location,
             "CLINHUB_REGISTRY_PRINCIPAL_SECRETS_DIR": s.registry.principal_secrets_dir,
+            "CLINHUB_DATABASE_SSL_CA_LOCATION": s.database.ssl_ca_location,
+            "CLINHUB_DATABASE_ROLE_SECRETS_DIR": s.database.role_secrets_dir,
         }
         inherited = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("CLINHUB_KAFKA_SASL_", "CLINHUB_REGISTRY_BASIC_AUTH_"))
+            if not k.startswith(
+                (
+                    "CLINHUB_KAFKA_SASL_",
+                    "CLINHUB_REGISTRY_BASIC_AUTH_",
+                    "CLINHUB_DATABASE_USERNAME",
+                    "CLINHUB_DATABASE_PASSWORD",
+                )
+            )
         }
         return {
             **inherited,
             **{name: str(value) for name, value in security.items() if value is not None},
             "CLINHUB_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
             "CLINHUB_REGISTRY_URL": s.registry.url,
-            "CLINHUB_DATABASE_URL": self.db_url,
+            "CLINHUB_DATABASE_URL": s.database.url.get_secret_value(),  # no credentials in it
             "CLINHUB_STREAM_TOPIC_PREFIX": s.stream.topic_prefix,
             "CLINHUB_STREAM_APP_ID": s.stream.app_id,
             "CLINHUB_STREAM_INSTITUTIONS": '["H001","H002"]',
@@ -248,8 +255,8 @@ def make_hub(
     principal for them; workers started on demand. The test's own clients are the admin's."""
     kafka.ensure_principals(broker, [*principals.SERVICE_PRINCIPALS, *TEST_INSTITUTIONS])
     prefix = f"t{uuid.uuid4().hex[:8]}."
-    db_url = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
-    engine = make_engine(db_url)
+    database = postgres.create_database(postgres_cluster, f"hub_{uuid.uuid4().hex[:12]}")
+    engine = engine_for(database)
     upgrade(engine)
     settings = HubSettings(
         kafka=broker.settings_for(principals.ADMIN).model_copy(
@@ -258,7 +265,7 @@ def make_hub(
         registry=schema_registry.settings_for(principals.ADMIN).model_copy(
             update={"principal_secrets_dir": schema_registry.proxy.secrets_dir}
         ),
-        database=DatabaseSettings(url=SecretStr(db_url)),
+        database=database,
         security=SecuritySettings(pseudonym_key=SecretStr(secrets.token_hex(32))),
         stream=StreamSettings(
             topic_prefix=prefix,
@@ -274,7 +281,6 @@ def make_hub(
         settings=settings,
         topics=topics,
         engine=engine,
-        db_url=db_url,
         workdir=workdir,
         schema_registry=schema_registry,
     )

@@ -19,7 +19,7 @@ from sinks.base import StoreRecord, write_records_isolating
 from sinks.exceptions import StoreRejectedError, StoreUnavailableError
 from sinks.models import AuditEntry
 from sinks.sql import SqlStoreSink
-from sinks.store import make_engine, upgrade
+from sinks.store import engine_for, make_engine, upgrade
 from tests.unit.sinks import test_store_behaviour as shared
 from tests.unit.sinks.factory import first, realistic_batch, snapshot
 from tests.unit.sinks.test_store_behaviour import clock, sink  # noqa: F401 - fixtures, resolved against ours
@@ -36,7 +36,7 @@ def engine(postgres_engine: Engine) -> Engine:
 
 @pytest.fixture
 def blank_engine(postgres_cluster: postgres.PostgresLayout) -> Iterator[Engine]:
-    engine = make_engine(postgres.create_database(postgres_cluster, f"b_{uuid.uuid4().hex[:12]}"))
+    engine = engine_for(postgres.create_database(postgres_cluster, f"b_{uuid.uuid4().hex[:12]}"))
     yield engine
     engine.dispose()
 
