@@ -68,8 +68,13 @@ def infra_up(
         registry_service.start(stack.registry, names)
         typer.echo(f"registry  up at {stack.registry.url} ({time.monotonic() - started:.1f}s)")
     if postgres:
+        started = time.monotonic()
         pg_service.start(stack.postgres)
-        typer.echo(f"postgres  up at {stack.postgres.url()}")
+        typer.echo(
+            f"postgres  up at {stack.postgres.url()}, TLS and scram-sha-256, roles' passwords in "
+            f"{stack.postgres.secrets_dir} ({time.monotonic() - started:.1f}s); use it with "
+            f"CLINHUB_DATABASE_URL={stack.postgres.url()}"
+        )
 
 
 @infra_app.command("fetch")
