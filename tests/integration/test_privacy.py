@@ -45,10 +45,16 @@ def test_no_raw_national_id_leaves_the_normaliser(hub: HubEnv) -> None:
     dead = hub.consume_all(hub.topics.deadletter_topic, 60, lambda m: len(m) >= 1)
     assert len(dead) == 1, "the impossible potassium is refused"
     identifiers = [nid.encode() for nid in (normal_nid, critical_nid, refused_nid)]
-    secrets_dir = hub.settings.kafka.principal_secrets_dir
-    assert secrets_dir is not None
-    credentials = [path.read_bytes().strip() for path in sorted(secrets_dir.glob("*.password"))]
-    assert len(credentials) >= 9, "the admin, six service principals, the institutions"
+    secrets_dirs = [
+        hub.settings.kafka.principal_secrets_dir,
+        hub.settings.registry.principal_secrets_dir,
+        hub.settings.database.role_secrets_dir,
+    ]
+    assert None not in secrets_dirs
+    credentials = [
+        path.read_bytes().strip() for folder in secrets_dirs if folder for path in folder.glob("*.password")
+    ]
+    assert len(credentials) >= 9 + 9 + 3, "Kafka's and the registry's principals, the database's roles"
 
     written = [hub.topics.norm(kind) for kind in KINDS]
     written += [hub.topics.identity_topic, hub.topics.alerts_topic, hub.topics.escalations_topic]
