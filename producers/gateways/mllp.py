@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from core.contract import TopicNames
@@ -62,6 +63,13 @@ from producers.gateways.hl7.ack import build_ack
 from producers.gateways.hl7.charset import Decoded, decode_message, encode_text
 from producers.gateways.hl7.mapping import Header, map_message, parse_header, salvage_header
 from producers.gateways.ledger import AckLedger, LedgerKey
+from producers.gateways.tls import (
+    certificate_institution,
+    common_name,
+    is_mutual,
+    peer_certificate,
+    server_ssl_context,
+)
 from producers.publisher import Receipt
 from schemas.exceptions import RecordValidationError
 
@@ -796,27 +804,9 @@ class MessageHandler:
 
 def make_server_ssl_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
     """None without a certificate; TLS with one; mutual TLS (client certificate required) with a client CA."""
-    if gateway.mllp_tls_cert_file is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(
-        str(gateway.mllp_tls_cert_file), str(gateway.mllp_tls_key_file or gateway.mllp_tls_cert_file)
+    return server_ssl_context(
+        gateway.mllp_tls_cert_file, gateway.mllp_tls_key_file, gateway.mllp_tls_client_ca_file
     )
-    if gateway.mllp_tls_client_ca_file is not None:
-        context.load_verify_locations(cafile=str(gateway.mllp_tls_client_ca_file))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def certificate_cn(peercert: Mapping[str, Any] | None) -> str | None:
-    if not peercert:
-        return None
-    for rdn in peercert.get("subject", ()):
-        for name, value in rdn:
-            if name == "commonName":
-                return str(value)
-    return None
 
 
 # --- the server ---------------------------------------------------------------------------------------------
@@ -877,9 +867,8 @@ class _TLS:
             await self._flush()
             return
 
-    def peercert(self) -> dict[str, Any] | None:
-        cert = self._tls.getpeercert()
-        return dict(cert) if cert else None
+    def peer_certificate(self) -> x509.Certificate | None:
+        return peer_certificate(self._tls)
 
     async def read(self) -> bytes:
         while True:
@@ -924,7 +913,7 @@ class MLLPServer:
 
     @property
     def mutual_tls(self) -> bool:
-        return self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        return is_mutual(self.ssl_context)
 
     async def start(self) -> None:
         for institution, port in self.gateway.mllp_listeners.items():
@@ -994,8 +983,9 @@ class MLLPServer:
             self.metrics.connections_refused.labels(institution, "tls").inc()
             return False
         if self.mutual_tls:
-            cn = certificate_cn(tls.peercert())
-            mapped = self.gateway.mllp_tls_client_institutions.get(cn or "", cn)
+            certificate = tls.peer_certificate()
+            cn = common_name(certificate) if certificate else ""
+            mapped = certificate_institution(cn, self.gateway.mllp_tls_client_institutions)
             if mapped != institution:
                 log.warning(
                     "%s: refused a client certificate of CN %r (institution %r)", institution, cn, mapped
