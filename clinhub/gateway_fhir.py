@@ -3,7 +3,10 @@
 It builds one publisher per institution of the tokens file (CLINHUB_GATEWAY_FHIR_TOKENS_FILE, lines
 `<institution> <sha256 hex of the token>`), the ledger of created resources (`fhir-ledger.sqlite3`
 next to CLINHUB_GATEWAY_LEDGER_PATH, so If-None-Exist survives a restart), the app, and serves it with
-uvicorn until interrupted.
+uvicorn until interrupted: HTTPS with CLINHUB_GATEWAY_FHIR_TLS_CERT_FILE, mutual TLS with
+CLINHUB_GATEWAY_FHIR_TLS_CLIENT_CA_FILE besides (a client certificate is then the institution's credential,
+and the tokens file is optional), plain HTTP only on loopback unless CLINHUB_GATEWAY_FHIR_ALLOW_PLAIN_HTTP
+(`producers/gateways/fhir/server.py`).
 
 Making a token for an institution (the token is shown once; only its hash is kept):
 
@@ -17,9 +20,11 @@ or, from code, `token, line = token_line("H001")`.
 from __future__ import annotations
 
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from prometheus_client import CollectorRegistry
 
 from core import principals
@@ -29,6 +34,8 @@ from producers.gateways.common import kafka_and_registry_ready
 from producers.gateways.fhir.app import create_fhir_app
 from producers.gateways.fhir.auth import load_tokens, token_line
 from producers.gateways.fhir.ledger import LEDGER_FILE, ResourceLedger
+from producers.gateways.fhir.server import fhir_ssl_context, uvicorn_config
+from producers.gateways.tls import is_mutual
 from producers.publisher import Publisher, make_publisher
 
 __all__ = ["FhirGateway", "build_fhir_gateway", "run_fhir_gateway", "token_line"]
@@ -39,6 +46,15 @@ class FhirGateway:
     app: Any
     publishers: dict[str, Publisher]
     ledger: ResourceLedger
+    ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.ssl_context is None else "https"
+
+    def server_config(self, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+        """uvicorn serving this gateway (HTTPS with its TLS context, client certificates in the scope)."""
+        return uvicorn_config(self.app, host, port, self.ssl_context, log_level)
 
     def close(self) -> None:
         for publisher in self.publishers.values():
@@ -53,18 +69,29 @@ def transactional_id(institution: str, port: int) -> str:
 
 
 def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None = None) -> FhirGateway:
+    """The gateway for the institutions of its tokens and, with mutual TLS, the hub's
+    (CLINHUB_STREAM_INSTITUTIONS) and those client certificates are mapped to. Refuses (ConfigurationError)
+    what would not protect their credentials: see `producers.gateways.fhir.server.check_transport`."""
     settings = settings.as_principal(principals.GATEWAYS)
     gateway = settings.gateway
-    if gateway.fhir_tokens_file is None:
+    ssl_context = fhir_ssl_context(gateway)
+    mutual_tls = is_mutual(ssl_context)
+    tokens: dict[str, str] = {}
+    if gateway.fhir_tokens_file is not None:
+        try:
+            tokens = load_tokens(gateway.fhir_tokens_file)
+        except OSError as exc:
+            raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", str(exc)) from exc
+        if not tokens:
+            raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", "holds no token")
+    elif not mutual_tls:
         raise ConfigurationError(
-            "CLINHUB_GATEWAY_FHIR_TOKENS_FILE", "no tokens file; make a token line with token_line()"
+            "CLINHUB_GATEWAY_FHIR_TOKENS_FILE",
+            "no tokens file (and no client CA for certificates); make a token line with token_line()",
         )
-    try:
-        tokens = load_tokens(gateway.fhir_tokens_file)
-    except OSError as exc:
-        raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", str(exc)) from exc
-    if not tokens:
-        raise ConfigurationError("CLINHUB_GATEWAY_FHIR_TOKENS_FILE", "holds no token")
+    institutions = set(tokens.values())
+    if mutual_tls:
+        institutions |= {*settings.stream.institutions, *gateway.fhir_tls_client_institutions.values()}
     publishers = {
         institution: make_publisher(
             settings,
@@ -72,7 +99,7 @@ def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None
             delivery_timeout=gateway.publish_timeout_seconds,
             transactional_id=transactional_id(institution, gateway.fhir_port),
         )
-        for institution in sorted(set(tokens.values()))
+        for institution in sorted(institutions)
     }
     metrics_registry = registry or CollectorRegistry()
     ledger = ResourceLedger(gateway.ledger_path.parent / LEDGER_FILE)
@@ -90,22 +117,17 @@ def build_fhir_gateway(settings: HubSettings, registry: CollectorRegistry | None
         ledger,
         max_body_bytes=gateway.fhir_max_body_bytes,
         publish_timeout_seconds=gateway.publish_timeout_seconds,
+        mutual_tls=mutual_tls,
+        certificate_institutions=gateway.fhir_tls_client_institutions,
+        institutions=institutions,
     )
-    return FhirGateway(app, publishers, ledger)
+    return FhirGateway(app, publishers, ledger, ssl_context)
 
 
 def run_fhir_gateway(settings: HubSettings) -> None:
-    import uvicorn
-
     gateway = build_fhir_gateway(settings)
     try:
-        uvicorn.run(
-            gateway.app,
-            host=settings.gateway.host,
-            port=settings.gateway.fhir_port,
-            log_level="warning",
-            access_log=False,
-        )
+        uvicorn.Server(gateway.server_config(settings.gateway.host, settings.gateway.fhir_port)).run()
     finally:
         gateway.close()
 

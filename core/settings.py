@@ -342,6 +342,16 @@ class GatewaySettings(BaseSettings):
     # Bearer tokens of the institutions: a file of lines "<institution> <sha256 hex of the token>"
     fhir_tokens_file: Path | None = None
     fhir_max_body_bytes: int = Field(default=10_485_760, ge=1024)
+    # HTTPS only on the FHIR port (TLS 1.2+) when a certificate is given; with a client CA, mutual TLS: a
+    # client certificate is required at the handshake and authenticates its institution (no token
+    # needed), its subject CN naming it or mapped to it by fhir_tls_client_institutions (CN -> institution).
+    fhir_tls_cert_file: Path | None = None
+    fhir_tls_key_file: Path | None = None
+    fhir_tls_client_ca_file: Path | None = None
+    fhir_tls_client_institutions: dict[str, str] = Field(default_factory=dict)
+    # Plain HTTP beyond loopback is refused (tokens would travel in clear) unless a TLS-terminating proxy
+    # in front is said to be there
+    fhir_allow_plain_http: bool = False
 
 
 class InfraSettings(BaseSettings):

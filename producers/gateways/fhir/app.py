@@ -1,13 +1,17 @@
 """The FHIR R4 gateway's HTTP wiring (FastAPI), thin: authenticate, read the body within its limit, run
 the use case (`service.py`) in a worker thread, answer as a FHIR server does.
 
+The institution is the bearer token's or, with mutual TLS, the client certificate's (`auth.authenticate`;
+the certificate from the scope's ASGI TLS extension, which `server.py` adds on uvicorn).
+
 - `GET /metadata`: the CapabilityStatement (FHIR 4.0.1), no token needed;
 - `POST /Observation|Encounter|MedicationRequest|Condition`: create → 201 with Location
   `<type>/<id>/_history/1` and the resource; `If-None-Exist: identifier=[system|]value` → 200 with the
   existing one (no new events), 412 if several match;
 - `POST /`: a `transaction` or `batch` Bundle → its `-response` Bundle, entries in request order;
-- errors are OperationOutcomes with the failing FHIRPath: 400 invalid, 401 no or wrong token, 413 too
-  large, 415 not FHIR JSON, 422 not mappable, 503 (with Retry-After) when Kafka did not confirm in time;
+- errors are OperationOutcomes with the failing FHIRPath: 400 invalid, 401 no or wrong token, 403 a
+  client certificate of no institution here or credentials of two institutions, 413 too large, 415 not
+  FHIR JSON, 422 not mappable, 503 (with Retry-After) when Kafka did not confirm in time;
 - `/metrics` (Prometheus), `/healthz`, `/readyz` (ready = Kafka and the registry answer).
 """
 
@@ -17,7 +21,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producers.gateways.common import GatewayMetrics, make_gateway_metrics
-from producers.gateways.fhir.auth import institution_for
+from producers.gateways.fhir.auth import authenticate
 from producers.gateways.fhir.errors import (
     BodyTooLargeError,
     FhirGatewayError,
@@ -38,18 +42,28 @@ from producers.gateways.fhir.errors import (
 from producers.gateways.fhir.ledger import ResourceLedger
 from producers.gateways.fhir.mapping import GATEWAY, MAPPED_TYPES, MappedEvent
 from producers.gateways.fhir.service import Created, FhirService, PublisherProvider, operation_outcome
+from producers.gateways.tls import asgi_client_certificate, common_name
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 RETRY_AFTER_SECONDS = 5
-UNAUTHENTICATED = "-"  # the institution label of a request without a valid token (bounded)
+UNAUTHENTICATED = "-"  # the institution label of a request refused its credentials (bounded)
+SECURITY_SERVICES = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 
 
 class FhirResponse(JSONResponse):
     media_type = FHIR_JSON
 
 
-def capability_statement() -> dict[str, Any]:
+def capability_statement(mutual_tls: bool = False) -> dict[str, Any]:
+    services = [{"coding": [{"system": SECURITY_SERVICES, "code": "Bearer"}]}]
+    description = "Authorization: Bearer <token>; the institution is the token's"
+    if mutual_tls:
+        services.append({"coding": [{"system": SECURITY_SERVICES, "code": "Certificates"}]})
+        description = (
+            "Mutual TLS: the client certificate's institution, no token needed; or Authorization: Bearer "
+            "<token>, the token's institution (both on one request must be the same institution's)"
+        )
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -63,19 +77,7 @@ def capability_statement() -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "security": {
-                    "service": [
-                        {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                    "code": "Bearer",
-                                }
-                            ]
-                        }
-                    ],
-                    "description": "Authorization: Bearer <token>; the institution is the token's",
-                },
+                "security": {"service": services, "description": description},
                 "resource": [
                     {
                         "type": resource_type,
@@ -106,12 +108,21 @@ def create_fhir_app(
     max_body_bytes: int = 10_485_760,
     publish_timeout_seconds: float = 10.0,
     metrics: GatewayMetrics | None = None,
+    mutual_tls: bool = False,
+    certificate_institutions: Mapping[str, str] | None = None,
+    institutions: Collection[str] | None = None,
 ) -> FastAPI:
     """The app; `publishers(institution)` gives that institution's publisher, `tokens` maps the SHA-256
-    hex of each token to its institution."""
+    hex of each token to its institution. With `mutual_tls` (the server requires client certificates) a
+    certificate's CN names its institution, or `certificate_institutions` maps it to one; `institutions`
+    are those it may be (default: the tokens' and the mapped ones)."""
     service = FhirService(publishers, ledger)
     gauges = metrics or make_gateway_metrics(metrics_registry)
     table = dict(tokens)
+    by_certificate = dict(certificate_institutions or {})
+    if institutions is None:
+        institutions = [*table.values(), *by_certificate.values()]
+    known = frozenset(institutions)
     app = FastAPI(title="clinhub FHIR R4 gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
     def outcome_response(error: FhirGatewayError) -> FhirResponse:
@@ -150,16 +161,24 @@ def create_fhir_app(
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidFhirError(None, f"the body is not JSON: {exc}") from None
 
+    def institution_of(request: Request) -> str:
+        certificate = asgi_client_certificate(request.scope) if mutual_tls else None
+        cn = common_name(certificate) if certificate is not None else None
+        return authenticate(request.headers.get("authorization"), cn, table, by_certificate, known)
+
     async def handle(
         request: Request, work: Callable[[str, Any], Any], render: Callable[[Any], Response]
     ) -> Response:
         started = time.monotonic()
-        institution = institution_for(request.headers.get("authorization"), table)
-        label = institution or UNAUTHENTICATED
+        refusal: FhirGatewayError | None = None
+        try:
+            institution = label = institution_of(request)
+        except FhirGatewayError as exc:
+            institution, label, refusal = "", UNAUTHENTICATED, exc
         gauges.received.labels(GATEWAY, label).inc()
         try:
-            if institution is None:
-                raise UnauthorizedError(None, "a valid 'Authorization: Bearer <token>' is required")
+            if refusal is not None:
+                raise refusal
             raw = await read_json(request)
             try:
                 result = await asyncio.wait_for(
@@ -183,7 +202,7 @@ def create_fhir_app(
 
     @app.get("/metadata")
     async def metadata() -> Response:
-        return FhirResponse(capability_statement())
+        return FhirResponse(capability_statement(mutual_tls))
 
     @app.post("/{resource_type}")
     async def create(resource_type: str, request: Request) -> Response:

@@ -63,6 +63,14 @@ class UnauthorizedError(FhirGatewayError):
     code = "login"
 
 
+class ForbiddenError(FhirGatewayError):
+    """403: a client certificate that names no institution of this gateway, or credentials of two
+    institutions on one request (a certificate of one, a bearer token of another)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class UnavailableError(FhirGatewayError):
     """503: Kafka did not confirm every event in time; nothing is accepted, the client retries (the same
     content yields the same event ids, so a retry never duplicates)."""

@@ -390,3 +390,134 @@ def test_token_line_round_trip() -> None:
     token, line = token_line("H001")
     assert parse_tokens(f"# tokens\n\n{line}\n") == {token_digest(token): "H001"}
     assert len(token) >= 40
+
+
+# --- client certificates (mutual TLS): the server puts the ASGI TLS extension in the scope -------------
+
+
+def certificate_pem(cn: str) -> str:
+    """A self-signed certificate for `cn`: the app trusts what the server verified, so any will do here."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.UTC)
+    builder = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    builder = builder.serial_number(x509.random_serial_number()).not_valid_before(now)
+    certificate = builder.not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256())
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class WithClientCertificate:
+    """What TLSScopeProtocol does on a mutual TLS connection: the client certificate in the scope."""
+
+    def __init__(self, app: Any, pem: str | None) -> None:
+        self.app, self.pem = app, pem
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.pem is not None:
+            chain = [self.pem]
+            scope = {**scope, "extensions": {"tls": {"client_cert_chain": chain, "tls_version": 0x0304}}}
+        await self.app(scope, receive, send)
+
+
+def certificate_client(
+    publishers: dict[str, FakePublisher], ledger_path: Path, cn: str | None, mutual_tls: bool = True
+) -> tuple[TestClient, CollectorRegistry]:
+    registry = CollectorRegistry()
+    app = create_fhir_app(
+        publishers.__getitem__,
+        {token_digest(TOKEN_H001): "H001", token_digest(TOKEN_H002): "H002"},
+        registry,
+        lambda: None,
+        ResourceLedger(ledger_path),
+        mutual_tls=mutual_tls,
+        certificate_institutions={"lis.h002.example": "H002"},
+        institutions={"H001", "H002"},
+    )
+    return TestClient(WithClientCertificate(app, None if cn is None else certificate_pem(cn))), registry
+
+
+def test_a_client_certificate_is_the_institution_without_token(
+    publishers: dict[str, FakePublisher], ledger_path: Path
+) -> None:
+    client, registry = certificate_client(publishers, ledger_path, "H001")
+    response = client.post(
+        "/Observation", content=json.dumps(fixture("observation-lab-comparator")), headers=FHIR
+    )
+    assert response.status_code == 201, response.text
+    ((_kind, record),) = publishers["H001"].published
+    assert record["envelope"]["institution_id"] == "H001"
+    assert (
+        registry.get_sample_value(
+            "clinhub_gateway_messages_accepted_total", {"gateway": "fhir", "institution": "H001"}
+        )
+        == 1.0
+    )
+
+
+def test_a_mapped_certificate_cn_and_its_own_token(
+    publishers: dict[str, FakePublisher], ledger_path: Path
+) -> None:
+    client, _ = certificate_client(publishers, ledger_path, "lis.h002.example")
+    response = post(
+        client, "/Observation", fixture("observation-lab-comparator"), Authorization=f"Bearer {TOKEN_H002}"
+    )
+    assert response.status_code == 201, response.text
+    assert publishers["H001"].published == [] and len(publishers["H002"].published) == 1
+
+
+def test_a_certificate_and_another_institutions_token_is_403(
+    publishers: dict[str, FakePublisher], ledger_path: Path
+) -> None:
+    client, registry = certificate_client(publishers, ledger_path, "H001")
+    response = post(
+        client, "/Observation", fixture("observation-lab-comparator"), Authorization=f"Bearer {TOKEN_H002}"
+    )
+    assert response.status_code == 403
+    issue = response.json()["issue"][0]
+    assert (
+        issue["code"] == "forbidden" and "H001's" in issue["diagnostics"] and "H002's" in issue["diagnostics"]
+    )
+    assert "www-authenticate" not in response.headers
+    assert publishers["H001"].published == [] and publishers["H002"].published == []
+    assert (
+        registry.get_sample_value(
+            "clinhub_gateway_messages_rejected_total",
+            {"gateway": "fhir", "institution": "-", "reason": "forbidden"},
+        )
+        == 1.0
+    )
+
+
+def test_a_certificate_of_no_institution_is_403(
+    publishers: dict[str, FakePublisher], ledger_path: Path
+) -> None:
+    client, _ = certificate_client(publishers, ledger_path, "stranger-lis")
+    response = client.post("/Observation", content=json.dumps(fixture("condition")), headers=FHIR)
+    assert response.status_code == 403
+    assert "'stranger-lis' names no institution" in response.json()["issue"][0]["diagnostics"]
+
+
+def test_without_mutual_tls_a_certificate_in_the_scope_is_not_a_credential(
+    publishers: dict[str, FakePublisher], ledger_path: Path
+) -> None:
+    client, _ = certificate_client(publishers, ledger_path, "H001", mutual_tls=False)
+    response = client.post("/Observation", content=json.dumps(fixture("condition")), headers=FHIR)
+    assert response.status_code == 401
+    assert publishers["H001"].published == []
+
+
+def test_metadata_names_certificates_with_mutual_tls(
+    publishers: dict[str, FakePublisher], ledger_path: Path
+) -> None:
+    client, _ = certificate_client(publishers, ledger_path, None)
+    services = client.get("/metadata").json()["rest"][0]["security"]["service"]
+    assert [s["coding"][0]["code"] for s in services] == ["Bearer", "Certificates"]
+    plain = make_client(publishers, ledger_path).get("/metadata").json()["rest"][0]["security"]["service"]
+    assert [s["coding"][0]["code"] for s in plain] == ["Bearer"]
