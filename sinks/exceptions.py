@@ -26,6 +26,16 @@ class StoreRejectedError(SinkError):
         self.reason = reason
 
 
+class StoreAccessError(SinkError):
+    """The database refused this component's role: a wrong password, or a privilege it lacks. Neither
+    the data's fault (no dead letter) nor transient (no silent retry): the stage stops and says so."""
+
+    def __init__(self, role: str | None, reason: str) -> None:
+        super().__init__(f"the database refused role {role or '(unnamed)'}: {reason}")
+        self.role = role
+        self.reason = reason
+
+
 class StoreOutOfDateError(SinkError):
     """The database schema is behind the code; the hub refuses to start until it is upgraded."""
 

@@ -51,7 +51,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, Statem
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from sinks.base import Sink, StoreRecord, StoreWriteResult
-from sinks.exceptions import StoreRejectedError, StoreUnavailableError
+from sinks.exceptions import StoreAccessError, StoreRejectedError, StoreUnavailableError
 from sinks.metrics import SinkMetrics
 from sinks.models import (
     VITAL_SIGNS,
@@ -160,6 +160,33 @@ ENCOUNTERS = ENCOUNTER_WRITES.table
 PATIENT_NAMES = PATIENT_NAME_WRITES.table
 DEAD_LETTERS = DEAD_LETTER_WRITES.table
 ALIAS_COMPRESSION_ROUNDS = 8
+
+
+# SQLSTATE classes of a refused role: 28 invalid authorization (a wrong password), 42501 a missing grant
+ACCESS_SQLSTATES = ("28", "42501")
+# A refusal while connecting carries no SQLSTATE, only the server's FATAL message (in English: the
+# server's lc_messages; the local stack's is C)
+ACCESS_REFUSED_AT_CONNECT = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "pg_hba.conf rejects connection",
+    "permission denied for database",
+    "does not exist",  # role "..." does not exist
+)
+
+
+def access_refused(exc: BaseException) -> bool:
+    """Whether the server refused the role itself, not the data and not for a while."""
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(ACCESS_SQLSTATES)
+    message = str(orig)
+    return (
+        isinstance(exc, OperationalError)
+        and "FATAL:" in message
+        and any(phrase in message for phrase in ACCESS_REFUSED_AT_CONNECT)
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -371,6 +398,8 @@ class SqlStoreSink(Sink):
             with self._engine.begin() as connection:
                 return self._apply(connection, prepared, now)
         except DBAPIError as exc:
+            if access_refused(exc):
+                raise StoreAccessError(self._engine.url.username, _reason(exc)) from exc
             if is_transient(exc):
                 self._count_retry(_error_class(exc))
                 raise StoreUnavailableError(f"database unavailable: {_reason(exc)}") from exc

@@ -12,10 +12,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 from core.settings import DatabaseSettings
-from sinks.exceptions import StoreOutOfDateError
+from sinks.exceptions import StoreAccessError, StoreOutOfDateError
 from sinks.privileges import PRIVILEGES, grant_statements
+from sinks.sql import access_refused
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,15 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def ensure_current(engine: Engine) -> None:
-    """Refuse to run against a database whose schema is behind (or ahead of) the code."""
-    current, head = current_revision(engine), head_revision()
+    """Refuse to run against a database whose schema is behind (or ahead of) the code, or that refuses
+    this component's role (the first connection a component makes)."""
+    try:
+        current = current_revision(engine)
+    except DBAPIError as exc:
+        if access_refused(exc):
+            orig = " ".join(str(exc.orig).split())
+            raise StoreAccessError(engine.url.username, orig) from exc
+        raise
+    head = head_revision()
     if current != head:
         raise StoreOutOfDateError(current, head)

@@ -16,8 +16,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from clinhub.infra import postgres
 from clinhub.infra.tls import ensure_ca
 from core.settings import DatabaseSettings
+from sinks.exceptions import StoreAccessError, StoreRejectedError, StoreUnavailableError
 from sinks.privileges import CONSOLE, OWNER, STORE
+from sinks.sql import SqlStoreSink
 from sinks.store import engine_for, ensure_current, upgrade
+from tests.unit.sinks.factory import realistic_batch
 
 pytestmark = pytest.mark.integration
 
@@ -207,3 +210,31 @@ def test_granting_twice_changes_nothing_and_each_role_keeps_only_its_privileges(
     assert not {(g, t, p) for g, t, p in granted if p in {"TRUNCATE", "REFERENCES", "TRIGGER"}}
     assert not {(g, t, p) for g, t, p in granted if g == CONSOLE and t == "observations" and p != "SELECT"}
     assert (STORE, "observations", "INSERT") in granted
+
+
+def test_a_wrong_password_stops_a_component_at_start_with_a_typed_error(database: DatabaseSettings) -> None:
+    wrong = database.for_role(STORE).model_copy(
+        update={"password": SecretStr("not-the-password"), "password_file": None}
+    )
+    engine = engine_for(wrong)
+    try:
+        with pytest.raises(StoreAccessError) as error:
+            ensure_current(engine)
+        assert error.value.role == STORE
+        assert "password authentication failed" in str(error.value)
+        assert "not-the-password" not in str(error.value)
+    finally:
+        engine.dispose()
+
+
+def test_a_missing_grant_is_a_refused_role_not_refused_data(owner: Engine, store: Engine) -> None:
+    """Were it taken for bad data, every record would be bisected into the dead letters."""
+    with owner.begin() as connection:
+        connection.execute(text(f'REVOKE INSERT ON observations FROM "{STORE}"'))
+    with pytest.raises(StoreAccessError) as error:
+        SqlStoreSink(store).write_records(realistic_batch(seed=7, count=20))
+    assert error.value.role == STORE
+    assert "permission denied for table" in error.value.reason
+    assert not isinstance(error.value, StoreRejectedError | StoreUnavailableError)
+    with owner.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM observations")).scalar_one() == 0
