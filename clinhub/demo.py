@@ -332,6 +332,28 @@ def _show_gateways(settings: HubSettings, data_dir: Path, seed: int) -> list[str
     return [f"HL7-{stamp}", f"GB{stamp}", f"FH{stamp}"]
 
 
+def _show_refused_impersonation(settings: HubSettings, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """H001's own credentials on H002's raw topic: the broker's ACLs refuse it, typed and at once."""
+    from core.contract import TopicNames
+    from producers.exceptions import AccessRefusedError
+    from producers.publisher import make_publisher
+
+    lab = next((r for kind, r in events if kind == "lab" and r["envelope"]["institution_id"] == "H002"), None)
+    if lab is None:
+        return
+    publisher = make_publisher(settings.as_principal("H001"), "H002")
+    topic = TopicNames(settings.stream.topic_prefix).raw("H002", "lab")
+    started = time.monotonic()
+    try:
+        publisher.publish("lab", lab)
+        outcome = "ACCEPTED (the ACLs are missing!)"
+    except AccessRefusedError as refused:
+        outcome = f"refused in {time.monotonic() - started:.1f}s: {type(refused.refused).__name__}"
+    finally:
+        publisher.close(timeout=5)
+    typer.echo(f"    H001's credentials publishing to {topic}: {outcome}")
+
+
 def _free_port() -> int:
     import socket
 
@@ -514,6 +536,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
     stack = stack_for(settings.infra)
     # The demo's own clients (watermarks, reading topics) are the admin's; each part it starts connects
     # as its own principal: institutions, the worker, the gateways, the console.
+    hub = settings
     settings = settings.as_principal(principals.ADMIN)
     logging.getLogger(PRODUCER_LOGGER).addFilter(_TRANSIENT_PID_NOTICE)
     typer.echo("1/6 starting Kafka (KRaft) and the schema registry (first run fetches them with Maven)...")
@@ -560,7 +583,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
         )
         delivered = 0
         for institution in sorted({r["envelope"]["institution_id"] for _, r in events}):
-            publisher = make_publisher(settings, institution)
+            publisher = make_publisher(hub, institution)  # as the institution's own principal
             for kind in kinds:
                 mine = [r for k, r in events if k == kind and r["envelope"]["institution_id"] == institution]
                 delivered += sum(
@@ -568,6 +591,7 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
                 )
             publisher.close()
         typer.echo(f"    {delivered} durably accepted by Kafka (acks=all)")
+        _show_refused_impersonation(hub, events)
 
         typer.echo("5/6 waiting for the processor to normalise, judge and store them...")
         ids = [r["envelope"]["event_id"] for _, r in events]
@@ -636,9 +660,9 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
         _show_written_results(engine, [r["envelope"]["event_id"] for r in written])
         _show_shared_timeline(engine)
         gateways_started = dt.datetime.now(dt.UTC)
-        gateway_mrns = _show_gateways(settings, data_dir, seed)
+        gateway_mrns = _show_gateways(hub, data_dir, seed)
         gateways_stored = _show_gateway_records(engine, gateway_mrns, gateways_started)
-        _show_console(settings, data_dir, keep_running)
+        _show_console(hub, data_dir, keep_running)
         typer.echo(
             f"\nstore: {settings.database.url.get_secret_value()}  worker log: {log_path}  "
             f"at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"

@@ -71,6 +71,11 @@ def test_the_demo_stores_every_event_and_every_alert_it_reports(tmp_path: Path) 
     assert stored == published == 40
     assert alerts_on_kafka == alerts_stored > 0, context
     assert run.stdout.count("[CRITICAL]") == alerts_on_kafka
+    # issue 14: the broker's ACLs refuse an institution publishing as another, typed and at once
+    assert re.search(
+        r"H001's credentials publishing to \S*raw\.H002\.lab: refused in \d+\.\ds: KafkaAuthorizationError",
+        run.stdout,
+    ), context
 
     engine = make_engine(f"sqlite:///{store}")
 
