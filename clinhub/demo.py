@@ -265,7 +265,9 @@ def _fhir_bundle(mrn: str, at: dt.datetime, stamp: str) -> dict[str, Any]:
 
 def _show_gateways(settings: HubSettings, data_dir: Path, seed: int) -> list[str]:
     """HL7 v2 over MLLP from H001 and H002 (one in GB 18030) and a FHIR transaction from C003, through the
-    gateways as hospitals would send them; returns the MRNs, whose records the timeline then shows."""
+    gateways as hospitals would send them; returns the MRNs, whose records the timeline then shows. The
+    FHIR gateway serves HTTPS with a certificate of the local CA, which the client verifies."""
+    import ssl
     import threading
 
     import httpx
@@ -273,6 +275,7 @@ def _show_gateways(settings: HubSettings, data_dir: Path, seed: int) -> list[str
 
     from clinhub.gateway_fhir import build_fhir_gateway
     from clinhub.gateway_mllp import start_mllp_gateway
+    from clinhub.infra.tls import ensure_ca, issue_certificate
     from producers.gateways.fhir.auth import token_line
     from producers.gateways.hl7 import samples
 
@@ -282,12 +285,17 @@ def _show_gateways(settings: HubSettings, data_dir: Path, seed: int) -> list[str
     tokens = data_dir / "fhir-tokens.txt"
     tokens.write_text(line + "\n")
     tokens.chmod(0o600)
+    tls_dir = stack_for(settings.infra).kafka.tls_dir  # the local CA, beside the broker's certificate
+    ca = ensure_ca(tls_dir)
+    served = issue_certificate(ca, tls_dir, "fhir-gateway", ["127.0.0.1", "localhost"])
     gateway_settings = settings.gateway.model_copy(
         update={
             "mllp_listeners": {"H001": 0, "H002": 0},
             "mllp_http_port": 0,
             "ledger_path": data_dir / "gateway-ledger.sqlite3",
             "fhir_tokens_file": tokens,
+            "fhir_tls_cert_file": served.cert,
+            "fhir_tls_key_file": served.key,
         }
     )
     gateway_hub = settings.model_copy(update={"gateway": gateway_settings})
@@ -310,20 +318,23 @@ def _show_gateways(settings: HubSettings, data_dir: Path, seed: int) -> list[str
             typer.echo(f"  {institution} {label:17} -> ACK {code} (only once Kafka has every event)")
     fhir = build_fhir_gateway(gateway_hub)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(fhir.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(fhir.server_config("127.0.0.1", port))
     thread = threading.Thread(target=server.run, name="fhir-gateway", daemon=True)
     thread.start()
     try:
         _wait_until(lambda: server.started, 20)
+        url = f"{fhir.scheme}://127.0.0.1:{port}/"
         response = httpx.post(
-            f"http://127.0.0.1:{port}/",
+            url,
             json=_fhir_bundle(f"FH{stamp}", at, stamp),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
             timeout=60,
+            verify=ssl.create_default_context(cafile=str(ca.cert)),
         )
         statuses = [entry["response"]["status"] for entry in response.json().get("entry", [])]
         typer.echo(
             f"  C003 FHIR transaction Bundle -> HTTP {response.status_code}, entries {', '.join(statuses)}"
+            f" (over {url}, verified against the local CA {ca.cert})"
         )
     finally:
         server.should_exit = True

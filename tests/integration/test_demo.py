@@ -99,6 +99,8 @@ def test_the_demo_stores_every_event_and_every_alert_it_reports(tmp_path: Path) 
     # the gateways: HL7 v2 over MLLP (one in GB 18030) and a FHIR transaction, acknowledged and stored
     assert run.stdout.count("-> ACK AA") == 3, context
     assert "C003 FHIR transaction Bundle -> HTTP 200" in run.stdout, context
+    # over HTTPS, the gateway's certificate verified against the local CA (secure by default)
+    assert re.search(r"HTTP 200, entries .* \(over https://127\.0\.0\.1:\d+/, verified against", run.stdout)
     assert "钾 Potassium(東區急診)" in run.stdout, "GB 18030 text with GBK second bytes | and ^, intact"
     # issue 13: the GB 18030 ORU's patient name in the store as sent (區 0x85 0x5E, 瑋 0xAC 0x7C)
     assert re.search(r"H002 patient GB\d{5}: family name 區, given name 瑋東\n", run.stdout), context
