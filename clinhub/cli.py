@@ -119,6 +119,57 @@ def infra_status() -> None:
         typer.echo(f"{name:9} {f'running (pid {pid})' if pid else 'stopped'}")
 
 
+@infra_app.command("secrets")
+def infra_secrets(
+    directory: Annotated[Path, typer.Argument(help="The docker-compose.yml `secrets` volume.")],
+    kafka_host: Annotated[
+        list[str] | None, typer.Option(help="A broker's host name, repeated (default kafka-1..3).")
+    ] = None,
+    registry_proxy_host: Annotated[
+        str, typer.Option(help="The registry proxy's host name.")
+    ] = "registry-proxy",
+    registry_upstream: Annotated[str, typer.Option(help="Apicurio's host:port.")] = "registry:8080",
+    postgres_host: Annotated[str, typer.Option(help="PostgreSQL's host name.")] = "postgres",
+    institution: Annotated[
+        list[str] | None,
+        typer.Option(help="A simulated institution, repeated (default CLINHUB_STREAM_INSTITUTIONS)."),
+    ] = None,
+    rotate: Annotated[
+        list[str] | None,
+        typer.Option(help="A new password for kafka/<principal>, registry/<principal> or postgres/<role>."),
+    ] = None,
+) -> None:
+    """The compose stack's CA, certificates and passwords, each service's in its own directory (made
+    once; a second run keeps them). docker-compose.yml's one-shot `secrets` service runs it."""
+    from clinhub.infra.compose_secrets import Topology, make
+
+    topology = Topology(
+        kafka=tuple(kafka_host or Topology.kafka),
+        registry_proxy=registry_proxy_host,
+        registry_upstream=registry_upstream,
+        postgres=postgres_host,
+        institutions=tuple(institution or _settings().stream.institutions),
+    )
+    for line in make(directory, topology, rotate=rotate or ()).lines():
+        typer.echo(line)
+
+
+@infra_app.command("credentials")
+def infra_credentials(
+    replace: Annotated[
+        list[str] | None, typer.Option(help="Set this principal's credentials again from its file (rotated).")
+    ] = None,
+) -> None:
+    """As the admin: SCRAM credentials on Kafka for every principal with a password file in
+    CLINHUB_KAFKA_PRINCIPAL_SECRETS_DIR and none on the cluster yet (docker-compose.yml's `init`)."""
+    from clinhub.infra.compose_secrets import ensure_kafka_credentials
+
+    done = ensure_kafka_credentials(_settings(), replace or ())
+    typer.echo(f"kafka credentials created: {', '.join(done.created) or '-'}")
+    if done.replaced:
+        typer.echo(f"kafka credentials replaced: {', '.join(done.replaced)}")
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Migrate the store's schema (Alembic)."""

@@ -96,21 +96,50 @@ def write_users(layout: ProxyLayout, principals: Iterable[str]) -> None:
 
 def _config(layout: ProxyLayout, cert: Path, key: Path) -> str:
     home = layout.home
-    # nginx's workers read the password hashes per request; as root they would run as nobody, which may
-    # not read a file only its owner reads
-    user = "user root;\n" if os.geteuid() == 0 else ""
+    return nginx_config(
+        listen=f"127.0.0.1:{layout.port}",
+        upstream=f"http://127.0.0.1:{layout.upstream_port}",
+        cert=cert,
+        key=key,
+        users=home / "htpasswd",
+        pid=layout.pid_path,
+        error_log=str(layout.log_path),
+        temp=home / "tmp",
+        # nginx's workers read the password hashes per request; as root they would run as nobody, which
+        # may not read a file only its owner reads
+        user="root" if os.geteuid() == 0 else None,
+    )
+
+
+def nginx_config(
+    *,
+    listen: str,
+    upstream: str,
+    cert: Path,
+    key: Path,
+    users: Path,
+    pid: Path,
+    error_log: str,
+    temp: Path,
+    user: str | None = None,
+) -> str:
+    """The proxy's nginx.conf, the local stack's (`start`) and docker-compose.yml's
+    (`clinhub/infra/compose_secrets.py`): TLS on `listen`, basic authentication against the `users`
+    htpasswd file, reads for every principal and changes for the admin only, proxied to `upstream`
+    (http://host:port); nginx's temporary files under `temp`, its workers run as `user` when given."""
+    user_line = f"user {user};\n" if user else ""
     return f"""\
-{user}worker_processes 1;
-pid {layout.pid_path};
-error_log {layout.log_path} warn;
+{user_line}worker_processes 1;
+pid {pid};
+error_log {error_log} warn;
 events {{ worker_connections 256; }}
 http {{
     access_log off;
-    client_body_temp_path {home / "tmp" / "body"};
-    proxy_temp_path {home / "tmp" / "proxy"};
-    fastcgi_temp_path {home / "tmp" / "fastcgi"};
-    uwsgi_temp_path {home / "tmp" / "uwsgi"};
-    scgi_temp_path {home / "tmp" / "scgi"};
+    client_body_temp_path {temp / "body"};
+    proxy_temp_path {temp / "proxy"};
+    fastcgi_temp_path {temp / "fastcgi"};
+    uwsgi_temp_path {temp / "uwsgi"};
+    scgi_temp_path {temp / "scgi"};
     client_max_body_size 4m;
     # reads, and looking a schema up, for every principal; every other change for the admin only
     map "$request_method $uri" $needs_admin {{
@@ -125,17 +154,17 @@ http {{
         default 0;
     }}
     server {{
-        listen 127.0.0.1:{layout.port} ssl;
+        listen {listen} ssl;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         auth_basic "clinhub schema registry";
-        auth_basic_user_file {home / "htpasswd"};
+        auth_basic_user_file {users};
         location / {{
             if ($refused) {{
                 return 403 '{{"error_code":40301,"message":"only the admin registers schemas"}}';
             }}
-            proxy_pass http://127.0.0.1:{layout.upstream_port};
+            proxy_pass {upstream};
             proxy_set_header Host $host;
         }}
     }}

@@ -101,14 +101,20 @@ def _alternative_names(names: Sequence[str]) -> list[x509.GeneralName]:
     return general
 
 
-def _still_good(files: CertificateFiles, ca_cert: x509.Certificate, names: Sequence[str]) -> bool:
+def _still_good(
+    files: CertificateFiles,
+    ca_cert: x509.Certificate,
+    names: Sequence[str],
+    usages: Sequence[x509.ObjectIdentifier],
+) -> bool:
     if not (files.cert.exists() and files.key.exists()):
         return False
     cert = x509.load_pem_x509_certificates(files.cert.read_bytes())[0]
     if cert.issuer != ca_cert.subject or cert.not_valid_after_utc - _now() < RENEW_BEFORE:
         return False
     present = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return set(present) == set(_alternative_names(names))
+    used = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    return set(present) == set(_alternative_names(names)) and set(used) == set(usages)
 
 
 def issue_certificate(
@@ -117,19 +123,23 @@ def issue_certificate(
     stem: str,
     names: Sequence[str],
     client: bool = False,
+    mutual: bool = False,
 ) -> CertificateFiles:
     """A certificate for `names` (IP addresses or DNS names; the first is also its CN), signed by `ca`:
-    for a server, or with `client` for a client (mutual TLS). Kept while still good."""
+    for a server, or with `client` for a client (mutual TLS), or with `mutual` for both (a server that
+    is its peers' client too: Kafka's controllers). Kept while still good."""
     files = CertificateFiles(directory / f"{stem}.crt", directory / f"{stem}.key")
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
-    if _still_good(files, ca_cert, names):
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    if mutual:
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    if _still_good(files, ca_cert, names, usages):
         return files
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca.key} is not the EC key this module makes")
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -140,7 +150,7 @@ def issue_certificate(
         .not_valid_after(now + dt.timedelta(days=SERVICE_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(_alternative_names(names)), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
