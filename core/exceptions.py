@@ -30,11 +30,14 @@ class KafkaAccessError(HubError):
     """The broker refused this principal: wrong credentials, or no ACL for what it tried. Retrying
     changes nothing until an operator acts, so it is reported at once, naming who and what."""
 
-    def __init__(self, principal: str | None, reason: str, topic: str | None = None) -> None:
-        on = f" on {topic}" if topic else ""
+    def __init__(
+        self, principal: str | None, reason: str, topic: str | None = None, group: str | None = None
+    ) -> None:
+        on = f" on {topic}" if topic else f" on group {group}" if group else ""
         super().__init__(f"Kafka refused principal {principal or '(none)'}{on}: {reason}")
         self.principal = principal
         self.topic = topic
+        self.group = group
         self.reason = reason
 
 
