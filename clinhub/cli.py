@@ -295,6 +295,7 @@ def stream_worker(
 
     from clinhub.worker import build_components
     from core.contract import TopicNames
+    from core.kafka_errors import refusal_in
     from streams.runtime.app import ROLES, create_app, source_topics
     from streams.runtime.topics import check_access, discover_raw_topics
 
@@ -317,7 +318,16 @@ def stream_worker(
     raw_topics = discover_raw_topics(settings.kafka.client_config(), topics)
     components = build_components(settings, REGISTRY, roles)
     faust_app = create_app(settings.kafka, settings.stream, components, raw_topics=raw_topics, roles=roles)
-    faust_worker(faust_app, loglevel).execute_from_commandline()
+    worker = faust_worker(faust_app, loglevel)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        # Faust exits 1 after a crash without a word; Kafka refusing the principal meanwhile (its ACLs or
+        # credentials revoked) is said as at start-up: non-zero, naming the principal (main)
+        refused = refusal_in(worker.crash_reason, settings.kafka.sasl_username)
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 def faust_worker(faust_app: Any, loglevel: str) -> Any:

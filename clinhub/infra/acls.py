@@ -140,6 +140,16 @@ def _principal_filter(principal: str) -> Any:
     )
 
 
+def remove_acls(admin_config: Mapping[str, Any], principal: str) -> int:
+    """Delete every ACL of `principal` (refused at once, even on its open connections); returns how many
+    went. Its credentials stay: it still connects, and may do nothing."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(dict(admin_config))  # kept while its futures wait
+    every = _principal_filter(f"User:{principal}")
+    return sum(len(found) for found in _wait(admin.delete_acls([every]), "could not delete the ACLs of"))
+
+
 def revoke_principal(admin_config: Mapping[str, Any], principal: str) -> int:
     """Delete every ACL of `principal`, then its SCRAM credentials; returns how many ACLs went."""
     from confluent_kafka.admin import (
@@ -148,9 +158,8 @@ def revoke_principal(admin_config: Mapping[str, Any], principal: str) -> int:
         UserScramCredentialDeletion,
     )
 
+    deleted = remove_acls(admin_config, principal)
     admin = AdminClient(dict(admin_config))
-    every = _principal_filter(f"User:{principal}")
-    deleted = sum(len(found) for found in _wait(admin.delete_acls([every]), "could not delete the ACLs of"))
     described = cast(dict[str, Any], admin.describe_user_scram_credentials([principal]))
     try:
         described[principal].result()

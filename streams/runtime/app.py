@@ -9,6 +9,10 @@ Each stage is a handler (streams/runtime/normaliser.py, clinical.py, store.py) o
 needs no tables and runs on a plain librdkafka consumer (store_consumer.py). Reliability rules that
 shape the Faust side (../shared/reference/faust-reliability.md): `concurrency=1` (faust-streaming #606);
 events acked by hand after their outputs are confirmed (`noack_take`); state in changelogged tables.
+
+Kafka refusing the worker's principal while it runs (ACLs or credentials revoked) stops the worker with
+the typed refusal, whichever client met it (access.py, stage.py `StageHealth.access_lost`); its clients
+share one record of refusals (`ClientErrors`), which the access watch's new connections keep current.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from typing import Any, cast
 import faust
 
 from core.contract import KINDS, TopicNames
+from core.exceptions import KafkaAccessError
+from core.kafka_errors import ClientErrors
 from core.settings import KafkaSettings, StreamSettings
 from streams.exceptions import StageFailedError
+from streams.runtime.access import refusals_reported_app, reporting
 from streams.runtime.clinical import ClinicalHandler, ClinicalTables
 from streams.runtime.lag import LagReport
 from streams.runtime.normaliser import NormaliserHandler
@@ -32,11 +39,15 @@ from streams.runtime.stalls import GroupPositions, contiguous_offsets_app
 from streams.runtime.store import StoreHandler, store_topics
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.runtime.tables import RawKeyTable, store_url
-from streams.runtime.timers import RawTopicWatch, StallWatch, StoreLagWatch, stage_topic_sets
+from streams.runtime.timers import AccessWatch, RawTopicWatch, StallWatch, StoreLagWatch, stage_topic_sets
 
 log = logging.getLogger("clinhub.streams")
 
 ROLES = ("normaliser", "clinical", "store")
+# A refused password counts once refused this long (a broker just started may not know it yet); the
+# access watch opens a new connection this often, so deleted credentials stop a worker within ~20 s.
+ACCESS_PATIENCE_SECONDS = 10.0
+ACCESS_CHECK_SECONDS = 10.0
 
 
 def check_roles(roles: Collection[str]) -> None:
@@ -70,10 +81,15 @@ def faust_credentials(kafka: KafkaSettings) -> Any:
 
 
 def _faust_app(
-    kafka: KafkaSettings, stream: StreamSettings, app_id: str, skipped_offsets: GroupPositions
+    kafka: KafkaSettings,
+    stream: StreamSettings,
+    app_id: str,
+    skipped_offsets: GroupPositions,
+    health: StageHealth,
 ) -> faust.App:
     stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
-    return contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset)(
+    app_class = contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset)
+    return refusals_reported_app(app_class, kafka.sasl_username, health)(
         app_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
         broker_credentials=faust_credentials(kafka),
@@ -141,14 +157,19 @@ def create_app(
     app_id = app_id_for(stream, roles)
     # its own probe, so that checking skipped offsets never waits behind the stall watch's reads
     skipped_offsets = GroupPositions(kafka.client_config(), app_id)
-    app = _faust_app(kafka, stream, app_id, skipped_offsets)
+
+    async def stop_worker(refused: BaseException) -> None:
+        await app.crash(refused)  # the worker stops and exits non-zero with it (clinhub stream worker)
+
+    health = StageHealth(components.metrics, stop_worker)
+    errors = ClientErrors(kafka.sasl_username, patience=ACCESS_PATIENCE_SECONDS)  # every client's refusals
+    app = _faust_app(kafka, stream, app_id, skipped_offsets, health)
     _on_shutdown(app, skipped_offsets.close)
-    health = StageHealth(components.metrics)
     in_flight: dict[str, float] = {}  # Faust stage -> when its current batch started (stall watchdog)
     if publish_override is not None:
         publish = publish_override
     else:
-        outputs = make_outputs(kafka)
+        outputs = make_outputs(kafka, errors=errors)
         publish = outputs.publish
         _on_shutdown(app, outputs.close)
 
@@ -192,7 +213,9 @@ def create_app(
             raw_names,
             settle_seconds=min(45.0, stream.raw_topic_scan_seconds),
         )
-        app.timer(interval=stream.raw_topic_scan_seconds, name="watch_raw_topics")(raw_watch.tick)
+        app.timer(interval=stream.raw_topic_scan_seconds, name="watch_raw_topics")(
+            reporting(health, raw_watch.tick)
+        )
 
     if "clinical" in roles:
         clinical = stage("clinical")
@@ -210,12 +233,19 @@ def create_app(
                 events, judge.handle, clinical, stream.batch_size, stream.batch_within_seconds, in_flight
             )
 
-        @app.timer(interval=stream.escalation_check_seconds, name="escalation_timer")
         async def escalation_timer() -> None:
             await judge.escalate_due()
 
+        app.timer(interval=stream.escalation_check_seconds, name="escalation_timer")(
+            reporting(health, escalation_timer)
+        )
+
     if "store" in roles:
-        _add_store_stage(app, kafka, stream, stage("store"))
+        _add_store_stage(app, kafka, stream, stage("store"), errors)
+
+    if kafka.uses_sasl:
+        access_watch = AccessWatch(kafka.client_config(), errors)
+        app.timer(interval=ACCESS_CHECK_SECONDS, name="watch_access")(reporting(health, access_watch.tick))
 
     positions = GroupPositions(kafka.client_config(), app_id)
     _on_shutdown(app, positions.close)
@@ -227,11 +257,13 @@ def create_app(
         components.metrics,
         patience=stream.stall_patience_seconds,
     )
-    app.timer(interval=stream.stall_check_seconds, name="watch_stalls")(stall_watch.tick)
+    app.timer(interval=stream.stall_check_seconds, name="watch_stalls")(reporting(health, stall_watch.tick))
     return app
 
 
-def _add_store_stage(app: faust.App, kafka: KafkaSettings, stream: StreamSettings, store: Stage) -> None:
+def _add_store_stage(
+    app: faust.App, kafka: KafkaSettings, stream: StreamSettings, store: Stage, errors: ClientErrors
+) -> None:
     """Not a Faust agent: a librdkafka consumer in its own group that marks offsets done only after the
     store transaction (streams/runtime/store_consumer.py), run as a task of the worker."""
     group = store_group(stream.app_id)
@@ -243,13 +275,16 @@ def _add_store_stage(app: faust.App, kafka: KafkaSettings, stream: StreamSetting
         StoreHandler(store).handle,
         stream.batch_size,
         stream.batch_within_seconds,
+        errors=errors,
     )
     lag_watch = StoreLagWatch(
         consumer.assignment,
         GroupPositions(kafka.client_config(), group),
         LagReport(store.metrics.consumer_lag, "store"),
     )
-    app.timer(interval=stream.stall_check_seconds, name="watch_store_lag")(lag_watch.tick)
+    app.timer(interval=stream.stall_check_seconds, name="watch_store_lag")(
+        reporting(store.health, lag_watch.tick)
+    )
 
     @app.task
     async def store_stage() -> None:
@@ -257,6 +292,8 @@ def _add_store_stage(app: faust.App, kafka: KafkaSettings, stream: StreamSetting
             await consumer.run()
         except StageFailedError:
             return  # reported down by the stage runtime; its batch was never marked stored
+        except KafkaAccessError as exc:
+            await store.health.stop_worker(exc)  # its batch was never marked stored either
         except Exception as exc:
             log.critical("the store stage stopped: %r", exc)
             store.failed("run the store consumer", 1, exc)

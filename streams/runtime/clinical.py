@@ -300,8 +300,9 @@ class ClinicalHandler:
     async def escalate_due(self) -> int:
         """Publish the escalations that are due; the agent applies them when it reads them back.
 
-        A publish the broker refuses is tried again at the next tick; any other error is a bug and
-        propagates (the timer fails loudly)."""
+        A publish the broker cannot take now is tried again at the next tick; a refusal of the
+        principal (`KafkaAccessError`: the worker stops) and any other error, a bug, propagate (the
+        timer fails loudly)."""
         stage = self.stage
         now = stage.clock()
         sent = 0

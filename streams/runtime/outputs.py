@@ -1,7 +1,9 @@
 """What the agents publish, and the librdkafka producer that publishes it.
 
 Handlers collect their outputs per batch and hand them over in one call, which returns only once
-the broker has acknowledged every message (acks=all): the batch's input is acked after that. The
+the broker has acknowledged every message (acks=all): the batch's input is acked after that. A call
+whose message the broker refused the principal (no ACL for the topic), or made while the principal's
+credentials are refused, raises the typed refusal (`KafkaAccessError`), never retried. The
 producer is confluent-kafka's, not Faust's: Faust's aiokafka producer costs a task, a timer and a
 future in Python per message, and was a sixth of the normaliser's time. Table changelogs still go
 through Faust, which owns them.
@@ -15,6 +17,8 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from core.exceptions import KafkaAccessError
+from core.kafka_errors import ClientErrors, refusal
 from core.settings import KafkaSettings
 from streams.exceptions import OutputDeliveryError
 
@@ -35,11 +39,13 @@ Publish = Callable[[Sequence[Output]], Awaitable[None]]
 class _Pending:
     """One call's messages in flight: the future resolves when the last delivery report is in."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, principal: str | None = None) -> None:
         self.loop = loop
         self.remaining = count
+        self.principal = principal
         self._lock = threading.Lock()
         self.errors: list[tuple[str, str]] = []  # (topic, reason)
+        self.refused: KafkaAccessError | None = None
         self.done: asyncio.Future[None] = loop.create_future()
 
     def report(self, error: Any, message: Any) -> None:
@@ -47,6 +53,7 @@ class _Pending:
         with self._lock:
             if error is not None:
                 self.errors.append((message.topic(), str(error)))
+                self.refused = self.refused or refusal(error, self.principal, message.topic())
             self.remaining -= 1
             finished = self.remaining == 0
         if finished:
@@ -64,7 +71,9 @@ class _Pending:
     def _finish(self) -> None:
         if self.done.done():
             return
-        if self.errors:
+        if self.refused is not None:
+            self.done.set_exception(self.refused)
+        elif self.errors:
             topic, reason = self.errors[0]
             self.done.set_exception(OutputDeliveryError(topic, reason, len(self.errors)))
         else:
@@ -72,11 +81,23 @@ class _Pending:
 
 
 class KafkaOutputs:
-    """A librdkafka producer with a thread that serves its delivery reports."""
+    """A librdkafka producer with a thread that serves its delivery reports.
 
-    def __init__(self, producer: Any, poll_seconds: float = 0.05) -> None:
+    `errors` is the producer's `error_cb`, where a refused password shows: a call waiting while the
+    refusal counts fails with it instead of waiting for the delivery timeout.
+    """
+
+    def __init__(
+        self,
+        producer: Any,
+        poll_seconds: float = 0.05,
+        principal: str | None = None,
+        errors: ClientErrors | None = None,
+    ) -> None:
         self._producer = producer
         self._poll_seconds = poll_seconds
+        self._principal = principal
+        self._errors = errors
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -97,7 +118,7 @@ class KafkaOutputs:
         if not outputs:
             return
         self._ensure_polling()
-        pending = _Pending(asyncio.get_running_loop(), len(outputs))
+        pending = _Pending(asyncio.get_running_loop(), len(outputs), self._principal)
         for index, output in enumerate(outputs):
             while True:
                 try:
@@ -114,6 +135,18 @@ class KafkaOutputs:
                 except Exception as exc:  # noqa: BLE001 - e.g. a message over the size limit
                     pending.abandon(len(outputs) - index, output.topic, f"{type(exc).__name__}: {exc}")
                     await pending.done  # the ones already queued are reported first, then this raises
+        await self._confirmed(pending)
+
+    async def _confirmed(self, pending: _Pending) -> None:
+        """Every delivery report, or the refusal of the principal once it counts."""
+        if self._errors is None:
+            await pending.done
+            return
+        while not pending.done.done():
+            await asyncio.wait([pending.done], timeout=max(self._poll_seconds, 0.5))
+            if not pending.done.done() and self._errors.refused is not None:
+                pending.done.add_done_callback(_retrieved)  # the reports still due come to no one
+                raise self._errors.refused
         await pending.done
 
     def close(self, timeout: float = 10.0) -> int:
@@ -127,7 +160,18 @@ class KafkaOutputs:
         return remaining
 
 
-def make_outputs(kafka: KafkaSettings, delivery_timeout: float = 30.0) -> KafkaOutputs:
+def _retrieved(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()
+
+
+def make_outputs(
+    kafka: KafkaSettings, delivery_timeout: float = 30.0, errors: ClientErrors | None = None
+) -> KafkaOutputs:
+    """The worker's producer; `errors`, the worker's record of refusals, also hears its error callback."""
     from confluent_kafka import Producer
 
-    return KafkaOutputs(Producer(kafka.producer_config(delivery_timeout)))
+    config = kafka.producer_config(delivery_timeout)
+    if errors is not None:
+        config["error_cb"] = errors
+    return KafkaOutputs(Producer(config), principal=kafka.sasl_username, errors=errors)

@@ -11,6 +11,10 @@
   the fix, never in the dead-letter topic: a bug in the rules must not quietly bin every potassium.
 - ack after confirm: a Faust stage acks a batch only after its handler returned, i.e. after every
   output was confirmed by the broker (`run_batches`); a stopped stage never acks again.
+- access lost: Kafka refusing the worker's principal while it runs (its ACLs or credentials revoked,
+  `KafkaAccessError`) is neither retried nor a bug: every stage of the worker reports itself down,
+  one ERROR line says who was refused what, and the worker stops, non-zero (`StageHealth.stop_worker`).
+  What it had not confirmed stays unacknowledged in Kafka until access is restored.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from core.contract import RECORD_SCHEMAS, TopicNames
-from core.exceptions import ServiceUnavailableError
+from core.exceptions import KafkaAccessError, ServiceUnavailableError
 from schemas import standard
 from schemas.exceptions import SchemaError
 from schemas.wire import AvroDecoder, AvroEncoder, SchemaRegistry, make_encoder
@@ -100,13 +104,26 @@ class Components:
 
 
 class StageHealth:
-    """Which stages of this worker run. A stopped stage stays down until the worker restarts."""
+    """Which stages of this worker run. A stopped stage stays down until the worker restarts.
 
-    def __init__(self, metrics: StreamMetrics) -> None:
+    `stop_worker` stops the whole worker with an error (the Faust app's `crash`: the process exits
+    non-zero); it is called when Kafka refuses the worker's principal.
+    """
+
+    def __init__(
+        self,
+        metrics: StreamMetrics,
+        stop_worker: Callable[[BaseException], Awaitable[None]] | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._stop_worker = stop_worker
+        self.stages: list[str] = []
         self.failures: dict[str, StageFailedError] = {}
+        self.refused: KafkaAccessError | None = None
 
     def running(self, stage: str) -> None:
+        if stage not in self.stages:
+            self.stages.append(stage)
         self.failures.pop(stage, None)
         self._metrics.stage_up.labels(stage=stage).set(1)
 
@@ -116,6 +133,29 @@ class StageHealth:
 
     def is_up(self, stage: str) -> bool:
         return stage not in self.failures
+
+    def access_lost(self, refused: KafkaAccessError) -> KafkaAccessError:
+        """Kafka refused this worker's principal: every stage of it down, said once at ERROR; returns
+        the refusal, for the caller to raise."""
+        if self.refused is not None:
+            return self.refused
+        self.refused = refused
+        for stage in self.stages:
+            if self.is_up(stage):
+                self.failed(StageFailedError(stage, "keep its Kafka access", 1, refused))
+        log.error(
+            "worker stopping, stages %s down: %s. Whatever they had not confirmed waits in Kafka, "
+            "unacknowledged, until the principal's access is restored and the worker restarted",
+            ", ".join(self.stages) or "(none)",
+            refused,
+        )
+        return refused
+
+    async def stop_worker(self, refused: KafkaAccessError) -> None:
+        """`access_lost`, then stop the worker (it exits non-zero with the refusal)."""
+        error = self.access_lost(refused)
+        if self._stop_worker is not None:
+            await self._stop_worker(error)
 
 
 @dataclass
@@ -207,6 +247,8 @@ class Stage:
             except ServiceUnavailableError as exc:
                 log.warning("%s failed (%s), retrying in %.1fs", doing, exc, delay)
                 self.metrics.sink_retries.labels(reason=type(exc).__name__).inc()
+            except KafkaAccessError:
+                raise  # refused, not unavailable and not a bug: retrying changes nothing (`stop`)
             except Exception as exc:  # a bug of the hub: counted, logged, retried a few times
                 bugs += 1
                 self.metrics.stage_errors.labels(stage=self.name, error=type(exc).__name__).inc()
@@ -240,8 +282,12 @@ class Stage:
         return failure
 
     async def stop(self, cause: BaseException) -> None:
-        """Stop for good on `cause`: report down and wait, holding the batch, until the worker stops."""
-        self.failed("handle a batch", 1, cause)
+        """Stop for good on `cause`: report down and wait, holding the batch, until the worker stops.
+        Kafka refusing the principal stops the worker too (`StageHealth.stop_worker`)."""
+        if isinstance(cause, KafkaAccessError):
+            await self.health.stop_worker(cause)
+        else:
+            self.failed("handle a batch", 1, cause)
         await asyncio.Event().wait()
 
     async def dead_letter(self, rejections: Sequence[Rejection], kind: str) -> None:

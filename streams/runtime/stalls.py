@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.kafka_errors import refusal_in
+
 log = logging.getLogger("clinhub.streams.runtime.stalls")
 
 TopicPartition = tuple[str, int]
@@ -127,6 +129,21 @@ class GroupPositions:
                 probe.unassign()
 
     def read(
+        self, partitions: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """Committed offsets and ends; KafkaException when the broker does not answer, the typed
+        refusal (KafkaAccessError) when it refuses the principal the group or a topic."""
+        from confluent_kafka import KafkaException
+
+        try:
+            return self._read(partitions)
+        except KafkaException as exc:
+            refused = refusal_in(exc, self.client_config.get("sasl.username"), group=self.group)
+            if refused is not None:
+                raise refused from exc
+            raise
+
+    def _read(
         self, partitions: list[TopicPartition]
     ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
         from confluent_kafka import TopicPartition as KafkaTopicPartition

@@ -9,6 +9,10 @@ most the batches since the last commit, which the idempotent writer stores once.
 
 It runs inside the stream worker's event loop (a Faust task), with the consumer's blocking calls on
 one thread of its own, so that close() never races a consume() in flight.
+
+A refusal of the principal (a topic or the group it may no longer read, or its credentials refused for
+long enough, `ClientErrors`) ends `run` with the typed `KafkaAccessError` before the batch it came with
+is handled, so nothing of that batch is marked stored: it is read again once access is restored.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from core.kafka_errors import ClientErrors, refusal
 from streams.runtime.normaliser import RawMessage
 
 log = logging.getLogger("clinhub.streams.store")
@@ -84,8 +89,14 @@ class StoreConsumer:
         batch_size: int,
         batch_within_seconds: float,
         consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
+        errors: ClientErrors | None = None,
     ) -> None:
         self.config = dict(config)
+        self.errors = errors
+        if errors is not None:
+            self.config["error_cb"] = errors  # where librdkafka reports a refused password
+        self.principal = self.config.get("sasl.username")
+        self.group = self.config.get("group.id")
         self.topics = list(topics)
         self.handle = handle
         self.batch_size = batch_size
@@ -106,12 +117,7 @@ class StoreConsumer:
             )
             while True:
                 polled = await self._blocking(consumer.consume, self.batch_size, self.batch_within_seconds)
-                messages = []
-                for message in polled:
-                    if message.error() is not None:
-                        log.warning("store consumer: %s", message.error())
-                        continue
-                    messages.append(raw_message(message))
+                messages = self._messages(polled)
                 if not messages:
                     continue
                 await self.handle(messages)
@@ -122,6 +128,22 @@ class StoreConsumer:
             self._consumer = None
             await asyncio.shield(self._blocking(_close, consumer))
             self._thread.shutdown(wait=False)
+
+    def _messages(self, polled: Sequence[Any]) -> list[RawMessage]:
+        """The messages of a poll; raises the refusal when the broker refused the principal."""
+        messages = []
+        for message in polled:
+            error = message.error()
+            if error is None:
+                messages.append(raw_message(message))
+                continue
+            refused = refusal(error, self.principal, message.topic(), self.group)
+            if refused is not None:
+                raise refused
+            log.warning("store consumer: %s", error)
+        if self.errors is not None:
+            self.errors.raise_if_refused()
+        return messages
 
     async def assignment(self) -> list[tuple[str, int]]:
         """The partitions this worker's store consumer owns now (none before it has started)."""

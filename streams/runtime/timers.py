@@ -1,7 +1,8 @@
 """The worker's periodic jobs, each a named unit with one `tick()`, testable without Faust.
 
 `streams/runtime/app.py` runs each on its interval. A look-up the broker cannot answer now
-(`KafkaException`) is tried again at the next tick; any other error is the hub's own and propagates.
+(`KafkaException`) is tried again at the next tick; a refusal of the principal (`KafkaAccessError`)
+and any other error propagate.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from core.contract import TopicNames
+from core.kafka_errors import ClientErrors
 from streams.metrics import StreamMetrics
 from streams.runtime.lag import LagReport, lag_by_topic
 from streams.runtime.stalls import GroupPositions, StallDetector, TopicPartition, reread_from_committed
-from streams.runtime.topics import discover_raw_topics, subscribe_more
+from streams.runtime.topics import authenticates, discover_raw_topics, subscribe_more
 
 log = logging.getLogger("clinhub.streams.timers")
 
@@ -55,6 +57,31 @@ class RawTopicWatch:
         if new and subscribe_more(self.app, self.raw_names[0], new, settle_seconds=self.settle_seconds):
             log.warning("raw topics %s appeared after start-up; subscribing to them", ", ".join(new))
             self.raw_names.extend(new)
+
+
+class AccessWatch:
+    """The worker's principal still gets in: a new connection each tick, since Kafka never asks an open
+    one again, so deleted or changed credentials would show only whenever a client reconnects.
+
+    `errors` is the worker's one record of refusals, which its other clients report to as well; once a
+    refusal counts (authentication refused for its patience, or an authorisation refusal), the tick
+    raises it and the worker stops (streams/runtime/app.py).
+    """
+
+    def __init__(
+        self,
+        client_config: Mapping[str, Any],
+        errors: ClientErrors,
+        probe: Callable[[Mapping[str, Any], ClientErrors], bool] = authenticates,
+    ) -> None:
+        self.client_config = client_config
+        self.errors = errors
+        self.probe = probe
+
+    async def tick(self) -> None:
+        # False: no answer this time (an outage, or refusals that do not count yet), asked again next tick
+        await asyncio.to_thread(self.probe, self.client_config, self.errors)
+        self.errors.raise_if_refused()
 
 
 class StoreLagWatch:

@@ -88,22 +88,12 @@ def check_access(
 
     A worker that started anyway would wait silently: nothing consumed, nothing logged.
     """
-    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     errors = ClientErrors(principal)
     config: dict[str, Any] = {**client_config, "error_cb": errors}
     admin = AdminClient(config)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            listed = admin.list_topics(timeout=1.0).topics
-            break
-        except KafkaException:
-            admin.poll(0.5)  # serves error_cb: the refusal, if that is what it was
-            errors.raise_if_refused()
-            if time.monotonic() > deadline:
-                raise
+    listed = _listed_topics(admin, errors, timeout)
     for topic in topics:
         if topic in listed:
             continue
@@ -113,3 +103,39 @@ def check_access(
         if refused is not None:
             raise refused
         raise KafkaAuthorizationError(principal, "the topic does not exist or may not be described", topic)
+
+
+def _listed_topics(admin: Any, errors: ClientErrors, timeout: float) -> Any:
+    """The cluster's topics as the principal may see them; its refusal when `errors` counts one
+    meanwhile, KafkaException when the broker did not answer within `timeout`."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return admin.list_topics(timeout=1.0).topics
+        except KafkaException:
+            admin.poll(0.5)  # serves error_cb: the refusal, if that is what it was
+            errors.raise_if_refused()
+            if time.monotonic() > deadline:
+                raise
+
+
+def authenticates(client_config: Mapping[str, Any], errors: ClientErrors, timeout: float = 5.0) -> bool:
+    """Whether a new connection of the principal authenticates now: True when the broker lists topics
+    for it (`errors.succeeded()` is told), False when it did not answer within `timeout` (an outage, or
+    refusals that do not count yet: they reached `errors`). Raises the refusal once `errors` counts one.
+
+    A running worker's connections were authenticated when they opened, and Kafka does not ask again,
+    so deleted or changed credentials show only on a new connection: this one.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    config: dict[str, Any] = {**client_config, "error_cb": errors}
+    try:
+        _listed_topics(AdminClient(config), errors, timeout)
+    except KafkaException:
+        return False
+    errors.succeeded()
+    return True

@@ -8,7 +8,10 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError
 
+from core.exceptions import KafkaAuthenticationError, KafkaAuthorizationError
+from core.kafka_errors import ClientErrors
 from streams.exceptions import OutputDeliveryError
 from streams.runtime.outputs import KafkaOutputs, Output
 
@@ -111,3 +114,49 @@ def test_nothing_to_publish_returns_at_once_without_starting_the_poll_thread() -
     sink = KafkaOutputs(FakeProducer())
     asyncio.run(sink.publish([]))
     assert sink._thread is None
+
+
+class RefusingProducer(FakeProducer):
+    """Reports a delivery to a topic the principal may not write as the broker does."""
+
+    def poll(self, timeout: float) -> int:
+        with self._lock:
+            batch, self.queued = self.queued, []
+        for topic, _key, _value, report in batch:
+            denied = topic in self.failing
+            report(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED) if denied else None, _Message(topic))
+        if not batch:
+            threading.Event().wait(min(timeout, 0.01))
+        return len(batch)
+
+
+class SilentProducer(FakeProducer):
+    """A producer whose password is refused: librdkafka reports nothing until the delivery timeout."""
+
+    def poll(self, timeout: float) -> int:
+        threading.Event().wait(min(timeout, 0.01))
+        return 0
+
+
+def test_a_delivery_the_broker_refuses_the_principal_is_the_typed_refusal_not_an_outage() -> None:
+    sink = KafkaOutputs(RefusingProducer(failing={"norm.lab"}), poll_seconds=0.01, principal="normaliser")
+    with pytest.raises(KafkaAuthorizationError) as refused:
+        asyncio.run(sink.publish([*outputs(2, "deadletter"), *outputs(2)]))
+    assert (refused.value.principal, refused.value.topic) == ("normaliser", "norm.lab")
+    assert not isinstance(refused.value, OutputDeliveryError), "an outage is retried; a refusal is not"
+
+
+def test_a_refused_password_fails_a_waiting_call_instead_of_waiting_for_the_delivery_timeout() -> None:
+    errors = ClientErrors("normaliser")
+    sink = KafkaOutputs(SilentProducer(), poll_seconds=0.01, principal="normaliser", errors=errors)
+
+    async def scenario() -> None:
+        call = asyncio.create_task(sink.publish(outputs(3)))
+        await asyncio.sleep(0.1)
+        assert not call.done(), "nothing counts yet"
+        errors(KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: invalid credentials"))
+        await asyncio.wait_for(call, 5)
+
+    with pytest.raises(KafkaAuthenticationError) as refused:
+        asyncio.run(scenario())
+    assert refused.value.principal == "normaliser"

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
+from core.contract import TopicNames
+from core.exceptions import KafkaAuthorizationError
 from schemas.exceptions import MagicByteError, RegistryUnavailableError
 from schemas.wire import ConfluentRegistry
 from sinks.exceptions import StoreUnavailableError
 from streams.exceptions import ImplausibleValueError, OutputDeliveryError, StageFailedError
 from streams.runtime.messages import RawMessage
 from streams.runtime.outputs import Output
-from streams.runtime.stage import Components, RetryPolicy, judge_each, run_batches
+from streams.runtime.stage import Components, RetryPolicy, Stage, StageHealth, judge_each, run_batches
 from tests.unit.streams.runtime.test_app import make_components, stage_of
 
 BATCH = [RawMessage("norm.lab", 2, offset, b"rp-1", b"v") for offset in (40, 41, 42)]
@@ -213,3 +216,64 @@ def test_an_exception_escaping_a_handler_stops_the_stage_instead_of_acking() -> 
     asyncio.run(scenario())
     assert stream.acked == []
     assert not stage.health.is_up("normaliser")
+
+
+REFUSED = KafkaAuthorizationError("worker", "TOPIC_AUTHORIZATION_FAILED", "norm.lab")
+
+
+def test_a_refusal_of_the_principal_is_neither_retried_nor_counted_as_a_bug() -> None:
+    made = components(bug_attempts=3)
+    stage = stage_of("normaliser", made, nowhere)
+    calls = 0
+
+    async def action() -> None:
+        nonlocal calls
+        calls += 1
+        raise REFUSED
+
+    with pytest.raises(KafkaAuthorizationError):
+        asyncio.run(stage.attempt("normalise batch", action, BATCH))
+    assert calls == 1
+    assert (
+        made.metrics.stage_errors.labels(stage="normaliser", error="KafkaAuthorizationError")._value.get()
+        == 0
+    )
+
+
+def test_a_refused_faust_stage_stops_the_worker_with_every_stage_down_and_acks_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made = components()
+    stopped: list[BaseException] = []
+
+    async def stop_worker(error: BaseException) -> None:
+        stopped.append(error)
+
+    health = StageHealth(made.metrics, stop_worker)
+    normaliser = Stage("normaliser", made, TopicNames(), nowhere, health)
+    Stage("store", made, TopicNames(), nowhere, health)
+    stream = FakeStream([BATCH])
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        raise REFUSED  # e.g. its outputs' topic refused (outputs.py)
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(run_batches(stream, handle, normaliser, 10, 0.1, {}))
+        for _ in range(100):
+            if stopped:
+                break
+            await asyncio.sleep(0.01)
+        assert not loop.done(), "it holds its batch until the worker's stop cancels it"
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+        health.access_lost(REFUSED)  # any other client of the worker meeting it too says nothing more
+    assert stopped == [REFUSED]
+    assert stream.acked == []
+    assert [made.metrics.stage_up.labels(stage=s)._value.get() for s in ("normaliser", "store")] == [0, 0]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "stages normaliser, store down: Kafka refused principal worker on norm.lab" in errors[0]

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from core.exceptions import KafkaAccessError, KafkaAuthenticationError, KafkaAuthorizationError
+from core.kafka_errors import ClientErrors
 from streams.runtime.normaliser import RawMessage
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, next_offsets, store_group
 
@@ -179,3 +181,62 @@ def test_assignment_is_read_on_the_consumers_thread_and_empty_before_start() -> 
         return [before, during, await store.assignment()]
 
     assert asyncio.run(scenario()) == [[], [("alerts.critical", 0), ("norm.lab", 1)], []]
+
+
+STORE_CONFIG = {"sasl.username": "store", "group.id": "hub-sink"}
+
+
+def refused_run(consumer: FakeConsumer, errors: ClientErrors | None = None) -> KafkaAccessError:
+    """Run the store consumer until it stops on a refusal; nothing may be handed to the store."""
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        raise AssertionError("a batch that came with a refusal is not stored")
+
+    store = StoreConsumer(
+        STORE_CONFIG,
+        ["norm.lab"],
+        handle,
+        500,
+        0.01,
+        consumer_factory=lambda _config: consumer,
+        errors=errors,
+    )
+    with pytest.raises(KafkaAccessError) as refused:
+        asyncio.run(asyncio.wait_for(store.run(), 5))
+    return refused.value
+
+
+def test_a_topic_refused_while_running_stops_the_store_typed_and_marks_nothing_stored() -> None:
+    denied = KafkaError(
+        KafkaError.TOPIC_AUTHORIZATION_FAILED, "Fetch from broker 1 failed: Topic authorization"
+    )
+    consumer = FakeConsumer([[FakeMessage("norm.lab", 1, 7), FakeMessage("norm.lab", 0, -1, error=denied)]])
+    refused = refused_run(consumer)
+    assert isinstance(refused, KafkaAuthorizationError)
+    assert (refused.principal, refused.topic) == ("store", "norm.lab")
+    assert [name for name, _ in consumer.calls] == ["subscribe", "close"], "no offset marked stored"
+
+
+def test_a_group_refused_while_running_names_the_group() -> None:
+    denied = KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED, "Group authorization failed")
+    refused = refused_run(FakeConsumer([[FakeMessage("norm.lab", 0, -1, error=denied)]]))
+    assert isinstance(refused, KafkaAuthorizationError)
+    assert (refused.principal, refused.group) == ("store", "hub-sink")
+
+
+def test_a_password_refused_for_long_enough_stops_the_store_typed() -> None:
+    """librdkafka tells a refused password only to the error callback, which the worker's clients share."""
+    errors = ClientErrors("store")
+    errors(KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: invalid credentials"))
+    refused = refused_run(FakeConsumer([[FakeMessage("norm.lab", 1, 7)]]), errors)
+    assert isinstance(refused, KafkaAuthenticationError) and refused.principal == "store"
+
+
+def test_the_store_consumer_reports_to_the_workers_error_callback() -> None:
+    errors = ClientErrors("store")
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        return None
+
+    store = StoreConsumer(STORE_CONFIG, ["norm.lab"], handle, 500, 0.01, errors=errors)
+    assert store.config["error_cb"] is errors
