@@ -116,7 +116,7 @@ class _Volume:
     def directory(self, relative: str, uid: int) -> Path:
         path = self.root / relative
         path.mkdir(parents=True, exist_ok=True)
-        self._own(path, uid, 0o700)
+        self.own(path, uid, 0o700)
         return path
 
     def put(self, relative: str, data: bytes, uid: int, mode: int = 0o400) -> Path:
@@ -128,9 +128,9 @@ class _Volume:
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
-            self._own(temporary, uid, mode)
+            self.own(temporary, uid, mode)
             temporary.replace(path)
-        self._own(path, uid, mode)
+        self.own(path, uid, mode)
         return path
 
     def derived(self, relative: str, inputs: bytes, render: Callable[[], str], uid: int, mode: int) -> None:
@@ -141,7 +141,7 @@ class _Volume:
         if not (path.exists() and marker in path.read_text(encoding="utf-8").split("\n", 1)[0]):
             comment = "--" if relative.endswith(".sql") else "#"
             self.put(relative, f"{comment} {marker}\n{render()}".encode(), uid, mode)
-        self._own(path, uid, mode)
+        self.own(path, uid, mode)
 
     def prune(self, relative: str, keep: Iterable[str]) -> None:
         """Remove the password files of a service's directory it no longer needs."""
@@ -151,7 +151,7 @@ class _Volume:
                 path.unlink()
                 self.made.rewritten.append(f"{relative}/{path.name} (removed)")
 
-    def _own(self, path: Path, uid: int, mode: int) -> None:
+    def own(self, path: Path, uid: int, mode: int) -> None:
         if self.chown:
             os.chown(path, uid, uid)
         path.chmod(mode)
@@ -236,7 +236,7 @@ def _passwords(volume: _Volume, kind: str, names: Sequence[str], uid: int, mode:
         if not path.exists():
             volume.made.created.append(str(path.relative_to(volume.root)))
         found[name] = ensure_password(path)
-        volume._own(path, uid, mode)
+        volume.own(path, uid, mode)
     return found
 
 
