@@ -295,6 +295,7 @@ def stream_worker(
 
     from clinhub.worker import build_components
     from core.contract import TopicNames
+    from core.exceptions import AccessDeniedError
     from core.kafka_errors import refusal_in
     from streams.runtime.app import ROLES, create_app, source_topics
     from streams.runtime.topics import check_access, discover_raw_topics
@@ -324,7 +325,12 @@ def stream_worker(
     except SystemExit:
         # Faust exits 1 after a crash without a word; Kafka refusing the principal meanwhile (its ACLs or
         # credentials revoked) is said as at start-up: non-zero, naming the principal (main)
-        refused = refusal_in(worker.crash_reason, settings.kafka.sasl_username)
+        reason = worker.crash_reason  # or the database refusing the store stage's role
+        refused = (
+            reason
+            if isinstance(reason, AccessDeniedError)
+            else refusal_in(reason, settings.kafka.sasl_username)
+        )
         if refused is not None:
             raise refused from None
         raise

@@ -26,7 +26,13 @@ class ServiceUnavailableError(HubError):
     retry_after: float = 1.0
 
 
-class KafkaAccessError(HubError):
+class AccessDeniedError(HubError):
+    """A service (Kafka, the database) refused this component's identity: wrong credentials, or no right
+    to what it tried. Neither an outage to wait out nor bad input to dead-letter: retrying changes
+    nothing until an operator acts, so the component stops and says who was refused what."""
+
+
+class KafkaAccessError(AccessDeniedError):
     """The broker refused this principal: wrong credentials, or no ACL for what it tried. Retrying
     changes nothing until an operator acts, so it is reported at once, naming who and what."""
 

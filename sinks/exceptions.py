@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.exceptions import HubError, ServiceUnavailableError
+from core.exceptions import AccessDeniedError, HubError, ServiceUnavailableError
 
 
 class SinkError(HubError):
@@ -26,7 +26,7 @@ class StoreRejectedError(SinkError):
         self.reason = reason
 
 
-class StoreAccessError(SinkError):
+class StoreAccessError(SinkError, AccessDeniedError):
     """The database refused this component's role: a wrong password, or a privilege it lacks. Neither
     the data's fault (no dead letter) nor transient (no silent retry): the stage stops and says so."""
 

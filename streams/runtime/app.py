@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
 import faust
 
 from core.contract import KINDS, TopicNames
-from core.exceptions import KafkaAccessError
+from core.exceptions import AccessDeniedError
 from core.kafka_errors import ClientErrors
 from core.settings import KafkaSettings, StreamSettings
 from streams.exceptions import StageFailedError
@@ -48,6 +50,8 @@ ROLES = ("normaliser", "clinical", "store")
 # access watch opens a new connection this often, so deleted credentials stop a worker within ~20 s.
 ACCESS_PATIENCE_SECONDS = 10.0
 ACCESS_CHECK_SECONDS = 10.0
+# how long a refused worker's orderly stop may take before it exits anyway (`exit_refused`)
+ACCESS_STOP_GRACE_SECONDS = 15.0
 
 
 def check_roles(roles: Collection[str]) -> None:
@@ -138,6 +142,17 @@ def _on_shutdown(app: faust.App, close: Any) -> None:
     app.on_before_shutdown.connect(cast(Any, run))  # mode's handler type is narrower
 
 
+def exit_refused(refused: BaseException) -> None:
+    """The last resort of `stop_worker`: the refusal said as `clinhub stream worker` says it, exit 2."""
+    log.critical(
+        "the worker did not stop within %.0fs of being refused; exiting now", ACCESS_STOP_GRACE_SECONDS
+    )
+    logging.shutdown()
+    sys.stderr.write(f"error: {refused}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def create_app(
     kafka: KafkaSettings,
     stream: StreamSettings,
@@ -159,6 +174,10 @@ def create_app(
     skipped_offsets = GroupPositions(kafka.client_config(), app_id)
 
     async def stop_worker(refused: BaseException) -> None:
+        # Faust's stop may wait for ever on a consumer that is itself fine (seen when the database
+        # refused the store stage of an all-stage worker): past the grace, the process exits anyway,
+        # saying the same. Nothing unconfirmed was acknowledged, so nothing is lost (as after a kill).
+        asyncio.get_running_loop().call_later(ACCESS_STOP_GRACE_SECONDS, exit_refused, refused)
         await app.crash(refused)  # the worker stops and exits non-zero with it (clinhub stream worker)
 
     health = StageHealth(components.metrics, stop_worker)
@@ -292,7 +311,7 @@ def _add_store_stage(
             await consumer.run()
         except StageFailedError:
             return  # reported down by the stage runtime; its batch was never marked stored
-        except KafkaAccessError as exc:
+        except AccessDeniedError as exc:  # Kafka or the database refused us
             await store.health.stop_worker(exc)  # its batch was never marked stored either
         except Exception as exc:
             log.critical("the store stage stopped: %r", exc)

@@ -12,8 +12,9 @@
 - ack after confirm: a Faust stage acks a batch only after its handler returned, i.e. after every
   output was confirmed by the broker (`run_batches`); a stopped stage never acks again.
 - access lost: Kafka refusing the worker's principal while it runs (its ACLs or credentials revoked,
-  `KafkaAccessError`) is neither retried nor a bug: every stage of the worker reports itself down,
-  one ERROR line says who was refused what, and the worker stops, non-zero (`StageHealth.stop_worker`).
+  `KafkaAccessError`), or the database its role (`StoreAccessError`), is neither retried nor a bug:
+  every stage of the worker reports itself down, one ERROR line says who was refused what, and the
+  worker stops, non-zero (`StageHealth.stop_worker`).
   What it had not confirmed stays unacknowledged in Kafka until access is restored.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from core.contract import RECORD_SCHEMAS, TopicNames
-from core.exceptions import KafkaAccessError, ServiceUnavailableError
+from core.exceptions import AccessDeniedError, ServiceUnavailableError
 from schemas import standard
 from schemas.exceptions import SchemaError
 from schemas.wire import AvroDecoder, AvroEncoder, SchemaRegistry, make_encoder
@@ -119,7 +120,7 @@ class StageHealth:
         self._stop_worker = stop_worker
         self.stages: list[str] = []
         self.failures: dict[str, StageFailedError] = {}
-        self.refused: KafkaAccessError | None = None
+        self.refused: AccessDeniedError | None = None
 
     def running(self, stage: str) -> None:
         if stage not in self.stages:
@@ -134,24 +135,24 @@ class StageHealth:
     def is_up(self, stage: str) -> bool:
         return stage not in self.failures
 
-    def access_lost(self, refused: KafkaAccessError) -> KafkaAccessError:
-        """Kafka refused this worker's principal: every stage of it down, said once at ERROR; returns
-        the refusal, for the caller to raise."""
+    def access_lost(self, refused: AccessDeniedError) -> AccessDeniedError:
+        """Kafka refused this worker's principal, or the database its role: every stage of it down,
+        said once at ERROR; returns the refusal, for the caller to raise."""
         if self.refused is not None:
             return self.refused
         self.refused = refused
         for stage in self.stages:
             if self.is_up(stage):
-                self.failed(StageFailedError(stage, "keep its Kafka access", 1, refused))
+                self.failed(StageFailedError(stage, "keep its access", 1, refused))
         log.error(
             "worker stopping, stages %s down: %s. Whatever they had not confirmed waits in Kafka, "
-            "unacknowledged, until the principal's access is restored and the worker restarted",
+            "unacknowledged, until its access is restored and the worker restarted",
             ", ".join(self.stages) or "(none)",
             refused,
         )
         return refused
 
-    async def stop_worker(self, refused: KafkaAccessError) -> None:
+    async def stop_worker(self, refused: AccessDeniedError) -> None:
         """`access_lost`, then stop the worker (it exits non-zero with the refusal)."""
         error = self.access_lost(refused)
         if self._stop_worker is not None:
@@ -247,7 +248,7 @@ class Stage:
             except ServiceUnavailableError as exc:
                 log.warning("%s failed (%s), retrying in %.1fs", doing, exc, delay)
                 self.metrics.sink_retries.labels(reason=type(exc).__name__).inc()
-            except KafkaAccessError:
+            except AccessDeniedError:
                 raise  # refused, not unavailable and not a bug: retrying changes nothing (`stop`)
             except Exception as exc:  # a bug of the hub: counted, logged, retried a few times
                 bugs += 1
@@ -283,8 +284,9 @@ class Stage:
 
     async def stop(self, cause: BaseException) -> None:
         """Stop for good on `cause`: report down and wait, holding the batch, until the worker stops.
-        Kafka refusing the principal stops the worker too (`StageHealth.stop_worker`)."""
-        if isinstance(cause, KafkaAccessError):
+        Kafka refusing the principal, or the database the role, stops the worker too
+        (`StageHealth.stop_worker`)."""
+        if isinstance(cause, AccessDeniedError):
             await self.health.stop_worker(cause)
         else:
             self.failed("handle a batch", 1, cause)

@@ -4,6 +4,7 @@ with least privilege, the audit log append-only for every application role."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ from sinks.exceptions import StoreAccessError, StoreRejectedError, StoreUnavaila
 from sinks.privileges import CONSOLE, OWNER, STORE
 from sinks.sql import SqlStoreSink
 from sinks.store import engine_for, ensure_current, upgrade
+from tests.integration.conftest import HubEnv
+from tests.integration.test_credential_loss import publish_lab
+from tests.integration.test_lab_path import rows_for, wait_for
 from tests.unit.sinks.factory import realistic_batch
 
 pytestmark = pytest.mark.integration
@@ -238,3 +242,31 @@ def test_a_missing_grant_is_a_refused_role_not_refused_data(owner: Engine, store
     assert not isinstance(error.value, StoreRejectedError | StoreUnavailableError)
     with owner.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM observations")).scalar_one() == 0
+
+
+def test_a_worker_whose_database_role_loses_a_grant_stops_and_loses_nothing(hub: HubEnv) -> None:
+    """The store stage's writes refused (its INSERT on observations revoked while it runs): the worker
+    exits non-zero naming the role, nothing dead-lettered, and once the grant is back the event is stored."""
+    worker = hub.start_worker()
+    first = publish_lab(hub, 4.0)
+    wait_for(lambda: rows_for(hub, first) == 1, hub, 120, what="the first event stored")
+
+    with hub.engine.begin() as connection:
+        connection.execute(text(f'REVOKE INSERT ON observations FROM "{STORE}"'))
+    revoked = time.monotonic()
+    second = publish_lab(hub, 4.1)
+    while worker.poll() is None:
+        assert time.monotonic() - revoked < 60, f"still running:\n{hub.worker_log()}"
+        time.sleep(0.2)
+    hub.workers.remove(worker)
+    log = hub.worker_log()
+    assert worker.returncode != 0, log[-3000:]
+    assert f"error: the database refused role {STORE}: " in log, log[-3000:]
+    assert "permission denied for table observations" in log
+    assert rows_for(hub, second) == 0
+    assert hub.consume_all(hub.topics.deadletter_topic, 3, lambda m: False) == [], "no dead letter"
+
+    upgrade(hub.engine)  # `clinhub db upgrade` gives every role its grants again
+    hub.start_worker()
+    wait_for(lambda: rows_for(hub, second) == 1, hub, 120, what="the second event stored after the restart")
+    assert rows_for(hub, first) == 1

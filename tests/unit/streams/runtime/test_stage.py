@@ -13,7 +13,7 @@ from core.contract import TopicNames
 from core.exceptions import KafkaAuthorizationError
 from schemas.exceptions import MagicByteError, RegistryUnavailableError
 from schemas.wire import ConfluentRegistry
-from sinks.exceptions import StoreUnavailableError
+from sinks.exceptions import StoreAccessError, StoreUnavailableError
 from streams.exceptions import ImplausibleValueError, OutputDeliveryError, StageFailedError
 from streams.runtime.messages import RawMessage
 from streams.runtime.outputs import Output
@@ -219,9 +219,11 @@ def test_an_exception_escaping_a_handler_stops_the_stage_instead_of_acking() -> 
 
 
 REFUSED = KafkaAuthorizationError("worker", "TOPIC_AUTHORIZATION_FAILED", "norm.lab")
+ROLE_REFUSED = StoreAccessError("clinhub_store", "InsufficientPrivilege: permission denied for table alerts")
 
 
-def test_a_refusal_of_the_principal_is_neither_retried_nor_counted_as_a_bug() -> None:
+@pytest.mark.parametrize("refused", [REFUSED, ROLE_REFUSED], ids=["kafka", "database"])
+def test_a_refusal_of_the_principal_is_neither_retried_nor_counted_as_a_bug(refused: Exception) -> None:
     made = components(bug_attempts=3)
     stage = stage_of("normaliser", made, nowhere)
     calls = 0
@@ -229,15 +231,38 @@ def test_a_refusal_of_the_principal_is_neither_retried_nor_counted_as_a_bug() ->
     async def action() -> None:
         nonlocal calls
         calls += 1
-        raise REFUSED
+        raise refused
 
-    with pytest.raises(KafkaAuthorizationError):
+    with pytest.raises(type(refused)):
         asyncio.run(stage.attempt("normalise batch", action, BATCH))
     assert calls == 1
-    assert (
-        made.metrics.stage_errors.labels(stage="normaliser", error="KafkaAuthorizationError")._value.get()
-        == 0
-    )
+    error = type(refused).__name__
+    assert made.metrics.stage_errors.labels(stage="normaliser", error=error)._value.get() == 0
+
+
+def test_a_database_refusing_the_store_role_stops_the_worker_like_kafka_refusing_it() -> None:
+    made = components()
+    stopped: list[BaseException] = []
+
+    async def stop_worker(error: BaseException) -> None:
+        stopped.append(error)
+
+    health = StageHealth(made.metrics, stop_worker)
+    store = Stage("store", made, TopicNames(), nowhere, health)
+    health.running("store")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(store.stop(ROLE_REFUSED))
+        for _ in range(100):
+            if stopped:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert stopped == [ROLE_REFUSED]
+    assert made.metrics.stage_up.labels(stage="store")._value.get() == 0
+    assert "the database refused role clinhub_store" in str(health.failures["store"])
 
 
 def test_a_refused_faust_stage_stops_the_worker_with_every_stage_down_and_acks_nothing(
