@@ -45,14 +45,21 @@ INFRA_HOME = PROJECT_ROOT / ".infra"
 TEST_INSTITUTIONS = ("H001", "H002", "C003")  # each a principal of its own on every test broker
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.KafkaLayout]:
-    layout = kafka.KafkaLayout(
-        home=tmp_path_factory.mktemp("kafka"),
+def broker_layout(home: Path, **options: Any) -> kafka.KafkaLayout:
+    """A secured broker of its own in `home`, on free ports, with the jars every test broker shares. The
+    session's is one; a test that stops or kills its broker makes another, so no other test is hurt."""
+    return kafka.KafkaLayout(
+        home=home,
         port=free_port(),
         controller_port=free_port(),
         shared_lib=INFRA_HOME / "kafka-lib",
+        **options,
     )
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.KafkaLayout]:
+    layout = broker_layout(tmp_path_factory.mktemp("kafka"))
     process = kafka.start(layout)
     yield layout
     process.stop()

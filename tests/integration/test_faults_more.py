@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select, text
 
 from clinhub.infra import kafka, postgres
-from clinhub.infra.process import free_port, pid_alive
+from clinhub.infra.process import pid_alive
 from clinhub.infra.registry import RegistryLayout
 from producers.publisher import Receipt, make_publisher, message_key
 from producers.simulator import simulate_events
@@ -35,7 +35,7 @@ from schemas.wire import ConfluentRegistry, make_encoder
 from sinks.models import Alert
 from streams.runtime.store_consumer import store_group
 from tests.factories import lab_record
-from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
+from tests.integration.conftest import HubEnv, broker_layout, running_hub
 from tests.integration.test_faults import assert_exactly_once, stored_counts, traffic
 from tests.integration.test_lab_path import rows_for, wait_for
 
@@ -253,13 +253,7 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.Kafka
     then depend on this one restoring it; a broker of its own costs one JVM start (~10 s) and isolates
     the fault completely. kafka.stop goes by the pid file, so it also stops the restarted process.
     """
-    layout = kafka.KafkaLayout(
-        home=tmp_path_factory.mktemp("kafka-restart"),
-        port=free_port(),
-        controller_port=free_port(),
-        heap="512m",
-        shared_lib=INFRA_HOME / "kafka-lib",
-    )
+    layout = broker_layout(tmp_path_factory.mktemp("kafka-restart"), heap="512m")
     kafka.start(layout)
     try:
         yield layout

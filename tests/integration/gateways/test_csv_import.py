@@ -120,15 +120,9 @@ def test_a_broker_outage_publishes_nothing_silently_and_the_rerun_sends_every_ro
     """On a broker of its own, stopped for the first run: the command exits non-zero saying how many rows
     were not published, nothing reaches the ledger, and the re-run once it is back sends every row once."""
     from clinhub.infra import kafka
-    from tests.integration.conftest import INFRA_HOME, running_hub
-    from tests.integration.console.conftest import free_port
+    from tests.integration.conftest import broker_layout, running_hub
 
-    layout = kafka.KafkaLayout(
-        home=tmp_path / "kafka2",
-        port=free_port(),
-        controller_port=free_port(),
-        shared_lib=INFRA_HOME / "kafka-lib",
-    )
+    layout = broker_layout(tmp_path / "kafka2")
     process = kafka.start(layout)
     try:
         with running_hub(layout, schema_registry, postgres_cluster, tmp_path) as hub:

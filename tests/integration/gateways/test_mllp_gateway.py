@@ -31,7 +31,7 @@ from producers.gateways.hl7.charset import decode_message
 from producers.gateways.hl7.mapping import map_message
 from producers.gateways.mllp import Frame, MLLPFramer, wrap
 from sinks.models import Diagnosis, Encounter, IngestLog, Observation, PatientName
-from tests.integration.conftest import INFRA_HOME, HubEnv, running_hub
+from tests.integration.conftest import HubEnv, broker_layout, running_hub
 from tests.integration.test_lab_path import wait_for
 
 pytestmark = pytest.mark.integration
@@ -440,12 +440,7 @@ def test_gb18030_message_reaches_the_store_intact_and_its_ack_carries_msh18(hub:
 def test_broker_outage_gives_ar_and_the_resend_once_it_is_back_gives_aa_and_one_event(
     schema_registry: RegistryLayout, postgres_cluster: Any, tmp_path: Path
 ) -> None:
-    layout = kafka.KafkaLayout(
-        home=tmp_path / "kafka2",
-        port=free_port(),
-        controller_port=free_port(),
-        shared_lib=INFRA_HOME / "kafka-lib",
-    )
+    layout = broker_layout(tmp_path / "kafka2")
     process = kafka.start(layout)
     try:
         with running_hub(layout, schema_registry, postgres_cluster, tmp_path) as hub:
