@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from clinhub.exceptions import ServiceError
 from clinhub.infra.acls import set_passwords, with_credentials
@@ -29,7 +29,7 @@ from clinhub.infra.process import (
     stop_recorded,
     wait_until,
 )
-from clinhub.infra.secrets import ensure_password
+from clinhub.infra.secrets import LocalCredentials, ensure_password
 from clinhub.infra.tls import ensure_ca, issue_certificate, write_private
 from core.settings import KafkaSettings
 
@@ -58,8 +58,10 @@ logger.state.level = WARN
 
 
 @dataclass(frozen=True)
-class KafkaLayout:
+class KafkaLayout(LocalCredentials):
     """Where one broker keeps its jars, configuration, data and log."""
+
+    SECRETS_KIND: ClassVar[str] = "kafka"
 
     home: Path
     port: int = 9092
@@ -94,21 +96,6 @@ class KafkaLayout:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def tls_dir(self) -> Path:
-        return self.tls_home or self.home.parent / "tls"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.tls_dir / "ca.crt"
-
-    @property
-    def secrets_dir(self) -> Path:
-        return self.secrets_home or self.home.parent / "secrets" / "kafka"
-
-    def password_file(self, principal: str) -> Path:
-        return self.secrets_dir / f"{principal}.password"
 
     def settings_for(self, principal: str) -> KafkaSettings:
         """Client settings of one principal of this broker (its password made on first use)."""

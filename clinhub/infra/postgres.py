@@ -19,6 +19,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from clinhub.exceptions import ServiceError
 from clinhub.infra.process import (
@@ -30,7 +31,7 @@ from clinhub.infra.process import (
     stop_recorded,
     wait_until,
 )
-from clinhub.infra.secrets import ensure_password
+from clinhub.infra.secrets import LocalCredentials, ensure_password
 from clinhub.infra.tls import ensure_ca, issue_certificate, write_private
 from core.settings import DatabaseSettings
 from sinks.privileges import APPLICATION_ROLES, OWNER
@@ -89,7 +90,8 @@ host     all  all       all            reject
 
 
 @dataclass(frozen=True)
-class PostgresLayout:
+class PostgresLayout(LocalCredentials):
+    SECRETS_KIND: ClassVar[str] = "postgres"
     home: Path
     port: int = 5432
     database: str = "clinhub"
@@ -111,21 +113,6 @@ class PostgresLayout:
     @property
     def pid_path(self) -> Path:
         return self.home / "postgres.pid"
-
-    @property
-    def tls_dir(self) -> Path:
-        return self.tls_home or self.home.parent / "tls"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.tls_dir / "ca.crt"
-
-    @property
-    def secrets_dir(self) -> Path:
-        return self.secrets_home or self.home.parent / "secrets" / "postgres"
-
-    def password_file(self, role: str) -> Path:
-        return self.secrets_dir / f"{role}.password"
 
     def url(self, database: str | None = None) -> str:
         """Without credentials: the settings carry the role and its password file."""

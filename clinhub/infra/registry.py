@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from clinhub.exceptions import ServiceError
 from clinhub.infra import registry_proxy
@@ -24,7 +25,7 @@ from clinhub.infra.process import (
     stop_recorded,
     wait_until,
 )
-from clinhub.infra.secrets import ensure_password
+from clinhub.infra.secrets import LocalCredentials, ensure_password
 from core.principals import ADMIN
 from core.settings import RegistrySettings
 
@@ -33,7 +34,8 @@ CCOMPAT_PATH = "/apis/ccompat/v7"
 
 
 @dataclass(frozen=True)
-class RegistryLayout:
+class RegistryLayout(LocalCredentials):
+    SECRETS_KIND: ClassVar[str] = "registry"
     home: Path
     port: int = 8081
     persistent: bool = True
@@ -72,8 +74,8 @@ class RegistryLayout:
             home=self.home / "proxy",
             port=self.port,
             upstream_port=self.app_port,
-            tls_dir=self.tls_home or self.home.parent / "tls",
-            secrets_dir=self.secrets_home or self.home.parent / "secrets" / "registry",
+            tls_dir=self.tls_dir,
+            secrets_dir=self.secrets_dir,
         )
 
     def settings_for(self, principal: str) -> RegistrySettings:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import ClassVar
 
 from clinhub.infra.tls import write_private
 from core.settings import read_secret_file
@@ -17,3 +18,28 @@ def ensure_password(path: Path) -> str:
     if not path.exists():
         write_private(path, secrets.token_urlsafe(32).encode())
     return read_secret_file(path, str(path)).get_secret_value()
+
+
+class LocalCredentials:
+    """Where a local service's CA and its clients' password files are: `tls/` and `secrets/<kind>/`
+    beside its home, unless its layout names others. A mixin of the services' frozen layouts."""
+
+    SECRETS_KIND: ClassVar[str]
+    home: Path
+    tls_home: Path | None
+    secrets_home: Path | None
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.tls_home or self.home.parent / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.crt"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.secrets_home or self.home.parent / "secrets" / self.SECRETS_KIND
+
+    def password_file(self, name: str) -> Path:
+        return self.secrets_dir / f"{name}.password"
