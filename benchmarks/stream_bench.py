@@ -17,21 +17,28 @@ Figures are events/s and ratios to the baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import suppress
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
 
-from benchmarks.local_services import services, worker_env
+from benchmarks.local_services import services
+from benchmarks.pipeline import (
+    SPLIT_ROLES,
+    check_running,
+    committed_to_end,
+    consume_decode,
+    cpu_seconds,
+    end_offsets,
+    norm_span,
+    start_workers,
+    stop_workers,
+    worker_environment,
+    worker_pid,
+)
 from clinhub.provision import provision
 from core.contract import TopicNames
 from core.settings import (
@@ -46,94 +53,9 @@ from core.settings import (
 from producers.publisher import make_publisher
 from producers.simulator import simulate_labs
 from schemas.registration import register_standard
-from schemas.wire import AvroDecoder, ConfluentRegistry
+from schemas.wire import ConfluentRegistry
 from sinks.models import IngestLog
 from sinks.store import make_engine, upgrade
-
-
-def end_offsets(client: dict[str, str], topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = Consumer({**client, "group.id": "bench-probe"})
-    ends = {}
-    for topic in topics:
-        for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            ends[(topic, partition)] = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=10
-            )[1]
-    consumer.close()
-    return ends
-
-
-def baseline(
-    client: dict[str, str], registry: RegistrySettings, topics: list[str], count: int
-) -> tuple[float, float]:
-    """Events/s of consume + decode, from the first message polled to the last decoded; CPU s per event."""
-    decode = AvroDecoder(ConfluentRegistry(registry.client_config()))
-    consumer = Consumer(
-        {
-            **client,
-            "group.id": f"bench-baseline-{secrets.token_hex(4)}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe(topics)
-    seen, started, cpu_started = 0, 0.0, 0.0
-    while seen < count:
-        for message in consumer.consume(num_messages=1000, timeout=1.0):
-            if message.error() is None:
-                if not started:
-                    started, cpu_started = time.perf_counter(), time.process_time()
-                decode(message.value())
-                seen += 1
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    return count / elapsed, (time.process_time() - cpu_started) / count
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc), for CPU per event beside the rates."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def worker_pid(process: subprocess.Popen[bytes]) -> int:
-    """The worker's pid: the process itself, or the one child of py-spy when profiling."""
-    if not Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"py-spy"):
-        return process.pid
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    for _ in range(100):
-        found = children.read_text().split()
-        if found:
-            return int(found[0])
-        time.sleep(0.1)
-    raise SystemExit(f"py-spy (pid {process.pid}) started no worker")
-
-
-def committed_to_end(client: dict[str, str], group: str, ends: dict[tuple[str, int], int]) -> bool:
-    consumer = Consumer({**client, "group.id": group})
-    try:
-        committed = consumer.committed([TopicPartition(t, p) for t, p in ends], timeout=10)
-        return all(
-            tp.offset >= ends[(tp.topic, tp.partition)] for tp in committed if ends[(tp.topic, tp.partition)]
-        )
-    finally:
-        consumer.close()
-
-
-def norm_span(client: dict[str, str], topic: str) -> tuple[float, float, int]:
-    """(first, last) create time in seconds and the count of messages on the topic."""
-    consumer = Consumer({**client, "group.id": f"bench-span-{secrets.token_hex(4)}"})
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    ends = end_offsets(client, [topic])
-    total = sum(ends.values())
-    stamps: list[float] = []
-    while len(stamps) < total:
-        for message in consumer.consume(num_messages=1000, timeout=1.0):
-            if message.error() is None:
-                stamps.append(message.timestamp()[1] / 1000)
-    consumer.close()
-    return min(stamps), max(stamps), total
 
 
 def main() -> None:
@@ -196,49 +118,14 @@ def run(
     print(f"published {count} lab results in {time.perf_counter() - started:.1f}s")
 
     raw_topics = [topics.raw(institution, "lab") for institution in institutions]
-    base, base_cpu = baseline(client, registry, raw_topics, count)
+    ceiling = consume_decode(client, registry, raw_topics, count)
+    base, base_cpu = ceiling.rate, ceiling.cpu_us_per_event / 1e6
     base_figures = f"{base:9.0f} events/s   1.00x   {base_cpu * 1e6:.0f} us CPU/event"
     print(f"baseline   consume + decode         {base_figures}")
 
-    env = {
-        **os.environ,
-        **worker_env(kafka, registry),
-        "CLINHUB_DATABASE_URL": db_url,
-        "CLINHUB_STREAM_APP_ID": app_id,
-        "CLINHUB_STREAM_DATA_DIR": str(workdir / "faust"),
-        "CLINHUB_SECURITY_PSEUDONYM_KEY": secrets.token_hex(32),
-        "CLINHUB_INFRA_METRICS_PORT": "0",
-        "CLINHUB_LOG_LEVEL": "WARNING",
-    }
-    log = (workdir / "worker.log").open("ab")
-    base_argv = [sys.executable, "-m", "clinhub.cli", "stream", "worker", "--loglevel", "warning"]
-    role_sets = [["--role", "normaliser"], ["--role", "clinical"], ["--role", "store"]] if split else [[]]
-
-    def command(roles: list[str]) -> list[str]:
-        if profile is None:
-            return [*base_argv, *roles]
-        profile.mkdir(parents=True, exist_ok=True)
-        stage = roles[-1] if roles else "all"
-        spy = str(Path(sys.executable).with_name("py-spy"))
-        return [
-            spy,
-            "record",
-            "--gil",
-            "--format",
-            "raw",
-            "-o",
-            str(profile / f"{stage}.txt"),
-            "--",
-            *base_argv,
-            *roles,
-        ]
-
-    workers = [
-        subprocess.Popen(  # noqa: S603 - the project's own worker
-            command(roles), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
-        )
-        for roles in role_sets
-    ]
+    env = worker_environment(kafka, registry, workdir, app_id, {"CLINHUB_DATABASE_URL": db_url})
+    role_sets = [list(roles) for roles in SPLIT_ROLES] if split else [[]]
+    workers = start_workers(role_sets, env, workdir, profile)
     clinical_group = f"{app_id}-clinical" if split else app_id
     print(f"workers    {len(workers)} process(es): {'one per stage' if split else 'all stages in one'}")
     try:
@@ -246,8 +133,7 @@ def run(
         alert_done = store_done = 0.0
         start_cpu: list[float] = []  # each worker's CPU once the first event is normalised: start-up excluded
         while not store_done:
-            if any(worker.poll() is not None for worker in workers):
-                raise SystemExit(f"worker exited: {(workdir / 'worker.log').read_text()[-3000:]}")
+            check_running(workers, workdir)
             time.sleep(0.5)
             now = time.time()  # wall clock, comparable with Kafka create times
             if not norm_ends:
@@ -284,12 +170,7 @@ def run(
             for roles, stage_cpu in zip(role_sets, used, strict=True):
                 print(f"  {roles[-1]:<10} {stage_cpu / count * 1e6:6.0f} us CPU/event")
     finally:
-        for worker in workers:
-            if worker.poll() is None:  # under py-spy: it writes its file once the worker has ended
-                with suppress(ProcessLookupError):
-                    os.kill(worker_pid(worker), signal.SIGTERM)
-        for worker in workers:
-            worker.wait(60)
+        stop_workers(workers)
 
 
 if __name__ == "__main__":
