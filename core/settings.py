@@ -249,8 +249,11 @@ class StreamSettings(BaseSettings):
     # store stage is a librdkafka consumer in group "<app_id>-sink" whatever the subset. Scale out with
     # one role per worker, the layout the rebalance fault test runs.
     roles: tuple[str, ...] = ("normaliser", "clinical", "store")
+    # A stage's batch is what has arrived, up to batch_size: taken once the stage is idle and its first
+    # message has waited batch_linger_seconds for company (none when it came while the stage was busy).
+    # It grows only under load; nothing waits for a batch to fill (stage.py `LingerBatches`).
     batch_size: int = Field(default=500, ge=1)
-    batch_within_seconds: float = Field(default=0.5, gt=0)
+    batch_linger_seconds: float = Field(default=0.005, ge=0)
     data_dir: Path = PROJECT_ROOT / ".data" / "faust"
     web_port: int = 6066
     sink_retry_max_seconds: float = Field(default=30.0, gt=0)

@@ -8,7 +8,8 @@ Each stage is a handler (streams/runtime/normaliser.py, clinical.py, store.py) o
 (stage.py: decode-and-catch, retry, dead letters, ack after confirm, stop on a bug). The store stage
 needs no tables and runs on a plain librdkafka consumer (store_consumer.py). Reliability rules that
 shape the Faust side (../shared/reference/faust-reliability.md): `concurrency=1` (faust-streaming #606);
-events acked by hand after their outputs are confirmed (`noack_take`); state in changelogged tables.
+events acked by hand after their outputs are confirmed (`linger_take`, Faust's `noack_take` with a
+linger instead of a window); state in changelogged tables.
 
 Kafka refusing the worker's principal while it runs (ACLs or credentials revoked) stops the worker with
 the typed refusal, whichever client met it (access.py, stage.py `StageHealth.access_lost`); its clients
@@ -221,7 +222,7 @@ def create_app(
                 normalise.handle,
                 normaliser,
                 stream.batch_size,
-                stream.batch_within_seconds,
+                stream.batch_linger_seconds,
                 in_flight,
             )
 
@@ -249,7 +250,7 @@ def create_app(
         @app.agent(raw_topic(*clinical_names), concurrency=1, name="clinical")
         async def clinical_agent(events: faust.StreamT[Any]) -> None:
             await run_batches(
-                events, judge.handle, clinical, stream.batch_size, stream.batch_within_seconds, in_flight
+                events, judge.handle, clinical, stream.batch_size, stream.batch_linger_seconds, in_flight
             )
 
         async def escalation_timer() -> None:
@@ -293,7 +294,7 @@ def _add_store_stage(
         store_topics(store),
         StoreHandler(store).handle,
         stream.batch_size,
-        stream.batch_within_seconds,
+        stream.batch_linger_seconds,
         errors=errors,
     )
     lag_watch = StoreLagWatch(

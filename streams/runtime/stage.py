@@ -11,6 +11,9 @@
   the fix, never in the dead-letter topic: a bug in the rules must not quietly bin every potassium.
 - ack after confirm: a Faust stage acks a batch only after its handler returned, i.e. after every
   output was confirmed by the broker (`run_batches`); a stopped stage never acks again.
+- batches by linger: a batch is what has arrived, taken as soon as the stage is idle (its first message
+  lingers a few milliseconds for company), never a window waiting to fill; it grows only under load
+  (`LingerBatches`).
 - access lost: Kafka refusing the worker's principal while it runs (its ACLs or credentials revoked,
   `KafkaAccessError`), or the database its role (`StoreAccessError`), is neither retried nor a bug:
   every stage of the worker reports itself down, one ERROR line says who was refused what, and the
@@ -21,10 +24,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
@@ -339,22 +343,115 @@ def to_raw_message(event: Any) -> RawMessage:
     )
 
 
+class LingerBatches(Generic[T]):
+    """What has arrived, in batches: a batch is taken once the stage is idle and its first item has
+    waited `linger_seconds` for company (or the batch is full), never a window waiting to fill.
+
+    Items put while the stage handles the previous batch wait here (up to `max_size`; then `put`
+    waits, which holds the stream back), so under load the next batch is taken at once and is as big
+    as the load made it; at low load a batch is the one message and whatever came within the linger.
+    """
+
+    def __init__(
+        self, max_size: int, linger_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_size < 1:
+            raise ValueError("a batch holds at least one item")
+        self.max_size = max_size
+        self.linger_seconds = linger_seconds
+        self.clock = clock
+        self._items: list[T] = []
+        self._first_at = 0.0
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: T) -> None:
+        """Add an item; waits while the batch is full until it is taken."""
+        while len(self._items) >= self.max_size:
+            self._room.clear()
+            await self._room.wait()
+        if not self._items:
+            self._first_at = self.clock()
+        self._items.append(item)
+        self._arrived.set()
+        if len(self._items) >= self.max_size:
+            self._full.set()
+
+    async def take(self) -> list[T]:
+        """The next batch: waits, without limit, for its first item, then at most until that item has
+        lingered `linger_seconds` (counted from its arrival) or the batch is full."""
+        while not self._items:
+            self._arrived.clear()
+            await self._arrived.wait()
+        remaining = self._first_at + self.linger_seconds - self.clock()
+        if remaining > 0 and not self._full.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._full.wait()
+        batch, self._items = self._items, []
+        self._full.clear()
+        self._arrived.clear()
+        self._room.set()
+        return batch
+
+
+async def linger_take(stream: Any, batch_size: int, linger_seconds: float) -> AsyncIterator[list[Any]]:
+    """A Faust stream's events in `LingerBatches`, none acked: the caller acks them (`run_batches`).
+
+    Faust's own `noack_take(n, within)` waits `within` for every batch that is not full, so at low load
+    each event waited the whole window. This is its mechanism (a processor fills the buffer while the
+    stream is consumed in the background, acks disabled) with the linger instead of the window.
+    """
+    batches: LingerBatches[Any] = LingerBatches(batch_size, linger_seconds)
+
+    async def add(value: Any) -> Any:
+        event = stream.current_event
+        if event is None:
+            raise RuntimeError("the stream's current event is None")
+        await batches.put(event)
+        return value
+
+    enabled_acks = stream.enable_acks
+    stream.enable_acks = False  # acked by hand, once their outputs are confirmed
+    stream.add_processor(add)
+    stream._enable_passive(aiter(stream.channel))  # as Faust's noack_take does
+    try:
+        while not stream.should_stop:
+            taken = await stream.wait(batches.take())  # or the stream stops (its worker stopping)
+            if taken.stopped:
+                break
+            yield taken.result
+    finally:
+        stream.enable_acks = enabled_acks
+        stream._processors.remove(add)
+
+
+Take = Callable[[Any, int, float], AsyncIterator[list[Any]]]
+
+
 async def run_batches(
     stream: Any,
     handle: BatchHandler,
     stage: Stage,
     batch_size: int,
-    within_seconds: float,
+    linger_seconds: float,
     in_flight: dict[str, float],
+    take: Take = linger_take,
 ) -> None:
-    """A Faust agent's loop: batches to `handle`, acked only once it returned (its outputs confirmed).
+    """A Faust agent's loop: batches (`linger_take`) to `handle`, acked only once it returned (its
+    outputs confirmed).
 
     A stage that stopped on a bug keeps its batch in flight and unacknowledged for good: nothing
     escapes to Faust (which would ack it), the stall watchdog leaves a partition with a batch in flight
     alone, and a restart reads the batch again.
     """
-    agent_stream = cast(Any, stream)  # the concrete faust.Stream has noack_take
-    async for events in agent_stream.noack_take(batch_size, within_seconds):
+    agent_stream = cast(Any, stream)  # the concrete faust.Stream
+    async for events in take(agent_stream, batch_size, linger_seconds):
         in_flight[stage.name] = time.monotonic()
         try:
             await handle([to_raw_message(event) for event in events])

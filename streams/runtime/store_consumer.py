@@ -46,6 +46,33 @@ def next_offsets(messages: Sequence[RawMessage]) -> dict[tuple[str, int], int]:
     return resume
 
 
+# How long one wait for a first message may block the consumer's thread: close() and a refusal are seen
+# within this (the thread serves them between waits), as the old batch window was.
+IDLE_WAIT_SECONDS = 0.5
+
+
+def take_arrived(
+    consume: Callable[[int, float], Sequence[Any]],
+    batch_size: int,
+    linger_seconds: float,
+    idle_wait_seconds: float = IDLE_WAIT_SECONDS,
+) -> list[Any]:
+    """One batch of a librdkafka consumer, as `stage.LingerBatches` takes one from a Faust stream.
+
+    librdkafka's `consume(n, timeout)` waits for all n or the timeout, so a batch size with a window
+    made every event at low load wait the window. Here: what is queued already (it came while the
+    stage was busy) is taken at once; otherwise wait (up to `idle_wait_seconds`, an empty batch after)
+    for a first message, then at most `linger_seconds` more for others, up to `batch_size`.
+    """
+    batch = list(consume(batch_size, 0))
+    if batch:
+        return batch
+    batch = list(consume(1, idle_wait_seconds))
+    if batch and batch_size > 1:
+        batch += consume(batch_size - 1, linger_seconds)
+    return batch
+
+
 def raw_message(message: Any) -> RawMessage:
     """A confluent-kafka Message as the handlers' RawMessage."""
     return RawMessage(
@@ -87,7 +114,7 @@ class StoreConsumer:
         topics: Sequence[str],
         handle: Callable[[list[RawMessage]], Awaitable[None]],
         batch_size: int,
-        batch_within_seconds: float,
+        linger_seconds: float,
         consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
         errors: ClientErrors | None = None,
     ) -> None:
@@ -100,7 +127,7 @@ class StoreConsumer:
         self.topics = list(topics)
         self.handle = handle
         self.batch_size = batch_size
-        self.batch_within_seconds = batch_within_seconds
+        self.linger_seconds = linger_seconds
         self.consumer_factory = consumer_factory or _confluent_consumer
         self._consumer: Any = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-consumer")
@@ -116,7 +143,9 @@ class StoreConsumer:
                 lambda: consumer.subscribe(self.topics, on_assign=_log_assigned, on_revoke=_log_revoked)
             )
             while True:
-                polled = await self._blocking(consumer.consume, self.batch_size, self.batch_within_seconds)
+                polled = await self._blocking(
+                    take_arrived, consumer.consume, self.batch_size, self.linger_seconds
+                )
                 messages = self._messages(polled)
                 if not messages:
                     continue

@@ -2,7 +2,7 @@
 
 Faust's RocksDB store (faust/stores/rocksdb.py) keeps one RocksDB database per changelog partition and
 picks the database of a write from the *current event* (`_set` asserts there is one). The clinical and
-normaliser agents write their tables after a `noack_take` batch, and the escalation timer writes with no
+normaliser agents write their tables after a `linger_take` batch, and the escalation timer writes with no
 event at all, so the stock store fails there.
 
 The tables are created with `use_partitioner=True`: the changelog partition of a key is the producer's

@@ -157,7 +157,6 @@ class HubEnv:
             "CLINHUB_STREAM_APP_ID": s.stream.app_id,
             "CLINHUB_STREAM_INSTITUTIONS": '["H001","H002"]',
             "CLINHUB_STREAM_DATA_DIR": str(self.workdir / "faust"),
-            "CLINHUB_STREAM_BATCH_WITHIN_SECONDS": "0.2",
             "CLINHUB_STREAM_SINK_RETRY_MAX_SECONDS": "2",
             "CLINHUB_STREAM_SESSION_TIMEOUT_SECONDS": "10",  # a killed worker's partitions move in 10 s
             "CLINHUB_STREAM_STALL_PATIENCE_SECONDS": "10",  # a partition Faust lost is read again soon

@@ -43,7 +43,7 @@ class MemorySink(Sink):
 
 def stream_settings(tmp_path: Any) -> StreamSettings:
     return StreamSettings(
-        app_id="agents-test", data_dir=tmp_path, batch_within_seconds=0.05, table_store="memory://"
+        app_id="agents-test", data_dir=tmp_path, batch_linger_seconds=0.005, table_store="memory://"
     )
 
 

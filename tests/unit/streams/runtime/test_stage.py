@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -17,8 +17,16 @@ from sinks.exceptions import StoreAccessError, StoreUnavailableError
 from streams.exceptions import ImplausibleValueError, OutputDeliveryError, StageFailedError
 from streams.runtime.messages import RawMessage
 from streams.runtime.outputs import Output
-from streams.runtime.stage import Components, RetryPolicy, Stage, StageHealth, judge_each, run_batches
-from tests.unit.streams.runtime.test_app import make_components, stage_of
+from streams.runtime.stage import (
+    Components,
+    LingerBatches,
+    RetryPolicy,
+    Stage,
+    StageHealth,
+    judge_each,
+    run_batches,
+)
+from tests.unit.streams.runtime.test_app import make_components, stage_of, wait_until
 
 BATCH = [RawMessage("norm.lab", 2, offset, b"rp-1", b"v") for offset in (40, 41, 42)]
 
@@ -150,18 +158,19 @@ class FakeEvent:
 
 
 class FakeStream:
-    """What run_batches uses of a Faust stream: batches from noack_take, and ack."""
+    """What run_batches uses of a Faust stream: batches (`fake_take`), and ack."""
 
     def __init__(self, batches: list[list[RawMessage]]) -> None:
         self.batches = batches
         self.acked: list[int] = []
 
-    async def noack_take(self, _size: int, _within: float) -> Any:
-        for batch in self.batches:
-            yield [FakeEvent(message) for message in batch]
-
     async def ack(self, event: FakeEvent) -> None:
         self.acked.append(event.message.offset)
+
+
+async def fake_take(stream: FakeStream, _size: int, _linger: float) -> AsyncIterator[list[Any]]:
+    for batch in stream.batches:
+        yield [FakeEvent(message) for message in batch]
 
 
 def test_a_stopped_faust_stage_never_acks_its_batch_nor_takes_another() -> None:
@@ -182,7 +191,7 @@ def test_a_stopped_faust_stage_never_acks_its_batch_nor_takes_another() -> None:
     in_flight: dict[str, float] = {}
 
     async def scenario() -> None:
-        loop = asyncio.create_task(run_batches(stream, handle, stage, 10, 0.1, in_flight))
+        loop = asyncio.create_task(run_batches(stream, handle, stage, 10, 0.1, in_flight, take=fake_take))
         for _ in range(100):
             if not stage.health.is_up("clinical"):
                 break
@@ -207,7 +216,7 @@ def test_an_exception_escaping_a_handler_stops_the_stage_instead_of_acking() -> 
         raise RuntimeError("a table write failed after the outputs were confirmed")
 
     async def scenario() -> None:
-        loop = asyncio.create_task(run_batches(stream, handle, stage, 10, 0.1, {}))
+        loop = asyncio.create_task(run_batches(stream, handle, stage, 10, 0.1, {}, take=fake_take))
         await asyncio.sleep(0.05)
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -283,7 +292,7 @@ def test_a_refused_faust_stage_stops_the_worker_with_every_stage_down_and_acks_n
         raise REFUSED  # e.g. its outputs' topic refused (outputs.py)
 
     async def scenario() -> None:
-        loop = asyncio.create_task(run_batches(stream, handle, normaliser, 10, 0.1, {}))
+        loop = asyncio.create_task(run_batches(stream, handle, normaliser, 10, 0.1, {}, take=fake_take))
         for _ in range(100):
             if stopped:
                 break
@@ -302,3 +311,134 @@ def test_a_refused_faust_stage_stops_the_worker_with_every_stage_down_and_acks_n
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
     assert "stages normaliser, store down: Kafka refused principal worker on norm.lab" in errors[0]
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_batch_is_what_has_arrived_once_its_first_item_has_lingered() -> None:
+    clock = Clock()
+    batches: LingerBatches[int] = LingerBatches(10, 0.005, clock)
+
+    async def scenario() -> list[list[int]]:
+        for item in (1, 2, 3):
+            await batches.put(item)
+        clock.now += 0.005  # the first has lingered: taken at once, not waiting for the batch to fill
+        first = await batches.take()
+        await batches.put(4)
+        clock.now += 1.0
+        return [first, await batches.take()]
+
+    assert asyncio.run(scenario()) == [[1, 2, 3], [4]]
+    assert len(batches) == 0
+
+
+def test_a_lone_item_is_taken_after_the_linger_without_waiting_for_company() -> None:
+    batches: LingerBatches[str] = LingerBatches(500, 0.001)  # a real clock and a tiny linger
+
+    async def scenario() -> list[str]:
+        await batches.put("only")
+        return await batches.take()
+
+    assert asyncio.run(scenario()) == ["only"]
+
+
+def test_the_taker_waits_for_a_first_item_and_then_for_what_comes_within_the_linger() -> None:
+    batches: LingerBatches[int] = LingerBatches(500, 0.05)
+
+    async def scenario() -> list[int]:
+        taking = asyncio.create_task(batches.take())
+        await asyncio.sleep(0.01)
+        assert not taking.done(), "nothing has arrived: the stage waits, without limit"
+        await batches.put(1)
+        await batches.put(2)  # within the first one's linger
+        return await taking
+
+    assert asyncio.run(scenario()) == [1, 2]
+
+
+def test_a_full_batch_is_taken_at_once_and_further_items_wait_for_room() -> None:
+    clock = Clock()
+    batches: LingerBatches[int] = LingerBatches(2, 3600.0, clock)  # a linger that would never end
+
+    async def scenario() -> tuple[list[int], bool, list[int]]:
+        await batches.put(1)
+        await batches.put(2)
+        third = asyncio.create_task(batches.put(3))
+        await asyncio.sleep(0)
+        held = not third.done()  # the stream is held back while the batch is full
+        first = await batches.take()  # full: no linger
+        await third
+        batches.linger_seconds = 0.0
+        return first, held, await batches.take()
+
+    first, held, second = asyncio.run(scenario())
+    assert (first, held, second) == ([1, 2], True, [3])
+
+
+def test_batches_grow_with_what_arrives_while_the_stage_is_busy() -> None:
+    """Under load a batch is whatever came during the previous one's handling, taken without a linger."""
+    clock = Clock()
+    batches: LingerBatches[int] = LingerBatches(500, 0.005, clock)
+    sizes: list[int] = []
+
+    async def scenario() -> None:
+        await batches.put(0)
+        clock.now += 0.005
+        for arriving in (3, 40):
+            batch = await batches.take()
+            sizes.append(len(batch))
+            for item in range(arriving):  # arrive while the stage handles `batch`
+                await batches.put(item)
+            clock.now += 0.02  # the handling took longer than the linger
+        sizes.append(len(await batches.take()))
+
+    asyncio.run(scenario())
+    assert sizes == [1, 3, 40]
+
+
+def test_linger_batches_hold_at_least_one_item() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        LingerBatches(0, 0.005)
+
+
+def test_a_faust_agent_batches_what_arrived_while_it_was_busy(tmp_path: Any) -> None:
+    """`linger_take` on a real Faust stream (the agent's test context): one event alone, then the three
+    that came while it was handled, as one batch."""
+    import faust
+
+    app = faust.App(  # nothing connects in an agent's test context
+        "linger-test", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False, datadir=tmp_path
+    )
+    stage = stage_of("normaliser", components(), nowhere)
+    handled: list[list[bytes | None]] = []
+    release = asyncio.Event()
+
+    async def handle(messages: list[RawMessage]) -> None:
+        handled.append([message.value for message in messages])
+        if len(handled) == 1:
+            await release.wait()  # busy with the first batch while others arrive
+
+    @app.agent(app.topic("linger", value_serializer="raw"), concurrency=1)
+    async def agent(stream: Any) -> None:
+        await run_batches(stream, handle, stage, 10, 0.005, {})
+
+    async def scenario() -> None:
+        async with agent.test_context() as context:
+            await context.put(value=b"a", wait=False)
+            await wait_until(lambda: len(handled) == 1)
+            for value in (b"b", b"c", b"d"):
+                await context.put(value=value, wait=False)
+            await asyncio.sleep(0.05)  # they arrive, and wait, while the first batch is handled
+            release.set()
+            await wait_until(lambda: len(handled) == 2)
+
+    asyncio.run(scenario())
+    assert handled == [[b"a"], [b"b", b"c", b"d"]]

@@ -11,7 +11,13 @@ from confluent_kafka import KafkaError, KafkaException
 from core.exceptions import KafkaAccessError, KafkaAuthenticationError, KafkaAuthorizationError
 from core.kafka_errors import ClientErrors
 from streams.runtime.normaliser import RawMessage
-from streams.runtime.store_consumer import StoreConsumer, consumer_config, next_offsets, store_group
+from streams.runtime.store_consumer import (
+    StoreConsumer,
+    consumer_config,
+    next_offsets,
+    store_group,
+    take_arrived,
+)
 
 
 class FakeMessage:
@@ -240,3 +246,45 @@ def test_the_store_consumer_reports_to_the_workers_error_callback() -> None:
 
     store = StoreConsumer(STORE_CONFIG, ["norm.lab"], handle, 500, 0.01, errors=errors)
     assert store.config["error_cb"] is errors
+
+
+class Arrivals:
+    """librdkafka's consume(n, timeout) over a scripted local queue: `queued` is there already; each
+    wait (timeout > 0) lets the next list of `arriving` come, and returns up to n of what is there."""
+
+    def __init__(self, queued: list[int], arriving: list[list[int]]) -> None:
+        self.queue = list(queued)
+        self.arriving = list(arriving)
+        self.calls: list[tuple[int, float]] = []
+
+    def __call__(self, count: int, timeout: float) -> list[int]:
+        self.calls.append((count, timeout))
+        if timeout > 0 and self.arriving:
+            self.queue += self.arriving.pop(0)
+        taken, self.queue = self.queue[:count], self.queue[count:]
+        return taken
+
+
+def test_what_came_while_the_store_was_busy_is_taken_at_once() -> None:
+    consume = Arrivals(queued=[1, 2, 3], arriving=[[4]])
+    assert take_arrived(consume, 500, 0.005) == [1, 2, 3]
+    assert consume.calls == [(500, 0)], "no waiting: the batch is what has arrived"
+
+
+def test_an_idle_store_waits_for_a_first_message_then_lingers_for_others_up_to_the_batch_size() -> None:
+    consume = Arrivals(queued=[], arriving=[[1], [2, 3, 4]])
+    assert take_arrived(consume, 3, 0.005, idle_wait_seconds=0.5) == [1, 2, 3]
+    assert consume.calls == [(3, 0), (1, 0.5), (2, 0.005)]
+    assert consume.queue == [4], "the rest waits for the next batch"
+
+
+def test_an_idle_wait_with_nothing_arriving_gives_an_empty_batch() -> None:
+    consume = Arrivals(queued=[], arriving=[])
+    assert take_arrived(consume, 500, 0.005, idle_wait_seconds=0.5) == []
+    assert consume.calls == [(500, 0), (1, 0.5)], "no linger without a first message"
+
+
+def test_a_batch_of_one_never_lingers() -> None:
+    consume = Arrivals(queued=[], arriving=[[1, 2]])
+    assert take_arrived(consume, 1, 0.005) == [1]
+    assert [timeout for _, timeout in consume.calls] == [0, 0.5]
