@@ -47,10 +47,10 @@ infra-up: bootstrap
 infra-down:
 	$(VENV)/clinhub infra down
 
-# The README's benchmarks: each starts its own services (Kafka and the registry; PostgreSQL) and prints figures.
+# The README's benchmark suite: starts its own services (Kafka and the registry, PostgreSQL), prints its figures
+# and writes them to .data/bench/ (results.json, results.md, latency.png). BENCH_ARGS=--quick for a smoke run.
 bench: bootstrap
-	$(VENV)/python benchmarks/stream_bench.py --events 20000 --split
-	$(VENV)/python benchmarks/sink_bench.py --rows 20000
+	$(VENV)/python -m benchmarks.suite $(BENCH_ARGS)
 
 clean:
 	-$(VENV)/clinhub infra down
