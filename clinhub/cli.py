@@ -297,7 +297,8 @@ def stream_worker(
     from core.contract import TopicNames
     from core.exceptions import AccessDeniedError
     from core.kafka_errors import refusal_in
-    from streams.runtime.app import ROLES, create_app, source_topics
+    from streams.runtime.app import ROLES, app_id_for, create_app, source_topics
+    from streams.runtime.membership import claim_instance_id, group_instance_id
     from streams.runtime.topics import check_access, discover_raw_topics
 
     unknown = sorted(set(role or ()) - set(ROLES))
@@ -311,6 +312,8 @@ def stream_worker(
     if settings.infra.metrics_port:
         start_http_server(settings.infra.metrics_port, addr=settings.infra.metrics_host, registry=REGISTRY)
     roles = tuple(role) if role else settings.stream.roles
+    # its static group member id, held by one live worker only (streams/runtime/membership.py)
+    claim_instance_id(group_instance_id(settings.stream, app_id_for(settings.stream, roles)))
     settings = settings.as_principal(principals.worker_principal(roles))
     topics = TopicNames(prefix=settings.stream.topic_prefix)
     # wrong credentials or missing ACLs: exit non-zero naming the principal and topic, not wait silently

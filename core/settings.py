@@ -265,6 +265,14 @@ class StreamSettings(BaseSettings):
     # How long the group waits for a worker that stopped heartbeating (crashed) before its partitions
     # move: the failover time. Heartbeats run on the event loop, which handlers never block.
     session_timeout_seconds: float = Field(default=30.0, ge=6)
+    # This worker's static group member id (KIP-345, streams/runtime/membership.py): restarted under the
+    # same id, a crashed worker gets its partitions back at once instead of after the session timeout (a
+    # worker that does not come back still loses them after it). Must name one live worker only: two
+    # live members under one id fence each other out in turn. None: "<host>.<app id>.<digest of
+    # data_dir>", the same at every restart of one worker slot and different for two live workers on a
+    # host (each has its own data_dir, which RocksDB locks); a second live worker on the host under the
+    # same id is refused at start. Set it where the host name changes at restart (a container's).
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
     # A partition whose commit has not moved for this long while events wait behind it, with no batch in
     # flight that long, is read again from its commit (streams/runtime/stalls.py: Faust loses track after some
     # rebalances). Checked every stall_check_seconds.

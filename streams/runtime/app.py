@@ -35,6 +35,7 @@ from streams.exceptions import StageFailedError
 from streams.runtime.access import refusals_reported_app, reporting
 from streams.runtime.clinical import ClinicalHandler, ClinicalTables
 from streams.runtime.lag import LagReport
+from streams.runtime.membership import group_instance_id
 from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Publish, make_outputs
 from streams.runtime.stage import Components, Stage, StageHealth, run_batches
@@ -114,6 +115,7 @@ def _faust_app(
         broker_commit_interval=stream.commit_interval_seconds,
         broker_session_timeout=stream.session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, stream.session_timeout_seconds / 3),
+        consumer_group_instance_id=group_instance_id(stream, app_id),  # static member: fast restarts
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
     )
@@ -289,7 +291,11 @@ def _add_store_stage(
     group = store_group(stream.app_id)
     consumer = StoreConsumer(
         consumer_config(
-            kafka.client_config(), group, stream.commit_interval_seconds, stream.session_timeout_seconds
+            kafka.client_config(),
+            group,
+            stream.commit_interval_seconds,
+            stream.session_timeout_seconds,
+            instance_id=app.conf.consumer_group_instance_id,  # the worker's, as its Faust consumer's
         ),
         store_topics(store),
         StoreHandler(store).handle,

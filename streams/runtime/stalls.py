@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.kafka_errors import refusal_in
+from streams.runtime.membership import claim_instance_id, leave_on_close
 
 log = logging.getLogger("clinhub.streams.runtime.stalls")
 
@@ -273,6 +274,9 @@ def contiguous_offsets_app(app_class: Any, first_record_offset: FirstRecordOffse
 
     Read committed: aiokafka's isolation level, which Faust sets only for its exactly-once mode, is
     set on the worker's consumer before it starts (`_isolation_level`, aiokafka 0.14 pinned).
+
+    A static member (the app's `consumer_group_instance_id`) claims its instance id on this host when
+    its consumer is made, and leaves its group when it stops cleanly (streams/runtime/membership.py).
     """
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -280,7 +284,16 @@ def contiguous_offsets_app(app_class: Any, first_record_offset: FirstRecordOffse
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             consumer._isolation_level = "read_committed"
+            if consumer._group_instance_id is not None:  # static member (`consumer_group_instance_id`)
+                claim_instance_id(consumer._group_instance_id)  # refused if another live worker has it
             return consumer
+
+        async def on_thread_stop(self) -> None:
+            # Faust has committed; a static member then leaves explicitly, as aiokafka does not
+            consumer = self._consumer
+            if consumer is not None and consumer._coordinator is not None:
+                leave_on_close(consumer._coordinator)
+            await super().on_thread_stop()
 
     class ContiguousOffsetsConsumer(faust_aiokafka.Consumer):
         async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:

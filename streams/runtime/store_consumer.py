@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from core.kafka_errors import ClientErrors, refusal
+from streams.runtime.membership import claim_instance_id, leave_and_close
 from streams.runtime.normaliser import RawMessage
 
 log = logging.getLogger("clinhub.streams.store")
@@ -86,10 +87,17 @@ def raw_message(message: Any) -> RawMessage:
 
 
 def consumer_config(
-    client_config: Mapping[str, Any], group: str, commit_interval_seconds: float, session_timeout: float
+    client_config: Mapping[str, Any],
+    group: str,
+    commit_interval_seconds: float,
+    session_timeout: float,
+    instance_id: str | None = None,
 ) -> dict[str, Any]:
+    """`instance_id`: the worker's static member id (streams/runtime/membership.py), None: dynamic."""
+    static = {"group.instance.id": instance_id} if instance_id is not None else {}
     return {
         **client_config,
+        **static,
         "group.id": group,
         "auto.offset.reset": "earliest",
         "enable.auto.commit": True,  # commits only what store_offsets marked: stored batches
@@ -152,8 +160,8 @@ class StoreConsumer:
                 await self.handle(messages)
                 await self._mark_stored(consumer, messages)
         finally:
-            # close() commits what was marked stored and leaves the group at once, so the partitions
-            # move without waiting for the session timeout.
+            # Commits what was marked stored and leaves the group at once (a static member too), so the
+            # partitions move without waiting for the session timeout.
             self._consumer = None
             await asyncio.shield(self._blocking(_close, consumer))
             self._thread.shutdown(wait=False)
@@ -213,11 +221,13 @@ def _log_revoked(_consumer: Any, partitions: Sequence[Any]) -> None:
 def _confluent_consumer(config: dict[str, Any]) -> Any:
     from confluent_kafka import Consumer
 
+    if "group.instance.id" in config:
+        claim_instance_id(config["group.instance.id"])  # refused when another live worker holds it
     return Consumer(config)
 
 
 def _close(consumer: Any) -> None:
     try:
-        consumer.close()
+        leave_and_close(consumer)
     except Exception as exc:  # noqa: BLE001 - closing on shutdown; uncommitted batches are re-read
         log.warning("store consumer: close failed: %r", exc)

@@ -54,9 +54,18 @@ class FakeConsumer:
         self.batches = list(batches)
         self.refuse_store = refuse_store
         self.calls: list[tuple[str, Any]] = []
+        self.subscribed = False
 
     def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any) -> None:
         self.calls.append(("subscribe", topics))
+        self.subscribed = True
+
+    def unsubscribe(self) -> None:
+        self.calls.append(("unsubscribe", None))
+        self.subscribed = False  # the revocation, served by the next poll in librdkafka
+
+    def poll(self, timeout: float) -> None:
+        return None
 
     def consume(self, count: int, timeout: float) -> list[FakeMessage]:
         if self.batches:
@@ -74,6 +83,8 @@ class FakeConsumer:
     def assignment(self) -> list[Any]:
         from confluent_kafka import TopicPartition
 
+        if not self.subscribed:
+            return []
         return [TopicPartition("norm.lab", 1), TopicPartition("alerts.critical", 0)]
 
     def close(self) -> None:
@@ -121,6 +132,7 @@ def test_offsets_are_marked_after_their_batch_is_handled_and_the_consumer_closed
         ("store_offsets", [("alerts.critical", 2, 10), ("norm.lab", 0, 7)]),
         ("handled", [7]),
         ("store_offsets", [("norm.lab", 0, 8)]),
+        ("unsubscribe", None),  # leaves the group at once, a static member too
         ("close", None),
     ]
     assert handled[0][0] == RawMessage("norm.lab", 0, 5, b"rp-1", b"v5", {"correlation_id": b"c-1"})
@@ -220,7 +232,9 @@ def test_a_topic_refused_while_running_stops_the_store_typed_and_marks_nothing_s
     refused = refused_run(consumer)
     assert isinstance(refused, KafkaAuthorizationError)
     assert (refused.principal, refused.topic) == ("store", "norm.lab")
-    assert [name for name, _ in consumer.calls] == ["subscribe", "close"], "no offset marked stored"
+    assert [name for name, _ in consumer.calls] == ["subscribe", "unsubscribe", "close"], (
+        "no offset marked stored"
+    )
 
 
 def test_a_group_refused_while_running_names_the_group() -> None:
