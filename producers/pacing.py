@@ -5,17 +5,20 @@ oversleeping do not accumulate: a sender that falls behind sends at once until i
 achieved rate over a run is the offered one as long as the sender can keep up at all.
 
     for index, event in paced(events, rate=1000):
-        publisher.send(...)
+        stream.send(...)
 
-The simulator (`clinhub simulate --rate`) and the benchmarks pace with it.
+or, for (kind, record) events, `publish_paced(events, send, rate)`, which also stamps each envelope's
+`produced_time` as it publishes. The simulator (`clinhub simulate --rate`) and the benchmarks pace
+with it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -63,3 +66,43 @@ def achieved_rate(count: int, first: float, last: float) -> float:
     `last`: `count - 1` intervals, so a run that kept to its schedule gives exactly its rate. 0 when
     there is no interval to measure (fewer than two events, or all at one instant)."""
     return (count - 1) / (last - first) if count > 1 and last > first else 0.0
+
+
+@dataclass(frozen=True)
+class PacedRun:
+    """A paced run's sends: how many, and the clock readings of the first and the last."""
+
+    sent: int
+    first: float
+    last: float
+
+    @property
+    def rate(self) -> float:
+        return achieved_rate(self.sent, self.first, self.last)
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def publish_paced(
+    events: Iterable[tuple[str, dict[str, Any]]],
+    send: Callable[[str, dict[str, Any]], None],
+    rate: float,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+    wall: Callable[[], dt.datetime] = _utc_now,
+) -> PacedRun:
+    """`send(kind, record)` each event on its schedule, its envelope's `produced_time` set to the moment
+    it is sent (`wall`, an aware datetime): when the producer published it, as the standard says, not
+    when the event happened."""
+    first = last = 0.0
+    sent = 0
+    for index, (kind, record) in paced(events, rate, clock, sleep):
+        record["envelope"]["produced_time"] = wall()
+        send(kind, record)
+        last = clock()
+        if index == 0:
+            first = last
+        sent += 1
+    return PacedRun(sent, first, last)

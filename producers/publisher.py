@@ -5,6 +5,14 @@ receipt = publisher.publish("lab", record)          # raises if the broker did n
 receipts = publisher.publish_many("vitals", batch)  # one result per record, in order
 publisher.close()                                   # raises listing anything undelivered
 
+At a sustained rate, publish without waiting for each confirmation (a bounded number in flight, every
+delivery report collected):
+
+stream = publisher.stream(max_in_flight=10_000)
+for record in records:
+    stream.send("lab", record)                      # validated, queued; raises only for bad records
+outcome = stream.close()                            # waits for every report: outcome.confirmed, .failures
+
 Built with a transactional id, `publish_atomically(events)` sends events of any kinds in one Kafka
 transaction: a reader that reads committed (the hub's normaliser) gets all of them or none.
 """
@@ -14,7 +22,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -125,10 +134,10 @@ class Publisher:
         self,
         kind: str,
         record: Mapping[str, Any],
-        results: dict[int, Any],
-        index: int,
+        report: Callable[[Receipt | DeliveryFailedError], None],
         producer: Any = None,
     ) -> None:
+        """Queue one event; `report` gets its delivery report (served by the producer's poll/flush)."""
         producer = self._producer if producer is None else producer
         topic = self._topics.raw(self.institution_id, kind)
         value = self._encoder(kind)(record)
@@ -144,14 +153,14 @@ class Publisher:
             if err is not None:
                 refused = refusal(err, self._principal, topic)
                 if refused is not None:
-                    results[index] = AccessRefusedError(event_id, refused)
+                    report(AccessRefusedError(event_id, refused))
                     return
                 # A timed-out message may or may not have landed; resending is safe (the hub de-duplicates
                 # on event id), so it counts as retriable for the caller.
                 retriable = bool(err.retriable()) or err.code() == KafkaError._MSG_TIMED_OUT
-                results[index] = DeliveryFailedError(event_id, err.str(), retriable)
+                report(DeliveryFailedError(event_id, err.str(), retriable))
             else:
-                results[index] = Receipt(event_id, msg.topic(), msg.partition(), msg.offset())
+                report(Receipt(event_id, msg.topic(), msg.partition(), msg.offset()))
 
         with self._lock:
             self._in_flight[event_id] = None
@@ -187,7 +196,7 @@ class Publisher:
             self.validate(kind, record)
         results: dict[int, Any] = {}
         for index, (kind, record) in enumerate(events):
-            self._produce(kind, record, results, index)
+            self._produce(kind, record, partial(results.__setitem__, index))
             self._producer.poll(0)
         deadline = time.monotonic() + self._delivery_timeout + 5
         while len(results) < len(events) and time.monotonic() < deadline:
@@ -235,7 +244,7 @@ class Publisher:
                 producer = self._transactional.get()
                 producer.begin_transaction()
                 for index, (kind, record) in enumerate(events):
-                    self._produce(kind, record, results, index, producer)
+                    self._produce(kind, record, partial(results.__setitem__, index), producer)
                 producer.commit_transaction(self._delivery_timeout)  # flushes, serving delivery reports
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
@@ -247,6 +256,14 @@ class Publisher:
         if failed or len(results) < len(events):  # committed, so each was delivered: a bug if not
             raise RuntimeError(f"transaction committed without every delivery report: {failed[:1]}")
         return [results[i] for i in range(len(events))]
+
+    def stream(
+        self,
+        max_in_flight: int = 10_000,
+        on_result: Callable[[Receipt | DeliveryFailedError], None] | None = None,
+    ) -> PublishStream:
+        """Publish event after event without waiting for each confirmation; see `PublishStream`."""
+        return PublishStream(self, max_in_flight, on_result)
 
     def publish(self, kind: str, record: Mapping[str, Any]) -> Receipt:
         """Publish one event and return once the broker has it, or raise DeliveryFailedError."""
@@ -270,6 +287,108 @@ class Publisher:
         if remaining:
             with self._lock:
                 raise UndeliveredOnCloseError(list(self._in_flight))
+
+
+@dataclass
+class StreamOutcome:
+    """What became of a stream's events: every one sent is either confirmed or among `failures`."""
+
+    sent: int = 0
+    confirmed: int = 0
+    failures: list[DeliveryFailedError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and self.confirmed == self.sent
+
+
+class PublishStream:
+    """Events published one after another without waiting for each confirmation, for sustained rates.
+
+    `send` validates the event (RecordValidationError: nothing sent) and queues it; at most
+    `max_in_flight` wait for their delivery report at any time (a send beyond that serves reports until
+    one is in). Every report is collected: a receipt is counted as confirmed, a failure kept in the
+    outcome (and passed, like each receipt, to `on_result`). `close` waits for the remaining reports,
+    up to the publisher's delivery timeout; one still missing then is a retriable failure, never
+    silently lost. If the broker refuses the principal, whatever waits is dropped from the queue (never
+    sent later) and fails with AccessRefusedError, as does every later send.
+
+    One thread sends on a stream; the publisher under it may serve other threads and streams."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        max_in_flight: int,
+        on_result: Callable[[Receipt | DeliveryFailedError], None] | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self._publisher = publisher
+        self._producer = publisher._producer
+        self._max_in_flight = max_in_flight
+        self._on_result = on_result
+        self._waiting: dict[int, str] = {}  # send number -> event id, until its report
+        self.outcome = StreamOutcome()
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    def send(self, kind: str, record: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise RuntimeError("this stream is closed")
+        self._publisher.validate(kind, record)
+        number = self.outcome.sent
+        self.outcome.sent += 1
+        event_id = str(record["envelope"]["event_id"])
+        refused = self._refused()
+        if refused is not None:
+            self._report(None, AccessRefusedError(event_id, refused))
+            return
+        while len(self._waiting) >= self._max_in_flight:
+            self._serve(0.05)
+        self._waiting[number] = event_id
+        self._publisher._produce(kind, record, partial(self._report, number))
+        self._producer.poll(0)
+
+    def close(self, timeout: float | None = None) -> StreamOutcome:
+        """Wait for every outstanding delivery report (up to `timeout`, default the publisher's delivery
+        timeout and a margin) and return the outcome; the publisher stays open."""
+        self._closed = True
+        wait = self._publisher._delivery_timeout + 5 if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while self._waiting and time.monotonic() < deadline:
+            self._serve(0.1)
+        for number, event_id in list(self._waiting.items()):
+            self._report(number, DeliveryFailedError(event_id, "no delivery report within the timeout", True))
+        return self.outcome
+
+    def _refused(self) -> KafkaAccessError | None:
+        errors = self._publisher._errors
+        return errors.refused if errors is not None else None
+
+    def _serve(self, timeout: float) -> None:
+        self._producer.poll(timeout)
+        refused = self._refused()
+        if refused is not None and self._waiting:
+            self._producer.purge(in_queue=True, in_flight=False)
+            self._producer.poll(0)  # purged messages report their delivery as failed ("Purged in queue")
+            for number, event_id in list(self._waiting.items()):
+                self._report(number, AccessRefusedError(event_id, refused))
+
+    def _report(self, number: int | None, result: Receipt | DeliveryFailedError) -> None:
+        if number is not None and self._waiting.pop(number, None) is None:
+            return  # already reported (a purged message's late report after its refusal)
+        refused = self._refused()
+        if refused is not None and not isinstance(result, Receipt | AccessRefusedError):
+            result = AccessRefusedError(result.event_id, refused)  # "Purged in queue" and the like
+        if isinstance(result, Receipt):
+            self.outcome.confirmed += 1
+        else:
+            self.outcome.failures.append(result)
+        if self._on_result is not None:
+            self._on_result(result)
 
 
 def make_publisher(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
+from collections import Counter
+from functools import partial
+from typing import Any
 
 import pytest
 
@@ -103,3 +109,61 @@ def test_a_broker_that_is_down_gives_a_clear_error_within_the_timeout(hub: HubEn
     assert elapsed < 15, f"publish waited {elapsed:.1f}s"
     assert caught.value.reason
     assert caught.value.retriable
+
+
+def test_a_stream_confirms_every_event_without_waiting_for_each(hub: HubEnv) -> None:
+    """The asynchronous path: many in flight, every delivery report collected, each event on its topic."""
+    publisher = make_publisher(hub.settings, "H001")
+    records = [lab_record("H001", "K", 4.0, "mmol/L", mrn=f"MRN{i:07d}") for i in range(500)]
+    receipts: list[Receipt | DeliveryFailedError] = []
+    stream = publisher.stream(max_in_flight=64, on_result=receipts.append)
+    for record in records:
+        stream.send("lab", record)
+        assert stream.in_flight <= 64
+    outcome = stream.close()
+    publisher.close()
+    assert (outcome.sent, outcome.confirmed, outcome.failures) == (500, 500, [])
+    assert {r.event_id for r in receipts} == {r["envelope"]["event_id"] for r in records}
+    on_topic = hub.consume_all(hub.topics.raw("H001", "lab"), 30, lambda m: len(m) >= 500)
+    assert len(on_topic) == 500
+
+
+def _at_least(count: int, messages: list[Any]) -> bool:
+    return len(messages) >= count
+
+
+def test_simulate_publishes_at_its_rate_and_stamps_produced_time_when_it_publishes(hub: HubEnv) -> None:
+    """`clinhub simulate --rate`: every event confirmed, the achieved rate printed, and each envelope's
+    produced_time when it was published (the broker's timestamp of its message), not its event time."""
+    hub.add_institution("C003")  # the simulator's third institution
+    run = subprocess.run(
+        [sys.executable, "-m", "clinhub.cli", "simulate", "--count", "300", "--rate", "500", "--seed", "3"],
+        env=hub.env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=hub.workdir,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    printed = re.search(
+        r"published 300 events at ([\d.]+) events/s \(offered 500/s\); confirmed 300 of 300", run.stdout
+    )
+    assert printed, run.stdout
+    expected = Counter(
+        (record["envelope"]["institution_id"], kind)
+        for kind, record in simulate_events(3, 300, critical_share=0.15, abnormal_share=0.2)
+    )
+    decode = hub.decoder()
+    messages = []
+    for (institution, kind), count in expected.items():
+        on_topic = hub.consume_all(hub.topics.raw(institution, kind), 30, partial(_at_least, count))
+        assert len(on_topic) == count, (institution, kind)
+        messages.extend(on_topic)
+    for message in messages:
+        envelope = decode(message.value())["envelope"]
+        broker_ms = message.timestamp()[1]
+        produced_ms = envelope["produced_time"].timestamp() * 1000
+        # stamped just before it was queued; the broker (or librdkafka) timestamps it on its way
+        assert 0 <= broker_ms - produced_ms < 5000, (broker_ms, produced_ms)
+        assert envelope["event_time"] < envelope["produced_time"]

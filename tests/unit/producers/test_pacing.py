@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from producers.pacing import Schedule, achieved_rate, paced
+from producers.pacing import Schedule, achieved_rate, paced, publish_paced
 
 
 class FakeClock:
@@ -86,3 +88,31 @@ def test_achieved_rate_counts_intervals() -> None:
     assert achieved_rate(101, 5.0, 6.0) == pytest.approx(100.0)
     assert achieved_rate(1, 5.0, 5.0) == 0.0
     assert achieved_rate(0, 0.0, 0.0) == 0.0
+
+
+def test_publish_paced_stamps_produced_time_as_each_event_is_sent() -> None:
+    clock = FakeClock()
+    t0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+    long_ago = t0 - dt.timedelta(hours=3)
+    events = [("lab", {"envelope": {"event_time": long_ago, "produced_time": long_ago}}) for _ in range(4)]
+    sent: list[tuple[str, dt.datetime]] = []
+
+    def wall() -> dt.datetime:
+        return t0 + dt.timedelta(seconds=clock() - 100.0)
+
+    run = publish_paced(
+        events,
+        lambda kind, record: sent.append((kind, record["envelope"]["produced_time"])),
+        rate=2.0,
+        clock=clock,
+        sleep=clock.sleep,
+        wall=wall,
+    )
+    assert [when for _kind, when in sent] == [t0 + dt.timedelta(seconds=s) for s in (0, 0.5, 1.0, 1.5)]
+    assert all(record["envelope"]["event_time"] == long_ago for _kind, record in events), "event time kept"
+    assert (run.sent, run.rate) == (4, pytest.approx(2.0))
+
+
+def test_publish_paced_of_nothing_sends_nothing() -> None:
+    run = publish_paced([], lambda _kind, _record: None, rate=10.0)
+    assert (run.sent, run.rate) == (0, 0.0)

@@ -359,3 +359,113 @@ def test_a_topic_the_principal_may_not_write_is_a_typed_refusal_naming_principal
         Publisher(producer, encoders, TopicNames(), "H001", 2.0, errors=errors).publish_lab(h001_labs(1)[0])
     assert (refused.value.principal, refused.value.topic) == ("H001", "raw.H001.lab")
     assert isinstance(refused.value.refused, KafkaAuthorizationError)
+
+
+# The stream: publish without waiting for each confirmation, a bounded number in flight.
+
+
+class CountingProducer(FakeProducer):
+    """Records how many events waited for their report at the most."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.peak_queue = 0
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any, on_delivery: Any) -> None:
+        super().produce(topic, value, key, headers, on_delivery)
+        self.peak_queue = max(self.peak_queue, len(self.queue))
+
+
+def test_a_stream_sends_without_waiting_and_confirms_every_event() -> None:
+    producer = CountingProducer()
+    stream = publisher(producer).stream(max_in_flight=100)
+    for record in h001_labs(20):
+        stream.send("lab", record)
+    assert stream.in_flight == 20 and producer.sent == [], "nothing waited for a confirmation"
+    outcome = stream.close()
+    assert (outcome.sent, outcome.confirmed, outcome.failures, outcome.ok) == (20, 20, [], True)
+    assert len(producer.sent) == 20
+
+
+def test_a_stream_keeps_at_most_max_in_flight_waiting() -> None:
+    producer = CountingProducer()
+    stream = publisher(producer).stream(max_in_flight=4)
+    for record in h001_labs(15):
+        stream.send("lab", record)
+        assert stream.in_flight <= 4
+    assert producer.peak_queue <= 4
+    assert stream.close().confirmed == 15
+
+
+def test_a_stream_counts_and_reports_each_failure_and_every_result() -> None:
+    producer = FakeProducer(
+        fail=lambda n: FakeError("Broker: Not enough in-sync replicas", True) if n in (1, 3) else None
+    )
+    records = h001_labs(6)
+    seen: list[Receipt | DeliveryFailedError] = []
+    stream = publisher(producer).stream(max_in_flight=2, on_result=seen.append)
+    for record in records:
+        stream.send("lab", record)
+    outcome = stream.close()
+    assert (outcome.sent, outcome.confirmed, outcome.ok) == (6, 4, False)
+    assert [f.event_id for f in outcome.failures] == [
+        records[1]["envelope"]["event_id"],
+        records[3]["envelope"]["event_id"],
+    ]
+    assert all(f.retriable for f in outcome.failures)
+    assert len(seen) == 6
+
+
+def test_a_full_local_queue_under_a_stream_loses_nothing() -> None:
+    producer = FakeProducer(capacity=3)
+    stream = publisher(producer).stream(max_in_flight=50)
+    for record in h001_labs(12):
+        stream.send("lab", record)
+    assert producer.buffer_errors > 0, "the queue really filled up"
+    assert stream.close().confirmed == 12 and len(producer.sent) == 12
+
+
+def test_a_stream_whose_reports_never_come_fails_them_at_close_not_silently() -> None:
+    producer = FakeProducer()
+    producer.deliver = False
+    records = h001_labs(3)
+    stream = publisher(producer).stream()
+    for record in records:
+        stream.send("lab", record)
+    outcome = stream.close(timeout=0.2)
+    assert (outcome.confirmed, len(outcome.failures)) == (0, 3)
+    assert {f.event_id for f in outcome.failures} == {r["envelope"]["event_id"] for r in records}
+    assert all(f.retriable and "timeout" in f.reason for f in outcome.failures)
+    with pytest.raises(RuntimeError, match="closed"):
+        stream.send("lab", records[0])
+
+
+def test_an_invalid_record_is_refused_by_send_and_never_counted_as_sent() -> None:
+    producer = FakeProducer()
+    stream = publisher(producer).stream()
+    bad = copy.deepcopy(h001_labs(1)[0])
+    bad["envelope"]["institution_id"] = "H002"
+    with pytest.raises(RecordValidationError):
+        stream.send("lab", bad)
+    assert stream.close().sent == 0 and producer.sent == []
+
+
+def test_a_refused_password_fails_a_streams_waiting_and_later_events_and_sends_none() -> None:
+    producer = PurgingProducer()
+    producer.deliver = False
+    errors = ClientErrors("H001")
+    registry = ConfluentRegistry({"url": "mock://publisher-logic"})
+    encoders = {"lab": make_encoder(registry, standard.load(standard.LAB_RESULT), check=False)}
+    stream = Publisher(producer, encoders, TopicNames(), "H001", 60.0, errors=errors).stream()
+    records = h001_labs(4)
+    for record in records[:2]:
+        stream.send("lab", record)
+    errors(NamedError("_AUTHENTICATION", "SASL authentication error: invalid credentials"))
+    for record in records[2:]:
+        stream.send("lab", record)
+    started = time.monotonic()
+    outcome = stream.close()
+    assert time.monotonic() - started < 5, "not the 60 s delivery timeout"
+    assert (outcome.sent, outcome.confirmed, len(outcome.failures)) == (4, 0, 4)
+    assert all(isinstance(f, AccessRefusedError) and f.principal == "H001" for f in outcome.failures)
+    assert producer.queue == [], "purged, never sent later"
