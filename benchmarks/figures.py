@@ -184,7 +184,7 @@ def rows(results: SuiteResults) -> list[Row]:
             Row(
                 "latency",
                 f"{name}: achieved",
-                f"{run.achieved_rate:,.0f} events/s",
+                f"{run.achieved_rate:,.0f} events/s ({run.achieved_rate / run.offered_rate:.0%} of offered)",
                 _ratio(run.achieved_rate, consume_rate),
             )
         )

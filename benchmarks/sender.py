@@ -1,11 +1,13 @@
 """Offered load for the benchmarks: simulated lab results, each institution's published as itself, sent on a
-schedule (event i due at start + i/rate, `producers.pacing`) without waiting for each confirmation, all
-confirmed at the end. A rate of 0 sends as fast as the client takes them."""
+schedule (event i due at start + i/rate, `producers.pacing`) through the SDK's stream (no wait for each
+confirmation), all confirmed at the end. A rate of 0 sends as fast as the client takes them."""
 
 from __future__ import annotations
 
 import datetime as dt
+import random
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -13,39 +15,44 @@ from typing import Any, Protocol
 
 from benchmarks.figures import retimed
 from core.settings import HubSettings
-from producers.publisher import Publisher, Receipt, make_publisher
+from producers.pacing import paced
+from producers.publisher import PublishStream, make_publisher
 from producers.simulator import simulate_labs
 
-try:
-    from producers.pacing import paced
-except ImportError:  # until the SDK's pacing module is in every checkout: the same schedule
-
-    def paced(  # type: ignore[misc]
-        items: Iterable[Any],
-        rate: float,
-        clock: Callable[[], float] = time.perf_counter,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> Iterator[tuple[int, Any]]:
-        start: float | None = None
-        for index, item in enumerate(items):
-            now = clock()
-            start = now if start is None else start
-            due = start + index / rate if rate else start
-            if due > now:
-                sleep(due - now)
-            yield index, item
+CHUNK = 500  # records simulated at a time (each chunk of its own seed, so its own event ids)
+POOL = 10_000  # records simulated before a run; a longer run sends variants of them
 
 
-CHUNK = 500  # records simulated at a time: a long run is never all in memory
+def variant(record: Mapping[str, Any], cycle: int, rng: random.Random) -> dict[str, Any]:
+    """The record as another event of another patient (new event, correlation and result ids, the MRN
+    of cycle `cycle`, no national id): simulating costs far more than sending, so a long run at a high
+    rate reuses what was simulated beforehand, and its repeats are new results, never replays."""
+    envelope = record["envelope"]
+    copy = dict(record)
+    copy["envelope"] = {
+        **envelope,
+        "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "correlation_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+    }
+    copy["result_id"] = f"{record['result_id']}-{cycle}"
+    copy["patient_mrn"] = f"{record['patient_mrn']}-{cycle}"
+    copy["patient_national_id"] = None  # the regional patient is then the institution's MRN: new
+    return copy
 
 
 def lab_stream(seed: int, count: int, critical_share: float, patients: int) -> Iterator[dict[str, Any]]:
-    """`count` simulated lab results, made `CHUNK` at a time, each chunk of its own seed (so its own
-    event ids) and `patients` patients."""
-    for start in range(0, count, CHUNK):
-        yield from simulate_labs(
-            seed * 1_000_003 + start, min(CHUNK, count - start), critical_share, patients=patients
+    """`count` simulated lab results. Up to `POOL` are simulated before the first is yielded (`patients`
+    patients per `CHUNK`), so a paced run's schedule starts after that; later ones are variants."""
+    pool: list[dict[str, Any]] = []
+    simulated = min(count, POOL)
+    for start in range(0, simulated, CHUNK):
+        pool += simulate_labs(
+            seed * 1_000_003 + start, min(CHUNK, simulated - start), critical_share, patients=patients
         )
+    rng = random.Random(seed)
+    for index in range(count):
+        cycle, position = divmod(index, len(pool))
+        yield pool[position] if cycle == 0 else variant(pool[position], cycle, rng)
 
 
 class Sender(Protocol):
@@ -81,47 +88,31 @@ def publish_paced(
 
 
 class LabSender:
-    """Sends lab results as their institutions, waiting for no confirmation until `close` (which raises
-    if any was not delivered): through the SDK's `Publisher.stream` where it has one, otherwise through
-    the publisher's produce path (the same encoding, key, headers and delivery reports)."""
+    """Sends lab results as their institutions through the SDK's `Publisher.stream` (validated, encoded
+    and queued; no wait per confirmation); `close` waits for every report and raises if any event was
+    not delivered."""
 
     def __init__(self, settings: HubSettings, delivery_timeout: float = 120.0) -> None:
-        self._publishers: dict[str, Publisher] = {
+        self._publishers = {
             institution: make_publisher(settings, institution, delivery_timeout, kinds=("lab",))
             for institution in settings.stream.institutions
         }
-        self._streams: dict[str, Any] = {
+        self._streams: dict[str, PublishStream] = {
             institution: publisher.stream(max_in_flight=50_000)
             for institution, publisher in self._publishers.items()
-            if hasattr(publisher, "stream")
         }
-        self._results: dict[int, Any] = {}
-        self._sent = 0
 
     def send(self, record: Mapping[str, Any]) -> None:
-        institution = record["envelope"]["institution_id"]
-        self._sent += 1
-        if self._streams:
-            self._streams[institution].send("lab", record)
-            return
-        publisher = self._publishers[institution]
-        publisher._produce("lab", record, self._results, self._sent)  # type: ignore[arg-type]
-        publisher._producer.poll(0)  # serve delivery reports as we go
+        self._streams[record["envelope"]["institution_id"]].send("lab", record)
 
     def close(self) -> None:
-        failed: list[Any] = []
-        confirmed = 0
-        for stream in self._streams.values():
-            outcome = stream.close()
-            failed += outcome.failures
-            confirmed += outcome.confirmed
+        outcomes = [stream.close() for stream in self._streams.values()]
         for publisher in self._publishers.values():
             publisher.close()
-        if not self._streams:
-            failed = [r for r in self._results.values() if not isinstance(r, Receipt)]
-            confirmed = len(self._results) - len(failed)
-        if failed or confirmed < self._sent:
-            raise SystemExit(f"{self._sent - confirmed} of {self._sent} events undelivered: {failed[:1]}")
+        sent = sum(outcome.sent for outcome in outcomes)
+        failed = [failure for outcome in outcomes for failure in outcome.failures]
+        if not all(outcome.ok for outcome in outcomes):
+            raise SystemExit(f"{len(failed)} of {sent} events undelivered: {failed[:1]}")
 
     def __enter__(self) -> LabSender:
         return self

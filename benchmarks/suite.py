@@ -76,7 +76,7 @@ from sinks.store import engine_for, make_engine, upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITICAL_SHARE = 0.02
-PATIENTS_PER_CHUNK = 2000
+PATIENTS_PER_CHUNK = 200  # of each 500 simulated: some repeat, few critical values are repeats
 WARM_UP_EVENTS = 200
 
 

@@ -6,6 +6,9 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
+
+from benchmarks import sender as sender_module
 from benchmarks.sender import CHUNK, lab_stream, publish_paced
 
 
@@ -76,3 +79,15 @@ def test_long_streams_are_made_chunk_by_chunk_with_distinct_events() -> None:
     records = list(lab_stream(seed=3, count=CHUNK + 7, critical_share=0.02, patients=50))
     assert len(records) == CHUNK + 7
     assert len({r["envelope"]["event_id"] for r in records}) == CHUNK + 7
+
+
+def test_a_run_longer_than_the_pool_sends_new_events_of_new_patients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sender_module, "POOL", 10)
+    records = list(lab_stream(seed=4, count=25, critical_share=0.5, patients=5))
+    assert len({r["envelope"]["event_id"] for r in records}) == 25
+    assert len({(r["envelope"]["institution_id"], r["result_id"]) for r in records}) == 25
+    first, again = records[3], records[13]  # the same simulated result, one cycle later
+    assert again["local_code"] == first["local_code"] and again["value_numeric"] == first["value_numeric"]
+    assert again["patient_mrn"] == f"{first['patient_mrn']}-1"
+    assert again["patient_national_id"] is None
+    assert records[23]["patient_mrn"] == f"{first['patient_mrn']}-2"
