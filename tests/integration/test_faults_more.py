@@ -8,6 +8,7 @@ dead-lettered, and every critical result has exactly one alert.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ from producers.simulator import simulate_events
 from schemas import standard
 from schemas.exceptions import SchemaError
 from schemas.wire import ConfluentRegistry, make_encoder
-from sinks.models import Alert
+from sinks.models import Alert, IngestLog
 from streams.runtime.store_consumer import store_group
 from tests.factories import lab_record
 from tests.integration.conftest import HubEnv, broker_layout, running_hub
@@ -83,6 +84,22 @@ def full_log(path: Path) -> str:
 def next_worker_log(hub: HubEnv) -> Path:
     """The log file the next `hub.start_worker()` writes (conftest numbers them by the files there)."""
     return hub.workdir / f"worker-{len(list(hub.workdir.glob('worker-*.log')))}.log"
+
+
+def stored_times(hub: HubEnv, event_ids: set[str]) -> list[dt.datetime]:
+    """When the store stored each of these events (ingest_log.ingested_time, the worker's clock), sorted."""
+    with hub.engine.connect() as conn:
+        times = conn.execute(select(IngestLog.ingested_time).where(IngestLog.event_id.in_(event_ids)))
+        return sorted(times.scalars())
+
+
+def print_gap(hub: HubEnv, what: str, since: dt.datetime, event_ids: set[str]) -> None:
+    """Print (no timed assertion: speed is measured, not asserted) how long after `since` the first and the
+    last of `event_ids` were stored; all of them must be stored already."""
+    times = stored_times(hub, event_ids)
+    assert len(times) == len(event_ids), "measured once all are stored"
+    first, last = ((t - since).total_seconds() for t in (times[0], times[-1]))
+    print(f"\n{what}: first of {len(times)} events stored {first:.2f} s, the last {last:.2f} s after")
 
 
 def generations(log_text: str) -> list[int]:
@@ -226,11 +243,12 @@ def assert_shared_check(
 
 
 def install_trigger(hub: HubEnv, name: str, body: str, level: str = "STATEMENT") -> None:
-    """A PL/pgSQL trigger before every insert into observations, running `body`."""
+    """A PL/pgSQL trigger before every insert into observations, running `body` as the owner who installs
+    it (SECURITY DEFINER: the store's role need not be granted the fault's own sequences)."""
     with hub.engine.begin() as conn:
         conn.execute(
             text(
-                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ "
                 f"BEGIN {body} RETURN NULL; END $$"
             )
         )
@@ -462,11 +480,19 @@ WITHHELD = {
 }
 
 
-def start_node(hub: HubEnv) -> dict[str, subprocess.Popen[bytes]]:
+def start_node(hub: HubEnv, node: str) -> dict[str, subprocess.Popen[bytes]]:
     """One node of a scaled-out deployment: a worker process per stage, each in its stage's group, each
-    without the secrets its stage does not use."""
+    without the secrets its stage does not use. Each keeps its state in a data dir of its node and stage,
+    so a node started again under the same name is the same static group members (the instance id
+    derives from the data dir)."""
     return {
-        role: hub.start_worker({"CLINHUB_STREAM_ROLES": f'["{role}"]', **WITHHELD[role]})
+        role: hub.start_worker(
+            {
+                "CLINHUB_STREAM_ROLES": f'["{role}"]',
+                "CLINHUB_STREAM_DATA_DIR": str(hub.workdir / f"node-{node}-{role}"),
+                **WITHHELD[role],
+            }
+        )
         for role in ROLE_SOURCES
     }
 
@@ -487,11 +513,13 @@ def stages_settled(hub: HubEnv) -> bool:
 
 
 def test_rebalance_under_load_workers_added_killed_and_stopped(hub: HubEnv) -> None:
-    """Two nodes share the load; a third joins, one is SIGKILLed, one stops cleanly, all while events keep
-    arriving. Each node runs one worker per stage, as a scaled-out deployment does (see the `roles`
-    setting: in one app, two agents share each norm.lab message, and faust-streaming 0.15.3 can commit it
-    after a rebalance when only one of them got it). The groups wait up to the session timeout (10 s here)
-    for the killed node.
+    """Two nodes share the load; a third joins, one is SIGKILLed and started again, one stops cleanly,
+    all while events keep arriving. Each node runs one worker per stage, as a scaled-out deployment does
+    (see the `roles` setting: in one app, two agents share each norm.lab message, and faust-streaming
+    0.15.3 can commit it after a rebalance when only one of them got it). The killed node's partitions
+    wait for it (static members: it is back under the same instance ids, well within the session
+    timeout, 10 s here); the cleanly stopped node's move at once (it leaves its groups). Both gaps are
+    printed (run with -s).
 
     Two Faust faults are handled by the hub here (streams/runtime/stalls.py): after a rebalance Faust can drop
     fetched messages and then commit past them as a "gap", which the consumer refuses; the commit then
@@ -499,13 +527,13 @@ def test_rebalance_under_load_workers_added_killed_and_stopped(hub: HubEnv) -> N
     """
     critical = critical_results(60)
     chunks = [traffic(seed=80 + i, count=300) + critical[i * 6 : (i + 1) * 6] for i in range(10)]
-    first, second = start_node(hub), start_node(hub)
+    first, second = start_node(hub, "first"), start_node(hub, "second")
     acknowledged = publish(hub, chunks[0])
     wait_for(lambda: stored_counts(hub, acknowledged)[1] > 0, hub, what="processing started")
     acknowledged |= publish(hub, chunks[1])
 
     third_log = next_worker_log(hub)  # its normaliser's
-    start_node(hub)
+    start_node(hub, "third")
     for chunk in chunks[2:4]:
         acknowledged |= publish(hub, chunk)
     wait_for(lambda: bool(generations(full_log(third_log))), hub, what="the third node joining the groups")
@@ -514,13 +542,22 @@ def test_rebalance_under_load_workers_added_killed_and_stopped(hub: HubEnv) -> N
 
     for worker in first.values():
         hub.stop_worker(worker, kill=True)
-    for chunk in chunks[6:8]:
-        acknowledged |= publish(hub, chunk)
+    waiting = publish(hub, chunks[6])  # those on the killed node's partitions wait for it
+    acknowledged |= waiting
+    restarted = dt.datetime.now(dt.UTC)
+    start_node(hub, "first")  # the same node again: the same static members
+    wait_for(lambda: stored_counts(hub, waiting)[1] == len(waiting), hub, 150, what="the killed node back")
+    print_gap(hub, "rebalance test: a SIGKILLed node started again, from its start", restarted, waiting)
+    acknowledged |= publish(hub, chunks[7])
 
     for worker in second.values():
         hub.stop_worker(worker)
-    for chunk in chunks[8:]:
-        acknowledged |= publish(hub, chunk)
+    stopped = dt.datetime.now(dt.UTC)
+    handed_over = publish(hub, chunks[8])  # those on the stopped node's partitions: its survivors' now
+    acknowledged |= handed_over
+    wait_for(lambda: stored_counts(hub, handed_over)[1] == len(handed_over), hub, 150, what="handed over")
+    print_gap(hub, "rebalance test: after a node stopped cleanly, from its exit", stopped, handed_over)
+    acknowledged |= publish(hub, chunks[9])
 
     assert_shared_check(hub, acknowledged, ids(critical), timeout=150, is_settled=stages_settled)
     joined = generations(full_log(third_log))
