@@ -211,3 +211,11 @@ def alert_key(alert_id: str) -> bytes:
     """The key of an alert's state changes on alerts.state: its alert id, canonical lower-case text, so
     compaction keeps one record per alert."""
     return str(alert_id).lower().encode()
+
+
+# The Kafka header on every record the hub derives from a raw event (its normalised record and identity
+# link, the alerts and alert states its result raised): the broker timestamp of that raw message, in
+# milliseconds since the epoch, as ASCII digits. Set by the normaliser from the raw message itself (never
+# from a header an institution sent), carried by the stages after it; end-to-end latencies are measured
+# from it, not from the envelope's times, which are the producer's clock.
+RAW_TIMESTAMP_HEADER = "raw_timestamp_ms"

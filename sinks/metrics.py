@@ -11,7 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-END_TO_END_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+# How old a record is clinically when it is stored: from seconds (a live feed) to a day (a back-load)
+CLINICAL_AGE_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class SinkMetrics:
     batch_records: Histogram  # records per write
     batch_seconds: Histogram  # time of one write, conversion to commit
     retries: Counter  # writes refused for a transient reason (the caller retries each one), by error class
-    end_to_end_seconds: Histogram  # the record's own time (event time, raised, ...) to commit, by kind
+    clinical_age_seconds: Histogram  # the record's own time (event time, raised, ...) to commit, by kind
 
 
 def make_sink_metrics(registry: CollectorRegistry) -> SinkMetrics:
@@ -56,11 +59,13 @@ def make_sink_metrics(registry: CollectorRegistry) -> SinkMetrics:
             ["reason"],
             registry=registry,
         ),
-        end_to_end_seconds=Histogram(
-            "clinhub_store_end_to_end_seconds",
-            "From a record's own time (event, raised, escalated, acknowledged, linked) to its commit.",
+        clinical_age_seconds=Histogram(
+            "clinhub_store_clinical_age_seconds",
+            "How old a record is clinically when stored: from its own time (a result's event time; an "
+            "alert raised, escalated, acknowledged; a link made) to its commit, by kind. Not the hub's "
+            "latency (clinhub_store_end_to_end_seconds): a result sent late is old, not slow.",
             ["kind"],
-            buckets=END_TO_END_BUCKETS,
+            buckets=CLINICAL_AGE_BUCKETS,
             registry=registry,
         ),
     )

@@ -650,7 +650,7 @@ class SqlStoreSink(Sink):
                 metrics.rows_written.labels(table=table_name).inc(count)
         for entry in prepared:
             if entry.index in outcome.written:
-                metrics.end_to_end_seconds.labels(kind=entry.kind).observe(
+                metrics.clinical_age_seconds.labels(kind=entry.kind).observe(
                     max(0.0, (committed - entry.time).total_seconds())
                 )
             else:

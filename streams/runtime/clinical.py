@@ -48,7 +48,7 @@ from streams.domain.escalation import (
 )
 from streams.domain.reference import AlertPolicy
 from streams.domain.rules import AnalyteState, LabFacts, alert_record, evaluate, from_epoch_ms
-from streams.runtime.messages import RawMessage, Rejection
+from streams.runtime.messages import RawMessage, Rejection, carried_headers, seconds_since_raw_event
 from streams.runtime.outputs import Output
 from streams.runtime.stage import Stage, judge_each
 
@@ -136,6 +136,24 @@ class _Overlay:
             self.tables.wards[key] = ward
 
 
+def alert_latencies(outputs: Sequence[Output], alerts_topic: str, now: dt.datetime) -> list[float]:
+    """Seconds from each published alert's raw event (its broker timestamp, the header the alert
+    carries) to `now`, when the broker has confirmed the alerts; alerts without the header are left out."""
+    latencies = []
+    for output in outputs:
+        if output.topic == alerts_topic:
+            seconds = seconds_since_raw_event(output.headers, now)
+            if seconds is not None:
+                latencies.append(seconds)
+    return latencies
+
+
+def observe_alert_latency(stage: Stage, outputs: Sequence[Output]) -> None:
+    """After the outputs are confirmed: clinhub_alert_latency_seconds for each alert among them."""
+    for seconds in alert_latencies(outputs, stage.topics.alerts_topic, stage.clock()):
+        stage.metrics.alert_latency_seconds.observe(seconds)
+
+
 class ClinicalHandler:
     def __init__(self, stage: Stage, tables: ClinicalTables, policy: AlertPolicy) -> None:
         if policy.alert_within > ACK_RETENTION:
@@ -176,11 +194,14 @@ class ClinicalHandler:
         cause: str,
         changed_time: dt.datetime,
         correlation_id: str | None = None,
+        carried: Mapping[str, bytes] | None = None,
     ) -> Output:
-        """An alert's state after a change, on alerts.state keyed by alert id."""
+        """An alert's state after a change, on alerts.state keyed by alert id; `carried`: the raw
+        event's timestamp header, when a result made the change."""
         record = alert_state_record(entry, change, cause, changed_time, correlation_id)
         value = self.stage.codecs.encode("alert_state", record)
         headers = {"correlation_id": correlation_id.encode()} if correlation_id else {}
+        headers.update(carried or {})
         return Output(self.stage.topics.alert_states_topic, alert_key(entry.alert_id), value, headers)
 
     def _encounter(
@@ -190,7 +211,7 @@ class ClinicalHandler:
             overlay.wards[record["regional_patient_id"]] = record["ward"]
 
     def _lab(
-        self, _message: RawMessage, record: dict[str, Any], overlay: _Overlay, outputs: list[Output]
+        self, message: RawMessage, record: dict[str, Any], overlay: _Overlay, outputs: list[Output]
     ) -> None:
         stage = self.stage
         patient = record["regional_patient_id"]
@@ -215,7 +236,8 @@ class ClinicalHandler:
             return
         alerts = overlay.alerts_of(patient)
         before = alerts
-        headers = {"correlation_id": facts.correlation_id.encode()}
+        carried = carried_headers(message)  # the raw event's timestamp: alert latency is measured from it
+        headers = {"correlation_id": facts.correlation_id.encode(), **carried}
         for draft in decision.alerts:
             tracked = alerts is not None and alerts.get(draft.alert_id) is not None
             alerts = open_alert(alerts, draft)
@@ -226,7 +248,12 @@ class ClinicalHandler:
             opened = alerts.alerts[draft.alert_id]
             outputs.append(
                 self._state_output(
-                    opened, AlertChange.OPENED, draft.source_event_id, draft.raised_time, draft.correlation_id
+                    opened,
+                    AlertChange.OPENED,
+                    draft.source_event_id,
+                    draft.raised_time,
+                    draft.correlation_id,
+                    carried,
                 )
             )
             stage.metrics.alerts.labels(analyte=draft.analyte, severity=draft.severity).inc()
@@ -242,7 +269,9 @@ class ClinicalHandler:
             change = repeat_change(draft, counted)
             alerts = update_alert(alerts, draft)
             entry = alerts.get(draft.alert_id) or untracked(draft)
-            outputs.append(self._state_output(entry, change, facts.event_id, now, facts.correlation_id))
+            outputs.append(
+                self._state_output(entry, change, facts.event_id, now, facts.correlation_id, carried)
+            )
         if alerts is not None and alerts is not before and alerts.alerts:
             overlay.open_alerts[patient] = alerts
 
@@ -291,6 +320,7 @@ class ClinicalHandler:
         async def evaluate_and_publish() -> tuple[_Overlay, list[Rejection]]:
             overlay, outputs, rejections = await asyncio.to_thread(self._evaluate, messages)
             await stage.publish(outputs)
+            observe_alert_latency(stage, outputs)
             return overlay, rejections
 
         overlay, rejections = await stage.attempt("clinical batch", evaluate_and_publish, messages)

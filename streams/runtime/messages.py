@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.contract import RAW_TIMESTAMP_HEADER
+
 DEADLETTER_NAMESPACE = uuid.UUID("0b7a3c55-2f4e-4a8e-b3d1-9c2e6f1a4d77")
 
 
@@ -21,6 +23,40 @@ class RawMessage:
     key: bytes | None
     value: bytes | None
     headers: Mapping[str, bytes] = field(default_factory=dict)
+    timestamp_ms: int | None = None  # the message's Kafka timestamp (epoch ms), when it has one
+
+
+def kafka_timestamp_ms(seconds: float | None) -> int | None:
+    """A Kafka timestamp Faust gives in seconds (float), as the milliseconds the broker keeps; None when
+    the message has none (Kafka's -1, or 0)."""
+    return round(seconds * 1000) if seconds is not None and seconds > 0 else None
+
+
+def raw_event_headers(message: RawMessage) -> dict[str, bytes]:
+    """The header for what is made of raw `message`: its own broker timestamp. A header of that name the
+    institution sent is ignored (the raw event's timestamp is the broker's word, not the sender's)."""
+    if message.timestamp_ms is None:
+        return {}
+    return {RAW_TIMESTAMP_HEADER: str(message.timestamp_ms).encode()}
+
+
+def carried_headers(message: RawMessage) -> dict[str, bytes]:
+    """The raw event's timestamp header `message` carries (a normalised record), for what is made of it."""
+    carried = message.headers.get(RAW_TIMESTAMP_HEADER)
+    return {RAW_TIMESTAMP_HEADER: carried} if carried is not None else {}
+
+
+def seconds_since_raw_event(headers: Mapping[str, bytes], now: dt.datetime) -> float | None:
+    """Seconds from the raw event's broker timestamp (its header) to `now`, never negative (clocks of
+    brokers and workers may differ by a little); None without a readable header."""
+    carried = headers.get(RAW_TIMESTAMP_HEADER)
+    if carried is None:
+        return None
+    try:
+        raw_ms = int(carried)
+    except ValueError:
+        return None
+    return max(0.0, (now.timestamp() * 1000 - raw_ms) / 1000)
 
 
 @dataclass(frozen=True)

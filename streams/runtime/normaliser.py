@@ -27,7 +27,7 @@ from streams.domain.normalise import NormalisedEvent, lab_loinc, missing_normali
 from streams.domain.reference import ReferenceData
 from streams.domain.values import FLAG_NOT_JUDGED
 from streams.exceptions import RejectedEvent
-from streams.runtime.messages import RawMessage, Rejection
+from streams.runtime.messages import RawMessage, Rejection, raw_event_headers
 from streams.runtime.outputs import Output
 from streams.runtime.stage import Codecs, Stage, judge_each
 
@@ -196,9 +196,13 @@ class NormaliserHandler:
     async def _publish(self, outcome: NormaliseOutcome) -> None:
         stage = self.stage
         outputs = []
-        for _message, event in outcome.events:
+        for message, event in outcome.events:
             key = regional_key(event.regional_patient_id)
-            headers = {"correlation_id": str(event.record["envelope"]["correlation_id"]).encode()}
+            raw_timestamp = raw_event_headers(message)  # latencies downstream are measured from it
+            headers = {
+                "correlation_id": str(event.record["envelope"]["correlation_id"]).encode(),
+                **raw_timestamp,
+            }
             outputs.append(
                 Output(
                     stage.topics.norm(event.kind), key, stage.codecs.encode(event.kind, event.record), headers
@@ -206,7 +210,7 @@ class NormaliserHandler:
             )
             if event.identity.link is not None:
                 link = stage.codecs.encode("identity", event.identity.link)
-                outputs.append(Output(stage.topics.identity_topic, key, link, {}))
+                outputs.append(Output(stage.topics.identity_topic, key, link, raw_timestamp))
         await stage.publish(outputs)
 
     def _count(self, outcome: NormaliseOutcome) -> None:

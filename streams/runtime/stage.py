@@ -43,7 +43,7 @@ from streams.domain.identity import RegionalIdentity
 from streams.domain.reference import ReferenceData
 from streams.exceptions import RejectedEvent, StageFailedError
 from streams.metrics import StreamMetrics
-from streams.runtime.messages import RawMessage, Rejection, dead_letter_record, positions
+from streams.runtime.messages import RawMessage, Rejection, dead_letter_record, kafka_timestamp_ms, positions
 from streams.runtime.outputs import Output, Publish
 
 log = logging.getLogger("clinhub.streams")
@@ -340,6 +340,7 @@ def to_raw_message(event: Any) -> RawMessage:
         message.key,
         message.value,
         dict(message.headers or {}),
+        kafka_timestamp_ms(message.timestamp),
     )
 
 

@@ -12,13 +12,14 @@ and acknowledged with its batch; it stays on the dead-letter topic, where its po
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core.contract import DEADLETTER
 from sinks.base import Sink, StoreRecord, StoreWriteResult, write_records_isolating
-from streams.runtime.messages import RawMessage, Rejection
+from streams.runtime.messages import RawMessage, Rejection, seconds_since_raw_event
 from streams.runtime.stage import Stage, judge_each
 
 log = logging.getLogger("clinhub.streams.store")
@@ -29,6 +30,21 @@ UNSTORABLE = "unstorable"
 def store_topics(stage: Stage) -> list[str]:
     """Every topic whose records the store keeps."""
     return sorted(stage.topics.stored())
+
+
+def end_to_end(
+    stored: Sequence[RawMessage], records_of: Mapping[str, str], committed: dt.datetime
+) -> list[tuple[str, float]]:
+    """(kind, seconds) from the raw event's broker timestamp to `committed` for each stored message
+    that carries it (what the hub derived from a raw event); others (acknowledgements, escalations,
+    dead letters) have no raw event to measure from. A message read again after a crash counts again,
+    from its raw event: the replay did keep its record from the store that long."""
+    measured = []
+    for message in stored:
+        seconds = seconds_since_raw_event(message.headers, committed)
+        if seconds is not None:
+            measured.append((records_of[message.topic], seconds))
+    return measured
 
 
 class StoreHandler:
@@ -42,7 +58,9 @@ class StoreHandler:
 
     def _store(
         self, messages: list[RawMessage]
-    ) -> tuple[list[StoreRecord], StoreWriteResult, list[Rejection]]:
+    ) -> tuple[list[RawMessage], StoreWriteResult, list[Rejection]]:
+        """Write the batch; returns the messages whose records were stored, the result and the rejections."""
+
         def decode(message: RawMessage) -> dict[str, Any]:
             return self.stage.codecs.decode(self.records_of[message.topic], message.value)
 
@@ -53,6 +71,8 @@ class StoreHandler:
         records = [record for _message, record in judged.results]
         result, refused = write_records_isolating(self.sink, records)
         rejections = judged.rejections
+        refused_at = {index for index, _error in refused}
+        stored = [message for index, (message, _) in enumerate(judged.results) if index not in refused_at]
         for index, error in refused:
             message, item = judged.results[index]
             envelope = item.record.get("envelope") or item.record
@@ -66,26 +86,21 @@ class StoreHandler:
                     envelope.get("correlation_id"),
                 )
             )
-        return records, result, rejections
+        return stored, result, rejections
 
     async def handle(self, messages: list[RawMessage]) -> None:
         stage = self.stage
 
-        async def store() -> tuple[list[StoreRecord], StoreWriteResult, list[Rejection]]:
+        async def store() -> tuple[list[RawMessage], StoreWriteResult, list[Rejection]]:
             return await asyncio.to_thread(self._store, messages)
 
-        records, result, rejections = await stage.attempt("store batch", store, messages)
+        stored, result, rejections = await stage.attempt("store batch", store, messages)
         # Never a dead letter of a dead letter: it would come back to this stage on the topic it reads.
         unstorable = [r for r in rejections if r.message.topic == self.deadletter_topic]
         await stage.dead_letter([r for r in rejections if r.message.topic != self.deadletter_topic], "norm")
         self._unstorable(unstorable)
-        committed = stage.clock()
-        for item in records:
-            envelope = item.record.get("envelope")
-            if envelope is not None:
-                stage.metrics.end_to_end_seconds.observe(
-                    max(0.0, (committed - envelope["produced_time"]).total_seconds())
-                )
+        for kind, seconds in end_to_end(stored, self.records_of, stage.clock()):
+            stage.metrics.store_end_to_end_seconds.labels(kind=kind).observe(seconds)
         for kind, count in result.written.items():
             stage.metrics.events.labels(institution="*", kind=kind, outcome="stored").inc(count)
         for kind, count in result.unchanged.items():

@@ -83,7 +83,14 @@ def raw_message(message: Any) -> RawMessage:
         message.key(),
         message.value(),
         dict(message.headers() or ()),
+        _timestamp_ms(message),
     )
+
+
+def _timestamp_ms(message: Any) -> int | None:
+    """librdkafka's (type, ms) timestamp; None when the message has none (TIMESTAMP_NOT_AVAILABLE)."""
+    kind, ms = message.timestamp()
+    return int(ms) if kind != 0 and ms > 0 else None
 
 
 def consumer_config(

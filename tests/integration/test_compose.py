@@ -406,11 +406,13 @@ def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics(
         "clinhub_stream_events_total",
         "clinhub_stream_rejects_total",
         "clinhub_alerts_raised_total",
-        "clinhub_end_to_end_seconds_bucket",
+        "clinhub_store_end_to_end_seconds_bucket",
         "clinhub_stream_batch_seconds_bucket",
         "clinhub_consumer_lag_messages",
     } <= used
-    assert any("histogram_quantile(0.95" in e and "clinhub_end_to_end_seconds_bucket" in e for e in exprs)
+    assert any(
+        "histogram_quantile(0.95" in e and "clinhub_store_end_to_end_seconds_bucket" in e for e in exprs
+    )
     # Jobs the dashboard selects are jobs Prometheus scrapes.
     jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
     used_jobs = {job for expr in exprs for job in re.findall(r'\bjob="([^"]+)"', expr)}

@@ -1057,7 +1057,7 @@ def test_metrics_count_rows_batches_and_latency(engine: Engine, clock: Clock) ->
     assert value("clinhub_store_unchanged_records_total", kind="lab") == labs
     assert value("clinhub_store_batch_records_count") == 2
     assert value("clinhub_store_batch_records_sum") == 2 * len(batch)
-    assert value("clinhub_store_end_to_end_seconds_count", kind="lab") == labs
+    assert value("clinhub_store_clinical_age_seconds_count", kind="lab") == labs
     assert value("clinhub_store_batch_seconds_count") == 2
     names = {m.name for m in registry.collect()}
     assert all(name.startswith("clinhub_store_") for name in names)

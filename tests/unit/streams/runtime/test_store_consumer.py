@@ -43,6 +43,9 @@ class FakeMessage:
     def headers(self) -> list[tuple[str, bytes]]:
         return [("correlation_id", b"c-1")]
 
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_764_000_000_000 + self._where[2])  # TIMESTAMP_CREATE_TIME, epoch ms
+
     def error(self) -> Any:
         return self._error
 
@@ -135,7 +138,9 @@ def test_offsets_are_marked_after_their_batch_is_handled_and_the_consumer_closed
         ("unsubscribe", None),  # leaves the group at once, a static member too
         ("close", None),
     ]
-    assert handled[0][0] == RawMessage("norm.lab", 0, 5, b"rp-1", b"v5", {"correlation_id": b"c-1"})
+    assert handled[0][0] == RawMessage(
+        "norm.lab", 0, 5, b"rp-1", b"v5", {"correlation_id": b"c-1"}, 1_764_000_000_005
+    )
 
 
 def test_error_events_from_the_consumer_are_not_handed_to_the_store() -> None:
