@@ -145,7 +145,10 @@ class Row:
 
 
 def _ratio(value: float, ceiling: float | None) -> str:
-    return f"{value / ceiling:.2f}x" if ceiling else ""
+    if not ceiling:
+        return ""
+    ratio = value / ceiling
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.3f}x"  # 0.04x and 0.004x are not both 0.00x
 
 
 def _ms(p: Percentiles | None) -> str:
