@@ -4,17 +4,29 @@
   restarted worker stores all of it, once;
 - between the store commit and the offset commit: all of it is stored, the offsets are behind, and
   the restarted worker reads the batch again without storing anything twice.
+
+The worker is started again on its own data dir, so it is the same static group member (its instance id
+derives from it, streams/runtime/membership.py) and takes its partitions back at once rather than after
+the session timeout. How long after its start it stored events again is printed (run with -s), as is how
+long a cleanly stopped worker's partitions took to reach the worker left; no timed assertion.
 """
 
 from __future__ import annotations
+
+import datetime as dt
 
 from sqlalchemy import text
 
 from streams.runtime.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_faults import assert_exactly_once, publish, stored_counts, traffic
-from tests.integration.test_faults_more import install_trigger
+from tests.integration.test_faults_more import install_trigger, print_gap
 from tests.integration.test_lab_path import wait_for
+
+
+def worker_slot(hub: HubEnv, name: str) -> dict[str, str]:
+    """The environment of one worker slot: the same data dir, so the same static group member."""
+    return {"CLINHUB_STREAM_DATA_DIR": str(hub.workdir / f"slot-{name}")}
 
 
 def stalled_backends(hub: HubEnv) -> list[int]:
@@ -35,7 +47,7 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
     # sequences are not rolled back: this stalls the store's first insert statement only
     install_trigger(hub, "stall_once", "IF nextval('stall_once_seq') = 1 THEN PERFORM pg_sleep(600); END IF;")
     acknowledged = publish(hub, traffic(seed=21, count=60))
-    worker = hub.start_worker()
+    worker = hub.start_worker(worker_slot(hub, "a"))
     wait_for(lambda: bool(stalled_backends(hub)), hub, what="the store stage inside its first transaction")
 
     hub.stop_worker(worker, kill=True)
@@ -45,13 +57,15 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
             conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
     assert stored_counts(hub, acknowledged) == (0, 0), "the killed batch was not committed"
 
-    hub.start_worker()
+    restarted = dt.datetime.now(dt.UTC)
+    hub.start_worker(worker_slot(hub, "a"))
     wait_for(
         lambda: stored_counts(hub, acknowledged)[1] == len(acknowledged),
         hub,
         180,
         what="all stored on restart",
     )
+    print_gap(hub, "killed before its store commit, started again: from its start", restarted, acknowledged)
     group = store_group(hub.settings.stream.app_id)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
@@ -60,16 +74,44 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
 def test_killed_between_store_commit_and_offset_commit(hub: HubEnv) -> None:
     group = store_group(hub.settings.stream.app_id)
     acknowledged = publish(hub, traffic(seed=22, count=60))
-    worker = hub.start_worker({"CLINHUB_STREAM_COMMIT_INTERVAL_SECONDS": "600"})  # offsets wait
+    slot = worker_slot(hub, "a")
+    worker = hub.start_worker({**slot, "CLINHUB_STREAM_COMMIT_INTERVAL_SECONDS": "600"})  # offsets wait
     wait_for(lambda: stored_counts(hub, acknowledged)[1] == len(acknowledged), hub, what="all stored")
 
     hub.stop_worker(worker, kill=True)
     assert not hub.caught_up(group, hub.topics.norm("lab")), "killed before the offsets were committed"
+    later = publish(hub, traffic(seed=23, count=40))  # wait for the worker to come back
+    acknowledged |= later
 
-    hub.start_worker()  # reads the stored batch again from the last committed offsets
+    restarted = dt.datetime.now(dt.UTC)
+    hub.start_worker(slot)  # reads the stored batch again from the last committed offsets
     wait_for(lambda: hub.caught_up(group, hub.topics.norm("lab")), hub, 180, what="the batch re-read")
+    wait_for(lambda: stored_counts(hub, later)[1] == len(later), hub, 60, what="the later events stored")
+    print_gap(hub, "killed before its offset commit, started again: from its start", restarted, later)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
     with hub.engine.connect() as conn:
         alerts = conn.execute(text("select count(*) from alerts")).scalar_one()
     assert alerts > 0, "the traffic had critical results, each alerted once"
+
+
+def test_a_cleanly_stopped_workers_partitions_move_to_the_worker_left_at_once(hub: HubEnv) -> None:
+    """A static member does not leave its group when it closes; the worker leaves explicitly on a clean
+    stop, so its partitions move at once, not after the session timeout (10 s here)."""
+    group = store_group(hub.settings.stream.app_id)
+    leaving = hub.start_worker(worker_slot(hub, "a"))
+    staying = hub.start_worker(worker_slot(hub, "b"))
+    acknowledged = publish(hub, traffic(seed=24, count=60))
+    wait_for(lambda: stored_counts(hub, acknowledged)[1] == len(acknowledged), hub, 120, what="all stored")
+    log_of_b = hub.workdir / "worker-1.log"
+    wait_for(lambda: "store consumer assigned" in log_of_b.read_text(), hub, 60, what="both workers joined")
+
+    hub.stop_worker(leaving)  # SIGTERM
+    stopped = dt.datetime.now(dt.UTC)
+    after = publish(hub, traffic(seed=25, count=60))  # every partition's, all for the worker left
+    acknowledged |= after
+    wait_for(lambda: stored_counts(hub, after)[1] == len(after), hub, 120, what="stored by the worker left")
+    print_gap(hub, "a worker stopped cleanly, the other's: from its exit", stopped, after)
+    assert staying.poll() is None
+    wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
+    assert_exactly_once(hub, acknowledged)
