@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
+from clinhub.infra.process import free_port
+from core.contract import RAW_TIMESTAMP_HEADER
 from producers.publisher import make_publisher, message_key
 from schemas import standard
 from schemas.wire import ConfluentRegistry, make_encoder
@@ -220,3 +225,71 @@ def test_raw_topics_created_after_start_up_join_the_subscription(hub: HubEnv) ->
     publisher.close()
     wait_for(lambda: rows_for(hub, newcomer["envelope"]["event_id"]) == 1, hub, 90, what="X010 result stored")
     assert [worker.poll() for worker in hub.workers] == [None], "the one worker, never restarted"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the worker's /metrics by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_latency_is_measured_from_the_broker_timestamp_of_the_raw_event(hub: HubEnv) -> None:
+    """A critical result sent an hour after it happened (its event and produced time an hour old): the
+    normalised records and the alert carry the raw message's broker timestamp as a header, and the
+    worker's end-to-end histograms are observed from it (each observation between that timestamp and the
+    scrape), while the store's clinical age says the result was an hour old."""
+    metrics_port = free_port()
+    hour_ago = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    publisher = make_publisher(hub.settings, "H002")
+    record = lab_record("H002", "LAB0101", 6.8, "mmol/L", mrn="0000054321", at=hour_ago)
+    sentinel = lab_record("H002", "LAB0102", 140.0, "mmol/L", mrn="0000054321", at=hour_ago)
+    publisher.publish_lab(record)
+    publisher.publish_lab(sentinel)
+    publisher.close()
+    hub.start_worker({"CLINHUB_INFRA_METRICS_PORT": str(metrics_port)})
+    event_id = record["envelope"]["event_id"]
+
+    def alert_stored() -> bool:
+        with hub.engine.connect() as conn:
+            return conn.execute(select(Alert).where(Alert.source_event_id == event_id)).first() is not None
+
+    wait_for(lambda: rows_for(hub, sentinel["envelope"]["event_id"]) == 1, hub, what="sentinel stored")
+    wait_for(alert_stored, hub, what="alert stored")
+
+    decode = hub.decoder()
+    raw = hub.consume_all(hub.topics.raw("H002", "lab"), 30, lambda m: len(m) >= 2)
+    raw_ms = {str(decode(m.value())["envelope"]["event_id"]): m.timestamp()[1] for m in raw}
+    norm = hub.consume_all(hub.topics.norm("lab"), 30, lambda m: len(m) >= 2)
+    assert len(norm) == 2
+    for message in norm:
+        carried = dict(message.headers() or [])[RAW_TIMESTAMP_HEADER]
+        assert int(carried) == raw_ms[str(decode(message.value())["envelope"]["event_id"])]
+    (alert_message,) = hub.consume_all(hub.topics.alerts_topic, 30, lambda m: len(m) >= 1)
+    assert int(dict(alert_message.headers() or [])[RAW_TIMESTAMP_HEADER]) == raw_ms[event_id]
+
+    def observed(name: str, **labels: str) -> bool:
+        return scrape(metrics_port).get((f"{name}_count", tuple(sorted(labels.items()))), 0) >= 1
+
+    wait_for(lambda: observed("clinhub_store_end_to_end_seconds", kind="alert"), hub, 30, what="alert stored")
+    scraped_at = time.time()
+    samples = scrape(metrics_port)
+    since_raw = {event: scraped_at - ms / 1000 for event, ms in raw_ms.items()}
+
+    def total(name: str, **labels: str) -> tuple[float, float]:
+        key = tuple(sorted(labels.items()))
+        return samples[(f"{name}_count", key)], samples[(f"{name}_sum", key)]
+
+    count, seconds = total("clinhub_alert_latency_seconds")
+    alert_after_raw = alert_message.timestamp()[1] / 1000 - raw_ms[event_id] / 1000
+    assert count == 1 and alert_after_raw <= seconds <= since_raw[event_id]
+    count, seconds = total("clinhub_store_end_to_end_seconds", kind="lab")
+    assert count == 2 and 0 <= seconds <= sum(since_raw.values())
+    count, seconds = total("clinhub_store_end_to_end_seconds", kind="alert")
+    assert count == 1 and alert_after_raw <= seconds <= since_raw[event_id]
+    count, seconds = total("clinhub_store_clinical_age_seconds", kind="lab")
+    assert count == 2 and seconds >= 2 * 3600, "an hour old clinically, whatever the hub's latency"
