@@ -184,6 +184,10 @@ class StoreConsumer:
             refused = refusal(error, self.principal, message.topic(), self.group)
             if refused is not None:
                 raise refused
+            if error.fatal():  # the consumer is unusable, e.g. fenced by a live worker under its instance id
+                from confluent_kafka import KafkaException
+
+                raise KafkaException(error)
             log.warning("store consumer: %s", error)
         if self.errors is not None:
             self.errors.raise_if_refused()

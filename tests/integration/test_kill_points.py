@@ -14,19 +14,42 @@ long a cleanly stopped worker's partitions took to reach the worker left; no tim
 from __future__ import annotations
 
 import datetime as dt
+import re
+from pathlib import Path
 
 from sqlalchemy import text
 
 from streams.runtime.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_faults import assert_exactly_once, publish, stored_counts, traffic
-from tests.integration.test_faults_more import install_trigger, print_gap
+from tests.integration.test_faults_more import install_trigger, next_worker_log, print_gap
 from tests.integration.test_lab_path import wait_for
 
 
 def worker_slot(hub: HubEnv, name: str) -> dict[str, str]:
     """The environment of one worker slot: the same data dir, so the same static group member."""
     return {"CLINHUB_STREAM_DATA_DIR": str(hub.workdir / f"slot-{name}")}
+
+
+# Milestones of a worker's start in its log (Faust's format: "[2026-12-02 00:46:15,044] [pid] [INFO] ...")
+START_UP = {
+    "Faust started": "[^Worker]: Starting",
+    "Faust group joined": "Joined group",
+    "store consumer assigned": "store consumer assigned",
+}
+LOGGED_AT = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+
+
+def print_start_up(log: Path, since: dt.datetime) -> None:
+    """Print when each start-up milestone came after `since`: where a restart's seconds go."""
+    marks = []
+    for line in log.read_text(errors="replace").splitlines():
+        stamp = LOGGED_AT.match(line)
+        for name, text_ in START_UP.items():
+            if stamp and text_ in line and name not in dict(marks):
+                local = dt.datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").astimezone()
+                marks.append((name, (local - since).total_seconds()))
+    print("  its start-up: " + ", ".join(f"{name} {after:.2f} s" for name, after in marks))
 
 
 def stalled_backends(hub: HubEnv) -> list[int]:
@@ -57,7 +80,7 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
             conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
     assert stored_counts(hub, acknowledged) == (0, 0), "the killed batch was not committed"
 
-    restarted = dt.datetime.now(dt.UTC)
+    restarted, log = dt.datetime.now(dt.UTC), next_worker_log(hub)
     hub.start_worker(worker_slot(hub, "a"))
     wait_for(
         lambda: stored_counts(hub, acknowledged)[1] == len(acknowledged),
@@ -66,6 +89,7 @@ def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
         what="all stored on restart",
     )
     print_gap(hub, "killed before its store commit, started again: from its start", restarted, acknowledged)
+    print_start_up(log, restarted)
     group = store_group(hub.settings.stream.app_id)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
@@ -83,11 +107,12 @@ def test_killed_between_store_commit_and_offset_commit(hub: HubEnv) -> None:
     later = publish(hub, traffic(seed=23, count=40))  # wait for the worker to come back
     acknowledged |= later
 
-    restarted = dt.datetime.now(dt.UTC)
+    restarted, log = dt.datetime.now(dt.UTC), next_worker_log(hub)
     hub.start_worker(slot)  # reads the stored batch again from the last committed offsets
     wait_for(lambda: hub.caught_up(group, hub.topics.norm("lab")), hub, 180, what="the batch re-read")
     wait_for(lambda: stored_counts(hub, later)[1] == len(later), hub, 60, what="the later events stored")
     print_gap(hub, "killed before its offset commit, started again: from its start", restarted, later)
+    print_start_up(log, restarted)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
     with hub.engine.connect() as conn:

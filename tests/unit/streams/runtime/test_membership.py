@@ -243,3 +243,24 @@ def test_the_faust_consumer_is_a_static_member_that_claims_its_id(
     assert consumer._isolation_level == "read_committed"
     assert instance in membership._claimed
     assert (tmp_path / f"clinhub-group-instance-{instance}.lock").exists()
+
+
+def test_a_store_consumer_fenced_by_a_live_worker_under_its_id_stops_loudly() -> None:
+    """librdkafka makes it a fatal error: the consumer is unusable, so the store stage must not go on
+    polling it (and logging) for ever; nothing of the batch it came with is marked stored."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from streams.runtime.store_consumer import StoreConsumer
+    from tests.unit.streams.runtime.test_store_consumer import STORE_CONFIG, FakeConsumer, FakeMessage
+
+    fenced = KafkaError(KafkaError.FENCED_INSTANCE_ID, "fenced by another consumer", fatal=True)
+    consumer = FakeConsumer([[FakeMessage("norm.lab", 1, 7), FakeMessage("norm.lab", 0, -1, error=fenced)]])
+
+    async def handle(_messages: Any) -> None:
+        raise AssertionError("not stored")
+
+    store = StoreConsumer(STORE_CONFIG, ["norm.lab"], handle, 500, 0.01, consumer_factory=lambda _c: consumer)
+    with pytest.raises(KafkaException) as stopped:
+        asyncio.run(asyncio.wait_for(store.run(), 5))
+    assert stopped.value.args[0].code() == KafkaError.FENCED_INSTANCE_ID
+    assert [name for name, _ in consumer.calls] == ["subscribe", "unsubscribe", "close"]
