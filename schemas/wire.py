@@ -6,6 +6,7 @@ the registry once per id and cached parsed, so the per-message path is header ch
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -131,13 +132,23 @@ class AvroEncoder:
         return out.getvalue()
 
 
+@functools.lru_cache(maxsize=256)
+def _spec(text: str) -> dict[str, Any]:
+    """A schema's JSON, parsed once per text (read only)."""
+    return dict(json.loads(text))
+
+
 def validate_record(record: Mapping[str, Any], schema: StandardSchema) -> None:
-    """Raise RecordValidationError naming each field that breaks the schema, its value and the rule."""
-    spec = json.loads(schema.text)
+    """Raise RecordValidationError naming each field that breaks the schema, its value and the rule.
+
+    A valid record is checked without collecting errors: fastavro's raise_errors builds a described
+    error (the datum as JSON) for every union branch a value is not, most of a valid record's cost."""
+    spec = _spec(schema.text)
     problems = _missing_or_unknown(record, spec, "")
     if not problems:
         try:
-            validate(record, schema.parsed, raise_errors=True, strict=True)
+            if not validate(record, schema.parsed, raise_errors=False, strict=True):
+                validate(record, schema.parsed, raise_errors=True, strict=True)  # raises, describing
         except fastavro.validation.ValidationError as exc:
             problems = _describe_all(exc.errors, _nested_field_names(spec))
         except ValueError as exc:  # strict mode: fields the schema does not have
