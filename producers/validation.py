@@ -55,9 +55,14 @@ def _check_bound(record: Mapping[str, Any]) -> None:
         )
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # no datetime, no record: most values, skipped fast
+
+
 def _check_times(record: Mapping[str, Any], prefix: str) -> None:
     """Naive datetimes are ambiguous (whose local time?); the standard carries UTC instants only."""
     for name, value in record.items():
+        if type(value) in _PLAIN:
+            continue
         if isinstance(value, dt.datetime) and value.tzinfo is None:
             raise _fail(f"{prefix}{name}", value.isoformat(), "has no time zone; send an aware datetime")
         if isinstance(value, Mapping):
