@@ -597,6 +597,8 @@ def run_demo(settings: HubSettings, count: int, keep_running: bool, seed: int | 
             publisher = make_publisher(hub, institution)  # as the institution's own principal
             for kind in kinds:
                 mine = [r for k, r in events if k == kind and r["envelope"]["institution_id"] == institution]
+                for record in mine:  # when it is published, not when it happened
+                    record["envelope"]["produced_time"] = dt.datetime.now(dt.UTC)
                 delivered += sum(
                     1 for r in publisher.publish_many(kind, mine) if not isinstance(r, Exception)
                 )

@@ -292,7 +292,9 @@ def simulate_events(
     """`count` (kind, record) pairs across institutions; the same seed gives the same traffic.
 
     Times are aware datetimes on each institution's own clock (its time zone); the Avro encoder
-    stores them as UTC instants.
+    stores them as UTC instants. Event times lie in the past, two seconds apart up to `now`; each
+    envelope's `produced_time` is `now`, to be stamped again when the event is really published
+    (`producers.pacing.publish_paced` does).
     """
     rng = random.Random(seed)
     now = now or dt.datetime.now(dt.UTC)
@@ -321,6 +323,7 @@ def simulate_events(
             record = _medication_record(institution, patient, when, rng)
         else:
             record = _diagnosis_record(institution, patient, when, rng)
+        record["envelope"]["produced_time"] = now  # made now; a publisher stamps it again as it sends
         events.append((kind, record))
     return events
 

@@ -145,3 +145,12 @@ def test_results_as_laboratories_write_them_are_publishable_and_each_is_judged_c
         assert [alert.severity for alert in _judge(record)] == ["CRITICAL"], record["local_code"]
     assert records[0]["value_text"] == "HI" and records[1]["unit"] == "MMOL/L"
     assert records[2]["local_code"] == "2823-3"
+
+
+def test_produced_time_is_when_the_traffic_is_made_not_the_event_time() -> None:
+    """The envelope's produced_time is the producer's, never the (past) event time; a publisher stamps
+    it again as it sends."""
+    for record in simulate_labs(3, 20, now=NOW):
+        envelope = record["envelope"]
+        assert envelope["produced_time"] == NOW
+        assert envelope["event_time"] < NOW
