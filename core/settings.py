@@ -62,6 +62,11 @@ class KafkaSettings(BaseSettings):
     principal_secrets_dir: Path | None = None
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication: int = Field(default=1, ge=1)
+    # How long a producer holds a message for others to share its request (librdkafka's linger.ms). Every
+    # hop to an alert pays it once at low load (SDK, normaliser, clinical); under load messages queued
+    # while requests are in flight share them anyway. Measured on the local broker: a one-message publish
+    # confirmed in ~1.4 ms at 0 against ~8.8 ms at 5.
+    producer_linger_ms: float = Field(default=1.0, ge=0)
 
     @property
     def uses_sasl(self) -> bool:
@@ -118,7 +123,7 @@ class KafkaSettings(BaseSettings):
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": "lz4",
-            "linger.ms": 5,
+            "linger.ms": self.producer_linger_ms,
             "message.timeout.ms": int(delivery_timeout * 1000),
             "queue.buffering.max.messages": 100_000,
             # Java clients and aiokafka (Faust) hash keys with murmur2: same key, same partition number.

@@ -244,3 +244,11 @@ def test_each_component_reads_the_registry_as_its_own_principal(tmp_path: Path) 
     assert config["basic.auth.user.info"] == "gateways:g-secret"
     assert config["ssl.ca.location"] == str(tmp_path / "ca.crt")
     assert "basic.auth.user.info" not in local.client_config(), "no principal chosen: no credentials"
+
+
+def test_producers_linger_as_configured() -> None:
+    """Every producer holds a message `producer_linger_ms` for company (a hop to an alert pays it once)."""
+    plain = KafkaSettings(security_protocol="PLAINTEXT")
+    assert plain.producer_config(30.0)["linger.ms"] == 1.0
+    eager = KafkaSettings(security_protocol="PLAINTEXT", producer_linger_ms=0)
+    assert eager.producer_config(30.0)["linger.ms"] == 0
