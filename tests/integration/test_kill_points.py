@@ -52,32 +52,41 @@ def print_start_up(log: Path, since: dt.datetime) -> None:
     print("  its start-up: " + ", ".join(f"{name} {after:.2f} s" for name, after in marks))
 
 
-def stalled_backends(hub: HubEnv) -> list[int]:
+def sequence_called(hub: HubEnv, sequence: str) -> bool:
+    """Has nextval been called on this sequence? Sequences are not transactional: another session's call
+    shows at once, even from inside its uncommitted transaction."""
     with hub.engine.connect() as conn:
-        return list(
-            conn.execute(
-                text(
-                    "select pid from pg_stat_activity"
-                    " where datname = current_database() and wait_event = 'PgSleep'"
-                )
-            ).scalars()
-        )
+        called = text("SELECT last_value IS NOT NULL FROM pg_sequences WHERE sequencename = :name")
+        return bool(conn.execute(called, {"name": sequence}).scalar_one())
 
 
 def test_killed_between_consume_and_store_commit(hub: HubEnv) -> None:
     with hub.engine.begin() as conn:
         conn.execute(text("CREATE SEQUENCE stall_once_seq"))
-    # sequences are not rolled back: this stalls the store's first insert statement only
-    install_trigger(hub, "stall_once", "IF nextval('stall_once_seq') = 1 THEN PERFORM pg_sleep(600); END IF;")
+        conn.execute(text("CREATE SEQUENCE stall_release_seq"))
+    # Sequences are not rolled back: this holds the store's first insert statement only, until the test
+    # releases it. (The store's own role runs it: its session's wait events, and ending its backend, are
+    # not the owner's to see or do, so the test watches and releases through sequences instead.)
+    install_trigger(
+        hub,
+        "stall_once",
+        "IF nextval('stall_once_seq') = 1 THEN"
+        " WHILE NOT (SELECT is_called FROM stall_release_seq) LOOP PERFORM pg_sleep(0.1); END LOOP;"
+        " END IF;",
+    )
     acknowledged = publish(hub, traffic(seed=21, count=60))
     worker = hub.start_worker(worker_slot(hub, "a"))
-    wait_for(lambda: bool(stalled_backends(hub)), hub, what="the store stage inside its first transaction")
+    wait_for(
+        lambda: sequence_called(hub, "stall_once_seq"),
+        hub,
+        what="the store stage inside its first transaction",
+    )
 
     hub.stop_worker(worker, kill=True)
     with hub.engine.connect() as conn:
-        # The server would notice the dead client only when its statement ends; end it now.
-        for pid in stalled_backends(hub):
-            conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+        # The server notices the dead client only once its statement ends: end it now. Its transaction,
+        # never committed, is rolled back.
+        conn.execute(text("SELECT nextval('stall_release_seq')"))
     assert stored_counts(hub, acknowledged) == (0, 0), "the killed batch was not committed"
 
     restarted, log = dt.datetime.now(dt.UTC), next_worker_log(hub)
