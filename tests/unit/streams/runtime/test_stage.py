@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -153,8 +154,11 @@ def test_a_bug_that_goes_away_within_the_bound_does_not_stop_the_stage() -> None
 
 
 class FakeEvent:
+    """A Faust event as run_batches reads it: its message with a Kafka timestamp in seconds."""
+
     def __init__(self, message: RawMessage) -> None:
-        self.message = message
+        seconds = message.timestamp_ms / 1000 if message.timestamp_ms else None
+        self.message = SimpleNamespace(**vars(message), timestamp=seconds)
 
 
 class FakeStream:
