@@ -522,6 +522,9 @@ class FakeMessage:
     def offset(self) -> int:
         return self._offset
 
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)  # librdkafka's (TIMESTAMP_CREATE_TIME, epoch ms)
+
     def key(self) -> bytes:
         return b"rp-7c21"
 
