@@ -13,15 +13,28 @@ one thread of its own, so that close() never races a consume() in flight.
 A refusal of the principal (a topic or the group it may no longer read, or its credentials refused for
 long enough, `ClientErrors`) ends `run` with the typed `KafkaAccessError` before the batch it came with
 is handled, so nothing of that batch is marked stored: it is read again once access is restored.
+
+A librdkafka consumer that hit a fatal error is unusable for good. With static membership that
+happens after an outage of the group coordinator (a broker restart): the session expires, the
+consumer rejoins under its instance id, and a commit still in flight under its old member id is
+answered FENCED_INSTANCE_ID, which librdkafka makes fatal (librdkafka#3437). Left alone, the store
+stage would sit on that consumer for ever, silently. So the stage closes it and builds a new one
+under the same instance id, which takes the partitions back; batches stored but not yet committed
+are read again and stored once. Fatal errors that keep coming (another live worker elsewhere under
+this instance id) end `run` with the error instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
 
 from core.kafka_errors import ClientErrors, refusal
 from streams.runtime.membership import claim_instance_id, leave_and_close
@@ -120,6 +133,26 @@ def consumer_config(
     }
 
 
+# More fatal consumer errors than this within the window: not a one-off fencing after an outage, but a
+# consumer that cannot work (another live worker under the instance id, fencing this one each time).
+MOST_REBUILDS = 3
+REBUILD_WINDOW_SECONDS = 300.0
+
+
+class ConsumerUnusable(Exception):  # a signal between two methods of the loop, never leaves run()
+    """The consumer reported a fatal error: close it and build another."""
+
+    def __init__(self, error: Any) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def is_fatal(error: Any) -> bool:
+    """librdkafka's fatal error as the consumer hands it out: code _FATAL (its `fatal()` flag is unset
+    on that event; the flag is set on the underlying error, as the error callback receives it)."""
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
 class StoreConsumer:
     """Batches from the standard topics to `handle`, then their offsets to librdkafka's commit."""
 
@@ -152,6 +185,25 @@ class StoreConsumer:
 
     async def run(self) -> None:
         """Consume until cancelled; the handler retries a failing batch itself, so nothing is skipped."""
+        rebuilds: deque[float] = deque()
+        while True:
+            try:
+                await self._run_one_consumer()
+                return
+            except ConsumerUnusable as unusable:
+                now = time.monotonic()
+                while rebuilds and now - rebuilds[0] > REBUILD_WINDOW_SECONDS:
+                    rebuilds.popleft()
+                if len(rebuilds) >= MOST_REBUILDS:
+                    raise KafkaException(unusable.error) from None
+                rebuilds.append(now)
+                log.warning(
+                    "store consumer unusable (%s): building a new one under the same group member id; "
+                    "batches stored but not yet committed are read again and stored once",
+                    unusable.error,
+                )
+
+    async def _run_one_consumer(self) -> None:
         consumer = self._consumer = await self._blocking(self.consumer_factory, self.config)
         try:
             await self._blocking(
@@ -166,12 +218,17 @@ class StoreConsumer:
                     continue
                 await self.handle(messages)
                 await self._mark_stored(consumer, messages)
-        finally:
+        except ConsumerUnusable:
+            self._consumer = None
+            await asyncio.shield(self._blocking(_close_unusable, consumer))
+            raise
+        except BaseException:
             # Commits what was marked stored and leaves the group at once (a static member too), so the
             # partitions move without waiting for the session timeout.
             self._consumer = None
             await asyncio.shield(self._blocking(_close, consumer))
             self._thread.shutdown(wait=False)
+            raise
 
     def _messages(self, polled: Sequence[Any]) -> list[RawMessage]:
         """The messages of a poll; raises the refusal when the broker refused the principal."""
@@ -184,10 +241,8 @@ class StoreConsumer:
             refused = refusal(error, self.principal, message.topic(), self.group)
             if refused is not None:
                 raise refused
-            if error.fatal():  # the consumer is unusable, e.g. fenced by a live worker under its instance id
-                from confluent_kafka import KafkaException
-
-                raise KafkaException(error)
+            if is_fatal(error):
+                raise ConsumerUnusable(error)
             log.warning("store consumer: %s", error)
         if self.errors is not None:
             self.errors.raise_if_refused()
@@ -205,7 +260,7 @@ class StoreConsumer:
         return sorted((tp.topic, tp.partition) for tp in owned)
 
     async def _mark_stored(self, consumer: Any, messages: Sequence[RawMessage]) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
+        from confluent_kafka import TopicPartition
 
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets(messages).items()]
         try:
@@ -242,3 +297,11 @@ def _close(consumer: Any) -> None:
         leave_and_close(consumer)
     except Exception as exc:  # noqa: BLE001 - closing on shutdown; uncommitted batches are re-read
         log.warning("store consumer: close failed: %r", exc)
+
+
+def _close_unusable(consumer: Any) -> None:
+    """Close a consumer after its fatal error: it can neither leave nor commit any more."""
+    try:
+        consumer.close()
+    except Exception as exc:  # noqa: BLE001 - the consumer is already dead; its successor takes over
+        log.info("store consumer: closing the unusable consumer: %r", exc)

@@ -307,3 +307,55 @@ def test_a_batch_of_one_never_lingers() -> None:
     consume = Arrivals(queued=[], arriving=[[1, 2]])
     assert take_arrived(consume, 1, 0.005) == [1]
     assert [timeout for _, timeout in consume.calls] == [0, 0.5]
+
+
+def fatal_message() -> FakeMessage:
+    fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other consumer")
+    return FakeMessage("norm.lab", -1, -1001, error=fenced)
+
+
+def test_a_consumer_that_turned_fatal_is_replaced_and_the_next_one_carries_on() -> None:
+    # After a coordinator outage librdkafka may fence a static member by its own rejoin: the consumer
+    # is dead for good, and a new one under the same instance id takes the partitions back.
+    first = FakeConsumer([[FakeMessage("norm.lab", 0, 1)], [fatal_message()]])
+    second = FakeConsumer([[FakeMessage("norm.lab", 0, 1), FakeMessage("norm.lab", 0, 2)]])
+    made = iter([first, second])
+    handled: list[list[int]] = []
+
+    async def handle(messages: list[RawMessage]) -> None:
+        handled.append([m.offset for m in messages])
+
+    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.01, consumer_factory=lambda _config: next(made))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(store.run())
+        for _ in range(500):
+            if ("store_offsets", [("norm.lab", 0, 3)]) in second.calls:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert handled == [[1], [1, 2]]  # what was not committed is read again (stored once, idempotently)
+    assert first.calls[-1] == ("close", None)
+    assert ("unsubscribe", None) not in first.calls  # a dead consumer can neither leave nor commit
+    assert second.calls[0] == ("subscribe", ["norm.lab"])
+    assert second.calls[-2:] == [("unsubscribe", None), ("close", None)]
+
+
+def test_fatal_errors_that_keep_coming_end_the_store_loudly() -> None:
+    made: list[FakeConsumer] = []
+
+    def factory(_config: dict[str, Any]) -> FakeConsumer:
+        made.append(FakeConsumer([[fatal_message()]]))
+        return made[-1]
+
+    async def handle(messages: list[RawMessage]) -> None:
+        raise AssertionError("nothing to handle")
+
+    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.01, consumer_factory=factory)
+    with pytest.raises(KafkaException, match="fenced"):
+        asyncio.run(store.run())
+    assert len(made) == 4  # the first and three replacements within the window, then the error
