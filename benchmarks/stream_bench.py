@@ -12,6 +12,10 @@ results to the raw topics, then measures:
               end of norm.lab (rules, suppression state, alert publishing included);
   +store      the whole pipeline until every event is in the SQLite store.
 Figures are events/s and ratios to the baseline measured in the same run.
+
+`--profile DIR` profiles the steady state only: py-spy (GIL holder only) attaches to each worker once
+the first event is normalised and is stopped when the last event is stored, before the workers stop;
+collapsed stacks in DIR/<stage>.txt (`benchmarks/profile_summary.py` ranks them).
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from __future__ import annotations
 import argparse
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -125,7 +133,8 @@ def run(
 
     env = worker_environment(kafka, registry, workdir, app_id, {"CLINHUB_DATABASE_URL": db_url})
     role_sets = [list(roles) for roles in SPLIT_ROLES] if split else [[]]
-    workers = start_workers(role_sets, env, workdir, profile)
+    workers = start_workers(role_sets, env, workdir)
+    spies: list[subprocess.Popen[bytes]] = []
     clinical_group = f"{app_id}-clinical" if split else app_id
     print(f"workers    {len(workers)} process(es): {'one per stage' if split else 'all stages in one'}")
     try:
@@ -138,8 +147,10 @@ def run(
             now = time.time()  # wall clock, comparable with Kafka create times
             if not norm_ends:
                 ends = end_offsets(client, [topics.norm("lab")])
-                if not start_cpu and sum(ends.values()):
+                if not start_cpu and sum(ends.values()) > 0:
                     start_cpu = [cpu_seconds(worker_pid(worker)) for worker in workers]
+                    if profile is not None:
+                        spies = attach_profilers(workers, role_sets, profile)
                 if sum(ends.values()) >= count:
                     norm_ends = ends
             if norm_ends and not alert_done and committed_to_end(client, clinical_group, norm_ends):
@@ -148,6 +159,7 @@ def run(
                 stored = connection.execute(select(func.count()).select_from(IngestLog)).scalar_one()
             if stored >= count and alert_done:
                 store_done = now
+        detach_profilers(spies)
         first, last, normalised = norm_span(client, topics.norm("lab"))
         normalise_rate = normalised / max(last - first, 1e-3)
         # spans start at the first normalised output, so the worker's start-up is not counted
@@ -170,7 +182,44 @@ def run(
             for roles, stage_cpu in zip(role_sets, used, strict=True):
                 print(f"  {roles[-1]:<10} {stage_cpu / count * 1e6:6.0f} us CPU/event")
     finally:
+        detach_profilers(spies)
         stop_workers(workers)
+
+
+def attach_profilers(
+    workers: Sequence[subprocess.Popen[bytes]], role_sets: Sequence[Sequence[str]], profile: Path
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy attached to each running worker (GIL holder only), its stacks in profile/<stage>.txt."""
+    profile.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [
+        subprocess.Popen(  # noqa: S603 - py-spy of this venv on the benchmark's own workers
+            [
+                spy,
+                "record",
+                "--gil",
+                "--format",
+                "raw",
+                "--pid",
+                str(worker_pid(worker)),
+                "-o",
+                str(profile / f"{roles[-1] if roles else 'all'}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for worker, roles in zip(workers, role_sets, strict=True)
+    ]
+
+
+def detach_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+    """Stop sampling (py-spy writes its file on SIGINT), before the workers' shutdown is sampled."""
+    for spy in spies:
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        spy.wait(60)
+    spies.clear()
 
 
 if __name__ == "__main__":
