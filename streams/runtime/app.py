@@ -40,6 +40,7 @@ from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Publish, make_outputs
 from streams.runtime.stage import Components, Stage, StageHealth, run_batches
 from streams.runtime.stalls import GroupPositions, contiguous_offsets_app
+from streams.runtime.startup import PromptTableManager, early_stop_app, start_early
 from streams.runtime.store import StoreHandler, store_topics
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.runtime.tables import RawKeyTable, store_url
@@ -94,13 +95,14 @@ def _faust_app(
     health: StageHealth,
 ) -> faust.App:
     stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
-    app_class = contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset)
+    app_class = early_stop_app(contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset))
     return refusals_reported_app(app_class, kafka.sasl_username, health)(
         app_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
         broker_credentials=faust_credentials(kafka),
         store=store_url(stream.table_store),
         Table=RawKeyTable,
+        TableManager=PromptTableManager,  # the tables registered without Faust's 1 s wait (startup.py)
         autodiscover=False,
         processing_guarantee="at_least_once",
         producer_acks=-1,
@@ -287,7 +289,8 @@ def _add_store_stage(
     app: faust.App, kafka: KafkaSettings, stream: StreamSettings, store: Stage, errors: ClientErrors
 ) -> None:
     """Not a Faust agent: a librdkafka consumer in its own group that marks offsets done only after the
-    store transaction (streams/runtime/store_consumer.py), run as a task of the worker."""
+    store transaction (streams/runtime/store_consumer.py), run from the worker's start on: it needs no
+    table, so it does not wait for Faust's group, tables and recovery (startup.py `start_early`)."""
     group = store_group(stream.app_id)
     consumer = StoreConsumer(
         consumer_config(
@@ -312,7 +315,6 @@ def _add_store_stage(
         reporting(store.health, lag_watch.tick)
     )
 
-    @app.task
     async def store_stage() -> None:
         try:
             await consumer.run()
@@ -325,3 +327,5 @@ def _add_store_stage(
             store.failed("run the store consumer", 1, exc)
             await app.crash(exc)  # the consumer itself failed: a worker without it must not look healthy
             raise
+
+    start_early(app, "store", store_stage)

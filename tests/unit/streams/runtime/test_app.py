@@ -27,6 +27,7 @@ from streams.runtime.messages import RawMessage
 from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Output, Publish
 from streams.runtime.stage import Components, RetryPolicy, Stage, StageHealth
+from streams.runtime.startup import EarlyJob, PromptTableManager
 from streams.runtime.store import StoreHandler
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -229,8 +230,12 @@ def test_a_worker_runs_the_stages_it_is_given_as_its_own_app(
     app = app_for(tmp_path, components, roles=roles)
     assert {name.rsplit(".", 1)[-1].removesuffix("_agent") for name in app.agents} == agents
     assert app.conf.id == app_id  # one consumer group (and table namespace) per stage set
-    tasks = {task.__name__ for task in app._app_tasks}  # the store stage is a task, not an agent
-    assert ("store_stage" in tasks) == ("store" in roles)
+    assert isinstance(app.tables, PromptTableManager)  # no 1 s wait before the consumer subscribes
+    # the store stage is neither an agent nor an @app.task (started after Faust's recovery): a job started
+    # with the app, its first child service
+    early = [child.name for child in app._children if isinstance(child, EarlyJob)]
+    assert early == (["store"] if "store" in roles else [])
+    assert "store_stage" not in {task.__name__ for task in app._app_tasks}
 
 
 def test_unknown_roles_are_refused(tmp_path: Any) -> None:

@@ -359,3 +359,43 @@ def test_fatal_errors_that_keep_coming_end_the_store_loudly() -> None:
     with pytest.raises(KafkaException, match="fenced"):
         asyncio.run(store.run())
     assert len(made) == 4  # the first and three replacements within the window, then the error
+
+
+def test_a_consumer_joined_before_the_run_is_the_one_the_run_uses() -> None:
+    """`join` makes and subscribes the consumer at once (librdkafka joins the group in its own threads
+    while the worker starts); `run` then polls that one, and makes no other."""
+    consumer = FakeConsumer([[FakeMessage("norm.lab", 0, 5)]])
+    made: list[FakeConsumer] = []
+
+    def factory(_config: Any) -> FakeConsumer:
+        made.append(consumer)
+        return consumer
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        consumer.calls.append(("handled", None))
+
+    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.05, consumer_factory=factory)
+    store.join()
+    store.join()  # once only
+    assert made == [consumer]
+    assert consumer.calls == [("subscribe", ["norm.lab"])]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(store.run())
+        for _ in range(500):
+            if ("store_offsets", [("norm.lab", 0, 6)]) in consumer.calls:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert made == [consumer], "the run made no second consumer"
+    assert [name for name, _ in consumer.calls] == [
+        "subscribe",
+        "handled",
+        "store_offsets",
+        "unsubscribe",
+        "close",
+    ]

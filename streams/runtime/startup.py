@@ -1,0 +1,85 @@
+"""A worker that starts and stops without Faust's waits: a restarted worker processes again within
+seconds of its start, and one stopped cleanly hands its partitions over at once. Static group
+membership (membership.py) is the other half: the restarted worker takes its partitions back without
+waiting for the dead one's session.
+
+Where a restart's seconds went (tests/integration/test_kill_points.py prints them, run with -s):
+
+- The store stage needs no table, but it waited for all of Faust's start-up: an `@app.task` starts
+  only once Faust has joined its group, opened every table partition and finished its recovery
+  (`App.on_started`), and only then did the store consumer begin to join its own group. `EarlyJob`
+  runs a job from the app's start on (the app's first child service), beside Faust's start-up.
+- Faust's TableManager sleeps 1 s at its start, before the consumer may subscribe, so that agents
+  starting meanwhile can still declare tables. This app declares every table in `create_app`, before
+  the worker starts: `PromptTableManager` registers them at once.
+
+On a clean stop, `early_stop_app` stops the early jobs alongside Faust's own stop, not after it: the
+store consumer leaves its group (membership.leave_and_close) at once instead of after the seconds
+Faust's stop takes (its tables closed, its producer flushed). A job stopped mid-batch has marked
+nothing of that batch, which the partitions' next owner reads again and stores once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faust.tables import TableManager
+from mode import Service
+
+log = logging.getLogger("clinhub.streams.startup")
+
+
+class PromptTableManager(TableManager):
+    """Faust's TableManager without the 1 s wait at its start (faust/tables/manager.py, pinned 0.15.3):
+    the tables are all declared before the worker starts, so they are registered, and the consumer
+    subscribes, at once."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
+class EarlyJob(Service):
+    """Runs `job` from the moment its app starts, not once Faust's recovery is done as an `@app.task`;
+    stopped with the app (or first, by `early_stop_app`)."""
+
+    def __init__(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.name = name
+        self._job = job
+
+    @property
+    def shortlabel(self) -> str:
+        return f"EarlyJob: {self.name}"
+
+    async def on_start(self) -> None:
+        self.add_future(self._job())
+
+
+def start_early(app: Any, name: str, job: Callable[[], Awaitable[None]]) -> EarlyJob:
+    """Run `job` from the app's start on: the app's first child service (mode starts its children in
+    the order they were added, before those of Faust's boot strategy, which the app adds as it starts)."""
+    early = EarlyJob(name, job)
+    app.add_dependency(early)
+    return early
+
+
+def early_stop_app(app_class: Any) -> Any:
+    """A Faust App class that stops its early jobs as its own stop begins, alongside Faust's stop."""
+
+    class EarlyStopApp(app_class):
+        async def on_stop(self) -> None:
+            early = [child for child in self._children if isinstance(child, EarlyJob)]
+            leaving = asyncio.gather(*(job.stop() for job in early), return_exceptions=True)  # begins now
+            try:
+                await super().on_stop()
+            finally:
+                for job, result in zip(early, await leaving, strict=True):
+                    if isinstance(result, Exception):
+                        log.warning("stopping %s failed: %r", job.shortlabel, result)
+
+    return EarlyStopApp

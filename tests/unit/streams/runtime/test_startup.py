@@ -1,0 +1,114 @@
+"""Start-up without Faust's waits (streams/runtime/startup.py): the store stage runs from the app's start,
+Faust's tables are registered without its 1 s wait, and a clean stop stops the early jobs first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import faust
+import pytest
+from mode import Service
+
+from streams.runtime.startup import EarlyJob, PromptTableManager, early_stop_app, start_early
+
+
+def memory_app(tmp_path: Any, app_class: Any = faust.App) -> Any:
+    return app_class(
+        "startup-test",
+        store="memory://",
+        TableManager=PromptTableManager,
+        datadir=str(tmp_path),
+        web_enabled=False,
+        autodiscover=False,
+    )
+
+
+def test_the_table_manager_registers_the_tables_without_waiting(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tables = memory_app(tmp_path).tables
+    assert isinstance(tables, PromptTableManager)
+    done: list[str] = []
+
+    async def never(_seconds: float) -> None:
+        raise AssertionError("Faust's 1 s wait before registering the tables")
+
+    async def update_channels() -> None:
+        done.append("tables registered")
+
+    async def recovery_start() -> None:
+        done.append("recovery started")
+
+    monkeypatch.setattr(tables, "sleep", never)
+    monkeypatch.setattr(tables, "_update_channels", update_channels)
+    monkeypatch.setattr(tables.recovery, "start", recovery_start)
+    asyncio.run(tables.on_start())
+    assert done == ["tables registered", "recovery started"]
+
+
+def test_an_early_job_starts_with_its_app_before_the_apps_own_services_and_stops_with_it() -> None:
+    events: list[str] = []
+
+    class Later(Service):  # stands for Faust's boot services, added as the app starts
+        async def on_start(self) -> None:
+            events.append("app service started")
+
+    class App(Service):
+        def on_init_dependencies(self) -> list[Service]:
+            return [Later()]
+
+    async def job() -> None:
+        events.append("job running")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            events.append("job cancelled")
+            raise
+
+    async def scenario() -> None:
+        app = App()
+        early = start_early(app, "store", job)
+        assert isinstance(early, EarlyJob)
+        assert early.shortlabel == "EarlyJob: store"
+        await app.start()
+        await asyncio.sleep(0.05)
+        assert app._children[0] is early, "the first child: started before the app's own services"
+        assert sorted(events) == ["app service started", "job running"]
+        await app.stop()
+
+    asyncio.run(scenario())
+    assert events[-1] == "job cancelled"
+
+
+def test_a_clean_stop_stops_the_early_jobs_while_faust_stops_not_after() -> None:
+    events: list[str] = []
+
+    class FaustLike(Service):
+        async def on_stop(self) -> None:
+            events.append("faust stop begins")
+            await self.released.wait()  # Faust's stop takes seconds: tables closed, producer flushed
+            events.append("faust stop ends")
+
+    App = early_stop_app(FaustLike)
+
+    async def job() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            events.append("store left its group")
+            app.released.set()  # only the early job's stop lets Faust's finish here
+            raise
+
+    async def scenario() -> None:
+        nonlocal app
+        app = App()
+        app.released = asyncio.Event()
+        start_early(app, "store", job)
+        await app.start()
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(app.stop(), 5)
+
+    app: Any = None
+    asyncio.run(scenario())
+    assert events == ["faust stop begins", "store left its group", "faust stop ends"]
