@@ -184,6 +184,8 @@ def run(
     finally:
         detach_profilers(spies)
         stop_workers(workers)
+    full = (workdir / "worker.log").read_text(errors="replace").count("producer buffer full")
+    print(f"worker log: {full} 'producer buffer full' line(s)")
 
 
 def attach_profilers(

@@ -287,6 +287,10 @@ class StreamSettings(BaseSettings):
     # tail; see streams/runtime/tables.py), "memory://" rebuilds it from the changelogs at every start.
     table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     escalation_check_seconds: float = Field(default=5.0, gt=0)
+    # The clinical stage's state expiry timer (streams/domain/expiry.py): every this many seconds it judges
+    # at most state_expiry_keys_per_tick keys of each table, resuming where it left off
+    state_expiry_check_seconds: float = Field(default=5.0, gt=0)
+    state_expiry_keys_per_tick: int = Field(default=500, ge=1)
     # How often the normaliser looks for raw.<institution>.<kind> topics created since it started
     raw_topic_scan_seconds: float = Field(default=60.0, gt=0)
     # Folder of the reference data (terminology, units, rules); None: the files shipped in streams/data

@@ -35,6 +35,7 @@ class StreamMetrics:
     stage_errors: Counter
     unjudged_results: Counter
     results_not_judged: Counter
+    state_expired: Counter  # entries the state expiry timer deleted, by table
 
 
 def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
@@ -122,6 +123,13 @@ def make_stream_metrics(registry: CollectorRegistry) -> StreamMetrics:
             "Lab results stored with a value the rules cannot judge (text that carries no unambiguous "
             "number), flagged not_judged.",
             ["institution", "analyte"],
+            registry=registry,
+        ),
+        state_expired=Counter(
+            "clinhub_state_expired",
+            "Table entries deleted by the state expiry timer as no longer able to change a decision "
+            "(a tombstone on the changelog each), by table.",
+            ["table"],
             registry=registry,
         ),
     )

@@ -33,7 +33,7 @@ from core.kafka_errors import ClientErrors
 from core.settings import KafkaSettings, StreamSettings
 from streams.exceptions import StageFailedError
 from streams.runtime.access import refusals_reported_app, reporting
-from streams.runtime.clinical import ClinicalHandler, ClinicalTables
+from streams.runtime.clinical import ANALYTES_TABLE, LEGACY_ANALYTES_TABLE, ClinicalHandler, ClinicalTables
 from streams.runtime.lag import LagReport
 from streams.runtime.membership import group_instance_id
 from streams.runtime.normaliser import NormaliserHandler
@@ -44,7 +44,14 @@ from streams.runtime.startup import PromptTableManager, early_stop_app, start_ea
 from streams.runtime.store import StoreHandler, store_topics
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.runtime.tables import RawKeyTable, store_url
-from streams.runtime.timers import AccessWatch, RawTopicWatch, StallWatch, StoreLagWatch, stage_topic_sets
+from streams.runtime.timers import (
+    AccessWatch,
+    RawTopicWatch,
+    StallWatch,
+    StateExpiryWatch,
+    StoreLagWatch,
+    stage_topic_sets,
+)
 
 log = logging.getLogger("clinhub.streams")
 
@@ -244,10 +251,10 @@ def create_app(
     if "clinical" in roles:
         clinical = stage("clinical")
         tables = ClinicalTables(
-            analytes=table("analyte-states", partition_by_prefix="|"),
+            analytes=table(ANALYTES_TABLE, partition_by_prefix="|"),
             open_alerts=table("open-alerts"),
             wards=table("wards"),
-            legacy_analytes=table("patient-analytes"),
+            legacy_analytes=table(LEGACY_ANALYTES_TABLE),
         )
         judge = ClinicalHandler(clinical, tables, components.reference.policy)
 
@@ -262,6 +269,19 @@ def create_app(
 
         app.timer(interval=stream.escalation_check_seconds, name="escalation_timer")(
             reporting(health, escalation_timer)
+        )
+
+        # analyte state that can no longer change a decision leaves the tables (streams/domain/expiry.py)
+        expiry = StateExpiryWatch(
+            app,
+            {ANALYTES_TABLE: tables.analytes, LEGACY_ANALYTES_TABLE: tables.legacy_analytes},
+            judge.expire_states,
+            components.metrics,
+            keys_per_tick=stream.state_expiry_keys_per_tick,
+        )
+        log.info("analyte state expires %s after its newest result and its last write", judge.expiry_horizon)
+        app.timer(interval=stream.state_expiry_check_seconds, name="state_expiry_timer")(
+            reporting(health, expiry.tick)
         )
 
     if "store" in roles:

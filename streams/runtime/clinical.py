@@ -10,6 +10,15 @@ each table partition is the partition of the events that write it):
 - `open_alerts`: "<patient>" -> OpenAlerts (escalation level and deadline of each alert);
 - `wards`: "<patient>" -> the ward of the latest encounter event.
 
+Expiry (`expire_states`, run by the state expiry timer, streams/runtime/timers.py `StateExpiryWatch`):
+analyte states and legacy maps that can no longer change a decision (streams/domain/expiry.py: newest
+result and last write both older than the horizon, no alert of theirs still escalating) are deleted,
+a tombstone on the changelog each. Every write of an analyte state carries its wall-clock time
+(`UPDATED_FIELD`). `open_alerts` entries leave in `escalate_due` (acknowledged long ago). `wards` do
+not expire: a DISCHARGE does not clear the ward, so the table cannot tell a long stay from a patient
+gone. The identity links (normaliser) never expire: a pseudonym learnt from a national id must keep
+naming the patient's later events.
+
 Within a batch, state is read through an overlay so later messages see earlier ones; outputs are
 published and confirmed first, then the state is written. A crash in between replays the batch,
 which yields the same alert ids (the engine de-duplicates by event id within the state it keeps).
@@ -46,8 +55,17 @@ from streams.domain.escalation import (
     prune,
     update_alert,
 )
+from streams.domain.expiry import (
+    UPDATED_FIELD,
+    Verdict,
+    analyte_verdict,
+    expiry_horizon,
+    horizon_ms,
+    legacy_verdict,
+    stamped,
+)
 from streams.domain.reference import AlertPolicy
-from streams.domain.rules import AnalyteState, LabFacts, alert_record, evaluate, from_epoch_ms
+from streams.domain.rules import AnalyteState, LabFacts, alert_record, epoch_ms, evaluate, from_epoch_ms
 from streams.runtime.messages import RawMessage, Rejection, carried_headers, seconds_since_raw_event
 from streams.runtime.outputs import Output
 from streams.runtime.stage import Stage, judge_each
@@ -63,6 +81,10 @@ class ClinicalTables:
     open_alerts: MutableMapping[str, Any]
     wards: MutableMapping[str, Any]
     legacy_analytes: Mapping[str, Any] | None = None  # read-only: per-patient maps written before analytes
+
+
+ANALYTES_TABLE = "analyte-states"
+LEGACY_ANALYTES_TABLE = "patient-analytes"
 
 
 def analyte_key(patient: str, loinc: str) -> str:
@@ -126,10 +148,13 @@ class _Overlay:
             self.stored_wards[patient] = self.tables.wards.get(patient)
         return self.stored_wards[patient]
 
-    def write_back(self) -> None:
-        """One changelog write per key and batch, of the analytes this batch changed only."""
+    def write_back(self, updated_ms: int) -> None:
+        """One changelog write per key and batch, of the analytes this batch changed only; each analyte
+        state with `updated_ms` (wall clock), its last write for expiry."""
         for key, state in self.analytes.items():
-            self.tables.analytes[key] = state.to_dict()
+            record = state.to_dict()
+            record[UPDATED_FIELD] = updated_ms
+            self.tables.analytes[key] = record
         for key, alerts in self.open_alerts.items():
             self.tables.open_alerts[key] = alerts.to_dict()
         for key, ward in self.wards.items():
@@ -165,6 +190,7 @@ class ClinicalHandler:
         self.tables = tables
         self.policy = policy
         self._escalations_in_flight: set[str] = set()
+        self.expiry_horizon = expiry_horizon(stage.components.reference.rulebook, policy)
         topics = stage.topics
         # Per topic: the record it carries and what this stage does with one.
         self._routes = {
@@ -325,7 +351,7 @@ class ClinicalHandler:
 
         overlay, rejections = await stage.attempt("clinical batch", evaluate_and_publish, messages)
         await stage.dead_letter(rejections, "norm")
-        overlay.write_back()
+        overlay.write_back(epoch_ms(stage.clock()))
 
     async def escalate_due(self) -> int:
         """Publish the escalations that are due; the agent applies them when it reads them back.
@@ -366,3 +392,47 @@ class ClinicalHandler:
                     "ESCALATED alert %s to level %d (%s)", draft.alert_id, draft.level, draft.recipient
                 )
         return sent
+
+    def _escalating(self, patient: str) -> set[str]:
+        """The patient's alerts still escalating: in the open-alerts table and not acknowledged."""
+        raw = self.tables.open_alerts.get(patient)
+        if not raw:
+            return set()
+        return {
+            alert_id for alert_id, entry in OpenAlerts.from_dict(raw).alerts.items() if not entry.acknowledged
+        }
+
+    def expire_states(self, table: str, keys: Sequence[str]) -> int:
+        """Delete those of `keys` (of ANALYTES_TABLE or LEGACY_ANALYTES_TABLE) that can no longer matter
+        (streams/domain/expiry.py); stamp the analyte states that have no write time yet. Returns how
+        many were deleted.
+
+        Each key is judged on its value as it is at its delete, read and deleted with no await between:
+        the agent runs on the same event loop and writes its batch's states in one go (`write_back`), so
+        no write of it falls between the read and the delete. A batch in flight that read a state before
+        its delete writes it back after, stamped now: as if it had not expired, nothing lost."""
+        now_ms = epoch_ms(self.stage.clock())
+        horizon = horizon_ms(self.expiry_horizon)
+        legacy = table == LEGACY_ANALYTES_TABLE
+        target = self.tables.legacy_analytes if legacy else self.tables.analytes
+        if not isinstance(target, MutableMapping):
+            return 0
+        escalating: dict[str, set[str]] = {}
+        deleted = 0
+        for key in keys:
+            record = target.get(key)
+            if not record:
+                continue
+            patient = key if legacy else key.split("|", 1)[0]
+            if patient not in escalating:
+                escalating[patient] = self._escalating(patient)
+            if legacy:
+                verdict = legacy_verdict(record, now_ms, horizon, escalating[patient])
+            else:
+                verdict = analyte_verdict(record, now_ms, horizon, escalating[patient])
+            if verdict is Verdict.EXPIRE:
+                del target[key]  # a tombstone on the changelog: a recovery does not bring it back
+                deleted += 1
+            elif verdict is Verdict.STAMP:
+                target[key] = stamped(record, now_ms)
+        return deleted

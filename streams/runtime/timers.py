@@ -8,6 +8,7 @@ and any other error propagate.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -18,6 +19,7 @@ from core.kafka_errors import ClientErrors
 from streams.metrics import StreamMetrics
 from streams.runtime.lag import LagReport, lag_by_topic
 from streams.runtime.stalls import GroupPositions, StallDetector, TopicPartition, reread_from_committed
+from streams.runtime.tables import murmur2_partition
 from streams.runtime.topics import authenticates, discover_raw_topics, subscribe_more
 
 log = logging.getLogger("clinhub.streams.timers")
@@ -204,3 +206,129 @@ def stage_topic_sets(
         }
 
     return current
+
+
+class KeyCursor:
+    """A table's keys in bounded slices, resuming after the last key handed out; a slice shorter than
+    asked ends a pass over the table, and the next slice starts a new one.
+
+    Only keys of the changelog partitions this worker owns now: a key of another worker's partition is
+    never handed out (its delete would tombstone that worker's state). On Faust's RocksDB store, one
+    seek per partition and slice (key order within a partition, partitions in order); on other tables
+    (the memory store, plain dicts in tests) a sorted list of the keys at each slice.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.partition: int | None = None  # RocksDB: the partition and last key handed out
+        self.after: Any = None  # bytes on RocksDB, str elsewhere
+
+    def _active_partitions(self) -> set[int] | None:
+        """The changelog partitions this worker owns, or None for a table that is not Faust's."""
+        app = getattr(self.table, "app", None)
+        topic = getattr(self.table, "changelog_topic_name", None)
+        if app is None or topic is None:
+            return None
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+    def _partition_of(self, key: str) -> int:
+        raw = key.encode()
+        own = getattr(self.table, "changelog_partition", None)
+        partition = own(raw) if own is not None else None
+        if partition is None:
+            partition = murmur2_partition(raw, self.table.partitions or self.table.app.conf.topic_partitions)
+        return int(partition)
+
+    def next_slice(self, limit: int) -> list[str]:
+        store = getattr(self.table, "data", None)
+        if getattr(store, "_dbs", None) is not None and getattr(store, "use_rocksdict", False):
+            return self._rocksdb_slice(store, limit)
+        return self._sorted_slice(limit)
+
+    def _sorted_slice(self, limit: int) -> list[str]:
+        active = self._active_partitions()
+        keys = sorted(
+            str(key)
+            for key in list(self.table.keys())
+            if active is None or self._partition_of(str(key)) in active
+        )
+        start = 0 if self.after is None else bisect.bisect_right(keys, self.after)
+        chunk = keys[start : start + limit]
+        self.after = chunk[-1] if len(chunk) == limit else None
+        return chunk
+
+    def _rocksdb_slice(self, store: Any, limit: int) -> list[str]:
+        active = self._active_partitions() or set()
+        dbs = {partition: db for partition, db in list(store._dbs.items()) if partition in active}
+        keys: list[bytes] = []
+        for partition in sorted(dbs):
+            if self.partition is not None and partition < self.partition:
+                continue
+            after = self.after if partition == self.partition else None
+            found = _keys_after(dbs[partition], after, limit - len(keys), store.offset_key)
+            keys += found
+            if len(keys) >= limit:
+                self.partition, self.after = partition, found[-1]
+                return [key.decode() for key in keys]
+        self.partition, self.after = None, None  # a pass ends
+        return [key.decode() for key in keys]
+
+
+def _keys_after(db: Any, after: bytes | None, limit: int, skip: bytes) -> list[bytes]:
+    """Up to `limit` keys of one rocksdict database after `after` (from the first when None)."""
+    found: list[bytes] = []
+    iterator = db.iter()
+    try:
+        if after is None:
+            iterator.seek_to_first()
+        else:
+            iterator.seek(after)
+        while iterator.valid() and len(found) < limit:
+            key = iterator.key()
+            if key != after and key != skip:
+                found.append(key)
+            iterator.next()
+    finally:
+        del iterator
+    return found
+
+
+class StateExpiryWatch:
+    """Per tick, at most `keys_per_tick` keys of each table judged by `expire(table, keys)` (which
+    deletes those that can no longer matter and returns how many), resuming where the last tick left
+    off, so a tick never holds the event loop for long. Counted in clinhub_state_expired_total{table}.
+    Not while the worker rebalances or recovers its tables (keys move between workers then)."""
+
+    def __init__(
+        self,
+        app: Any,
+        tables: Mapping[str, Any],
+        expire: Callable[[str, Sequence[str]], int],
+        metrics: StreamMetrics,
+        keys_per_tick: int,
+    ) -> None:
+        self.app = app
+        self.cursors = {name: KeyCursor(table) for name, table in tables.items() if table is not None}
+        self.expire = expire
+        self.metrics = metrics
+        self.keys_per_tick = keys_per_tick
+
+    async def tick(self) -> None:
+        self.sweep()
+
+    def sweep(self) -> int:
+        """One tick's work, synchronous (no await: each key is judged and deleted in one go); how many
+        entries it deleted."""
+        app = self.app
+        if app.rebalancing or app.in_recovery:
+            return 0
+        total = 0
+        for name, cursor in self.cursors.items():
+            keys = cursor.next_slice(self.keys_per_tick)
+            expired = self.expire(name, keys) if keys else 0
+            if expired:
+                self.metrics.state_expired.labels(table=name).inc(expired)
+                total += expired
+        if total:
+            log.info("expired %d state entries no longer needed", total)
+        return total

@@ -98,7 +98,7 @@ def test_analyte_state_written_before_the_per_analyte_table_is_read_and_moved_on
     after = dataclasses.replace(before, last_value=6.9)
     overlay.set_analyte("rp-1", "2823-3", after)
     assert overlay.analyte("rp-1", "2823-3") == after
-    overlay.write_back()
-    assert tables.analytes == {"rp-1|2823-3": after.to_dict()}
+    overlay.write_back(1_700_000_100_000)
+    assert tables.analytes == {"rp-1|2823-3": {**after.to_dict(), "updated_ms": 1_700_000_100_000}}
     assert legacy == {"rp-1": {"2823-3": before.to_dict()}}  # never written
     assert _Overlay(tables).analyte("rp-1", "2823-3") == after  # the new table wins from now on
