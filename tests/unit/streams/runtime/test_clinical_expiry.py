@@ -14,7 +14,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from schemas.wire import ConfluentRegistry
-from streams.domain.escalation import OpenAlerts, OpenAlertState
 from streams.domain.expiry import UPDATED_FIELD
 from streams.domain.rules import epoch_ms
 from streams.metrics import make_stream_metrics
@@ -25,6 +24,7 @@ from streams.runtime.tables import murmur2_partition
 from streams.runtime.timers import KeyCursor, StateExpiryWatch
 from tests.factories import lab_record, normalised
 from tests.unit.streams.runtime.test_app import NOW, make_components, stage_of
+from tests.unit.streams.runtime.test_clinical_timer import _state as open_alerts_of
 
 NOW_MS = epoch_ms(NOW)
 OLD_MS = NOW_MS - epoch_ms(dt.datetime(1970, 1, 16, tzinfo=dt.UTC))  # 15 days ago: past 14 d 8 h
@@ -41,17 +41,8 @@ def _state(newest_ms: int, updated_ms: int | None, alert_id: str | None = None) 
 
 
 def _escalating(patient: str, alert_id: str, acknowledged: bool) -> dict[str, Any]:
-    entry = OpenAlertState(
-        alert_id=alert_id,
-        severity="CRITICAL",
-        message="Critical potassium",
-        institution_id="H001",
-        regional_patient_id=patient,
-        level=2,
-        deadline_ms=NOW_MS + 60_000,
-        acknowledged_ms=NOW_MS - 60_000 if acknowledged else None,
-    )
-    return OpenAlerts({alert_id: entry}).to_dict()
+    minute = dt.timedelta(minutes=1)
+    return open_alerts_of(patient, alert_id, NOW + minute, NOW - minute if acknowledged else None)
 
 
 def _handler(tables: ClinicalTables) -> tuple[ClinicalHandler, list[Output]]:
