@@ -299,7 +299,7 @@ def stream_worker(
     from core.kafka_errors import refusal_in
     from streams.runtime.app import ROLES, app_id_for, create_app, source_topics
     from streams.runtime.membership import claim_instance_id, group_instance_id
-    from streams.runtime.topics import check_access, discover_raw_topics
+    from streams.runtime.topics import check_access, raw_topics_in
 
     unknown = sorted(set(role or ()) - set(ROLES))
     if unknown:
@@ -308,6 +308,9 @@ def stream_worker(
         )
 
     faulthandler.enable()  # a crash in native code (librdkafka, RocksDB) logs every thread's stack
+    # where a (re)start's seconds go, with Faust's own lines after (tests/integration/test_kill_points.py)
+    start_up = logging.getLogger("clinhub.worker.start_up")
+    start_up.info("modules imported")
     settings = _settings()
     if settings.infra.metrics_port:
         start_http_server(settings.infra.metrics_port, addr=settings.infra.metrics_host, registry=REGISTRY)
@@ -318,9 +321,11 @@ def stream_worker(
     topics = TopicNames(prefix=settings.stream.topic_prefix)
     # wrong credentials or missing ACLs: exit non-zero naming the principal and topic, not wait silently
     client = settings.kafka.client_config()
-    check_access(client, settings.kafka.sasl_username, source_topics(topics, settings.stream, roles))
-    raw_topics = discover_raw_topics(settings.kafka.client_config(), topics)
+    listed = check_access(client, settings.kafka.sasl_username, source_topics(topics, settings.stream, roles))
+    raw_topics = raw_topics_in(listed, topics)
+    start_up.info("Kafka access checked")
     components = build_components(settings, REGISTRY, roles)
+    start_up.info("components built")
     faust_app = create_app(settings.kafka, settings.stream, components, raw_topics=raw_topics, roles=roles)
     worker = faust_worker(faust_app, loglevel)
     try:

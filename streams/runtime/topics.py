@@ -56,8 +56,12 @@ def discover_raw_topics(admin_config: Mapping[str, Any], names: TopicNames) -> l
     """
     from confluent_kafka.admin import AdminClient
 
+    return raw_topics_in(AdminClient(dict(admin_config)).list_topics(timeout=15).topics, names)
+
+
+def raw_topics_in(listed: Iterable[str], names: TopicNames) -> list[str]:
+    """The raw topics among these topic names (those `check_access` found, say), sorted."""
     pattern = names.raw_pattern()
-    listed = AdminClient(dict(admin_config)).list_topics(timeout=15).topics
     return sorted(name for name in listed if pattern.match(name))
 
 
@@ -82,9 +86,11 @@ def subscribe_more(app: Any, known: str, names: Sequence[str], settle_seconds: f
 
 def check_access(
     client_config: Mapping[str, Any], principal: str | None, topics: Iterable[str], timeout: float = 10.0
-) -> None:
+) -> set[str]:
     """Fail within seconds, typed, when the broker refuses this principal: its credentials (librdkafka
     tells only its error callback, then retries for ever) or a topic it may not even describe.
+    Returns the topics the principal may see (`raw_topics_in` finds the raw ones without a second
+    connection: each costs a TLS handshake and a SCRAM exchange at every worker start).
 
     A worker that started anyway would wait silently: nothing consumed, nothing logged.
     """
@@ -103,6 +109,7 @@ def check_access(
         if refused is not None:
             raise refused
         raise KafkaAuthorizationError(principal, "the topic does not exist or may not be described", topic)
+    return set(listed)
 
 
 def _listed_topics(admin: Any, errors: ClientErrors, timeout: float) -> Any:

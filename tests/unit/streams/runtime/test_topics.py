@@ -48,3 +48,32 @@ def test_every_caller_gets_the_compacted_alert_state_topic_without_naming_it(
     assert by_name["t-alerts.state"].config == {"cleanup.policy": "compact"}
     assert all(topic.config == {} for name, topic in by_name.items() if name != "t-alerts.state")
     assert {(topic.num_partitions, topic.replication_factor) for topic in by_name.values()} == {(3, 1)}
+
+
+def test_the_worker_finds_its_raw_topics_among_those_the_access_check_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One connection at start-up, not two: `check_access` returns what it listed."""
+    import confluent_kafka.admin
+
+    from streams.runtime.topics import check_access, raw_topics_in
+
+    names = TopicNames(prefix="t.")
+    listed = {"t.raw.H001.lab", "t.raw.H009.vitals", "t.norm.lab", "t.deadletter"}
+    made: list[Any] = []
+
+    class Admin:
+        def __init__(self, config: dict[str, Any]) -> None:
+            made.append(config)
+
+        def list_topics(self, timeout: float) -> Any:
+            class Listed:
+                topics = dict.fromkeys(listed)
+
+            return Listed()
+
+    monkeypatch.setattr(confluent_kafka.admin, "AdminClient", Admin)
+    seen = check_access({}, "worker", ["t.raw.H001.lab", "t.norm.lab"])
+    assert seen == listed
+    assert raw_topics_in(seen, names) == ["t.raw.H001.lab", "t.raw.H009.vitals"]
+    assert len(made) == 1
