@@ -1,5 +1,6 @@
 """The console's JSON API fuzzed by schemathesis against the OpenAPI description it serves itself
-(/openapi.json), on the real stack, for a bounded number of examples.
+(/openapi.json), on the real stack, for a fixed number of examples (derandomized: the same requests every
+run, so a loaded machine makes the test slower, never weaker; about a minute on a quiet one).
 
 Identities: dr.icu (clinician of H001), integ.h1 (integration staff of H001) and nobody (no token). Each
 API operation gets generated requests, positive and negative, some aimed at what H002 holds (its alert
@@ -44,7 +45,6 @@ from tests.integration.test_lab_path import wait_for
 pytestmark = pytest.mark.integration
 
 EXAMPLES = {"dr.icu": 60, "integ.h1": 30, "nobody": 5}  # per operation and generation mode
-BUDGET_SECONDS = 60.0  # generation stops early past this (reported), never runs on
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 H1_MRN, H2_MRN = "FUZZ-H1-0001", "FUZZ-H2-0002"
 
@@ -146,11 +146,6 @@ def test_the_api_fuzzed_against_its_own_openapi_has_no_5xx_conforms_and_leaks_no
                         suppress_health_check=list(HealthCheck),
                         derandomize=True,  # the same requests every run: a failure is reproducible
                     )
-                    if time.monotonic() - started >= BUDGET_SECONDS:
-                        counts["operations left out (time budget)"] = (
-                            counts.get("operations left out (time budget)", 0) + 1
-                        )
-                        continue
                     try:
                         settings(run)()
                     except Unsatisfiable:
@@ -163,7 +158,6 @@ def test_the_api_fuzzed_against_its_own_openapi_has_no_5xx_conforms_and_leaks_no
     print(f"\nfuzzed {total} requests in {elapsed:.1f} s: {dict(sorted(counts.items()))}")
     assert not failures, "\n\n".join(failures.values())
     assert all(status == 422 for status in nul_answers.values()), nul_answers
-    assert elapsed < BUDGET_SECONDS + 30, f"fuzzing took {elapsed:.0f} s"
     assert counts.get("dr.icu", 0) >= 200 and counts.get("integ.h1", 0) >= 100, counts
     assert counts.get("dr.icu aimed at H002", 0) >= 20, "requests named H002's alert, patient and MRN"
     assert counts.get("dr.icu 200", 0) >= 20, "some answers carried data (the caller's own)"
