@@ -417,19 +417,16 @@ class ClinicalHandler:
         target = self.tables.legacy_analytes if legacy else self.tables.analytes
         if not isinstance(target, MutableMapping):
             return 0
-        escalating: dict[str, set[str]] = {}
+        judge = legacy_verdict if legacy else analyte_verdict
         deleted = 0
         for key in keys:
             record = target.get(key)
             if not record:
                 continue
-            patient = key if legacy else key.split("|", 1)[0]
-            if patient not in escalating:
-                escalating[patient] = self._escalating(patient)
-            if legacy:
-                verdict = legacy_verdict(record, now_ms, horizon, escalating[patient])
-            else:
-                verdict = analyte_verdict(record, now_ms, horizon, escalating[patient])
+            verdict = judge(record, now_ms, horizon)
+            if verdict is not Verdict.KEEP:  # old: kept all the same if an alert of it still escalates
+                patient = key if legacy else key.split("|", 1)[0]
+                verdict = judge(record, now_ms, horizon, self._escalating(patient))
             if verdict is Verdict.EXPIRE:
                 del target[key]  # a tombstone on the changelog: a recovery does not bring it back
                 deleted += 1
