@@ -13,9 +13,9 @@ results to the raw topics, then measures:
   +store      the whole pipeline until every event is in the SQLite store.
 Figures are events/s and ratios to the baseline measured in the same run.
 
-`--profile DIR` profiles the steady state only: py-spy (GIL holder only) attaches to each worker once
-the first event is normalised and is stopped when the last event is stored, before the workers stop;
-collapsed stacks in DIR/<stage>.txt (`benchmarks/profile_summary.py` ranks them).
+`--profile DIR` profiles the steady state only: py-spy (GIL holder only, not pausing the worker) attaches
+to each worker once the first event is normalised and is stopped when the last event is stored, before
+the workers stop; collapsed stacks in DIR/<stage>.txt (`benchmarks/profile_summary.py` ranks them).
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ def attach_profilers(
                 spy,
                 "record",
                 "--gil",
+                "--nonblocking",  # pausing the worker at each sample (ptrace) multiplied its CPU per event
                 "--format",
                 "raw",
                 "--pid",
