@@ -44,6 +44,17 @@ class OutputDeliveryError(StreamError, ServiceUnavailableError):
         self.failed = failed
 
 
+class ChangelogDeliveryError(StreamError, ServiceUnavailableError):
+    """The broker refused (or timed out) some table changelog records; they are sent again with their
+    keys' current values, and the batch waiting for them is retried, not acked."""
+
+    def __init__(self, topic: str, reason: str, failed: int) -> None:
+        super().__init__(f"{failed} changelog record(s) not delivered, first to {topic}: {reason}")
+        self.topic = topic
+        self.reason = reason
+        self.failed = failed
+
+
 class StageFailedError(StreamError):
     """A stage met an error that is neither bad input nor an unavailable service: a bug of the hub.
 

@@ -33,6 +33,7 @@ from core.kafka_errors import ClientErrors
 from core.settings import KafkaSettings, StreamSettings
 from streams.exceptions import StageFailedError
 from streams.runtime.access import refusals_reported_app, reporting
+from streams.runtime.changelog import attach_changelogs
 from streams.runtime.clinical import ANALYTES_TABLE, LEGACY_ANALYTES_TABLE, ClinicalHandler, ClinicalTables
 from streams.runtime.lag import LagReport
 from streams.runtime.membership import group_instance_id
@@ -197,15 +198,18 @@ def create_app(
     app = _faust_app(kafka, stream, app_id, skipped_offsets, health)
     _on_shutdown(app, skipped_offsets.close)
     in_flight: dict[str, float] = {}  # Faust stage -> when its current batch started (stall watchdog)
+    confirm_state = None  # without our producer, tables send their changelogs through Faust's
     if publish_override is not None:
         publish = publish_override
     else:
         outputs = make_outputs(kafka, errors=errors)
         publish = outputs.publish
+        # table changelogs through the same librdkafka producer, confirmed before a batch's ack
+        confirm_state = attach_changelogs(app, outputs.produce_nowait, kafka.sasl_username).confirm
         _on_shutdown(app, outputs.close)
 
     def stage(name: str) -> Stage:
-        return Stage(name, components, topics, publish, health)
+        return Stage(name, components, topics, publish, health, confirm_state)
 
     def table(name: str, **kwargs: Any) -> Any:
         # use_partitioner: the changelog partition follows the key's hash (murmur2 of the raw key, as on

@@ -5,8 +5,8 @@ the broker has acknowledged every message (acks=all): the batch's input is acked
 whose message the broker refused the principal (no ACL for the topic), or made while the principal's
 credentials are refused, raises the typed refusal (`KafkaAccessError`), never retried. The
 producer is confluent-kafka's, not Faust's: Faust's aiokafka producer costs a task, a timer and a
-future in Python per message, and was a sixth of the normaliser's time. Table changelogs still go
-through Faust, which owns them.
+future in Python per message, and was a sixth of the normaliser's time. Table changelogs go through
+it too (`produce_nowait`, streams/runtime/changelog.py), confirmed before their batch is acked.
 """
 
 from __future__ import annotations
@@ -113,6 +113,26 @@ class KafkaOutputs:
                     target=self._poll_forever, name="clinhub-outputs-poll", daemon=True
                 )
                 self._thread.start()
+
+    def produce_nowait(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes | None,
+        on_delivery: Callable[[Any, Any], None],
+    ) -> None:
+        """Hand one message to librdkafka without waiting for the broker: its report goes to
+        `on_delivery` on the poll thread. A full local queue is drained here first (this is called from
+        synchronous code: a table write); any other refusal of produce() raises."""
+        if self._thread is None:
+            self._ensure_polling()
+        while True:
+            try:
+                self._producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery)
+                return
+            except BufferError:  # local queue full: wait for deliveries to make room
+                self._producer.poll(self._poll_seconds)
 
     async def publish(self, outputs: Sequence[Output]) -> None:
         if not outputs:

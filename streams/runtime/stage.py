@@ -10,7 +10,9 @@
   (`StageFailedError`) and reports itself down (`clinhub_stage_up` 0). Its events wait in Kafka until
   the fix, never in the dead-letter topic: a bug in the rules must not quietly bin every potassium.
 - ack after confirm: a Faust stage acks a batch only after its handler returned, i.e. after every
-  output was confirmed by the broker (`run_batches`); a stopped stage never acks again.
+  output was confirmed by the broker, and after the broker confirmed the table changelog records the
+  batch wrote (`Stage.confirm_state`, streams/runtime/changelog.py) (`run_batches`); a stopped stage
+  never acks again.
 - batches by linger: a batch is what has arrived, taken as soon as the stage is idle (its first message
   lingers a few milliseconds for company), never a window waiting to fill; it grows only under load
   (`LingerBatches`).
@@ -227,7 +229,10 @@ class Stage:
         topics: TopicNames,
         publish: Publish,
         health: StageHealth,
+        confirm_state: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`confirm_state` returns once the broker has the changelog records of the state the stage
+        wrote (a batch is acked only after it); None: nothing to wait for (Faust's own changelog path)."""
         self.name = name
         self.components = components
         self.codecs = components.codecs
@@ -236,6 +241,7 @@ class Stage:
         self.topics = topics
         self.publish = publish
         self.health = health
+        self.confirm_state = confirm_state
         health.running(name)
 
     async def attempt(
@@ -445,17 +451,21 @@ async def run_batches(
     take: Take = linger_take,
 ) -> None:
     """A Faust agent's loop: batches (`linger_take`) to `handle`, acked only once it returned (its
-    outputs confirmed).
+    outputs confirmed) and the changelog of the state it wrote is confirmed (`Stage.confirm_state`).
 
     A stage that stopped on a bug keeps its batch in flight and unacknowledged for good: nothing
     escapes to Faust (which would ack it), the stall watchdog leaves a partition with a batch in flight
     alone, and a restart reads the batch again.
     """
     agent_stream = cast(Any, stream)  # the concrete faust.Stream
+    confirm_state = stage.confirm_state
     async for events in take(agent_stream, batch_size, linger_seconds):
         in_flight[stage.name] = time.monotonic()
         try:
-            await handle([to_raw_message(event) for event in events])
+            messages = [to_raw_message(event) for event in events]
+            await handle(messages)
+            if confirm_state is not None:  # the state it wrote is in the changelog before the ack
+                await stage.attempt(f"confirm {stage.name} state changelog", confirm_state, messages)
         except Exception as exc:  # noqa: BLE001 - escaping would ack the batch; the stage stops instead
             await stage.stop(exc)
         del in_flight[stage.name]

@@ -15,6 +15,12 @@ Reads go to that one database too. Faust's own `_get`/`_contains` for `use_parti
 up in its key index or else in every open partition database, and a table read is a `contains` and then
 a `get`: a key the worker has not seen (most, after a restart or for a new patient) cost six RocksDB
 look-ups. `_del` keeps Faust's (the indexed or every database).
+
+A key's partition is `RawKeyTable.key_partition`: murmur2 of its bytes (of the patient's, for a prefix
+table) over the table's partitions, as Faust's producer hashes it, computed once per key (cached). With
+a `ChangelogWriter` on the app (streams/runtime/changelog.py) a table write is serialised once and its
+changelog record goes through librdkafka, confirmed before the batch is acked; without one (tests, or a
+worker publishing elsewhere) through Faust's producer as before.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from aiokafka.partitioner import murmur2
 from faust import stores
 from faust.stores import rocksdb
 
+from streams.runtime.changelog import changelog_writer
+
 SCHEME = "rocksdb-keyed"
 
 
@@ -36,13 +44,12 @@ class KeyPartitionedRocksDBStore(rocksdb.Store):
     _partition_of: dict[bytes, int]
 
     def _key_partition(self, key: bytes) -> int:
-        """The very computation Table.send_changelog makes for this key (eager_partitioning).
-
-        Raises when the producer has no metadata for the changelog topic yet.
+        """The partition of the key's changelog record: `RawKeyTable.key_partition`; for another table
+        the very computation Table.send_changelog makes for it (eager_partitioning), which raises when
+        the producer has no metadata for the changelog topic yet.
         """
-        own = getattr(self.table, "changelog_partition", None)
-        if own is not None and (partition := own(key)) is not None:
-            return partition
+        if isinstance(self.table, RawKeyTable):
+            return self.table.key_partition(key)
         cache = self.__dict__.setdefault("_partition_of", {})
         partition = cache.get(key)
         if partition is None:
@@ -72,7 +79,10 @@ class KeyPartitionedRocksDBStore(rocksdb.Store):
         if not self.table.use_partitioner:
             super()._set(key, value)  # co-partitioned tables: the current event's partition, as in Faust
             return
-        partition = self._key_partition(key)
+        self.put_in_partition(self._key_partition(key), key, value)
+
+    def put_in_partition(self, partition: int, key: bytes, value: bytes | None) -> None:
+        """Write a serialised value in the database of its changelog partition."""
         self._db_for_partition(partition).put(key, value)
         self._key_index[key] = partition
 
@@ -103,6 +113,9 @@ class RawKeyTable(faust.Table):
     def __init__(self, app: Any, *, partition_by_prefix: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("key_type", str)
         self.partition_by_prefix = partition_by_prefix
+        self._prefix = partition_by_prefix.encode() if partition_by_prefix is not None else None
+        self._partition_of: dict[bytes, int] = {}
+        self._topic_name: str | None = None
         super().__init__(app, **kwargs)
         if self.key_type is str:
             # before TableManager.add builds the changelog topic and before the store is made
@@ -115,8 +128,67 @@ class RawKeyTable(faust.Table):
         producer's partitioner hashes the whole key."""
         if self.partition_by_prefix is None:
             return None
-        owner = key.split(self.partition_by_prefix.encode(), 1)[0]
-        return murmur2_partition(owner, self.partitions or self.app.conf.topic_partitions)
+        return self.key_partition(key)
+
+    def key_partition(self, key: bytes) -> int:
+        """The changelog partition of a serialised key, as Faust's producer (aiokafka's murmur2
+        partitioner, like Java's) chooses it for a `use_partitioner` table: murmur2 of the key, or of its
+        patient before the prefix, over the table's partitions. Computed once per key."""
+        partition = self._partition_of.get(key)
+        if partition is None:
+            owner = key.split(self._prefix, 1)[0] if self._prefix is not None else key
+            partition = murmur2_partition(owner, self.partitions or self.app.conf.topic_partitions)
+            if len(self._partition_of) >= KEY_PARTITIONS_CACHED:
+                self._partition_of.clear()
+            self._partition_of[key] = partition
+        return partition
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Faust's write (changelog record, then the store) with the value serialised once and the
+        record sent through the app's ChangelogWriter, when it has one."""
+        writer = changelog_writer(self.app)
+        if writer is None or not self.use_partitioner:
+            super().__setitem__(key, value)
+            return
+        store: Any = self.data
+        key_bytes = store._encode_key(key)
+        value_bytes = store._encode_value(value)
+        partition = self.key_partition(key_bytes)
+        writer.send(self, self._changelog_name(), partition, key_bytes, value_bytes)
+        self._maybe_set_key_ttl(key, partition)
+        self._sensor_on_set(self, key, value)
+        if isinstance(store, KeyPartitionedRocksDBStore):
+            store.put_in_partition(partition, key_bytes, value_bytes)
+        else:
+            store[key] = value  # the memory store keeps values as they are
+
+    def __delitem__(self, key: Any) -> None:
+        """Faust's delete (a tombstone, then the store), the tombstone through the app's ChangelogWriter."""
+        writer = changelog_writer(self.app)
+        if writer is None or not self.use_partitioner:
+            super().__delitem__(key)
+            return
+        store: Any = self.data
+        key_bytes = store._encode_key(key)
+        partition = self.key_partition(key_bytes)
+        writer.send(self, self._changelog_name(), partition, key_bytes, None)
+        self._maybe_del_key_ttl(key, partition)
+        self._sensor_on_del(self, key)
+        del self.data[key]
+
+    def changelog_value_now(self, key: bytes) -> bytes | None:
+        """The serialised value a key has now (None: it has none, a tombstone), to send again."""
+        store: Any = self.data
+        decoded = store._decode_key(key)
+        if decoded not in store:
+            return None
+        value: bytes | None = store._encode_value(store[decoded])
+        return value
+
+    def _changelog_name(self) -> str:
+        if self._topic_name is None:
+            self._topic_name = str(self.changelog_topic_name)
+        return self._topic_name
 
     def partition_for_key(self, key: Any) -> int | None:
         if self.partition_by_prefix is None:

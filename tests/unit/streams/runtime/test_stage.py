@@ -15,7 +15,12 @@ from core.exceptions import KafkaAuthorizationError
 from schemas.exceptions import MagicByteError, RegistryUnavailableError
 from schemas.wire import ConfluentRegistry
 from sinks.exceptions import StoreAccessError, StoreUnavailableError
-from streams.exceptions import ImplausibleValueError, OutputDeliveryError, StageFailedError
+from streams.exceptions import (
+    ChangelogDeliveryError,
+    ImplausibleValueError,
+    OutputDeliveryError,
+    StageFailedError,
+)
 from streams.runtime.messages import RawMessage
 from streams.runtime.outputs import Output
 from streams.runtime.stage import (
@@ -229,6 +234,36 @@ def test_an_exception_escaping_a_handler_stops_the_stage_instead_of_acking() -> 
     asyncio.run(scenario())
     assert stream.acked == []
     assert not stage.health.is_up("normaliser")
+
+
+def test_a_batch_is_acked_only_once_the_changelog_of_its_state_is_confirmed() -> None:
+    """Ack after confirm holds for table state too; a changelog the broker did not take is retried."""
+    made = components()
+    stream = FakeStream([BATCH])
+    confirmations: list[str] = []
+    release = asyncio.Event()
+
+    async def confirm_state() -> None:
+        confirmations.append("asked")
+        if len(confirmations) == 1:
+            raise ChangelogDeliveryError("app-wards-changelog", "Local: Message timed out", 1)
+        await release.wait()
+
+    stage = Stage("clinical", made, TopicNames(), nowhere, StageHealth(made.metrics), confirm_state)
+
+    async def handle(_messages: list[RawMessage]) -> None:
+        pass
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(run_batches(stream, handle, stage, 10, 0.1, {}, take=fake_take))
+        await wait_until(lambda: len(confirmations) == 2)
+        assert stream.acked == [], "not acked while its changelog is unconfirmed"
+        release.set()
+        await asyncio.wait_for(loop, 1)
+
+    asyncio.run(scenario())
+    assert stream.acked == [40, 41, 42]
+    assert stage.health.is_up("clinical"), "an unconfirmed changelog is an outage, not a bug"
 
 
 REFUSED = KafkaAuthorizationError("worker", "TOPIC_AUTHORIZATION_FAILED", "norm.lab")

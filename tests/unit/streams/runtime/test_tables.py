@@ -39,12 +39,11 @@ def test_str_keys_reach_the_changelog_as_their_bytes_not_json(tmp_path: Path) ->
 
 
 def _keyed_store(tmp_path: Path, partitions: dict[bytes, int]) -> Any:
-    """The table's RocksDB store, with the changelog partitions of some keys already known (no broker)."""
+    """The table's RocksDB store, with the changelog partitions of some keys already known (cached)."""
     app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
     table = app.Table("state", default=None, partitions=3, use_partitioner=True)
-    store = table.data
-    store.__dict__["_partition_of"] = dict(partitions)
-    return store
+    table._partition_of.update(partitions)
+    return table.data
 
 
 def test_a_key_is_written_to_and_read_from_the_database_of_its_changelog_partition(tmp_path: Path) -> None:
@@ -66,12 +65,19 @@ def test_a_key_of_a_partition_not_held_here_reads_as_absent(tmp_path: Path) -> N
     assert not store._contains(b"rp-9")
 
 
-def test_without_partition_metadata_a_read_searches_every_database(tmp_path: Path) -> None:
-    store = _keyed_store(tmp_path, {b"rp-1": 2})
-    store._set(b"rp-1", b"one")
-    del store.__dict__["_partition_of"][b"rp-1"]  # not known, and the producer has no metadata (not started)
-    assert store._get(b"rp-1") == b"one"
-    assert store._contains(b"rp-1")
+def test_a_keys_partition_is_murmur2_over_the_tables_partitions_without_a_broker(tmp_path: Path) -> None:
+    """As Faust's producer (aiokafka's murmur2 partitioner) chooses it, with no metadata to wait for."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    store = _keyed_store(tmp_path, {})
+    keys = [f"rp-{n}".encode() for n in range(20)]
+    for key in keys:
+        store._set(key, b"v")
+    for key in keys:
+        expected = DefaultPartitioner()(key, [0, 1, 2], [0, 1, 2])
+        assert store.table.key_partition(key) == expected
+        assert store._dbs[expected].get(key) == b"v"
+        assert store._get(key) == b"v"
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
@@ -79,7 +85,7 @@ def test_get_reads_a_value_or_the_default_given(tmp_path: Path, store: str) -> N
     app = faust.App("tables-test", store=store_url(store), Table=RawKeyTable, datadir=str(tmp_path))
     table = app.Table("state", default=None, partitions=3, use_partitioner=True)
     if store.startswith("rocksdb"):
-        table.data.__dict__["_partition_of"] = {b"rp-1": 1, b"rp-2": 2}
+        table._partition_of.update({b"rp-1": 1, b"rp-2": 2})
     table.data["rp-1"] = {"ward": "ICU"}  # the store itself: a table write would send a changelog record
     assert table.get("rp-1") == {"ward": "ICU"}
     assert table.get("rp-2") is None
