@@ -41,7 +41,7 @@ from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Publish, make_outputs
 from streams.runtime.stage import Components, Stage, StageHealth, run_batches
 from streams.runtime.stalls import GroupPositions, contiguous_offsets_app
-from streams.runtime.startup import PromptTableManager, early_stop_app, start_early
+from streams.runtime.startup import PromptTableManager, prompt_app, start_early
 from streams.runtime.store import StoreHandler, store_topics
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.runtime.tables import RawKeyTable, store_url
@@ -103,7 +103,7 @@ def _faust_app(
     health: StageHealth,
 ) -> faust.App:
     stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
-    app_class = early_stop_app(contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset))
+    app_class = prompt_app(contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset))
     return refusals_reported_app(app_class, kafka.sasl_username, health)(
         app_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],

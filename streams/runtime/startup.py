@@ -12,8 +12,19 @@ Where a restart's seconds went (tests/integration/test_kill_points.py prints the
 - Faust's TableManager sleeps 1 s at its start, before the consumer may subscribe, so that agents
   starting meanwhile can still declare tables. This app declares every table in `create_app`, before
   the worker starts: `PromptTableManager` registers them at once.
+- Faust's RocksDB store runs a full `gc.collect()` for each table at every rebalance (and again at
+  stop), ~0.2 s each over the worker's heap: 1 s of a restart. The command freezes what it built
+  before the worker starts (`gc.freeze`: modules, the app, reference data, all kept for the worker's
+  life), so those collections scan only what came after. Opening the table partitions' databases on
+  threads instead did not help: 15 opens took 0.3-0.45 s in turn and no less on threads (the GIL).
+- Faust's aiokafka consumer long-polls with `fetch_max_wait_ms=1500` (hard-coded), and aiokafka sends
+  a node no new fetch while one is in flight: partitions resumed after the recovery (or a rebalance)
+  waited up to 1.5 s for the long-poll of the changelog partitions to end. `FETCH_MAX_WAIT_MS`.
 
-On a clean stop, `early_stop_app` stops the early jobs alongside Faust's own stop, not after it: the
+- With every partition paused (the recovery, a rebalance), Faust's fetcher sleeps 1 s before it looks
+  again: the streams' first events after the recovery waited up to 1 s more (`prompt_app`'s consumer).
+
+On a clean stop, `prompt_app` stops the early jobs alongside Faust's own stop, not after it: the
 store consumer leaves its group (membership.leave_and_close) at once instead of after the seconds
 Faust's stop takes (its tables closed, its producer flushed). A job stopped mid-batch has marked
 nothing of that batch, which the partitions' next owner reads again and stores once.
@@ -31,6 +42,12 @@ from mode import Service
 
 log = logging.getLogger("clinhub.streams.startup")
 
+# How long the broker may hold a fetch of the worker's Faust consumer with nothing to return: what a
+# partition resumed meanwhile waits at most. Idle, a worker then sends ~5 empty fetches a second.
+FETCH_MAX_WAIT_MS = 200
+# How often the fetcher looks again while every partition is paused (Faust: every second)
+PAUSED_POLL_SECONDS = 0.02
+
 
 class PromptTableManager(TableManager):
     """Faust's TableManager without the 1 s wait at its start (faust/tables/manager.py, pinned 0.15.3):
@@ -45,7 +62,7 @@ class PromptTableManager(TableManager):
 
 class EarlyJob(Service):
     """Runs `job` from the moment its app starts, not once Faust's recovery is done as an `@app.task`;
-    stopped with the app (or first, by `early_stop_app`)."""
+    stopped with the app (or first, by `prompt_app`)."""
 
     def __init__(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
         super().__init__()
@@ -68,10 +85,16 @@ def start_early(app: Any, name: str, job: Callable[[], Awaitable[None]]) -> Earl
     return early
 
 
-def early_stop_app(app_class: Any) -> Any:
-    """A Faust App class that stops its early jobs as its own stop begins, alongside Faust's stop."""
+def prompt_app(app_class: Any) -> Any:
+    """A Faust App class that stops its early jobs as its own stop begins, alongside Faust's stop, and
+    whose consumer does not sleep a second when it finds every partition paused (`_prompt_consumer`)."""
 
-    class EarlyStopApp(app_class):
+    class PromptApp(app_class):
+        def _new_transport(self) -> Any:
+            transport = super()._new_transport()
+            transport.Consumer = _prompt_consumer(transport.Consumer)
+            return transport
+
         async def on_stop(self) -> None:
             early = [child for child in self._children if isinstance(child, EarlyJob)]
             leaving = asyncio.gather(*(job.stop() for job in early), return_exceptions=True)  # begins now
@@ -82,4 +105,22 @@ def early_stop_app(app_class: Any) -> Any:
                     if isinstance(result, Exception):
                         log.warning("stopping %s failed: %r", job.shortlabel, result)
 
-    return EarlyStopApp
+    return PromptApp
+
+
+def _prompt_consumer(consumer_class: Any) -> Any:
+    class PromptConsumer(consumer_class):
+        async def _wait_next_records(self, timeout: float) -> Any:
+            """Faust's fetcher asks for records here (faust/transport/consumer.py, pinned 0.15.3); with
+            every partition paused (the table recovery, a rebalance) it sleeps 1 s, which partitions
+            resumed meanwhile wait out: the streams' first events after each recovery waited up to 1 s.
+            Here it looks again after `PAUSED_POLL_SECONDS`."""
+            if self.flow_active and not self.app.client_only:
+                active = self._get_active_partitions()
+                if not active:
+                    self.not_waiting_next_records.set()
+                    await self.sleep(PAUSED_POLL_SECONDS)
+                    return {}, active
+            return await super()._wait_next_records(timeout)
+
+    return PromptConsumer

@@ -223,6 +223,7 @@ def test_the_faust_consumer_is_a_static_member_that_claims_its_id(
 
     from streams.runtime import membership
     from streams.runtime.stalls import contiguous_offsets_app
+    from streams.runtime.startup import FETCH_MAX_WAIT_MS
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the claim's lock file
     instance = unique_id()
@@ -241,6 +242,8 @@ def test_the_faust_consumer_is_a_static_member_that_claims_its_id(
     consumer = asyncio.run(create())
     assert consumer._group_instance_id == instance
     assert consumer._isolation_level == "read_committed"
+    # not Faust's 1.5 s long-poll, which partitions resumed after the recovery waited for
+    assert consumer._fetch_max_wait_ms == FETCH_MAX_WAIT_MS < 1500
     assert instance in membership._claimed
     assert (tmp_path / f"clinhub-group-instance-{instance}.lock").exists()
 

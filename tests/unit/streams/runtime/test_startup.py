@@ -10,7 +10,7 @@ import faust
 import pytest
 from mode import Service
 
-from streams.runtime.startup import EarlyJob, PromptTableManager, early_stop_app, start_early
+from streams.runtime.startup import EarlyJob, PromptTableManager, prompt_app, start_early
 
 
 def memory_app(tmp_path: Any, app_class: Any = faust.App) -> Any:
@@ -90,7 +90,7 @@ def test_a_clean_stop_stops_the_early_jobs_while_faust_stops_not_after() -> None
             await self.released.wait()  # Faust's stop takes seconds: tables closed, producer flushed
             events.append("faust stop ends")
 
-    App = early_stop_app(FaustLike)
+    App = prompt_app(FaustLike)
 
     async def job() -> None:
         try:
@@ -112,3 +112,33 @@ def test_a_clean_stop_stops_the_early_jobs_while_faust_stops_not_after() -> None
     app: Any = None
     asyncio.run(scenario())
     assert events == ["faust stop begins", "store left its group", "faust stop ends"]
+
+
+def test_with_every_partition_paused_the_fetcher_looks_again_at_once_not_after_a_second() -> None:
+    from streams.runtime.startup import PAUSED_POLL_SECONDS, _prompt_consumer
+
+    slept: list[float] = []
+
+    class FaustConsumer:  # the parts of faust.transport.consumer.Consumer the override uses
+        flow_active = True
+        active: set[str] = set()
+
+        def __init__(self) -> None:
+            self.app = type("App", (), {"client_only": False})()
+            self.not_waiting_next_records = asyncio.Event()
+
+        def _get_active_partitions(self) -> set[str]:
+            return self.active
+
+        async def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+
+        async def _wait_next_records(self, timeout: float) -> Any:
+            return {"records": True}, self.active
+
+    consumer = _prompt_consumer(FaustConsumer)()
+    assert asyncio.run(consumer._wait_next_records(1.0)) == ({}, set())
+    assert slept == [PAUSED_POLL_SECONDS] and PAUSED_POLL_SECONDS < 0.1
+    consumer.active = {"norm.lab[0]"}
+    assert asyncio.run(consumer._wait_next_records(1.0)) == ({"records": True}, {"norm.lab[0]"})
+    assert slept == [PAUSED_POLL_SECONDS], "with partitions to fetch, Faust's own path"
