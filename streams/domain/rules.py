@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class AlertDraft:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AlertDraft:
-        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values = {name: data[name] for name in _draft_fields() if name in data}
         for key in ("result_time", "raised_time", "deadline_time", "previous_time"):
             if values.get(key) is not None:
                 values[key] = from_epoch_ms(int(values[key]))
@@ -175,6 +176,12 @@ class AlertDraft:
             if values.get(key) is not None:
                 values[key] = float(values[key])
         return cls(**values)
+
+
+@functools.cache
+def _draft_fields() -> tuple[str, ...]:
+    """AlertDraft's field names, looked up once (dataclasses.fields builds them on every call)."""
+    return tuple(f.name for f in dataclasses.fields(AlertDraft))
 
 
 @dataclass(frozen=True)
@@ -242,20 +249,31 @@ class AnalyteState:
             return None if data.get(key) is None else int(data[key])
 
         base = data.get("base")
-        return cls(
+        open_alerts = data.get("open_alerts")
+        raised = data.get("raised")
+        # Built as `_with` copies (no frozen __init__): this runs for every result judged.
+        return _built(
+            cls,
             last_value=number("last_value"),
             last_time_ms=integer("last_time_ms"),
             last_event_id=data.get("last_event_id"),
             last_result_id=data.get("last_result_id"),
             prior_value=number("prior_value"),
             prior_time_ms=integer("prior_time_ms"),
-            open_alerts=_ordered(OpenAlert.from_dict(entry) for entry in data.get("open_alerts", ())),
+            open_alerts=_ordered(OpenAlert.from_dict(entry) for entry in open_alerts) if open_alerts else (),
             recent_event_ids=tuple(data.get("recent_event_ids", ())),
-            history=tuple(Entry.from_list(entry) for entry in data.get("history", ())),
-            raised=tuple(AlertDraft.from_dict(entry) for entry in data.get("raised", ())),
+            history=tuple(map(Entry.from_list, data.get("history", ()))),
+            raised=tuple(AlertDraft.from_dict(entry) for entry in raised) if raised else (),
             base=None if base is None else AnalyteState.from_dict(base),
             base_ms=integer("base_ms"),
         )
+
+
+def _built(cls: type[_T], **fields: Any) -> _T:
+    """An instance of a frozen dataclass without validation in `__init__`, given every field."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
 
 
 def _with(value: _T, **changes: Any) -> _T:
@@ -357,10 +375,10 @@ class Entry(NamedTuple):
 
     @classmethod
     def from_list(cls, data: list[Any]) -> Entry:
-        entry = cls._make(data)
-        return entry._replace(
-            result_ms=int(entry.result_ms), value=float(entry.value), judged=bool(entry.judged)
-        )
+        event_id, result_ms, value, *middle, judged = data  # _make and _replace cost 8x this
+        if len(middle) != 9:
+            raise TypeError(f"a history entry has 13 fields, not {len(data)}")
+        return tuple.__new__(cls, (event_id, int(result_ms), float(value), *middle, bool(judged)))
 
     def facts(self, patient: str, loinc: str) -> LabFacts:
         return LabFacts(

@@ -607,6 +607,19 @@ def test_full_state_round_trips_through_json() -> None:
     assert evaluate(follow, restored, RULES, now, POLICY) == evaluate(follow, state, RULES, now, POLICY)
 
 
+def test_a_stored_history_reads_back_typed_and_a_malformed_entry_is_refused() -> None:
+    """History entries are JSON lists: read back with their numbers typed, and exactly 13 fields."""
+    state = run(lab(K, 4.0), lab(K, 4.2, 1))[-1].state
+    stored = json.loads(json.dumps(state.to_dict()))
+    stored["history"][0][1] = float(stored["history"][0][1])  # a result time read back as a float
+    restored = AnalyteState.from_dict(stored)
+    assert restored == state
+    assert type(restored.history[0].result_ms) is int and type(restored.history[0].value) is float
+    stored["history"][0] = stored["history"][0][:-1]
+    with pytest.raises(TypeError):
+        AnalyteState.from_dict(stored)
+
+
 def test_alert_draft_round_trips() -> None:
     """Alert drafts in the state are plain JSON too."""
     (alert,) = run(lab(K, 7.5))[0].alerts
