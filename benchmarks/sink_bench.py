@@ -1,6 +1,6 @@
 """Throughput of the store writer against a plain bulk insert of the same rows, on PostgreSQL and SQLite.
 
-    .venv/bin/python benchmarks/sink_bench.py [--rows 20000] [--batch 500] [--skip-postgres]
+    .venv/bin/python benchmarks/sink_bench.py [--rows 20000] [--batch 500] [--skip-postgres] [--profile DIR]
 
 Starts its own throwaway PostgreSQL (Debian's server, as the integration tests do), migrates a fresh
 database per measurement, and reports rows/s for:
@@ -10,12 +10,17 @@ database per measurement, and reports rows/s for:
           batch, no conflict handling, rows built beforehand: COPY on PostgreSQL, insert(observations)
           executemany on SQLite;
   replay  the sink again over the same records (every record a redelivery: nothing changes).
+
+--profile DIR: afterwards, the sink's pass again on a fresh database under cProfile (not timed), its
+stats in DIR/sink-<backend>.prof and the functions taking most of it printed (own time and inclusive).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
+import pstats
 import shutil
 import sys
 import tempfile
@@ -116,6 +121,29 @@ class Figures:
         )
 
 
+def profile_sink(
+    backend: str, new_engine: Callable[[str], Engine], records: list[StoreRecord], batch: int, folder: Path
+) -> Path:
+    """The sink's pass on a fresh database under cProfile; prints where its time went."""
+    engine = new_engine("profile")
+    upgrade(engine)
+    sink = SqlStoreSink(engine)
+    sink.write_records(records[:1])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for chunk in batches(records, batch):
+        sink.write_records(chunk)
+    profiler.disable()
+    engine.dispose()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"sink-{backend}.prof"
+    profiler.dump_stats(path)
+    for order in ("tottime", "cumulative"):
+        print(f"-- {backend} sink under cProfile, by {order} ({path})", flush=True)
+        pstats.Stats(str(path)).strip_dirs().sort_stats(order).print_stats(18)
+    return path
+
+
 def measure(
     backend: str, new_engine: Callable[[str], Engine], records: list[StoreRecord], batch: int
 ) -> Figures:
@@ -171,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=20000, help="lab records to write (default 20000)")
     parser.add_argument("--batch", type=int, default=500, help="records per transaction (default 500)")
     parser.add_argument("--skip-postgres", action="store_true", help="only SQLite")
+    parser.add_argument("--profile", type=Path, help="profile the sink afterwards, stats into this folder")
     args = parser.parse_args(argv)
 
     records = lab_records(args.rows)
@@ -178,24 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if not args.skip_postgres:
         with throwaway_postgres() as layout:
-            results.append(
-                measure(
-                    "postgresql",
-                    lambda name: engine_for(
-                        postgres.create_database(layout, f"bench_{name}_{uuid.uuid4().hex[:8]}")
-                    ),
-                    records,
-                    args.batch,
-                )
-            )
+
+            def pg_engine(name: str) -> Engine:
+                return engine_for(postgres.create_database(layout, f"bench_{name}_{uuid.uuid4().hex[:8]}"))
+
+            results.append(measure("postgresql", pg_engine, records, args.batch))
             print(results[-1].line(), flush=True)
+            if args.profile:
+                profile_sink("postgresql", pg_engine, records, args.batch, args.profile)
     with tempfile.TemporaryDirectory(prefix="clinhub-bench-sqlite-") as folder:
-        results.append(
-            measure(
-                "sqlite", lambda name: make_engine(f"sqlite:///{folder}/{name}.sqlite3"), records, args.batch
-            )
-        )
+
+        def sqlite_engine(name: str) -> Engine:
+            return make_engine(f"sqlite:///{folder}/{name}.sqlite3")
+
+        results.append(measure("sqlite", sqlite_engine, records, args.batch))
         print(results[-1].line(), flush=True)
+        if args.profile:
+            profile_sink("sqlite", sqlite_engine, records, args.batch, args.profile)
     return 0
 
 

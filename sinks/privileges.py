@@ -66,6 +66,20 @@ PRIVILEGES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     },
 }
 APPLICATION_ROLES = tuple(PRIVILEGES)
+# role -> its privileges on the database itself. The store writes its batches through temporary staging
+# tables of its own session (sinks.staging: COPY, then INSERT ... SELECT), which takes TEMPORARY.
+DATABASE_PRIVILEGES: Mapping[str, tuple[str, ...]] = {
+    STORE: ("CONNECT", "TEMPORARY"),
+    CONSOLE: ("CONNECT",),
+}
+
+
+def database_grant_statements(role: str, database: str) -> list[str]:
+    """GRANT statements giving `role` exactly its privileges on `database` (after a REVOKE ALL)."""
+    return [
+        f'REVOKE ALL ON DATABASE "{database}" FROM "{role}"',
+        f'GRANT {", ".join(DATABASE_PRIVILEGES[role])} ON DATABASE "{database}" TO "{role}"',
+    ]
 
 
 def grant_statements(role: str, tables: Mapping[str, tuple[str, ...]]) -> list[str]:

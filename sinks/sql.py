@@ -28,14 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
     Engine,
-    String,
     Table,
     and_,
     bindparam,
     case,
-    cast,
     delete,
     exists,
     func,
@@ -79,6 +76,7 @@ from sinks.records import (
     check_converters,
     prepare,
 )
+from sinks.staging import Staging, staging_table
 from sinks.write_policy import Key, Precedence, WritePolicy, keep_newest, merge_newest
 
 
@@ -200,10 +198,16 @@ def _error_class(exc: StatementError) -> str:
     return type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
 
 
-def _reason(exc: StatementError, limit: int = 300) -> str:
-    """The driver's own message, without the statement or its parameters (they hold patient data)."""
-    text = " ".join(str(exc.orig if exc.orig is not None else exc.args[0] if exc.args else "").split())
-    return f"{_error_class(exc)}: {text[:limit]}"
+def reason_of(exc: StatementError, limit: int = 300) -> str:
+    """The driver's own message, without the statement or its parameters (they hold patient data), nor
+    the server's detail and context: they quote a row's values (a key that is taken, a COPY line)."""
+    orig = exc.orig
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if isinstance(primary, str) and primary:
+        text = primary
+    else:  # not the server's error (no connection, a value the driver could not bind)
+        text = str(orig if orig is not None else exc.args[0] if exc.args else "")
+    return f"{_error_class(exc)}: {' '.join(text.split())[:limit]}"
 
 
 def _later(incoming: Any, stored: Any, version: tuple[str, ...]) -> Any:
@@ -223,15 +227,8 @@ def _rows(kept: Mapping[Key, tuple[Prepared, Row]]) -> dict[Key, Row]:
     return {key: row for key, (_, row) in kept.items()}
 
 
-def _element(table: Table, column: str) -> Any:
-    """Array element type for unnest(): strings without their length, because an explicit cast to
-    varchar(n) silently truncates, while storing into a varchar(n) column refuses what is too long."""
-    kind = table.c[column].type
-    return String() if isinstance(kind, String) else kind
-
-
 def _on_conflict(policy: WritePolicy, insert_: Any) -> Any:
-    """A policy as the conflict rule and RETURNING of its bulk statement, over VALUES or unnest() rows."""
+    """A policy as the conflict rule and RETURNING of its bulk statement, over VALUES or staged rows."""
     stored, key = policy.table.c, list(policy.precedence.key)
     if policy.precedence.version:
         excluded = insert_.excluded
@@ -293,12 +290,14 @@ def _encounter_state() -> Any:
 
 
 class _Outcome:
-    """What one transaction did: records written, new log ids, rows per table."""
+    """What one transaction did: records written, new log ids, rows per table; on PostgreSQL, the
+    staging tables its rows went through."""
 
-    def __init__(self) -> None:
+    def __init__(self, staging: Staging | None = None) -> None:
         self.written: set[int] = set()
         self.new_log_ids: set[str] = set()
         self.rows: dict[str, int] = defaultdict(int)
+        self.staging = staging
 
 
 class SqlStoreSink(Sink):
@@ -317,47 +316,55 @@ class SqlStoreSink(Sink):
             raise ValueError(f"unsupported database dialect {self._dialect!r}; use PostgreSQL or SQLite")
         self._insert: Any = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         # SQLite: one multi-row VALUES statement per table and batch (SQLAlchemy's insertmanyvalues).
-        # PostgreSQL: one array parameter per column, unnest()ed; a 500-row VALUES list costs the server
-        # more to parse and plan than to execute (measured ~3x slower), an unnest() statement does not.
+        # PostgreSQL: the rows COPYed into a staging table (sinks.staging), then one INSERT ... SELECT
+        # from it; a 500-row VALUES list costs the server more to parse and plan than to execute, and
+        # unnest() of array parameters (the way before) cost psycopg a Python call per value.
+        if self._dialect == "postgresql" and engine.dialect.driver != "psycopg":
+            raise ValueError(
+                f"PostgreSQL through psycopg 3 only (postgresql+psycopg://...), not {engine.dialect.driver!r}"
+            )
         self._statements: dict[Any, Any] = {}
         self._encounter_state = _encounter_state()
 
     # -- statements ---------------------------------------------------------------------------------
 
-    def _bulk(self, connection: Connection, policy: WritePolicy, rows: list[Row]) -> Any:
-        """Run the policy's bulk statement (see _on_conflict) over rows that all have the same keys."""
+    def _bulk(
+        self, connection: Connection, policy: WritePolicy, rows: list[Row], staging: Staging | None
+    ) -> list[Key]:
+        """Run the policy's bulk statement (see _on_conflict) over rows that all have the same keys; the
+        keys it returns."""
         table = policy.table
-        if self._dialect == "sqlite":
+        if staging is None:
             stmt = self._statements.get(policy.name)
             if stmt is None:
                 stmt = self._statements[policy.name] = _on_conflict(policy, self._insert(table))
-            return connection.execute(stmt, rows)
+            result = connection.execute(stmt, rows)
+            return [tuple(key) for key in result] if policy.returning else []
         columns = tuple(rows[0])
-        stmt = self._statements.get((policy.name, columns))
-        if stmt is None:
-            arrays = [
-                cast(
-                    bindparam(f"a_{column}", type_=ARRAY(_element(table, column))),
-                    ARRAY(_element(table, column)),
-                )
-                for column in columns
-            ]
-            source = select(*func.unnest(*arrays).table_valued(*columns).render_derived().columns)
-            stmt = _on_conflict(policy, self._insert(table).from_select(list(columns), source))
-            self._statements[(policy.name, columns)] = stmt
-        return connection.execute(stmt, {f"a_{column}": [row[column] for row in rows] for column in columns})
+        sql = self._statements.get((policy.name, columns))
+        if sql is None:
+            staged = staging_table(table)
+            source = select(*[staged.c[column] for column in columns]).order_by(
+                *[staged.c[column] for column in policy.precedence.key]
+            )
+            compiled = _on_conflict(policy, self._insert(table).from_select(list(columns), source)).compile(
+                dialect=connection.dialect
+            )
+            sql = str(compiled)
+            if compiled.params or "%" in sql:  # sent as it is: no parameter, nothing to escape
+                raise ValueError(f"the staged statement of {policy.name} is not plain SQL: {sql}")
+            self._statements[(policy.name, columns)] = sql
+        return staging.write(table, columns, rows, sql)
 
     def _store(
         self, connection: Connection, policy: WritePolicy, rows: Mapping[Key, Row], outcome: _Outcome
     ) -> list[Key]:
-        """Send one row per key, sorted by key (so concurrent writers lock in the same order); the keys of
-        the rows the database wrote, when the policy returns them."""
+        """Send one row per key, sorted by key (so concurrent writers lock in the same order: the staged
+        rows are selected in key order too); the keys of the rows the database wrote, when the policy
+        returns them."""
         if not rows:
             return []
-        result = self._bulk(connection, policy, [rows[key] for key in sorted(rows)])
-        if not policy.returning:
-            return []
-        written = [tuple(key) for key in result]
+        written = self._bulk(connection, policy, [rows[key] for key in sorted(rows)], outcome.staging)
         outcome.rows[policy.name] += len(written)
         return written
 
@@ -395,17 +402,22 @@ class SqlStoreSink(Sink):
 
     def _transaction(self, prepared: list[Prepared], now: dt.datetime) -> _Outcome:
         try:
-            with self._engine.begin() as connection:
-                return self._apply(connection, prepared, now)
+            with self._engine.connect() as connection:
+                staging = Staging(connection) if self._dialect == "postgresql" else None
+                with connection.begin():
+                    outcome = self._apply(connection, _Outcome(staging), prepared, now)
+                if staging is not None:
+                    staging.committed()
+                return outcome
         except DBAPIError as exc:
             if access_refused(exc):
-                raise StoreAccessError(self._engine.url.username, _reason(exc)) from exc
+                raise StoreAccessError(self._engine.url.username, reason_of(exc)) from exc
             if is_transient(exc):
                 self._count_retry(_error_class(exc))
-                raise StoreUnavailableError(f"database unavailable: {_reason(exc)}") from exc
-            raise StoreRejectedError(f"database refused the batch: {_reason(exc)}") from exc
+                raise StoreUnavailableError(f"database unavailable: {reason_of(exc)}") from exc
+            raise StoreRejectedError(f"database refused the batch: {reason_of(exc)}") from exc
         except StatementError as exc:  # a value the driver could not even bind
-            raise StoreRejectedError(f"database refused the batch: {_reason(exc)}") from exc
+            raise StoreRejectedError(f"database refused the batch: {reason_of(exc)}") from exc
         except PoolTimeoutError as exc:
             self._count_retry("PoolTimeout")
             raise StoreUnavailableError(f"no database connection free: {exc}") from exc
@@ -413,10 +425,11 @@ class SqlStoreSink(Sink):
             self._count_retry(type(exc).__name__)
             raise StoreUnavailableError(f"database error: {exc!r}") from exc
 
-    def _apply(self, connection: Connection, prepared: list[Prepared], now: dt.datetime) -> _Outcome:
+    def _apply(
+        self, connection: Connection, outcome: _Outcome, prepared: list[Prepared], now: dt.datetime
+    ) -> _Outcome:
         """The tables with steps of their own, every other table by its policy alone (in the order of
         WRITE_POLICIES), then what is derived from what was written."""
-        outcome = _Outcome()
         live = self._skip_logged(connection, prepared, outcome)
         by_table: dict[str, list[tuple[Prepared, Row]]] = defaultdict(list)
         for entry in live:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.settings import DatabaseSettings
 from sinks.exceptions import StoreAccessError, StoreOutOfDateError
-from sinks.privileges import PRIVILEGES, grant_statements
+from sinks.privileges import PRIVILEGES, database_grant_statements, grant_statements
 from sinks.sql import access_refused
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ def apply_privileges(connection: Connection) -> list[str]:
         if role not in existing:
             logger.warning("database role %s does not exist: its component cannot connect as itself", role)
             continue
-        connection.execute(text(f'GRANT CONNECT, TEMPORARY ON DATABASE "{database}" TO "{role}"'))
+        for statement in database_grant_statements(role, database):
+            connection.execute(text(statement))
         connection.execute(text(f'GRANT USAGE ON SCHEMA public TO "{role}"'))
         connection.execute(text(f'REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM "{role}"'))
         tables = {table: privileges for table, privileges in tables.items() if table in present}

@@ -171,6 +171,27 @@ def test_the_console_writes_audit_rows_but_cannot_change_them_or_clinical_data(
         assert connection.execute(text("SELECT count(*) FROM audit_log")).scalar_one() == 1
 
 
+def test_only_the_store_may_make_temporary_tables_and_it_stages_its_batches_in_them(
+    owner: Engine, store: Engine, console: Engine, database: DatabaseSettings
+) -> None:
+    """TEMPORARY on the database is the store's alone (sinks.privileges.DATABASE_PRIVILEGES): its batches go
+    through staging tables of its session (sinks.staging). Without it the store is a refused role."""
+    assert "permission denied to create temporary tables" in refused(
+        console, "CREATE TEMPORARY TABLE t (x int)"
+    )
+    batch = realistic_batch(seed=8, count=20)
+    assert SqlStoreSink(store).write_records(batch).total_written > 0
+
+    with owner.begin() as connection:
+        name = connection.execute(text("SELECT current_database()")).scalar_one()
+        connection.execute(text(f'REVOKE TEMPORARY ON DATABASE "{name}" FROM "{STORE}"'))
+    for fresh in connect(database.for_role(STORE)):  # a new session: the old one keeps its tables
+        with pytest.raises(StoreAccessError) as error:
+            SqlStoreSink(fresh).write_records(realistic_batch(seed=9, count=20))
+        assert error.value.role == STORE
+        assert "permission denied to create temporary tables" in error.value.reason
+
+
 def test_not_even_the_owner_may_change_an_audit_row(owner: Engine) -> None:
     add_audit_row(owner)
     assert "append-only" in refused(owner, "UPDATE audit_log SET outcome = 'x'")

@@ -4,14 +4,16 @@ connection, and concurrent writers of the same events."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import StaticPool
 
 from clinhub.infra import postgres
 from clinhub.infra.process import free_port
@@ -65,6 +67,83 @@ def test_a_value_longer_than_its_column_is_refused_and_isolated(engine: Engine) 
     result, isolated = write_records_isolating(store, batch)
     assert [i for i, _ in isolated] == [index]
     assert sum(result.written.values()) == len(batch) - 1
+
+
+def test_a_patient_identifier_too_long_for_its_column_is_refused_without_being_quoted(engine: Engine) -> None:
+    """COPY refuses it in the staging table; the server's context quotes the line, the reason must not."""
+    store = SqlStoreSink(engine)
+    batch = realistic_batch(seed=104, count=30)
+    index, lab = next(
+        (i, r.record) for i, r in enumerate(batch) if r.kind == "lab" and r.record.get("patient_family_name")
+    )
+    mrn = "MRN-" + "7" * 80
+    batch[index] = StoreRecord("lab", {**lab, "patient_mrn": mrn})
+    with pytest.raises(StoreRejectedError) as refused:
+        store.write_records(batch)
+    assert refused.value.reason.startswith("database refused the batch: StringDataRightTruncation: ")
+    assert "7777" not in refused.value.reason and "CONTEXT" not in refused.value.reason
+
+    result, isolated = write_records_isolating(store, batch)
+    assert [i for i, _ in isolated] == [index]
+    assert "7777" not in isolated[0][1].reason
+    assert sum(result.written.values()) == len(batch) - 1
+
+
+def test_an_integer_out_of_its_column_s_range_is_refused_not_wrapped(engine: Engine) -> None:
+    """Integers are staged as bigint (binary COPY would wrap them into a 4-byte integer); the INSERT's cast
+    refuses one out of range, as the server always did, and bisection isolates its record."""
+    store = SqlStoreSink(engine)
+    batch = realistic_batch(seed=106, count=20)
+    index = next(i for i, r in enumerate(batch) if r.kind == "lab")
+    batch[index] = StoreRecord("lab", {**batch[index].record, "patient_birth_year": 2**40})
+    result, isolated = write_records_isolating(store, batch)
+    assert [i for i, _ in isolated] == [index]
+    assert "NumericValueOutOfRange: integer out of range" in isolated[0][1].reason
+    assert sum(result.written.values()) == len(batch) - 1
+    with engine.connect() as connection:
+        years = connection.execute(text("SELECT DISTINCT birth_year FROM patients")).scalars().all()
+    assert 2**40 % 2**32 not in years and all(year is None or 1900 < year < 2030 for year in years)
+
+
+WHEN = dt.datetime(2026, 12, 2, 3, 0, tzinfo=dt.UTC)
+
+
+def _staged_rows(connection: Any, table: str) -> int | None:
+    """Rows in this session's staging twin of `table`; None when the session has none."""
+    if connection.execute(text(f"SELECT to_regclass('pg_temp.clinhub_stage_{table}')")).scalar() is None:
+        return None
+    return int(connection.execute(text(f"SELECT count(*) FROM pg_temp.clinhub_stage_{table}")).scalar_one())  # noqa: S608
+
+
+def test_batches_go_through_the_session_s_staging_tables_which_every_commit_empties(engine: Engine) -> None:
+    """One session (a pool of one): its twins made once, empty after each commit, made again after a
+    rollback took back the CREATE, and what it stores the same as SQLite stores."""
+    single = create_engine(engine.url, poolclass=StaticPool)
+    batch = realistic_batch(seed=105, count=60)
+    try:
+        store = SqlStoreSink(single, clock=lambda: WHEN)
+        lab = first(batch, "lab")
+        others = [item for item in batch[:6] if item.kind != "lab"]
+        bad = [*others, StoreRecord("lab", {**lab, "abnormal_flag": "HIGH-HIGH-HIGH"})]
+        with pytest.raises(StoreRejectedError):
+            store.write_records(bad)  # the session's first transaction, rolled back with its CREATEs
+        with single.connect() as connection:
+            assert _staged_rows(connection, "ingest_log") is None
+        written = store.write_records(batch)
+        assert store.write_records(batch).total_written == 0, "a redelivery"
+        with single.connect() as connection:
+            assert [_staged_rows(connection, table) for table in ("ingest_log", "observations")] == [0, 0]
+    finally:
+        single.dispose()
+
+    reference = make_engine("sqlite://")
+    try:
+        upgrade(reference)
+        assert SqlStoreSink(reference, clock=lambda: WHEN).write_records(batch) == written
+        expected = _without_ingest_times(snapshot(reference))
+    finally:
+        reference.dispose()
+    assert _without_ingest_times(snapshot(engine)) == expected
 
 
 def test_a_refused_connection_is_transient() -> None:

@@ -8,9 +8,11 @@ from sinks.privileges import (
     CLINICAL_TABLES,
     CONSOLE,
     CONSOLE_TABLES,
+    DATABASE_PRIVILEGES,
     PRIVILEGES,
     STORE,
     VERSION_TABLE,
+    database_grant_statements,
     grant_statements,
 )
 
@@ -38,4 +40,15 @@ def test_grant_statements_revoke_everything_first() -> None:
         'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "r"',
         'GRANT SELECT, INSERT ON TABLE "a" TO "r"',
         'GRANT SELECT ON TABLE "b" TO "r"',
+    ]
+
+
+def test_only_the_store_may_make_temporary_tables_and_both_roles_connect() -> None:
+    """The store stages its batches in temporary tables (sinks.staging); the console has no use for one."""
+    assert set(DATABASE_PRIVILEGES) == set(PRIVILEGES)
+    assert DATABASE_PRIVILEGES[STORE] == ("CONNECT", "TEMPORARY")
+    assert DATABASE_PRIVILEGES[CONSOLE] == ("CONNECT",)
+    assert database_grant_statements(STORE, "db") == [
+        'REVOKE ALL ON DATABASE "db" FROM "clinhub_store"',
+        'GRANT CONNECT, TEMPORARY ON DATABASE "db" TO "clinhub_store"',
     ]
