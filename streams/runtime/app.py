@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import faust
 
-from core.contract import KINDS, TopicNames
+from core.contract import KINDS, RECORD_SCHEMAS, TopicNames
 from core.exceptions import AccessDeniedError
 from core.kafka_errors import ClientErrors
 from core.settings import KafkaSettings, StreamSettings
@@ -41,7 +41,7 @@ from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Publish, make_outputs
 from streams.runtime.stage import Components, Stage, StageHealth, run_batches
 from streams.runtime.stalls import GroupPositions, contiguous_offsets_app
-from streams.runtime.startup import PromptTableManager, prompt_app, start_early
+from streams.runtime.startup import PromptTableManager, prompt_app, start_early, warm_registry
 from streams.runtime.store import StoreHandler, store_topics
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.runtime.tables import RawKeyTable, store_url
@@ -210,6 +210,11 @@ def create_app(
 
     def stage(name: str) -> Stage:
         return Stage(name, components, topics, publish, health, confirm_state)
+
+    async def warm_up() -> None:  # while Faust starts, not at each stage's first batch (startup.py)
+        await asyncio.to_thread(warm_registry, components.registry, RECORD_SCHEMAS.values())
+
+    start_early(app, "registry", warm_up)
 
     def table(name: str, **kwargs: Any) -> Any:
         # use_partitioner: the changelog partition follows the key's hash (murmur2 of the raw key, as on

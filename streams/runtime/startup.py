@@ -24,6 +24,9 @@ Where a restart's seconds went (tests/integration/test_kill_points.py prints the
 - With every partition paused (the recovery, a rebalance), Faust's fetcher sleeps 1 s before it looks
   again: the streams' first events after the recovery waited up to 1 s more (`prompt_app`'s consumer).
 
+- The registry: each stage asked for its schemas' ids at its first batch. `warm_registry` asks for
+  them while Faust starts.
+
 On a clean stop, `prompt_app` stops the early jobs alongside Faust's own stop, not after it: the
 store consumer leaves its group (membership.leave_and_close) at once instead of after the seconds
 Faust's stop takes (its tables closed, its producer flushed). A job stopped mid-batch has marked
@@ -34,11 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from faust.tables import TableManager
 from mode import Service
+
+from schemas import standard
+from schemas.wire import SchemaRegistry
 
 log = logging.getLogger("clinhub.streams.startup")
 
@@ -75,6 +81,23 @@ class EarlyJob(Service):
 
     async def on_start(self) -> None:
         self.add_future(self._job())
+
+
+def warm_registry(registry: SchemaRegistry, schema_names: Iterable[str]) -> int:
+    """Look up each standard schema's id and its text by id, so that the stages' first batch finds
+    them in the registry client's cache instead of asking the registry then, one schema at a time
+    (0.1-0.4 s of a restarted worker's first alert). Run on a thread while Faust starts; returns how
+    many were found. A registry that does not answer now is asked again on first use, as before."""
+    found = 0
+    for name in schema_names:
+        schema = standard.load(name)
+        try:
+            registry.schema_text(registry.register(schema.subject, schema.text))
+        except Exception as exc:  # noqa: BLE001 - an optimisation only: the first use asks again
+            log.info("schema registry not warmed up (%s): %r", schema.subject, exc)
+            break
+        found += 1
+    return found
 
 
 def start_early(app: Any, name: str, job: Callable[[], Awaitable[None]]) -> EarlyJob:

@@ -142,3 +142,27 @@ def test_with_every_partition_paused_the_fetcher_looks_again_at_once_not_after_a
     consumer.active = {"norm.lab[0]"}
     assert asyncio.run(consumer._wait_next_records(1.0)) == ({"records": True}, {"norm.lab[0]"})
     assert slept == [PAUSED_POLL_SECONDS], "with partitions to fetch, Faust's own path"
+
+
+def test_the_registry_is_asked_for_every_schema_while_faust_starts_and_a_refusal_ends_it() -> None:
+    from core.contract import RECORD_SCHEMAS
+    from schemas.wire import ConfluentRegistry
+    from streams.runtime.startup import warm_registry
+
+    registry = ConfluentRegistry({"url": "mock://warm-up"})
+    names = list(RECORD_SCHEMAS.values())
+    assert warm_registry(registry, names) == len(names)
+
+    class Down:
+        asked = 0
+
+        def register(self, subject: str, text: str) -> int:
+            self.asked += 1
+            raise ConnectionError("registry not up yet")
+
+        def schema_text(self, schema_id: int) -> str:
+            raise AssertionError("not reached")
+
+    down = Down()
+    assert warm_registry(down, names) == 0
+    assert down.asked == 1, "a registry that does not answer is asked again on first use, not now"
