@@ -9,7 +9,8 @@ stage on a SQLite store (the suite's pipeline, `suite.running_pipeline`), warms 
 results paced at `--rate` through the SDK's stream (`sender.publish_paced`) for `--seconds`, across
 many patients (`--patients` per 500 simulated; each pass over the pool of simulated records makes new
 patients), so state that grew with every patient ever seen would show. RSS is the worker's VmRSS from
-/proc/<pid>/status, sampled while the load runs; the end sample is taken once the store has every event.
+/proc/<pid>/status, sampled while the load runs; the end sample is taken once the store has every event
+and the clinical stage has judged every one.
 
 The shipped reference data expires analyte state 14 days 8 hours after its newest result and last write
 (streams/domain/expiry.py), longer than any run: every patient of a run is still active, and the table
@@ -98,6 +99,19 @@ class Counted:
             yield record
 
 
+def wait_judged(running: suite.Pipeline, timeout: float) -> None:
+    """Until the clinical stage (the worker's Faust group) has committed every normalised result: the
+    store may be done before it, and its tables are what is counted."""
+    topic = running.topics.norm("lab")
+    ends = running.end_offsets([topic])
+    deadline = time.monotonic() + timeout
+    while not pipeline.committed_to_end(running.client, running.settings.stream.app_id, ends):
+        pipeline.check_running(running.workers, running.workdir)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the clinical stage did not judge every result of {topic} in {timeout:.0f}s")
+        time.sleep(0.5)
+
+
 def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,10 +171,11 @@ def run(options: argparse.Namespace, root: Path, report: Any) -> Mapping[str, An
                 raise failure[0]
             sent_seconds = time.monotonic() - started
             running.wait_stored(count, options.drain_timeout)
+            wait_judged(running, options.drain_timeout)
             samples.append((time.monotonic() - started, rss_mb(pid)))
             peak = pipeline.peak_memory_mb(pid)
             report(
-                f"t={samples[-1][0]:>6.0f}s  RSS {samples[-1][1]:7.1f} MB  (end: all {count:,} stored; "
+                f"t={samples[-1][0]:>6.0f}s  RSS {samples[-1][1]:7.1f} MB  (end: {count:,} stored, judged; "
                 f"sent in {sent_seconds:.0f}s, {count / sent_seconds:,.0f}/s; peak VmHWM {peak:.1f} MB)"
             )
         sizes = table_sizes(running.workdir / "faust")
