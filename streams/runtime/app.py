@@ -41,7 +41,13 @@ from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Publish, make_outputs
 from streams.runtime.stage import Components, Stage, StageHealth, run_batches
 from streams.runtime.stalls import GroupPositions, contiguous_offsets_app
-from streams.runtime.startup import PromptTableManager, prompt_app, start_early, warm_registry
+from streams.runtime.startup import (
+    PromptTableManager,
+    heartbeat_seconds,
+    prompt_app,
+    start_early,
+    warm_registry,
+)
 from streams.runtime.store import StoreHandler, store_topics
 from streams.runtime.store_consumer import StoreConsumer, consumer_config, store_group
 from streams.runtime.tables import RawKeyTable, store_url
@@ -124,7 +130,7 @@ def _faust_app(
         broker_commit_every=1000,
         broker_commit_interval=stream.commit_interval_seconds,
         broker_session_timeout=stream.session_timeout_seconds,
-        broker_heartbeat_interval=min(3.0, stream.session_timeout_seconds / 3),
+        broker_heartbeat_interval=heartbeat_seconds(stream.session_timeout_seconds),  # rebalances seen soon
         consumer_group_instance_id=group_instance_id(stream, app_id),  # static member: fast restarts
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,

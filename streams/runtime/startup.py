@@ -53,6 +53,14 @@ log = logging.getLogger("clinhub.streams.startup")
 FETCH_MAX_WAIT_MS = 200
 # How often the fetcher looks again while every partition is paused (Faust: every second)
 PAUSED_POLL_SECONDS = 0.02
+# How often both consumers of a worker heartbeat (at most a third of the session): a member learns of a
+# rebalance (another worker leaving or joining) only with its next heartbeat, so a cleanly stopped
+# worker's partitions waited up to 3 s (the previous interval) for the others to rejoin.
+HEARTBEAT_SECONDS = 1.0
+
+
+def heartbeat_seconds(session_timeout_seconds: float) -> float:
+    return min(HEARTBEAT_SECONDS, session_timeout_seconds / 3)
 
 
 class PromptTableManager(TableManager):

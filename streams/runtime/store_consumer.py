@@ -39,6 +39,7 @@ from confluent_kafka import KafkaError, KafkaException
 from core.kafka_errors import ClientErrors, refusal
 from streams.runtime.membership import claim_instance_id, leave_and_close
 from streams.runtime.normaliser import RawMessage
+from streams.runtime.startup import heartbeat_seconds
 
 log = logging.getLogger("clinhub.streams.store")
 
@@ -124,7 +125,7 @@ def consumer_config(
         "enable.auto.offset.store": False,
         "auto.commit.interval.ms": int(commit_interval_seconds * 1000),
         "session.timeout.ms": int(session_timeout * 1000),
-        "heartbeat.interval.ms": int(min(3.0, session_timeout / 3) * 1000),
+        "heartbeat.interval.ms": int(heartbeat_seconds(session_timeout) * 1000),
         # A long store outage stops consume() calls; the group waits this long before it moves the
         # partitions (what was stored but not committed is then read again, and stored once).
         "max.poll.interval.ms": 600_000,

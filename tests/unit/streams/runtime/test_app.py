@@ -231,6 +231,7 @@ def test_a_worker_runs_the_stages_it_is_given_as_its_own_app(
     assert {name.rsplit(".", 1)[-1].removesuffix("_agent") for name in app.agents} == agents
     assert app.conf.id == app_id  # one consumer group (and table namespace) per stage set
     assert isinstance(app.tables, PromptTableManager)  # no 1 s wait before the consumer subscribes
+    assert app.conf.broker_heartbeat_interval == 1.0  # a rebalance seen within a second
     # the store stage is neither an agent nor an @app.task (started after Faust's recovery): a job started
     # with the app, its first child service
     early = [child.name for child in app._children if isinstance(child, EarlyJob)]

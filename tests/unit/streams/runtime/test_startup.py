@@ -166,3 +166,12 @@ def test_the_registry_is_asked_for_every_schema_while_faust_starts_and_a_refusal
     down = Down()
     assert warm_registry(down, names) == 0
     assert down.asked == 1, "a registry that does not answer is asked again on first use, not now"
+
+
+def test_both_consumers_heartbeat_every_second_so_a_worker_leaving_is_seen_soon(tmp_path: Any) -> None:
+    from streams.runtime.startup import HEARTBEAT_SECONDS, heartbeat_seconds
+    from streams.runtime.store_consumer import consumer_config
+
+    assert heartbeat_seconds(45.0) == HEARTBEAT_SECONDS == 1.0
+    assert heartbeat_seconds(1.5) == 0.5, "at most a third of the session"
+    assert consumer_config({}, "g-sink", 1.0, 10.0)["heartbeat.interval.ms"] == 1000
