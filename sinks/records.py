@@ -92,6 +92,8 @@ def _get(record: Mapping[str, Any], name: str) -> Any:
 
 def _text(record: Mapping[str, Any], name: str) -> str:
     value = _get(record, name)
+    if value.__class__ is str and value.strip():  # the usual case first, without the generic checks
+        return value
     if not isinstance(value, str) or not value.strip():
         raise _Refused(name, f"expected a non-empty string, got {value!r}")
     return value
@@ -99,16 +101,16 @@ def _text(record: Mapping[str, Any], name: str) -> str:
 
 def _optional_text(record: Mapping[str, Any], name: str) -> str | None:
     value = record.get(name)
-    if value is None:
-        return None
+    if value is None or value.__class__ is str:
+        return value
     if not isinstance(value, str):
         raise _Refused(name, f"expected a string, got {type(value).__name__}")
     return value
 
 
 def _number(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
+    if value is None or value.__class__ is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Refused(name, f"expected a number, got {value!r}")
     return float(value)
@@ -116,6 +118,8 @@ def _number(value: Any, name: str) -> float | None:
 
 def utc(value: Any, name: str) -> dt.datetime:
     """An aware datetime as UTC; naive or non-datetime values are refused (the standard carries instants)."""
+    if value.__class__ is dt.datetime and value.tzinfo is dt.UTC:  # as fastavro decodes them: as it is
+        return value
     if not isinstance(value, dt.datetime):
         raise _Refused(name, f"expected a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
@@ -263,7 +267,7 @@ def _lab(index: int, record: Mapping[str, Any], now: dt.datetime) -> Prepared:
             "value_text": _optional_text(record, "value_text"),
             "status": _enum(record.get("status") or "final"),
             "abnormal_flag": _optional_text(record, "abnormal_flag"),
-            "flags": ",".join(str(flag) for flag in flags),
+            "flags": ",".join(map(str, flags)),
             "effective_time": _time(record, "result_time"),
             "specimen_collected_time": _optional_time(record, "specimen_collected_time"),
             "device_id": None,

@@ -36,7 +36,7 @@ def staging_name(table: Table) -> str:
     return f"{PREFIX}{table.name}"
 
 
-@cache
+@cache  # tables and column tuples are few, and fixed
 def staging_table(table: Table) -> Table:
     """The twin as SQLAlchemy Core sees it, to select from (its columns typed as the table's)."""
     return Table(
@@ -59,7 +59,8 @@ def create_statement(table: Table) -> str:
     return f'{create} AS SELECT {columns} FROM "{table.name}" WITH NO DATA'  # noqa: S608 - the schema's
 
 
-def copy_statement(table: Table, columns: Iterable[str]) -> str:
+@cache
+def copy_statement(table: Table, columns: tuple[str, ...]) -> str:
     names = ", ".join(f'"{table.c[column].name}"' for column in columns)  # an unknown column: KeyError
     return f'COPY "{SCHEMA}"."{staging_name(table)}" ({names}) FROM STDIN (FORMAT BINARY)'
 
@@ -80,6 +81,11 @@ WIRE_TYPES = (
     (DateTime, "timestamptz"),
     (String, "text"),
 )
+
+
+@cache
+def wire_types(table: Table, columns: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(wire_type(table.c[column].type) for column in columns)
 
 
 def wire_type(kind: Any) -> str:
@@ -121,7 +127,7 @@ class Staging:
             self._filled.add(table.name)
             values = values_of(columns)
             with cursor.copy(running) as copy:
-                copy.set_types([wire_type(table.c[column].type) for column in columns])
+                copy.set_types(wire_types(table, columns))
                 for row in rows:
                     copy.write_row(values(row))
             running = statement

@@ -70,7 +70,7 @@ class Cursor:
         if self.fail is not None:
             raise self.fail
 
-    def set_types(self, types: list[str]) -> None:
+    def set_types(self, types: tuple[str, ...]) -> None:
         self.log.append(types)
 
     def write_row(self, values: tuple[Any, ...]) -> None:
@@ -118,7 +118,7 @@ def test_a_session_makes_a_twin_once_and_only_a_commit_keeps_it() -> None:
     assert first.log == [
         "CREATE",
         "COPY",
-        ["text", "float8"],  # binary COPY, in the types of the table's columns
+        ("text", "float8"),  # binary COPY, in the types of the table's columns
         ("mmol/L", 4.2),
         ("g/L", 120.0),
         "INSERT",
