@@ -286,6 +286,11 @@ class StreamSettings(BaseSettings):
     # Faust table store: "rocksdb://" keeps state on disk under data_dir (a restart reads only the changelog
     # tail; see streams/runtime/tables.py), "memory://" rebuilds it from the changelogs at every start.
     table_store: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
+    # Memory of each RocksDB table database (one per table and partition owned): two write buffers of
+    # this size (one filling, one flushing) and a block cache. Faust's defaults, 3 x 64 MB and 2 GB per
+    # database, allow a worker hundreds of MB of write buffers and gigabytes of cache under steady load.
+    table_write_buffer_mb: int = Field(default=8, ge=1)
+    table_block_cache_mb: int = Field(default=8, ge=1)
     escalation_check_seconds: float = Field(default=5.0, gt=0)
     # The clinical stage's state expiry timer (streams/domain/expiry.py): every this many seconds it judges
     # at most state_expiry_keys_per_tick keys of each table, resuming where it left off
