@@ -1,6 +1,7 @@
 """Throughput of the store writer against a plain bulk insert of the same rows, on PostgreSQL and SQLite.
 
-    .venv/bin/python benchmarks/sink_bench.py [--rows 20000] [--batch 500] [--skip-postgres] [--profile DIR]
+    .venv/bin/python benchmarks/sink_bench.py [--rows 20000] [--batch 500] [--repeat N] [--skip-postgres]
+        [--profile DIR]
 
 Starts its own throwaway PostgreSQL (Debian's server, as the integration tests do), migrates a fresh
 database per measurement, and reports rows/s for:
@@ -11,6 +12,11 @@ database per measurement, and reports rows/s for:
           executemany on SQLite;
   replay  the sink again over the same records (every record a redelivery: nothing changes).
 
+Each pass runs on a fresh database, the sink's and the plain insert's in turn; --repeat N keeps the
+fastest of N of each (other work on a shared machine only ever slows a pass). Beside rows/s, the CPU per
+row of this process and of its PostgreSQL backend (from /proc: the server runs here), whose ratio moves
+less with the machine's load than wall time does.
+
 --profile DIR: afterwards, the sink's pass again on a fresh database under cProfile (not timed), its
 stats in DIR/sink-<backend>.prof and the functions taking most of it printed (own time and inclusive).
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
+import os
 import pstats
 import shutil
 import sys
@@ -73,12 +80,6 @@ def check(stored: int, expected: int, what: str) -> None:
         raise RuntimeError(f"{what}: {stored} rows stored, expected {expected}")
 
 
-def timed(action: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
 def bulk_insert(engine: Engine, rows: list[dict[str, Any]]) -> None:
     """Rows into observations in one transaction, the fastest plain way the backend has: COPY on
     PostgreSQL (psycopg's copy, binary-free text rows adapted by the driver), executemany elsewhere."""
@@ -109,15 +110,34 @@ class Figures:
     plain_seconds: float
     replay_seconds: float
     method: str = "executemany"
+    sink_spent: Spent | None = None
+    plain_spent: Spent | None = None
 
     def line(self) -> str:
         sink, plain, replay = (
             self.rows / s for s in (self.sink_seconds, self.plain_seconds, self.replay_seconds)
         )
-        return (
+        text = (
             f"{self.backend:10} {self.rows:>7} rows  sink {sink:>9,.0f} rows/s  "
             f"plain ({self.method}) {plain:>9,.0f} rows/s  "
             f"ratio sink/plain {sink / plain:5.2f}  replay {replay:>9,.0f} rows/s"
+        )
+        if self.sink_spent is None or self.plain_spent is None:
+            return text
+        return f"{text}\n{'':10} cpu per row: {self.cpu_line()}"
+
+    def cpu_line(self) -> str:
+        """CPU per row of each (this process, plus its PostgreSQL backend), and their ratio."""
+        assert self.sink_spent is not None and self.plain_spent is not None  # noqa: S101 - by line()
+
+        def per_row(spent: Spent) -> str:
+            server = "" if spent.server_cpu is None else f" + server {spent.server_cpu / self.rows * 1e6:.1f}"
+            return f"python {spent.cpu / self.rows * 1e6:.1f}{server} us"
+
+        ratio = self.plain_spent.total_cpu / self.sink_spent.total_cpu
+        return (
+            f"sink {per_row(self.sink_spent)}, plain {per_row(self.plain_spent)}; "
+            f"ratio plain/sink cpu {ratio:5.2f}"
         )
 
 
@@ -144,39 +164,108 @@ def profile_sink(
     return path
 
 
+@dataclass
+class Spent:
+    """One pass: wall seconds, and the CPU seconds of this process and of its PostgreSQL backend."""
+
+    wall: float
+    cpu: float
+    server_cpu: float | None = None
+
+    @property
+    def total_cpu(self) -> float:
+        return self.cpu + (self.server_cpu or 0.0)
+
+
+def backend_cpu(engine: Engine) -> Callable[[], float | None]:
+    """CPU seconds so far of the server process behind the engine's (single, pooled) connection: from
+    /proc, as the throwaway server runs on this machine. None on SQLite, or when it cannot be read."""
+    if engine.dialect.name != "postgresql":
+        return lambda: None
+    with engine.connect() as connection:
+        pid = connection.execute(select(func.pg_backend_pid())).scalar_one()
+    stat = Path(f"/proc/{pid}/stat")
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float | None:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return read
+
+
+def spent(action: Callable[[], None], server: Callable[[], float | None]) -> Spent:
+    wall, cpu, before = time.perf_counter(), time.process_time(), server()
+    action()
+    after = server()
+    return Spent(
+        time.perf_counter() - wall,
+        time.process_time() - cpu,
+        None if before is None or after is None else after - before,
+    )
+
+
+def fastest(passes: list[Spent]) -> Spent:
+    """Of repeated passes, the least disturbed: the shortest wall, the least CPU (on a shared machine
+    other work only ever adds to either)."""
+    servers = [p.server_cpu for p in passes if p.server_cpu is not None]
+    return Spent(min(p.wall for p in passes), min(p.cpu for p in passes), min(servers) if servers else None)
+
+
 def measure(
-    backend: str, new_engine: Callable[[str], Engine], records: list[StoreRecord], batch: int
+    backend: str,
+    new_engine: Callable[[str], Engine],
+    records: list[StoreRecord],
+    batch: int,
+    repeat: int = 1,
 ) -> Figures:
+    """Each pass on a fresh database, the sink's and the plain insert's alternately; the fastest of
+    `repeat` passes of each."""
     now = dt.datetime.now(dt.UTC)
     plain_rows = [prepare(i, record, now).rows["observations"][0] for i, record in enumerate(records)]
+    sink_passes, replay_passes, plain_passes = [], [], []
+    for _ in range(max(1, repeat)):
+        sink_engine = new_engine("sink")
+        upgrade(sink_engine)
+        sink = SqlStoreSink(sink_engine)
+        sink.write_records(records[:1])  # warm up: connection, statement compilation caches
 
-    sink_engine = new_engine("sink")
-    upgrade(sink_engine)
-    sink = SqlStoreSink(sink_engine)
-    sink.write_records(records[:1])  # warm up: connection, statement compilation caches
+        def through_sink(sink: SqlStoreSink = sink) -> None:
+            for chunk in batches(records, batch):
+                sink.write_records(chunk)
 
-    def through_sink() -> None:
-        for chunk in batches(records, batch):
-            sink.write_records(chunk)
+        server = backend_cpu(sink_engine)
+        sink_passes.append(spent(through_sink, server))
+        replay_passes.append(spent(through_sink, server))  # every record is now a redelivery
+        check(count_rows(sink_engine), len(records), f"{backend} sink")
+        sink_engine.dispose()
 
-    sink_seconds = timed(through_sink)
-    replay_seconds = timed(through_sink)  # every record is now a redelivery
-    check(count_rows(sink_engine), len(records), f"{backend} sink")
-    sink_engine.dispose()
+        plain_engine = new_engine("plain")
+        upgrade(plain_engine)
 
-    plain_engine = new_engine("plain")
-    upgrade(plain_engine)
+        def plain(plain_engine: Engine = plain_engine) -> None:
+            for chunk in batches(plain_rows[1:], batch):
+                bulk_insert(plain_engine, chunk)
 
-    def plain() -> None:
-        for chunk in batches(plain_rows[1:], batch):
-            bulk_insert(plain_engine, chunk)
-
-    bulk_insert(plain_engine, plain_rows[:1])  # same warm-up
-    plain_seconds = timed(plain)
-    check(count_rows(plain_engine), len(records), f"{backend} plain insert")
-    method = bulk_method(plain_engine)
-    plain_engine.dispose()
-    return Figures(backend, len(records), sink_seconds, plain_seconds, replay_seconds, method)
+        bulk_insert(plain_engine, plain_rows[:1])  # same warm-up
+        plain_passes.append(spent(plain, backend_cpu(plain_engine)))
+        check(count_rows(plain_engine), len(records), f"{backend} plain insert")
+        method = bulk_method(plain_engine)
+        plain_engine.dispose()
+    sink_spent, plain_spent = fastest(sink_passes), fastest(plain_passes)
+    return Figures(
+        backend,
+        len(records),
+        sink_spent.wall,
+        plain_spent.wall,
+        fastest(replay_passes).wall,
+        method,
+        sink_spent,
+        plain_spent,
+    )
 
 
 @contextmanager
@@ -199,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=20000, help="lab records to write (default 20000)")
     parser.add_argument("--batch", type=int, default=500, help="records per transaction (default 500)")
     parser.add_argument("--skip-postgres", action="store_true", help="only SQLite")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="passes of each, the fastest kept (default 1; 3 on a busy machine)",
+    )
     parser.add_argument("--profile", type=Path, help="profile the sink afterwards, stats into this folder")
     args = parser.parse_args(argv)
 
@@ -211,16 +306,16 @@ def main(argv: list[str] | None = None) -> int:
             def pg_engine(name: str) -> Engine:
                 return engine_for(postgres.create_database(layout, f"bench_{name}_{uuid.uuid4().hex[:8]}"))
 
-            results.append(measure("postgresql", pg_engine, records, args.batch))
+            results.append(measure("postgresql", pg_engine, records, args.batch, args.repeat))
             print(results[-1].line(), flush=True)
             if args.profile:
                 profile_sink("postgresql", pg_engine, records, args.batch, args.profile)
     with tempfile.TemporaryDirectory(prefix="clinhub-bench-sqlite-") as folder:
 
         def sqlite_engine(name: str) -> Engine:
-            return make_engine(f"sqlite:///{folder}/{name}.sqlite3")
+            return make_engine(f"sqlite:///{folder}/{name}-{uuid.uuid4().hex[:8]}.sqlite3")
 
-        results.append(measure("sqlite", sqlite_engine, records, args.batch))
+        results.append(measure("sqlite", sqlite_engine, records, args.batch, args.repeat))
         print(results[-1].line(), flush=True)
         if args.profile:
             profile_sink("sqlite", sqlite_engine, records, args.batch, args.profile)
