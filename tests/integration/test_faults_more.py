@@ -102,6 +102,33 @@ def print_gap(hub: HubEnv, what: str, since: dt.datetime, event_ids: set[str]) -
     print(f"\n{what}: first of {len(times)} events stored {first:.2f} s, the last {last:.2f} s after")
 
 
+def print_alert_gap(
+    hub: HubEnv, what: str, since: dt.datetime, event_ids: set[str], clinical_group: str
+) -> None:
+    """Print how long after `since` the first and the last alert of `event_ids` was raised (the clinical
+    stage's clock, `alerts.raised_time`): the gap clinicians see. Waits until the clinical stage's group
+    (`clinical_group`) has committed all of norm.lab and the store all of the alerts topic."""
+    store = store_group(hub.settings.stream.app_id)
+    wait_for(
+        lambda: (
+            hub.caught_up(clinical_group, hub.topics.norm("lab"))
+            and hub.caught_up(store, hub.topics.alerts_topic)
+        ),
+        hub,
+        120,
+        what="their alerts raised and stored",
+    )
+    with hub.engine.connect() as conn:
+        times = sorted(
+            conn.execute(select(Alert.raised_time).where(Alert.source_event_id.in_(event_ids))).scalars()
+        )
+    if not times:
+        print(f"{what}: no alert among these events")
+        return
+    first, last = ((t - since).total_seconds() for t in (times[0], times[-1]))
+    print(f"{what}: first of {len(times)} alerts raised {first:.2f} s, the last {last:.2f} s after")
+
+
 def generations(log_text: str) -> list[int]:
     """Group generations this worker joined, in order (aiokafka logs every join at INFO)."""
     return [int(m["generation"]) for m in JOINED.finditer(log_text)]
@@ -548,15 +575,24 @@ def test_rebalance_under_load_workers_added_killed_and_stopped(hub: HubEnv) -> N
     start_node(hub, "first")  # the same node again: the same static members
     wait_for(lambda: stored_counts(hub, waiting)[1] == len(waiting), hub, 150, what="the killed node back")
     print_gap(hub, "rebalance test: a SIGKILLed node started again, from its start", restarted, waiting)
+    clinical_group = f"{hub.settings.stream.app_id}-clinical"
+    print_alert_gap(hub, "  and its alerts", restarted, waiting, clinical_group)
     acknowledged |= publish(hub, chunks[7])
 
-    for worker in second.values():
-        hub.stop_worker(worker)
     stopped = dt.datetime.now(dt.UTC)
-    handed_over = publish(hub, chunks[8])  # those on the stopped node's partitions: its survivors' now
+    for worker in second.values():
+        worker.terminate()  # SIGTERM, all of the node at once
+    # published while the node stops: those on its partitions wait for the hand-over to its survivors
+    handed_over = publish(hub, chunks[8])
     acknowledged |= handed_over
+    for worker in second.values():
+        worker.wait(60)
+        hub.workers.remove(worker)
+    exited = (dt.datetime.now(dt.UTC) - stopped).total_seconds()
     wait_for(lambda: stored_counts(hub, handed_over)[1] == len(handed_over), hub, 150, what="handed over")
-    print_gap(hub, "rebalance test: after a node stopped cleanly, from its exit", stopped, handed_over)
+    print_gap(hub, "rebalance test: a node stopped cleanly, from its SIGTERM", stopped, handed_over)
+    what = f"  and their alerts (the node had exited {exited:.2f} s after it)"
+    print_alert_gap(hub, what, stopped, handed_over, clinical_group)
     acknowledged |= publish(hub, chunks[9])
 
     assert_shared_check(hub, acknowledged, ids(critical), timeout=150, is_settled=stages_settled)

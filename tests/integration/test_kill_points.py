@@ -7,8 +7,9 @@
 
 The worker is started again on its own data dir, so it is the same static group member (its instance id
 derives from it, streams/runtime/membership.py) and takes its partitions back at once rather than after
-the session timeout. How long after its start it stored events again is printed (run with -s), as is how
-long a cleanly stopped worker's partitions took to reach the worker left; no timed assertion.
+the session timeout. How long after its start it stored events again (and raised their alerts) is
+printed (run with -s), with where its start-up's seconds went, as is how long after its SIGTERM a
+cleanly stopped worker's events were stored by the worker left; no timed assertion.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy import text
 from streams.runtime.store_consumer import store_group
 from tests.integration.conftest import HubEnv
 from tests.integration.test_faults import assert_exactly_once, publish, stored_counts, traffic
-from tests.integration.test_faults_more import install_trigger, next_worker_log, print_gap
+from tests.integration.test_faults_more import install_trigger, next_worker_log, print_alert_gap, print_gap
 from tests.integration.test_lab_path import wait_for
 
 
@@ -31,13 +32,18 @@ def worker_slot(hub: HubEnv, name: str) -> dict[str, str]:
     return {"CLINHUB_STREAM_DATA_DIR": str(hub.workdir / f"slot-{name}")}
 
 
-# Milestones of a worker's start in its log (Faust's format: "[2026-12-02 00:46:15,044] [pid] [INFO] ...")
+# Milestones of a worker's start in its log: the command's ("2026-12-02 00:46:15,044 INFO name: ...")
+# until Faust starts, then Faust's ("[2026-12-02 00:46:15,044] [pid] [INFO] ...")
 START_UP = {
+    "imported": "start_up: modules imported",
+    "Kafka access checked": "start_up: Kafka access checked",
+    "components built": "start_up: components built",
     "Faust started": "[^Worker]: Starting",
     "Faust group joined": "Joined group",
+    "Faust ready": "[^Worker]: Ready",
     "store consumer assigned": "store consumer assigned",
 }
-LOGGED_AT = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+LOGGED_AT = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]?")
 
 
 def print_start_up(log: Path, since: dt.datetime) -> None:
@@ -121,6 +127,7 @@ def test_killed_between_store_commit_and_offset_commit(hub: HubEnv) -> None:
     wait_for(lambda: hub.caught_up(group, hub.topics.norm("lab")), hub, 180, what="the batch re-read")
     wait_for(lambda: stored_counts(hub, later)[1] == len(later), hub, 60, what="the later events stored")
     print_gap(hub, "killed before its offset commit, started again: from its start", restarted, later)
+    print_alert_gap(hub, "  and their alerts", restarted, later, hub.settings.stream.app_id)
     print_start_up(log, restarted)
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
@@ -140,12 +147,18 @@ def test_a_cleanly_stopped_workers_partitions_move_to_the_worker_left_at_once(hu
     log_of_b = hub.workdir / "worker-1.log"
     wait_for(lambda: "store consumer assigned" in log_of_b.read_text(), hub, 60, what="both workers joined")
 
-    hub.stop_worker(leaving)  # SIGTERM
     stopped = dt.datetime.now(dt.UTC)
-    after = publish(hub, traffic(seed=25, count=60))  # every partition's, all for the worker left
+    leaving.terminate()  # SIGTERM
+    # published while it stops: those on its partitions wait for the hand-over to the worker left
+    after = publish(hub, traffic(seed=25, count=60))
     acknowledged |= after
+    leaving.wait(60)
+    hub.workers.remove(leaving)
+    exited = (dt.datetime.now(dt.UTC) - stopped).total_seconds()
     wait_for(lambda: stored_counts(hub, after)[1] == len(after), hub, 120, what="stored by the worker left")
-    print_gap(hub, "a worker stopped cleanly, the other's: from its exit", stopped, after)
+    print_gap(hub, "a worker stopped cleanly, the other's: from its SIGTERM", stopped, after)
+    what = f"  and their alerts (it had exited {exited:.2f} s after its SIGTERM)"
+    print_alert_gap(hub, what, stopped, after, hub.settings.stream.app_id)
     assert staying.poll() is None
     wait_for(lambda: hub.caught_up(group, hub.topics.alerts_topic), hub, 60, what="alerts stored")
     assert_exactly_once(hub, acknowledged)
