@@ -16,6 +16,13 @@ up in its key index or else in every open partition database, and a table read i
 a `get`: a key the worker has not seen (most, after a restart or for a new patient) cost six RocksDB
 look-ups. `_del` keeps Faust's (the indexed or every database).
 
+Reads of a RocksDB table are cached, decoded (`RawKeyTable.get`, at most CACHED_VALUES keys a table):
+each result judged read its analyte state from RocksDB and decoded its JSON, and the normaliser each
+event's identity link, though the worker itself had written most of them a moment before. Writes and
+deletes through the table update the cache; anything that writes the store behind it (recovery from the
+changelog, a rebalance) empties it, and a read that raced with a write is not kept. Values read are
+shared: callers must not change them in place (write a new value instead).
+
 A key's partition is `RawKeyTable.key_partition`: murmur2 of its bytes (of the patient's, for a prefix
 table) over the table's partitions, as Faust's producer hashes it, computed once per key (cached). With
 a `ChangelogWriter` on the app (streams/runtime/changelog.py) a table write is serialised once and its
@@ -25,6 +32,7 @@ worker publishing elsewhere) through Faust's producer as before.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import faust
@@ -38,6 +46,9 @@ SCHEME = "rocksdb-keyed"
 
 
 KEY_PARTITIONS_CACHED = 100_000  # key -> changelog partition; a key's partition never changes
+CACHED_VALUES = 4096  # decoded values kept per RocksDB table (an analyte state is ~8 KB decoded)
+_ABSENT = object()  # cached: the key has no value
+_UNKNOWN = object()  # not cached
 
 
 class KeyPartitionedRocksDBStore(rocksdb.Store):
@@ -116,6 +127,10 @@ class RawKeyTable(faust.Table):
         self._prefix = partition_by_prefix.encode() if partition_by_prefix is not None else None
         self._partition_of: dict[bytes, int] = {}
         self._topic_name: str | None = None
+        self._values: dict[Any, Any] = {}  # key -> decoded value or _ABSENT (RocksDB tables only)
+        self._values_lock = threading.Lock()  # reads run in worker threads, writes on the event loop
+        self._values_generation = 0  # bumped by every write: a read that raced with one is not kept
+        self._caching: bool | None = None  # decided on first read: the store is made lazily
         super().__init__(app, **kwargs)
         if self.key_type is str:
             # before TableManager.add builds the changelog topic and before the store is made
@@ -149,6 +164,7 @@ class RawKeyTable(faust.Table):
         writer = changelog_writer(self.app)
         if writer is None or not self.use_partitioner:
             super().__setitem__(key, value)
+            self._cache(key, value)
             return
         store: Any = self.data
         key_bytes = store._encode_key(key)
@@ -161,12 +177,14 @@ class RawKeyTable(faust.Table):
             store.put_in_partition(partition, key_bytes, value_bytes)
         else:
             store[key] = value  # the memory store keeps values as they are
+        self._cache(key, value)
 
     def __delitem__(self, key: Any) -> None:
         """Faust's delete (a tombstone, then the store), the tombstone through the app's ChangelogWriter."""
         writer = changelog_writer(self.app)
         if writer is None or not self.use_partitioner:
             super().__delitem__(key)
+            self._cache(key, _ABSENT)
             return
         store: Any = self.data
         key_bytes = store._encode_key(key)
@@ -175,6 +193,7 @@ class RawKeyTable(faust.Table):
         self._maybe_del_key_ttl(key, partition)
         self._sensor_on_del(self, key)
         del self.data[key]
+        self._cache(key, _ABSENT)
 
     def changelog_value_now(self, key: bytes) -> bytes | None:
         """The serialised value a key has now (None: it has none, a tombstone), to send again."""
@@ -196,11 +215,66 @@ class RawKeyTable(faust.Table):
         return self.changelog_partition(key.encode() if isinstance(key, str) else key)
 
     def get(self, key: Any, default: Any = None) -> Any:
-        """One store read: Mapping.get asks `key in data` and then `data[key]`, two look-ups."""
+        """One store read (Mapping.get asks `key in data` and then `data[key]`, two look-ups), or
+        none: a RocksDB table's values are cached, decoded (see the module)."""
         if self.default is not None:
             return super().get(key, default)  # a missing key reads as the table's default
         self.on_key_get(key)
-        try:
-            return self.data[key]
-        except KeyError:
-            return default
+        if self._caching is None:
+            self._caching = isinstance(self.data, KeyPartitionedRocksDBStore)
+        if not self._caching:
+            try:
+                return self.data[key]
+            except KeyError:
+                return default
+        found = self._values.get(key, _UNKNOWN)
+        if found is _UNKNOWN:
+            generation = self._values_generation
+            try:
+                found = self.data[key]
+            except KeyError:
+                found = _ABSENT
+            with self._values_lock:
+                if generation == self._values_generation:  # no write since the read began
+                    if len(self._values) >= CACHED_VALUES:
+                        self._values.clear()
+                    self._values[key] = found
+        return default if found is _ABSENT else found
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Every key written as by `table[key] = value` (Faust's update writes the store directly)."""
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def _cache(self, key: Any, value: Any) -> None:
+        """After a write of the store: the key's value now (_ABSENT once deleted)."""
+        with self._values_lock:
+            self._values_generation += 1
+            if self._caching:
+                self._values[key] = value
+
+    def _forget_values(self) -> None:
+        """The store was written behind the table (recovery, a rebalance): nothing cached holds."""
+        with self._values_lock:
+            self._values_generation += 1
+            self._values.clear()
+
+    async def on_rebalance(
+        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
+    ) -> None:
+        self._forget_values()
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        self._forget_values()
+
+    def apply_changelog_batch(self, batch: Any) -> None:
+        self._forget_values()
+        super().apply_changelog_batch(batch)
+        self._forget_values()
+
+    async def on_recovery_completed(self, active_tps: Any, standby_tps: Any) -> None:
+        self._forget_values()
+        await super().on_recovery_completed(active_tps, standby_tps)
+
+    def reset_state(self) -> None:
+        self._forget_values()
+        super().reset_state()

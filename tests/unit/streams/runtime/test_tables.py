@@ -122,3 +122,76 @@ def test_tables_without_a_prefix_leave_the_partition_to_the_producer(tmp_path: P
     table = app.Table("wards", default=None, partitions=3, use_partitioner=True)
     assert table.changelog_partition(b"rp-1|x") is None
     assert table.partition_for_key("rp-1|x") is None
+
+
+def _cached_table(tmp_path: Path) -> Any:
+    """A RocksDB table whose changelog goes to a stand-in producer (streams/runtime/changelog.py)."""
+    from streams.runtime.changelog import attach_changelogs
+    from tests.unit.streams.runtime.test_changelog import FakeProduce
+
+    app = faust.App("tables-test", store=store_url("rocksdb://"), Table=RawKeyTable, datadir=str(tmp_path))
+    attach_changelogs(app, FakeProduce())
+    return app.Table("states", default=None, partitions=3, use_partitioner=True)
+
+
+def test_a_rocksdb_tables_reads_are_cached_and_its_writes_and_deletes_keep_the_cache_true(
+    tmp_path: Path,
+) -> None:
+    table = _cached_table(tmp_path)
+    table["rp-1"] = {"v": 1}
+    assert table.get("rp-1") == {"v": 1}
+    assert table.get("rp-2") is None
+    table.data._set(b"rp-1", b'{"v":"behind"}')  # the store written behind the table: not read again
+    table.data._set(b"rp-2", b'{"v":"behind"}')
+    assert table.get("rp-1") == {"v": 1}
+    assert table.get("rp-2", "none") == "none", "an absent key is cached too"
+    table["rp-1"] = {"v": 2}
+    del table["rp-2"]
+    assert table.get("rp-1") == {"v": 2}
+    assert table.get("rp-2") is None
+    table.update({"rp-3": {"v": 3}})
+    assert table.get("rp-3") == {"v": 3}
+
+
+@pytest.mark.parametrize("behind", ["recovery", "rebalance"])
+def test_what_writes_the_store_behind_the_table_empties_the_cache(tmp_path: Path, behind: str) -> None:
+    import asyncio
+
+    table = _cached_table(tmp_path)
+    table["rp-1"] = {"v": 1}
+    assert table.get("rp-1") == {"v": 1}
+    table.data._set(b"rp-1", b'{"v":"recovered"}')
+    if behind == "recovery":
+        table.apply_changelog_batch([])
+    else:
+        asyncio.run(table.on_rebalance(set(), set(), set(), 1))
+    assert table.get("rp-1") == {"v": "recovered"}
+
+
+def test_a_read_that_raced_with_a_write_is_not_kept(tmp_path: Path) -> None:
+    """Reads run in worker threads (asyncio.to_thread) while timers write on the event loop."""
+    table = _cached_table(tmp_path)
+    table["rp-1"] = {"v": 1}
+    store = table.data
+    read = store._get
+
+    def read_while_written(key: bytes) -> Any:
+        value = read(key)
+        table["rp-2"] = {"v": 2}  # any write between the read and its caching
+        return value
+
+    table._forget_values()
+    store._get = read_while_written
+    assert table.get("rp-1") == {"v": 1}
+    store._get = read
+    store._set(b"rp-1", b'{"v":"newer"}')
+    assert table.get("rp-1") == {"v": "newer"}, "the raced read was not cached"
+
+
+def test_a_memory_table_is_read_as_it_is(tmp_path: Path) -> None:
+    app = faust.App("tables-test", store="memory://", Table=RawKeyTable, datadir=str(tmp_path))
+    table = app.Table("wards", default=None, partitions=3, use_partitioner=True)
+    table.data["rp-1"] = "ICU"
+    assert table.get("rp-1") == "ICU"
+    table.data["rp-1"] = "4B"
+    assert table.get("rp-1") == "4B"
