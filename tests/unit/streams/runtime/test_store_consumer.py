@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -107,6 +108,22 @@ def run_until(consumer: FakeConsumer, handled: list[list[RawMessage]], expected_
             # every handled batch is followed by marking its offsets (in the consumer's thread): wait
             # for those, or the cancellation can land between the two
             if [name for name, _ in consumer.calls].count("store_offsets") >= expected_batches:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+
+def run_store_until(store: StoreConsumer, done: Callable[[], bool]) -> None:
+    """Run the store loop until `done()` (polled every 10 ms, at most 5 s), then stop it as a worker does."""
+
+    async def scenario() -> None:
+        task = asyncio.create_task(store.run())
+        for _ in range(500):
+            if done():
                 break
             await asyncio.sleep(0.01)
         task.cancel()
@@ -327,17 +344,7 @@ def test_a_consumer_that_turned_fatal_is_replaced_and_the_next_one_carries_on() 
 
     store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.01, consumer_factory=lambda _config: next(made))
 
-    async def scenario() -> None:
-        task = asyncio.create_task(store.run())
-        for _ in range(500):
-            if ("store_offsets", [("norm.lab", 0, 3)]) in second.calls:
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(scenario())
+    run_store_until(store, lambda: ("store_offsets", [("norm.lab", 0, 3)]) in second.calls)
     assert handled == [[1], [1, 2]]  # what was not committed is read again (stored once, idempotently)
     assert first.calls[-1] == ("close", None)
     assert ("unsubscribe", None) not in first.calls  # a dead consumer can neither leave nor commit
@@ -364,17 +371,7 @@ def test_a_consumer_joined_before_the_run_is_the_one_the_run_uses() -> None:
     assert made == [consumer]
     assert consumer.calls == [("subscribe", ["norm.lab"])]
 
-    async def scenario() -> None:
-        task = asyncio.create_task(store.run())
-        for _ in range(500):
-            if ("store_offsets", [("norm.lab", 0, 6)]) in consumer.calls:
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(scenario())
+    run_store_until(store, lambda: ("store_offsets", [("norm.lab", 0, 6)]) in consumer.calls)
     assert made == [consumer], "the run made no second consumer"
     assert [name for name, _ in consumer.calls] == [
         "subscribe",
