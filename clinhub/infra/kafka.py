@@ -216,6 +216,10 @@ def _java(layout: KafkaLayout, main: str, *args: str) -> list[str]:
         f"-Xmx{layout.heap}",
         "-Xms128m",
         "-XX:+UseG1GC",
+        # C1 only: with C2, compiling the broker took ~45% of its CPU for minutes after each start
+        # (async-profiler, at 100 events/s), on two cores shared with the workers. The local
+        # broker's load is small; compiled at once beats compiled best.
+        "-XX:TieredStopAtLevel=1",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={layout.home / 'log4j2.properties'}",
         "-cp",

@@ -26,7 +26,7 @@ from typing import Any
 
 from core.kafka_errors import refusal_in
 from streams.runtime.membership import claim_instance_id, leave_on_close
-from streams.runtime.startup import FETCH_MAX_WAIT_MS
+from streams.runtime.startup import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 log = logging.getLogger("clinhub.streams.runtime.stalls")
 
@@ -286,6 +286,7 @@ def contiguous_offsets_app(app_class: Any, first_record_offset: FirstRecordOffse
             consumer = super()._create_worker_consumer(transport)
             consumer._isolation_level = "read_committed"
             consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # not Faust's 1.5 s (startup.py)
+            consumer._fetch_min_bytes = FETCH_MIN_BYTES
             if consumer._group_instance_id is not None:  # static member (`consumer_group_instance_id`)
                 claim_instance_id(consumer._group_instance_id)  # refused if another live worker has it
             return consumer

@@ -19,7 +19,7 @@ Where a restart's seconds went (tests/integration/test_kill_points.py prints the
   threads instead did not help: 15 opens took 0.3-0.45 s in turn and no less on threads (the GIL).
 - Faust's aiokafka consumer long-polls with `fetch_max_wait_ms=1500` (hard-coded), and aiokafka sends
   a node no new fetch while one is in flight: partitions resumed after the recovery (or a rebalance)
-  waited up to 1.5 s for the long-poll of the changelog partitions to end. `FETCH_MAX_WAIT_MS`.
+  waited up to 1.5 s for the long-poll of the changelog partitions to end. `FETCH_MAX_WAIT_MS` (25 ms).
 
 - With every partition paused (the recovery, a rebalance), Faust's fetcher sleeps 1 s before it looks
   again: the streams' first events after the recovery waited up to 1 s more (`prompt_app`'s consumer).
@@ -48,9 +48,14 @@ from schemas.wire import SchemaRegistry
 
 log = logging.getLogger("clinhub.streams.startup")
 
-# How long the broker may hold a fetch of the worker's Faust consumer with nothing to return: what a
-# partition resumed meanwhile waits at most. Idle, a worker then sends ~5 empty fetches a second.
-FETCH_MAX_WAIT_MS = 200
+# Fetches of the worker's consumers (Faust's and the store's): the broker answers once it has
+# FETCH_MIN_BYTES for the fetch or after FETCH_MAX_WAIT_MS, so a consumer fetches at most ~40 times a
+# second whatever the load, and an event waits at most 25 ms in the broker per stage (also a partition
+# resumed while a fetch is in flight). With the default of 1 byte every arriving event ended a fetch at
+# once: at 100 events/s the consumers sent the broker hundreds of fetches a second, each listing all
+# their partitions, and broker and workers spent most of their CPU on them.
+FETCH_MAX_WAIT_MS = 25
+FETCH_MIN_BYTES = 1 << 20
 # How often the fetcher looks again while every partition is paused (Faust: every second)
 PAUSED_POLL_SECONDS = 0.02
 # How often both consumers of a worker heartbeat (at most a third of the session): a member learns of a

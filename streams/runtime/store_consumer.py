@@ -39,7 +39,7 @@ from confluent_kafka import KafkaError, KafkaException
 from core.kafka_errors import ClientErrors, refusal
 from streams.runtime.membership import claim_instance_id, leave_and_close
 from streams.runtime.normaliser import RawMessage
-from streams.runtime.startup import heartbeat_seconds
+from streams.runtime.startup import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES, heartbeat_seconds
 
 log = logging.getLogger("clinhub.streams.store")
 
@@ -129,6 +129,8 @@ def consumer_config(
         # A long store outage stops consume() calls; the group waits this long before it moves the
         # partitions (what was stored but not committed is then read again, and stored once).
         "max.poll.interval.ms": 600_000,
+        "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,  # as the worker's Faust consumer (startup.py)
+        "fetch.min.bytes": FETCH_MIN_BYTES,
         "queued.max.messages.kbytes": 16 * 1024,  # what waits in memory while the store is down
         "logger": logging.getLogger("clinhub.kafka.store-consumer"),
     }

@@ -223,7 +223,7 @@ def test_the_faust_consumer_is_a_static_member_that_claims_its_id(
 
     from streams.runtime import membership
     from streams.runtime.stalls import contiguous_offsets_app
-    from streams.runtime.startup import FETCH_MAX_WAIT_MS
+    from streams.runtime.startup import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the claim's lock file
     instance = unique_id()
@@ -244,6 +244,8 @@ def test_the_faust_consumer_is_a_static_member_that_claims_its_id(
     assert consumer._isolation_level == "read_committed"
     # not Faust's 1.5 s long-poll, which partitions resumed after the recovery waited for
     assert consumer._fetch_max_wait_ms == FETCH_MAX_WAIT_MS < 1500
+    # a fetch is answered after the wait unless a batch is there: not one fetch per arriving event
+    assert consumer._fetch_min_bytes == FETCH_MIN_BYTES > 1
     assert instance in membership._claimed
     assert (tmp_path / f"clinhub-group-instance-{instance}.lock").exists()
 

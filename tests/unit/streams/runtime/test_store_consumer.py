@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException
 from core.exceptions import KafkaAccessError, KafkaAuthenticationError, KafkaAuthorizationError
 from core.kafka_errors import ClientErrors
 from streams.runtime.normaliser import RawMessage
+from streams.runtime.startup import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 from streams.runtime.store_consumer import (
     StoreConsumer,
     consumer_config,
@@ -199,6 +200,13 @@ def test_the_consumer_commits_only_what_was_marked_stored() -> None:
     assert (config["enable.auto.commit"], config["enable.auto.offset.store"]) == (True, False)
     assert config["auto.commit.interval.ms"] == 1500
     assert config["auto.offset.reset"] == "earliest"
+
+
+def test_the_store_consumer_fetches_as_the_faust_consumer_does() -> None:
+    # a fetch is answered after the wait unless a batch is there: not one fetch per arriving event
+    config = consumer_config({"bootstrap.servers": "k:9092"}, store_group("clinhub-streams"), 1.5, 30)
+    assert (config["fetch.wait.max.ms"], config["fetch.min.bytes"]) == (FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES)
+    assert FETCH_MIN_BYTES > 1
 
 
 def test_assignment_is_read_on_the_consumers_thread_and_empty_before_start() -> None:
