@@ -36,6 +36,7 @@ import threading
 from typing import Any
 
 import faust
+import rocksdict
 from aiokafka.partitioner import murmur2
 from faust import stores
 from faust.stores import rocksdb
@@ -52,7 +53,36 @@ _UNKNOWN = object()  # not cached
 
 
 class KeyPartitionedRocksDBStore(rocksdb.Store):
+    """Also: RocksDB's write-ahead log is off (`_open_for_partition`). The changelog is the table's
+    durable copy, and a write reaches the local database only after its changelog record was sent; a crash
+    loses the local database's latest writes (its memtable), never an older one without the newer, the
+    persisted changelog offset among them: the recovery reads those records again from the changelog. A write cost
+    2.6x with the log (9.8 against 3.7 us). A clean stop or a revoked partition flushes the memtable
+    first, so a restart does not read it again."""
+
     _partition_of: dict[bytes, int]
+
+    def _open_for_partition(self, partition: int) -> Any:
+        db = super()._open_for_partition(partition)
+        if self.use_rocksdict:
+            options = rocksdict.WriteOptions()
+            options.disable_wal = True  # type: ignore[method-assign,assignment]  # a property; the stub says method
+            db.set_write_options(options)
+        return db
+
+    def _flush(self, partitions: Any) -> None:
+        for partition in partitions:
+            db = self._dbs.get(partition)
+            if db is not None and self.use_rocksdict:
+                db.flush(True)  # waits for the memtable to be written
+
+    def revoke_partitions(self, table: Any, tps: Any) -> None:
+        self._flush([tp.partition for tp in tps if tp.topic in table.changelog_topic.topics])
+        super().revoke_partitions(table, tps)
+
+    async def stop(self) -> None:
+        self._flush(list(self._dbs))
+        await super().stop()
 
     def _key_partition(self, key: bytes) -> int:
         """The partition of the key's changelog record: `RawKeyTable.key_partition`; for another table

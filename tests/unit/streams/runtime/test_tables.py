@@ -57,6 +57,45 @@ def test_a_key_is_written_to_and_read_from_the_database_of_its_changelog_partiti
     assert store._contains(b"rp-2")
 
 
+def _wal_bytes(path: Path) -> int:
+    return sum(log.stat().st_size for log in path.glob("*.log"))
+
+
+def _flushed(path: Path) -> bool:
+    """The memtable was written to a table file (a database still open holds it in memory otherwise)."""
+    return any(path.glob("*.sst"))
+
+
+def test_writes_skip_the_write_ahead_log_and_a_stop_flushes_them(tmp_path: Path) -> None:
+    import asyncio
+
+    store = _keyed_store(tmp_path, {b"rp-1": 2})
+    for n in range(200):
+        store._set(b"rp-1", b"value %d" % n)
+    path = store.partition_path(2)
+    held = store._dbs[2]  # Faust drops its databases at stop without closing them; this one stays open
+    assert _wal_bytes(path) == 0  # the changelog is the durable copy
+    assert not _flushed(path)
+    asyncio.run(store.stop())
+    assert _flushed(path)
+    assert held.get(b"rp-1") == b"value 199"
+
+
+def test_a_revoked_partition_is_flushed_before_it_is_dropped(tmp_path: Path) -> None:
+    from faust.types import TP
+
+    store = _keyed_store(tmp_path, {b"rp-1": 2, b"rp-2": 0})
+    store._set(b"rp-1", b"one")
+    store._set(b"rp-2", b"two")
+    held = store._dbs[2]
+    topic = next(iter(store.table.changelog_topic.topics))
+    store.revoke_partitions(store.table, {TP(topic, 2)})
+    assert sorted(store._dbs) == [0]
+    assert _flushed(store.partition_path(2))
+    assert not _flushed(store.partition_path(0))  # still held, not flushed
+    assert held.get(b"rp-1") == b"one"
+
+
 def test_a_key_of_a_partition_not_held_here_reads_as_absent(tmp_path: Path) -> None:
     store = _keyed_store(tmp_path, {b"rp-1": 2, b"rp-9": 1})
     store._set(b"rp-1", b"one")
