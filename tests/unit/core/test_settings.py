@@ -249,6 +249,6 @@ def test_each_component_reads_the_registry_as_its_own_principal(tmp_path: Path) 
 def test_producers_linger_as_configured() -> None:
     """Every producer holds a message `producer_linger_ms` for company (a hop to an alert pays it once)."""
     plain = KafkaSettings(security_protocol="PLAINTEXT")
-    assert plain.producer_config(30.0)["linger.ms"] == 1.0
+    assert plain.producer_config(30.0)["linger.ms"] == 5.0
     eager = KafkaSettings(security_protocol="PLAINTEXT", producer_linger_ms=0)
     assert eager.producer_config(30.0)["linger.ms"] == 0
