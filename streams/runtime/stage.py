@@ -389,6 +389,15 @@ class LingerBatches(Generic[T]):
         if len(self._items) >= self.max_size:
             self._full.set()
 
+    def take_ready(self) -> list[T] | None:
+        """The next batch if it can be taken now (its first item has lingered, or it is full), else
+        None: under load the batch is ready whenever the stage comes back for it, and takes no waiting."""
+        if not self._items:
+            return None
+        if not self._full.is_set() and self.clock() < self._first_at + self.linger_seconds:
+            return None
+        return self._taken()
+
     async def take(self) -> list[T]:
         """The next batch: waits, without limit, for its first item, then at most until that item has
         lingered `linger_seconds` (counted from its arrival) or the batch is full."""
@@ -400,6 +409,9 @@ class LingerBatches(Generic[T]):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._full.wait()
+        return self._taken()
+
+    def _taken(self) -> list[T]:
         batch, self._items = self._items, []
         self._full.clear()
         self._arrived.clear()
@@ -429,10 +441,13 @@ async def linger_take(stream: Any, batch_size: int, linger_seconds: float) -> As
     stream._enable_passive(aiter(stream.channel))  # as Faust's noack_take does
     try:
         while not stream.should_stop:
-            taken = await stream.wait(batches.take())  # or the stream stops (its worker stopping)
-            if taken.stopped:
-                break
-            yield taken.result
+            ready = batches.take_ready()  # under load: no waiting, so no `stream.wait` (its futures)
+            if ready is None:
+                taken = await stream.wait(batches.take())  # or the stream stops (its worker stopping)
+                if taken.stopped:
+                    break
+                ready = taken.result
+            yield ready
     finally:
         stream.enable_acks = enabled_acks
         stream._processors.remove(add)

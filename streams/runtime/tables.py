@@ -54,11 +54,11 @@ _UNKNOWN = object()  # not cached
 
 class KeyPartitionedRocksDBStore(rocksdb.Store):
     """Also: RocksDB's write-ahead log is off (`_open_for_partition`). The changelog is the table's
-    durable copy, and a write reaches the local database only after its changelog record was sent; a crash
-    loses the local database's latest writes (its memtable), never an older one without the newer, the
-    persisted changelog offset among them: the recovery reads those records again from the changelog. A write cost
-    2.6x with the log (9.8 against 3.7 us). A clean stop or a revoked partition flushes the memtable
-    first, so a restart does not read it again."""
+    durable copy, and a write reaches the local database only after its changelog record was sent; a
+    crash loses the local database's latest writes (its memtable), never an older one without the
+    newer, the persisted changelog offset among them: the recovery reads those records again from the
+    changelog. A write cost 2.6x with the log (9.8 against 3.7 us). A clean stop or a revoked partition
+    flushes the memtable first, so a restart does not read it again."""
 
     _partition_of: dict[bytes, int]
 

@@ -443,6 +443,24 @@ def test_batches_grow_with_what_arrives_while_the_stage_is_busy() -> None:
     assert sizes == [1, 3, 40]
 
 
+def test_a_ready_batch_is_taken_without_waiting_and_none_is_ready_before_its_linger() -> None:
+    clock = Clock()
+    batches: LingerBatches[int] = LingerBatches(3, 0.005, clock)
+    assert batches.take_ready() is None  # nothing arrived
+
+    async def put(*items: int) -> None:
+        for item in items:
+            await batches.put(item)
+
+    asyncio.run(put(1, 2))
+    assert batches.take_ready() is None  # the first has not lingered yet
+    clock.now += 0.005
+    assert batches.take_ready() == [1, 2]
+    asyncio.run(put(3, 4, 5))
+    assert batches.take_ready() == [3, 4, 5]  # full: no linger
+    assert len(batches) == 0
+
+
 def test_linger_batches_hold_at_least_one_item() -> None:
     with pytest.raises(ValueError, match="at least one"):
         LingerBatches(0, 0.005)
