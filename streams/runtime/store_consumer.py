@@ -181,7 +181,6 @@ class StoreConsumer:
         self.linger_seconds = linger_seconds
         self.consumer_factory = consumer_factory or _confluent_consumer
         self._consumer: Any = None
-        self._joined: Any = None  # made and subscribed by `join`, before `run`
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-consumer")
 
     async def _blocking(self, call: Callable[..., Any], *args: Any) -> Any:
@@ -191,13 +190,6 @@ class StoreConsumer:
         consumer = self.consumer_factory(self.config)
         consumer.subscribe(self.topics, on_assign=_log_assigned, on_revoke=_log_revoked)
         return consumer
-
-    def join(self) -> None:
-        """Make the consumer and subscribe now (blocking, briefly): librdkafka joins the group in its own
-        threads while the worker starts, so `run` finds its partitions assigned (a restarted static
-        member: the same ones) instead of joining only then. Once only; `run` uses this consumer."""
-        if self._joined is None:
-            self._joined = self._thread.submit(self._subscribed).result()
 
     async def run(self) -> None:
         """Consume until cancelled; the handler retries a failing batch itself, so nothing is skipped."""
@@ -220,9 +212,7 @@ class StoreConsumer:
                 )
 
     async def _run_one_consumer(self) -> None:
-        consumer, self._joined = self._joined, None
-        if consumer is None:
-            consumer = await self._blocking(self._subscribed)
+        consumer = await self._blocking(self._subscribed)
         self._consumer = consumer
         try:
             while True:

@@ -358,33 +358,3 @@ def test_a_consumer_that_turned_fatal_is_replaced_and_the_next_one_carries_on() 
     assert ("unsubscribe", None) not in first.calls  # a dead consumer can neither leave nor commit
     assert second.calls[0] == ("subscribe", ["norm.lab"])
     assert second.calls[-2:] == [("unsubscribe", None), ("close", None)]
-
-
-def test_a_consumer_joined_before_the_run_is_the_one_the_run_uses() -> None:
-    """`join` makes and subscribes the consumer at once (librdkafka joins the group in its own threads
-    while the worker starts); `run` then polls that one, and makes no other."""
-    consumer = FakeConsumer([[FakeMessage("norm.lab", 0, 5)]])
-    made: list[FakeConsumer] = []
-
-    def factory(_config: Any) -> FakeConsumer:
-        made.append(consumer)
-        return consumer
-
-    async def handle(_messages: list[RawMessage]) -> None:
-        consumer.calls.append(("handled", None))
-
-    store = StoreConsumer({}, ["norm.lab"], handle, 500, 0.05, consumer_factory=factory)
-    store.join()
-    store.join()  # once only
-    assert made == [consumer]
-    assert consumer.calls == [("subscribe", ["norm.lab"])]
-
-    run_store_until(store, lambda: ("store_offsets", [("norm.lab", 0, 6)]) in consumer.calls)
-    assert made == [consumer], "the run made no second consumer"
-    assert [name for name, _ in consumer.calls] == [
-        "subscribe",
-        "handled",
-        "store_offsets",
-        "unsubscribe",
-        "close",
-    ]
