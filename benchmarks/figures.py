@@ -98,6 +98,7 @@ class LatencyRun:
     event_to_alert: Percentiles | None
     event_to_store: Percentiles | None
     label: str = ""  # "highest sustained", say
+    layout: str = "one process"  # or "one per stage"
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def rows(results: SuiteResults) -> list[Row]:
             )
         )
     for run in results.latency:
-        name = f"{run.offered_rate:,.0f}/s offered" + (f" ({run.label})" if run.label else "")
+        name = f"{run.layout}, {run.offered_rate:,.0f}/s offered" + (f" ({run.label})" if run.label else "")
         out.append(
             Row(
                 "latency",

@@ -89,7 +89,7 @@ def test_every_figure_is_a_ratio_of_its_ceiling() -> None:
     assert table[("throughput", "postgresql, one per stage: of the postgresql bulk insert")][1] == "0.19x"
     assert table[("throughput", "postgresql, one per stage: CPU")] == ("100 us/event", "5.00x")
     assert table[("throughput", "postgresql, one per stage: store")] == ("40 us/event, peak 90 MB", "2.00x")
-    name = "1,000/s offered (highest | sustained)"
+    name = "one process, 1,000/s offered (highest | sustained)"
     assert table[("latency", f"{name}: achieved")] == ("998 events/s (100% of offered)", "0.020x")
     assert table[("latency", f"{name}: event->alert p50/p95/p99/max (200 alerts)")] == (
         "40 / 90 / 120 / 300 ms",
