@@ -290,7 +290,6 @@ def stream_worker(
 ) -> None:
     """Run the Faust stream processor until interrupted."""
     import faulthandler
-    import gc
 
     from prometheus_client import REGISTRY, start_http_server
 
@@ -300,6 +299,7 @@ def stream_worker(
     from core.kafka_errors import refusal_in
     from streams.runtime.app import ROLES, app_id_for, create_app, source_topics
     from streams.runtime.membership import claim_instance_id, group_instance_id
+    from streams.runtime.startup import settle_worker_heap
     from streams.runtime.topics import check_access, raw_topics_in
 
     unknown = sorted(set(role or ()) - set(ROLES))
@@ -329,10 +329,7 @@ def stream_worker(
     start_up.info("components built")
     faust_app = create_app(settings.kafka, settings.stream, components, raw_topics=raw_topics, roles=roles)
     worker = faust_worker(faust_app, loglevel)
-    # All made so far lives as long as the worker: out of the collector's scans, so that the full
-    # collections Faust's RocksDB store runs per table at each rebalance and at stop take milliseconds
-    # (streams/runtime/startup.py)
-    gc.freeze()
+    settle_worker_heap()  # frozen, and the worker's collector thresholds (streams/runtime/startup.py)
     try:
         worker.execute_from_commandline()
     except SystemExit:

@@ -4,13 +4,21 @@ Faust's tables are registered without its 1 s wait, and a clean stop stops the e
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import faust
 import pytest
 from mode import Service
 
-from streams.runtime.startup import EarlyJob, PromptTableManager, prompt_app, start_early
+from streams.runtime.startup import (
+    WORKER_GC_THRESHOLDS,
+    EarlyJob,
+    PromptTableManager,
+    prompt_app,
+    settle_worker_heap,
+    start_early,
+)
 
 
 def memory_app(tmp_path: Any, app_class: Any = faust.App) -> Any:
@@ -175,3 +183,15 @@ def test_both_consumers_heartbeat_every_second_so_a_worker_leaving_is_seen_soon(
     assert heartbeat_seconds(45.0) == HEARTBEAT_SECONDS == 1.0
     assert heartbeat_seconds(1.5) == 0.5, "at most a third of the session"
     assert consumer_config({}, "g-sink", 1.0, 10.0)["heartbeat.interval.ms"] == 1000
+
+
+def test_the_worker_heap_is_frozen_and_collected_at_the_workers_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_worker_heap()
+        assert gc.get_threshold() == WORKER_GC_THRESHOLDS
+        assert WORKER_GC_THRESHOLDS[0] > before[0]  # the young generation collected less often
+        assert gc.get_freeze_count() > 0  # what was made before is out of the scans
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
