@@ -234,3 +234,15 @@ def test_a_memory_table_is_read_as_it_is(tmp_path: Path) -> None:
     assert table.get("rp-1") == "ICU"
     table.data["rp-1"] = "4B"
     assert table.get("rp-1") == "4B"
+
+
+def test_the_compiled_murmur2_partitions_as_kafkas_partitioner_does() -> None:
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    rng = random.Random(15)
+    keys = [rng.randbytes(rng.randrange(0, 64)) for _ in range(5000)] + [b"rp-1|2823-3", "rp-\u00e9".encode()]
+    for partitions in (1, 3, 12):
+        expected = [DefaultPartitioner()(key, list(range(partitions)), []) for key in keys]
+        assert [murmur2_partition(key, partitions) for key in keys] == expected
