@@ -373,6 +373,7 @@ class LingerBatches(Generic[T]):
         self._full = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self.closed = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -389,6 +390,12 @@ class LingerBatches(Generic[T]):
         if len(self._items) >= self.max_size:
             self._full.set()
 
+    def close(self) -> None:
+        """No batch is taken any more: a waiting `take` returns what it has, or [] (its stream stopped)."""
+        self.closed = True
+        self._arrived.set()
+        self._full.set()
+
     def take_ready(self) -> list[T] | None:
         """The next batch if it can be taken now (its first item has lingered, or it is full), else
         None: under load the batch is ready whenever the stage comes back for it, and takes no waiting."""
@@ -400,8 +407,10 @@ class LingerBatches(Generic[T]):
 
     async def take(self) -> list[T]:
         """The next batch: waits, without limit, for its first item, then at most until that item has
-        lingered `linger_seconds` (counted from its arrival) or the batch is full."""
+        lingered `linger_seconds` (counted from its arrival) or the batch is full; [] once closed."""
         while not self._items:
+            if self.closed:
+                return []
             self._arrived.clear()
             await self._arrived.wait()
         remaining = self._first_at + self.linger_seconds - self.clock()
@@ -439,16 +448,24 @@ async def linger_take(stream: Any, batch_size: int, linger_seconds: float) -> As
     stream.enable_acks = False  # acked by hand, once their outputs are confirmed
     stream.add_processor(add)
     stream._enable_passive(aiter(stream.channel))  # as Faust's noack_take does
+    # The stream stopping (its worker stopping) ends a waiting take: one watcher for the stream's life,
+    # not Faust's `stream.wait(take)` per batch, which made and cancelled three futures each time.
+    stopping = asyncio.ensure_future(stream.wait())
+
+    def stopped(done: asyncio.Future[Any]) -> None:
+        batches.close()
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure of the watch itself is the stream's to report
+
+    stopping.add_done_callback(stopped)
     try:
         while not stream.should_stop:
-            ready = batches.take_ready()  # under load: no waiting, so no `stream.wait` (its futures)
-            if ready is None:
-                taken = await stream.wait(batches.take())  # or the stream stops (its worker stopping)
-                if taken.stopped:
-                    break
-                ready = taken.result
-            yield ready
+            batch = batches.take_ready() or await batches.take()
+            if batches.closed or stream.should_stop:
+                break  # a batch taken as the stream stopped is not handled: never acked, read again
+            yield batch
     finally:
+        stopping.cancel()
         stream.enable_acks = enabled_acks
         stream._processors.remove(add)
 

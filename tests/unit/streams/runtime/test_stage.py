@@ -30,6 +30,7 @@ from streams.runtime.stage import (
     Stage,
     StageHealth,
     judge_each,
+    linger_take,
     run_batches,
 )
 from tests.unit.streams.runtime.test_app import make_components, stage_of, wait_until
@@ -459,6 +460,71 @@ def test_a_ready_batch_is_taken_without_waiting_and_none_is_ready_before_its_lin
     asyncio.run(put(3, 4, 5))
     assert batches.take_ready() == [3, 4, 5]  # full: no linger
     assert len(batches) == 0
+
+
+class StoppableStream:
+    """What `linger_take` uses of a Faust stream: processors fed by hand, and a stop."""
+
+    def __init__(self) -> None:
+        self.enable_acks = True
+        self.channel = self
+        self._processors: list[Any] = []
+        self.current_event: Any = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def should_stop(self) -> bool:
+        return self._stopped.is_set()
+
+    def add_processor(self, processor: Any) -> None:
+        self._processors.append(processor)
+
+    def _enable_passive(self, _channel: Any) -> None:
+        return None
+
+    def __aiter__(self) -> StoppableStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration  # the passive drain is not used: events arrive by hand
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def arrive(self, event: Any) -> None:
+        self.current_event = event
+        for processor in self._processors:
+            await processor(event)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def test_a_stream_stopping_ends_a_waiting_take_and_nothing_taken_then_is_handed_on() -> None:
+    stream = StoppableStream()
+
+    async def scenario() -> tuple[list[list[Any]], bool]:
+        taken: list[list[Any]] = []
+
+        async def consume() -> None:
+            async for batch in linger_take(stream, 10, 0.005):
+                taken.append(batch)
+
+        consuming = asyncio.create_task(consume())
+        await wait_until(lambda: bool(stream._processors))  # linger_take has started
+        await stream.arrive("first")
+        await wait_until(lambda: len(taken) == 1)
+        await asyncio.sleep(0.02)  # waiting for the next batch, with nothing arriving
+        assert not consuming.done()
+        await stream.arrive("as it stops")
+        stream.stop()  # before that event's linger ended: not handed on (never acked, read again)
+        await asyncio.wait_for(consuming, 1.0)
+        return taken, stream.enable_acks
+
+    taken, acks = asyncio.run(scenario())
+    assert taken == [["first"]]
+    assert acks, "the stream's own acking is restored"
+    assert stream._processors == []
 
 
 def test_linger_batches_hold_at_least_one_item() -> None:
