@@ -2,10 +2,11 @@
 and the size of each table (its keys) at the end.
 
     .venv/bin/python -m benchmarks.memory_bench [--rate 1000] [--seconds 600] [--every 60]
-        [--horizon SECONDS] [--patients 500]
+        [--horizon SECONDS] [--patients 500] [--layout one|split]
 
 Starts its own Kafka and schema registry (benchmarks/local_services.py) and one worker running every
-stage on a SQLite store (the suite's pipeline, `suite.running_pipeline`), warms it up, then sends lab
+stage (`--layout split`: one worker per stage, each one's RSS printed) on a SQLite store (the suite's
+pipeline, `suite.running_pipeline`), warms it up, then sends lab
 results paced at `--rate` through the SDK's stream (`sender.publish_paced`) for `--seconds`, across
 many patients (`--patients` per 500 simulated; each pass over the pool of simulated records makes new
 patients), so state that grew with every patient ever seen would show. RSS is the worker's VmRSS from
@@ -39,6 +40,7 @@ from benchmarks.sender import CHUNK, LabSender, lab_stream, publish_paced
 from schemas.registration import register_standard
 from schemas.wire import ConfluentRegistry
 from streams.domain.reference import DATA_DIR
+from streams.runtime.app import ROLES, app_id_for
 
 OFFSET_KEY = b"__faust\x00offset__"  # Faust's RocksDB store keeps its changelog offset under this key
 
@@ -105,7 +107,9 @@ def wait_judged(running: suite.Pipeline, timeout: float) -> None:
     topic = running.topics.norm("lab")
     ends = running.end_offsets([topic])
     deadline = time.monotonic() + timeout
-    while not pipeline.committed_to_end(running.client, running.settings.stream.app_id, ends):
+    stream = running.settings.stream
+    group = app_id_for(stream, ROLES if running.layout == "one" else ("clinical",))
+    while not pipeline.committed_to_end(running.client, group, ends):
         pipeline.check_running(running.workers, running.workdir)
         if time.monotonic() > deadline:
             raise SystemExit(f"the clinical stage did not judge every result of {topic} in {timeout:.0f}s")
@@ -125,6 +129,9 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--patients", type=int, default=CHUNK, help=f"patients per {CHUNK} simulated")
     parser.add_argument("--seed", type=int, default=300)
     parser.add_argument(
+        "--layout", choices=("one", "split"), default="one", help="one worker, or one per stage"
+    )
+    parser.add_argument(
         "--drain-timeout", type=float, default=900.0, help="for the store to take every event"
     )
     return parser.parse_args(argv)
@@ -138,12 +145,12 @@ def run(options: argparse.Namespace, root: Path, report: Any) -> Mapping[str, An
         )
         os.environ["CLINHUB_STREAM_STATE_EXPIRY_CHECK_SECONDS"] = "1"
     count = max(1, round(options.rate * options.seconds))
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, list[float]]] = []
     with services(root) as (kafka, registry):
         register_standard(ConfluentRegistry(registry.client_config()))
-        with suite.running_pipeline("sqlite", "one", kafka, registry, root, None) as running:
+        with suite.running_pipeline("sqlite", options.layout, kafka, registry, root, None) as running:
             suite.warm_up(running, options.seed, options.drain_timeout)
-            pid = pipeline.worker_pid(running.workers[0])
+            pids = [pipeline.worker_pid(worker) for worker in running.workers]
             records = Counted(lab_stream(options.seed + 1, count, suite.CRITICAL_SHARE, options.patients))
             failure: list[BaseException] = []
 
@@ -154,44 +161,55 @@ def run(options: argparse.Namespace, root: Path, report: Any) -> Mapping[str, An
                 except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                     failure.append(exc)
 
+            def sample(at: float, note: str = "") -> None:
+                samples.append((at, [rss_mb(pid) for pid in pids]))
+                each = "  ".join(
+                    f"{stage} {mb:7.1f} MB" for stage, mb in zip(running.stages, samples[-1][1], strict=True)
+                )
+                report(f"t={at:>6.0f}s  RSS {each}{note}")
+
             sender = threading.Thread(target=send, name="paced-sender")
             started = time.monotonic()
-            samples.append((0.0, rss_mb(pid)))
-            report(f"t={0:>6.0f}s  RSS {samples[-1][1]:7.1f} MB  (warmed up; {count:,} events to send)")
+            sample(0.0, f"  (warmed up; {count:,} events to send)")
             sender.start()
             next_sample = started + options.every
             while sender.is_alive():
                 sender.join(timeout=max(0.0, min(1.0, next_sample - time.monotonic())))
                 pipeline.check_running(running.workers, running.workdir)
                 if time.monotonic() >= next_sample:
-                    samples.append((time.monotonic() - started, rss_mb(pid)))
-                    report(f"t={samples[-1][0]:>6.0f}s  RSS {samples[-1][1]:7.1f} MB")
+                    sample(time.monotonic() - started)
                     next_sample += options.every
             if failure:
                 raise failure[0]
             sent_seconds = time.monotonic() - started
             running.wait_stored(count, options.drain_timeout)
             wait_judged(running, options.drain_timeout)
-            samples.append((time.monotonic() - started, rss_mb(pid)))
-            peak = pipeline.peak_memory_mb(pid)
-            report(
-                f"t={samples[-1][0]:>6.0f}s  RSS {samples[-1][1]:7.1f} MB  (end: {count:,} stored, judged; "
-                f"sent in {sent_seconds:.0f}s, {count / sent_seconds:,.0f}/s; peak VmHWM {peak:.1f} MB)"
+            peaks = [pipeline.peak_memory_mb(pid) for pid in pids]
+            sample(
+                time.monotonic() - started,
+                f"  (end: {count:,} stored, judged; sent in {sent_seconds:.0f}s, "
+                f"{count / sent_seconds:,.0f}/s; "
+                f"peak VmHWM {', '.join(f'{peak:.1f}' for peak in peaks)} MB)",
             )
         sizes = table_sizes(running.workdir / "faust")
     for table, keys in sizes.items():
         report(f"table {table:<18} {keys:>9,} keys")
     report(f"distinct patient-analytes sent: {len(records.pairs):,}")
-    start_rss, end_rss = samples[0][1], samples[-1][1]
-    report(f"RSS end / start: {end_rss / start_rss:.2f} ({start_rss:.1f} -> {end_rss:.1f} MB)")
-    return {"samples": samples, "tables": sizes, "pairs": len(records.pairs), "peak_mb": peak}
+    for index, stage in enumerate(running.stages):
+        start_rss, end_rss = samples[0][1][index], samples[-1][1][index]
+        report(f"RSS end / start, {stage}: {end_rss / start_rss:.2f} ({start_rss:.1f} -> {end_rss:.1f} MB)")
+    return {"samples": samples, "tables": sizes, "pairs": len(records.pairs), "peak_mb": peaks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     root = Path(tempfile.mkdtemp(prefix="clinhub-bench-memory-"))
     horizon = "shipped" if options.horizon is None else f"{options.horizon:g} s"
-    print(f"memory bench: {options.rate:g}/s for {options.seconds:g}s, expiry horizon {horizon}", flush=True)
+    print(
+        f"memory bench: {options.rate:g}/s for {options.seconds:g}s, expiry horizon {horizon}, "
+        f"layout {options.layout}",
+        flush=True,
+    )
     try:
         run(options, root, lambda line: print(line, flush=True))
     finally:
