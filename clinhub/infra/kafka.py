@@ -221,10 +221,12 @@ def _java(layout: KafkaLayout, main: str, *args: str) -> list[str]:
         f"-Xmx{layout.heap}",
         "-Xms128m",
         "-XX:+UseG1GC",
-        # C1 only: with C2, compiling the broker took ~45% of its CPU for minutes after each start
-        # (async-profiler, at 100 events/s), on two cores shared with the workers. The local
-        # broker's load is small; compiled at once beats compiled best.
-        "-XX:TieredStopAtLevel=1",
+        # Both compilers, two compiler threads. C1 alone (the way before) starts cheaper, but leaves TLS
+        # to Java's own AES-GCM (GHASH.blockMult, AESCrypt: a quarter of the broker's samples under
+        # async-profiler); C2 uses the CPU's AES and carry-less multiply. At 1,000 events/s
+        # (benchmarks/simulate_bench.py) the broker used 42% of a core on C1, 19% on C2 once compiled
+        # (~30 s of load; the demo costs ~10 s more CPU). Two threads keep compiling off the workers' backs.
+        "-XX:CICompilerCount=2",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={layout.home / 'log4j2.properties'}",
         "-cp",
