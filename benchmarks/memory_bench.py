@@ -109,7 +109,8 @@ def wait_judged(running: suite.Pipeline, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     stream = running.settings.stream
     group = app_id_for(stream, ROLES if running.layout == "one" else ("clinical",))
-    while not pipeline.committed_to_end(running.client, group, ends):
+    admin = pipeline.admin_client(running.client)
+    while not pipeline.committed_to_end(admin, group, ends):
         pipeline.check_running(running.workers, running.workdir)
         if time.monotonic() > deadline:
             raise SystemExit(f"the clinical stage did not judge every result of {topic} in {timeout:.0f}s")

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from benchmarks.figures import ConsumeCeiling
 from benchmarks.local_services import worker_env
@@ -94,15 +95,21 @@ def worker_pid(process: subprocess.Popen[bytes]) -> int:
     raise SystemExit(f"py-spy (pid {process.pid}) started no worker")
 
 
-def committed_to_end(client: dict[str, str], group: str, ends: dict[tuple[str, int], int]) -> bool:
-    consumer = Consumer({**client, "group.id": group})
-    try:
-        committed = consumer.committed([TopicPartition(t, p) for t, p in ends], timeout=10)
-        return all(
-            tp.offset >= ends[(tp.topic, tp.partition)] for tp in committed if ends[(tp.topic, tp.partition)]
-        )
-    finally:
-        consumer.close()
+def admin_client(client: dict[str, str]) -> AdminClient:
+    return AdminClient(dict[str, str | int | float | bool](client))
+
+
+def committed_to_end(admin: AdminClient, group: str, ends: dict[tuple[str, int], int]) -> bool:
+    """Whether the group has committed every partition to its end offset. Asked through one admin
+    client, made by the caller for all its questions: a consumer made and closed for each one was
+    closed mid-handshake with the coordinator, and librdkafka logged a SASL "transport failure"."""
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in ends])
+    committed = admin.list_consumer_group_offsets([request], request_timeout=10)[group].result(timeout=10)
+    return all(
+        tp.offset >= ends[(tp.topic, tp.partition)]
+        for tp in committed.topic_partitions
+        if ends[(tp.topic, tp.partition)]
+    )
 
 
 def topic_stamps(client: dict[str, str], topic: str) -> list[float]:

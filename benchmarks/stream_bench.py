@@ -36,6 +36,7 @@ from sqlalchemy import func, select
 from benchmarks.local_services import services
 from benchmarks.pipeline import (
     SPLIT_ROLES,
+    admin_client,
     check_running,
     committed_to_end,
     consume_decode,
@@ -136,6 +137,7 @@ def run(
     workers = start_workers(role_sets, env, workdir)
     spies: list[subprocess.Popen[bytes]] = []
     clinical_group = f"{app_id}-clinical" if split else app_id
+    admin = admin_client(client)
     print(f"workers    {len(workers)} process(es): {'one per stage' if split else 'all stages in one'}")
     try:
         norm_ends: dict[tuple[str, int], int] = {}
@@ -153,7 +155,7 @@ def run(
                         spies = attach_profilers(workers, role_sets, profile)
                 if sum(ends.values()) >= count:
                     norm_ends = ends
-            if norm_ends and not alert_done and committed_to_end(client, clinical_group, norm_ends):
+            if norm_ends and not alert_done and committed_to_end(admin, clinical_group, norm_ends):
                 alert_done = now
             with engine.connect() as connection:
                 stored = connection.execute(select(func.count()).select_from(IngestLog)).scalar_one()
