@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clinhub.infra import kafka, registry
-from clinhub.infra.process import free_port
+from clinhub.infra.process import free_port, pid_from_file
 from core import principals
 from core.settings import KafkaSettings, RegistrySettings
 
@@ -17,12 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTITUTIONS = ("H001", "H002", "C003")
 
 
+def broker_home(workdir: Path) -> Path:
+    return workdir / "kafka"
+
+
+def broker_pid(workdir: Path) -> int:
+    """The pid of the broker `services(workdir)` started: its CPU is part of what an event costs."""
+    pid = pid_from_file(broker_home(workdir) / kafka.PID_FILE)
+    if pid is None:
+        raise SystemExit(f"no broker pid under {broker_home(workdir)}")
+    return pid
+
+
 @contextmanager
 def services(workdir: Path) -> Iterator[tuple[KafkaSettings, RegistrySettings]]:
     """The admin's Kafka and registry settings (each component then its own principal) of a broker and
     registry started in `workdir`."""
     broker = kafka.KafkaLayout(
-        workdir / "kafka", free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
+        broker_home(workdir), free_port(), free_port(), shared_lib=ROOT / ".infra" / "kafka-lib"
     )
     schema_registry = registry.RegistryLayout(
         workdir / "registry",

@@ -39,6 +39,7 @@ MECHANISM: Final = "SCRAM-SHA-512"
 ANSWERING = "answering metadata requests"
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
+PID_FILE = "broker.pid"
 
 LOG4J2 = """\
 status = warn
@@ -91,7 +92,7 @@ class KafkaLayout(LocalCredentials):
 
     @property
     def pid_path(self) -> Path:
-        return self.home / "broker.pid"
+        return self.home / PID_FILE
 
     @property
     def bootstrap(self) -> str:
@@ -223,9 +224,10 @@ def _java(layout: KafkaLayout, main: str, *args: str) -> list[str]:
         "-XX:+UseG1GC",
         # Both compilers, two compiler threads. C1 alone (the way before) starts cheaper, but leaves TLS
         # to Java's own AES-GCM (GHASH.blockMult, AESCrypt: a quarter of the broker's samples under
-        # async-profiler); C2 uses the CPU's AES and carry-less multiply. At 1,000 events/s
-        # (benchmarks/simulate_bench.py) the broker used 42% of a core on C1, 19% on C2 once compiled
-        # (~30 s of load; the demo costs ~10 s more CPU). Two threads keep compiling off the workers' backs.
+        # async-profiler); C2 uses the CPU's AES and carry-less multiply. At 1,000 events/s the broker
+        # spent 285 us of CPU per event on C1 and 191 us on C2 after 90 s of load (242 us after 60 s;
+        # `benchmarks/simulate_bench.py --rates 1000,1000 --seconds 30 --warm-up 60`); compiling costs
+        # more in the first minute (the demo ~10 s more CPU). Two compiler threads at most.
         "-XX:CICompilerCount=2",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={layout.home / 'log4j2.properties'}",
