@@ -8,7 +8,7 @@ rate*seconds --rate R` as a subprocess for each rate, as a user would. Prints th
 reports (first to last send, `producers/pacing.py`), its ratio to the offered rate, and that every event
 was confirmed. The command simulates every event before its schedule starts, so that time is not counted.
 Also the broker's CPU per event over each run (`--warm-up S` first, paced at the first rate and not
-counted: the broker's JIT compiles under load), and the command's own.
+counted: the broker's JIT compiles under load), and the command's own, its simulating included.
 """
 
 from __future__ import annotations
