@@ -35,6 +35,7 @@ from streams.exceptions import StageFailedError
 from streams.runtime.access import refusals_reported_app, reporting
 from streams.runtime.changelog import attach_changelogs
 from streams.runtime.clinical import ANALYTES_TABLE, LEGACY_ANALYTES_TABLE, ClinicalHandler, ClinicalTables
+from streams.runtime.delivery import inline_delivery_app
 from streams.runtime.lag import LagReport
 from streams.runtime.membership import group_instance_id
 from streams.runtime.normaliser import NormaliserHandler
@@ -109,7 +110,9 @@ def _faust_app(
     health: StageHealth,
 ) -> faust.App:
     stream.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level, the app's own
-    app_class = prompt_app(contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset))
+    app_class = inline_delivery_app(
+        prompt_app(contiguous_offsets_app(faust.App, skipped_offsets.first_record_offset))
+    )
     return refusals_reported_app(app_class, kafka.sasl_username, health)(
         app_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
