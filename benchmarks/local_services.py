@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from confluent_kafka.admin import AdminClient
+
 from clinhub.infra import kafka, registry
 from clinhub.infra.process import free_port, pid_from_file
 from core import principals
@@ -54,8 +56,22 @@ def services(workdir: Path) -> Iterator[tuple[KafkaSettings, RegistrySettings]]:
             registry_admin.model_copy(update={"principal_secrets_dir": schema_registry.proxy.secrets_dir}),
         )
     finally:
+        _SHARED_ADMINS.clear()  # destroyed while the broker still answers, not at exit against a dead port
         registry.stop(schema_registry)
         broker_process.stop()
+
+
+_SHARED_ADMINS: dict[tuple[tuple[str, str], ...], AdminClient] = {}
+
+
+def shared_admin(client: dict[str, str]) -> AdminClient:
+    """One admin client per client configuration while the services run: a client made and closed for
+    each question was often closed mid-handshake, and librdkafka logged a SASL "transport failure"."""
+    key = tuple(sorted(client.items()))
+    admin = _SHARED_ADMINS.get(key)
+    if admin is None:
+        admin = _SHARED_ADMINS[key] = AdminClient(dict[str, str | int | float | bool](client))
+    return admin
 
 
 def worker_env(kafka_settings: KafkaSettings, registry_settings: RegistrySettings) -> dict[str, str]:

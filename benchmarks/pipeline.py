@@ -14,10 +14,10 @@ from contextlib import suppress
 from pathlib import Path
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from benchmarks.figures import ConsumeCeiling
-from benchmarks.local_services import worker_env
+from benchmarks.local_services import shared_admin, worker_env
 from core.settings import KafkaSettings, RegistrySettings
 from schemas.wire import AvroDecoder, ConfluentRegistry
 
@@ -29,15 +29,17 @@ SPLIT_ROLES: tuple[tuple[str, ...], ...] = (
 
 
 def end_offsets(client: dict[str, str], topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = Consumer({**client, "group.id": "bench-probe"})
-    ends = {}
-    for topic in topics:
-        for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            ends[(topic, partition)] = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=10
-            )[1]
-    consumer.close()
-    return ends
+    """Each partition's end (high watermark), asked through the process's one admin client of `client`
+    (`shared_admin`): a consumer made and closed for each question, every half second while a benchmark
+    waits, was closed mid-handshake, and librdkafka logged a SASL "transport failure" each time."""
+    admin = shared_admin(client)
+    asked = {
+        TopicPartition(topic, partition): OffsetSpec.latest()
+        for topic in topics
+        for partition in admin.list_topics(topic, timeout=10).topics[topic].partitions
+    }
+    answers = admin.list_offsets(asked, request_timeout=10)
+    return {(tp.topic, tp.partition): answers[tp].result(timeout=10).offset for tp in asked}
 
 
 def consume_decode(
