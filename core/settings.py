@@ -68,6 +68,12 @@ class KafkaSettings(BaseSettings):
     # one-message requests a second, and the broker's per-request work (TLS, append, response) took
     # more of the two cores here than any stage.
     producer_linger_ms: float = Field(default=5.0, ge=0)
+    # The stream workers' producer (outputs, table changelogs, dead letters): a stage hands over a batch's
+    # messages in one burst and waits for the broker to confirm them, twice a batch (outputs, then the
+    # changelog), so the burst makes its requests by itself (librdkafka sends one per partition either
+    # way) and a linger only delays each confirmation: a 20-message burst was confirmed in 9 ms at 5 ms
+    # and in 4 ms at 1 ms, in the same number of requests.
+    stage_producer_linger_ms: float = Field(default=1.0, ge=0)
 
     @property
     def uses_sasl(self) -> bool:
@@ -117,14 +123,15 @@ class KafkaSettings(BaseSettings):
             }
         )
 
-    def producer_config(self, delivery_timeout: float) -> dict[str, Any]:
-        """An idempotent acks=all producer that reports delivery only once the broker has the message."""
+    def producer_config(self, delivery_timeout: float, linger_ms: float | None = None) -> dict[str, Any]:
+        """An idempotent acks=all producer that reports delivery only once the broker has the message;
+        it lingers `linger_ms` (default `producer_linger_ms`)."""
         return {
             **self.client_config(),
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": "lz4",
-            "linger.ms": self.producer_linger_ms,
+            "linger.ms": self.producer_linger_ms if linger_ms is None else linger_ms,
             "message.timeout.ms": int(delivery_timeout * 1000),
             "queue.buffering.max.messages": 100_000,
             # Java clients and aiokafka (Faust) hash keys with murmur2: same key, same partition number.

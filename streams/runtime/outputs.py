@@ -191,7 +191,7 @@ def make_outputs(
     """The worker's producer; `errors`, the worker's record of refusals, also hears its error callback."""
     from confluent_kafka import Producer
 
-    config = kafka.producer_config(delivery_timeout)
+    config = kafka.producer_config(delivery_timeout, linger_ms=kafka.stage_producer_linger_ms)
     if errors is not None:
         config["error_cb"] = errors
     return KafkaOutputs(Producer(config), principal=kafka.sasl_username, errors=errors)

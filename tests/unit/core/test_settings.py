@@ -252,3 +252,4 @@ def test_producers_linger_as_configured() -> None:
     assert plain.producer_config(30.0)["linger.ms"] == 5.0
     eager = KafkaSettings(security_protocol="PLAINTEXT", producer_linger_ms=0)
     assert eager.producer_config(30.0)["linger.ms"] == 0
+    assert plain.producer_config(30.0, linger_ms=plain.stage_producer_linger_ms)["linger.ms"] == 1.0

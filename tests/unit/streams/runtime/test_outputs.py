@@ -160,3 +160,23 @@ def test_a_refused_password_fails_a_waiting_call_instead_of_waiting_for_the_deli
     with pytest.raises(KafkaAuthenticationError) as refused:
         asyncio.run(scenario())
     assert refused.value.principal == "normaliser"
+
+
+def test_the_workers_producer_lingers_the_stage_setting_not_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's burst batches itself; a linger would only delay its confirmation (twice a batch)."""
+    import confluent_kafka
+
+    from core.settings import KafkaSettings
+    from streams.runtime.outputs import make_outputs
+
+    made: list[dict[str, Any]] = []
+
+    class RecordingProducer:
+        def __init__(self, config: dict[str, Any]) -> None:
+            made.append(config)
+
+    monkeypatch.setattr(confluent_kafka, "Producer", RecordingProducer)
+    kafka = KafkaSettings(security_protocol="PLAINTEXT", producer_linger_ms=7, stage_producer_linger_ms=0.5)
+    make_outputs(kafka)
+    assert [config["linger.ms"] for config in made] == [0.5]
+    assert KafkaSettings(security_protocol="PLAINTEXT").stage_producer_linger_ms == 1.0
