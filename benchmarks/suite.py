@@ -3,13 +3,15 @@ the same run's ceilings, printed and written as JSON, a Markdown table and a PNG
 
     .venv/bin/python -m benchmarks.suite [--quick] [--parts ceilings,throughput,latency]
         [--backends sqlite,postgresql] [--layouts one,split] [--rates 100,1000,5000,sustained]
-        [--seconds 60] [--events 20000] [--out .data/bench]
+        [--seconds 60] [--events 20000] [--warm-up 60] [--out .data/bench]
 
 Starts its own Kafka and schema registry (and PostgreSQL for that backend) on free loopback ports,
 secured as the local stack is. Each pipeline (a backend and a layout: one worker process for every stage,
 or one per stage) gets topics of its own (a topic prefix) and a fresh store, and is warmed up (its first
-events stored) before anything is measured, so no figure includes start-up. Traffic is lab results only,
-2% of them critical, across many patients, published by each institution as itself.
+events stored, then `--warm-up` seconds of paced load, all stored) before anything is measured, so no
+figure includes start-up: in the first half minute of load after the first events, the broker compiling
+and the workers' caches filling, a pipeline was several times slower than a minute later. Traffic is lab
+results only, 2% of them critical, across many patients, published by each institution as itself.
 
   throughput  N events published as fast as the SDK sends them; events/s from the first raw message's
               broker timestamp to the last store commit (ingest_log.ingested_time); each worker
@@ -79,6 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CRITICAL_SHARE = 0.02
 PATIENTS_PER_CHUNK = 200  # of each 500 simulated: some repeat, few critical values are repeats
 WARM_UP_EVENTS = 200
+WARM_UP_RATE = 500.0  # events/s of the paced warm-up (`--warm-up`): within every layout's reach here
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Options:
     drain_timeout: float
     out: Path
     quick: bool
+    warm_up: float = 0.0  # seconds of paced load after the first events, measured by nothing
 
 
 QUICK: dict[str, str | float | int] = {
@@ -101,6 +105,7 @@ QUICK: dict[str, str | float | int] = {
     "rates": "100,500",
     "seconds": 10.0,
     "events": 3000,
+    "warm_up": 0.0,
 }
 FULL: dict[str, str | float | int] = {
     "backends": "sqlite,postgresql",
@@ -108,6 +113,7 @@ FULL: dict[str, str | float | int] = {
     "rates": "100,1000,5000,sustained",
     "seconds": 60.0,
     "events": 20000,
+    "warm_up": 60.0,
 }
 
 
@@ -122,6 +128,13 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--rates", help=f"offered events/s (default {FULL['rates']}; {QUICK['rates']} quick)")
     parser.add_argument("--seconds", type=float, help="each latency run's length (60; 10 quick)")
     parser.add_argument("--events", type=int, help="events of the throughput run (20000; 3000 quick)")
+    parser.add_argument(
+        "--warm-up",
+        type=float,
+        help=f"seconds of load at {WARM_UP_RATE:,.0f}/s before a pipeline is measured (60; 0 quick): "
+        "the broker's JIT compiles and the workers' caches fill under load; the first half minute after "
+        "the first events stored was several times slower",
+    )
     parser.add_argument("--batch", type=int, default=500, help="rows per transaction of the insert ceiling")
     parser.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to wait for the store")
     parser.add_argument("--out", type=Path, default=ROOT / ".data" / "bench", help="where results go")
@@ -145,6 +158,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         rates=listed(args.rates, "rates"),
         seconds=args.seconds if args.seconds is not None else float(defaults["seconds"]),
         events=args.events if args.events is not None else int(defaults["events"]),
+        warm_up=args.warm_up if args.warm_up is not None else float(defaults["warm_up"]),
         batch=args.batch,
         drain_timeout=args.drain_timeout,
         out=args.out,
@@ -321,11 +335,18 @@ def running_pipeline(
         engine.dispose()
 
 
-def warm_up(running: Pipeline, seed: int, timeout: float) -> None:
-    """A few events through every stage: partitions assigned, caches and connections made."""
+def warm_up(running: Pipeline, seed: int, timeout: float, seconds: float = 0.0) -> None:
+    """A few events through every stage (partitions assigned, caches and connections made), then
+    `seconds` of paced load at WARM_UP_RATE, all stored before anything is measured."""
     with LabSender(running.settings) as sender:
         publish_paced(sender, lab_stream(seed, WARM_UP_EVENTS, CRITICAL_SHARE, PATIENTS_PER_CHUNK), 0)
     running.wait_stored(WARM_UP_EVENTS, timeout)
+    loaded = round(WARM_UP_RATE * seconds)
+    if loaded:
+        with LabSender(running.settings) as sender:
+            stream = lab_stream(seed + 50_000, loaded, CRITICAL_SHARE, PATIENTS_PER_CHUNK)
+            publish_paced(sender, stream, WARM_UP_RATE)
+        running.wait_stored(loaded, timeout)
 
 
 def measure_throughput(running: Pipeline, events: int, seed: int, timeout: float) -> ThroughputRun:
@@ -434,8 +455,8 @@ def run_suite(options: Options, results: SuiteResults, report: Callable[[str], N
                 for layout in options.layouts:
                     with running_pipeline(backend, layout, kafka, registry, root, pg_layout) as running:
                         seed += 1
-                        warm_up(running, seed, options.drain_timeout)
-                        report(f"pipeline   {backend}, {layout}: warmed up")
+                        warm_up(running, seed, options.drain_timeout, options.warm_up)
+                        report(f"pipeline   {backend}, {layout}: warmed up ({options.warm_up:.0f} s of load)")
                         sustained = None
                         if "throughput" in options.parts or (first and "ceilings" in options.parts):
                             seed += 1
