@@ -62,9 +62,10 @@ class KafkaSettings(BaseSettings):
     principal_secrets_dir: Path | None = None
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication: int = Field(default=1, ge=1)
-    # How long a producer holds a message for others to share its request (librdkafka's linger.ms). Every
-    # hop to an alert pays it once at low load (SDK, normaliser, clinical). It bounds the broker's produce
-    # requests to 200 a second per producer: at 1 ms, 1,000 events/s from three institutions were ~1,000
+    # How long a producer holds a message for others to share its request (librdkafka's linger.ms): the
+    # SDK's and the gateways', which send events one by one (the stream workers': below). An event's first
+    # hop pays it once at low load. It bounds the broker's produce requests to 200 a second per producer:
+    # at 1 ms, 1,000 events/s from three institutions were ~1,000
     # one-message requests a second, and the broker's per-request work (TLS, append, response) took
     # more of the two cores here than any stage.
     producer_linger_ms: float = Field(default=5.0, ge=0)
