@@ -22,7 +22,8 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Collection, Sequence
+import threading
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 import faust
@@ -188,6 +189,20 @@ def exit_refused(refused: BaseException) -> None:
     os._exit(2)
 
 
+def exit_deadline(
+    refused: BaseException,
+    seconds: float = ACCESS_STOP_GRACE_SECONDS,
+    exit_now: Callable[[BaseException], None] = exit_refused,
+) -> threading.Timer:
+    """`exit_now(refused)` in `seconds`, on a thread of its own: not a timer of the event loop, which
+    Faust's stop itself can block (mode's `ServiceThread.stop` waits on a threading.Event for the
+    aiokafka consumer's thread, which a group coordinator refusing the principal held for over 30 s)."""
+    timer = threading.Timer(seconds, exit_now, args=(refused,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def create_app(
     kafka: KafkaSettings,
     stream: StreamSettings,
@@ -210,9 +225,10 @@ def create_app(
 
     async def stop_worker(refused: BaseException) -> None:
         # Faust's stop may wait for ever on a consumer that is itself fine (seen when the database
-        # refused the store stage of an all-stage worker): past the grace, the process exits anyway,
-        # saying the same. Nothing unconfirmed was acknowledged, so nothing is lost (as after a kill).
-        asyncio.get_running_loop().call_later(ACCESS_STOP_GRACE_SECONDS, exit_refused, refused)
+        # refused the store stage of an all-stage worker, and on the aiokafka consumer's thread when
+        # the group coordinator refused it): past the grace, the process exits anyway, saying the same.
+        # Nothing unconfirmed was acknowledged, so nothing is lost (as after a kill).
+        exit_deadline(refused)
         await app.crash(refused)  # the worker stops and exits non-zero with it (clinhub stream worker)
 
     health = StageHealth(components.metrics, stop_worker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from faust.types import Message
 from prometheus_client import CollectorRegistry
 
 from core.contract import TopicNames
+from core.exceptions import KafkaAuthorizationError
 from core.settings import KafkaSettings, StreamSettings
 from producers.simulator import simulate_labs
 from schemas import standard
@@ -22,7 +24,7 @@ from streams.domain.codes import load_codes
 from streams.domain.identity import RegionalIdentity
 from streams.domain.reference import load_reference
 from streams.metrics import make_stream_metrics
-from streams.runtime.app import create_app
+from streams.runtime.app import create_app, exit_deadline
 from streams.runtime.messages import RawMessage
 from streams.runtime.normaliser import NormaliserHandler
 from streams.runtime.outputs import Output, Publish
@@ -294,3 +296,16 @@ def test_handlers_refuse_components_without_what_their_stage_needs() -> None:
 
 async def nowhere(_outputs: Sequence[Output]) -> None:
     raise AssertionError("nothing is published")
+
+
+def test_a_refused_workers_exit_deadline_fires_while_the_event_loop_is_blocked() -> None:
+    """Faust's stop can block the loop on a thread join: the deadline must not need the loop."""
+    exited: list[BaseException] = []
+    refused = KafkaAuthorizationError("normaliser", "TOPIC_AUTHORIZATION_FAILED", topic="raw.H001.lab")
+
+    async def blocked_stop() -> list[BaseException]:
+        exit_deadline(refused, seconds=0.05, exit_now=exited.append)
+        time.sleep(0.5)  # the loop's thread blocked, as in mode's ServiceThread.stop
+        return list(exited)  # before the loop runs anything again
+
+    assert asyncio.run(blocked_stop()) == [refused]
