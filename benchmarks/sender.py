@@ -90,13 +90,17 @@ def publish_paced(
 class LabSender:
     """Sends lab results as their institutions through the SDK's `Publisher.stream` (validated, encoded
     and queued; no wait per confirmation); `close` waits for every report and raises if any event was
-    not delivered."""
+    not delivered. Its publishers are connected when it is made: a publisher's first connection took
+    a few hundred ms, and the events due meanwhile then went out in one burst (before, the first two
+    seconds of a paced run at 1,000/s had p99 event->store 396 ms against 100-190 ms later)."""
 
     def __init__(self, settings: HubSettings, delivery_timeout: float = 120.0) -> None:
         self._publishers = {
             institution: make_publisher(settings, institution, delivery_timeout, kinds=("lab",))
             for institution in settings.stream.institutions
         }
+        for publisher in self._publishers.values():  # before any schedule starts: no first-second burst
+            publisher.connect()
         self._streams: dict[str, PublishStream] = {
             institution: publisher.stream(max_in_flight=50_000)
             for institution, publisher in self._publishers.items()

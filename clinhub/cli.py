@@ -386,6 +386,8 @@ def simulate(
     )
     institutions = sorted({record["envelope"]["institution_id"] for _kind, record in events})
     publishers = {institution: make_publisher(settings, institution) for institution in institutions}
+    for publisher in publishers.values():  # before the schedule: its first events are not held back
+        publisher.connect()
     streams: dict[str, PublishStream] = {
         institution: publisher.stream(max_in_flight) for institution, publisher in publishers.items()
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.exceptions import HubError, KafkaAccessError
+from core.exceptions import HubError, KafkaAccessError, ServiceUnavailableError
 
 
 class PublishError(HubError):
@@ -28,6 +28,16 @@ class AccessRefusedError(DeliveryFailedError):
         self.refused = refused
         self.principal = refused.principal
         self.topic = refused.topic
+
+
+class ClusterUnreachableError(PublishError, ServiceUnavailableError):
+    """`Publisher.connect` found no broker answering in time: nothing was sent; try again later."""
+
+    def __init__(self, reason: str, timeout: float) -> None:
+        super().__init__(f"no Kafka broker answered within {timeout:g}s: {reason}")
+        self.reason = reason
+        self.timeout = timeout
+        self.retry_after = 1.0
 
 
 class TransactionFailedError(PublishError):

@@ -35,6 +35,7 @@ from core.kafka_errors import ClientErrors, refusal
 from core.settings import HubSettings
 from producers.exceptions import (
     AccessRefusedError,
+    ClusterUnreachableError,
     DeliveryFailedError,
     TransactionFailedError,
     UndeliveredOnCloseError,
@@ -117,6 +118,20 @@ class Publisher:
         self._in_flight: dict[str, None] = {}
         self._transactional = transactional
         self._transaction_lock = threading.Lock()  # one transaction at a time per transactional id
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect to the cluster now, not with the first event. Its first connection (TLS, SASL and the
+        idempotent producer's id, a few hundred ms) otherwise delays the first events sent, which a sender
+        on a schedule then sends in a burst; and a cluster that is unreachable, or refuses the
+        credentials, is known at start-up: KafkaAccessError (naming the principal) when it refused them,
+        ClusterUnreachableError when no broker answered."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            if self._errors is not None:
+                self._producer.poll(0.5)  # error_cb runs only in poll(): a refused password shows there
+                self._errors.raise_if_refused()
+            raise ClusterUnreachableError(str(exc.args[0] if exc.args else exc), timeout) from exc
 
     def _encoder(self, kind: str) -> AvroEncoder:
         try:

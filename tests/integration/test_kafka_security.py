@@ -90,6 +90,13 @@ def test_a_wrong_password_is_a_typed_error_within_10_seconds(hub: HubEnv) -> Non
     assert refused.value.principal == "H001" and "not-the-password" not in str(refused.value)
 
 
+def test_connect_with_a_wrong_password_raises_the_typed_refusal(hub: HubEnv) -> None:
+    wrong = as_only(hub, "H001", SecretStr("not-the-password"))
+    with pytest.raises(KafkaAuthenticationError) as refused:
+        make_publisher(wrong, "H001", delivery_timeout=60.0).connect(timeout=10)
+    assert refused.value.principal == "H001" and "not-the-password" not in str(refused.value)
+
+
 def test_a_worker_with_a_wrong_password_exits_non_zero_naming_its_principal(hub: HubEnv) -> None:
     env = {k: v for k, v in hub.env().items() if k != "CLINHUB_KAFKA_PRINCIPAL_SECRETS_DIR"}
     env.update({"CLINHUB_KAFKA_SASL_USERNAME": "worker", "CLINHUB_KAFKA_SASL_PASSWORD": "wrong-password"})

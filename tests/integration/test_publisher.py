@@ -14,7 +14,7 @@ import pytest
 
 from clinhub.infra.process import free_port
 from core.settings import HubSettings
-from producers.exceptions import DeliveryFailedError
+from producers.exceptions import ClusterUnreachableError, DeliveryFailedError
 from producers.publisher import Publisher, Receipt, make_publisher
 from producers.simulator import simulate_events
 from schemas.exceptions import RecordValidationError
@@ -109,6 +109,25 @@ def test_a_broker_that_is_down_gives_a_clear_error_within_the_timeout(hub: HubEn
     assert elapsed < 15, f"publish waited {elapsed:.1f}s"
     assert caught.value.reason
     assert caught.value.retriable
+
+
+def test_connect_returns_once_the_cluster_answers_and_names_an_unreachable_one(hub: HubEnv) -> None:
+    publisher = make_publisher(hub.settings, "H001")
+    publisher.connect(timeout=30)
+    receipt = publisher.publish_lab(lab_record("H001", "K", 4.0, "mmol/L"))
+    assert receipt.topic == hub.topics.raw("H001", "lab")
+    publisher.close()
+
+    port = free_port()
+    unreachable = hub.settings.model_copy(
+        update={"kafka": hub.settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{port}"})}
+    )
+    started = time.monotonic()
+    with pytest.raises(ClusterUnreachableError) as caught:
+        make_publisher(unreachable, "H001", delivery_timeout=3.0).connect(timeout=2)
+    assert time.monotonic() - started < 10
+    assert caught.value.timeout == 2 and caught.value.reason
+    assert caught.value.retry_after > 0
 
 
 def test_a_stream_confirms_every_event_without_waiting_for_each(hub: HubEnv) -> None:
