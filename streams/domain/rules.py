@@ -30,9 +30,10 @@ Rules, in order:
 1. An event already seen (its id is among the last `RECENT_EVENTS` ids of the state) changes nothing;
    the alerts it raised are returned again in `alerts` (same ids), so a crash between writing the state
    and publishing cannot lose an alert. Downstream must treat alerts as upserts by alert_id.
-2. A cancelled result never alerts and never becomes the previous value; if it cancels the latest
-   result (same result_id), that result's value is forgotten and open alerts it raised are dropped, so
-   its retraction cannot suppress the next genuine critical value. Its versions leave the history.
+2. A cancelled result never alerts and never becomes the latest or the previous value: its versions
+   leave the history, the latest and previous values become those of the results still kept (judged
+   again in result-time order from `base`, values only), and open alerts it raised are dropped, so its
+   retraction cannot suppress the next genuine critical value.
 3. Threshold: the most specific rule for the patient's age (result year - birth year) and sex. A
    bound ("> 600", an analyser above its measuring range) crosses a limit only when every value it
    allows does; it runs no delta check and does not replace the last measured value (it is kept in the
@@ -552,7 +553,7 @@ def evaluate(
         facts = dataclasses.replace(facts, result_time=result_time)
 
     if facts.status == "cancelled":
-        return _cancel(facts, state, recent)
+        return _cancel(facts, state, recent, rules, now, policy)
 
     same_result = facts.result_id is not None and facts.result_id == state.last_result_id
     arrived_late = not same_result and state.last_time_ms is not None and result_ms < state.last_time_ms
@@ -572,8 +573,17 @@ def evaluate(
     return _with(decision, state=_trim(new_state, facts, rules, now, policy))
 
 
-def _cancel(facts: LabFacts, state: AnalyteState, recent: tuple[str, ...]) -> Decision:
-    """Rule 2; the cancelled result's versions also leave the history."""
+def _cancel(
+    facts: LabFacts,
+    state: AnalyteState,
+    recent: tuple[str, ...],
+    rules: RuleBook,
+    now: dt.datetime,
+    policy: AlertPolicy,
+) -> Decision:
+    """Rule 2; the cancelled result's versions also leave the history, and the latest and previous
+    values become those of the results still kept, in result-time order from the base (as rule 5
+    judges them): a value of a cancelled result is never the latest or the previous one."""
     kept = tuple(
         entry for entry in state.open_alerts if facts.result_id is None or entry.result_id != facts.result_id
     )
@@ -582,25 +592,48 @@ def _cancel(facts: LabFacts, state: AnalyteState, recent: tuple[str, ...]) -> De
     )
     gone = {entry.event_id for entry in state.history} - {entry.event_id for entry in history}
     raised = tuple(draft for draft in state.raised if draft.source_event_id not in gone)
-    if facts.result_id is None or facts.result_id != state.last_result_id:
+    cancels_latest = facts.result_id is not None and facts.result_id == state.last_result_id
+    if not gone and not cancels_latest:
         return Decision(
             state=_with(state, open_alerts=kept, recent_event_ids=recent, history=history, raised=raised)
         )
+    if state.history or state.base is not None:
+        values = _values_in_order(state.base, history, facts, rules, now, policy)
+    else:  # nothing kept to judge again (a hand-built state): the latest is forgotten, as before
+        values = _with(AnalyteState(), last_value=state.prior_value, last_time_ms=state.prior_time_ms)
     return Decision(
         state=_with(
             state,
-            last_value=state.prior_value,
-            last_time_ms=state.prior_time_ms,
-            last_event_id=None,
-            last_result_id=None,
-            prior_value=None,
-            prior_time_ms=None,
+            last_value=values.last_value,
+            last_time_ms=values.last_time_ms,
+            last_event_id=values.last_event_id,
+            last_result_id=values.last_result_id,
+            prior_value=values.prior_value,
+            prior_time_ms=values.prior_time_ms,
             open_alerts=kept,
             recent_event_ids=recent,
             history=history,
             raised=raised,
         )
     )
+
+
+def _values_in_order(
+    base: AnalyteState | None,
+    history: tuple[Entry, ...],
+    facts: LabFacts,
+    rules: RuleBook,
+    now: dt.datetime,
+    policy: AlertPolicy,
+) -> AnalyteState:
+    """The in-order run of the kept results from the base; only its values are used (no alert)."""
+    replayed = base or AnalyteState()
+    for entry in history:
+        step = _step(
+            entry.facts(facts.regional_patient_id, facts.loinc_code), replayed, rules, now, policy, False
+        )
+        replayed = step.state
+    return replayed
 
 
 def _newest_ms(state: AnalyteState) -> int | None:

@@ -508,6 +508,38 @@ def test_cancelling_the_latest_result_restores_the_one_before() -> None:
     assert kinds(d[3]) == []
 
 
+def test_cancelling_the_latest_two_results_restores_the_one_before_both() -> None:
+    """Hb 120 (R1), 150 (R2), 100 (R3); R3 then R2 cancelled: the latest is 120 of R1, never the
+    cancelled 150 (before, the second cancellation left it: R2 had become the latest without its id)."""
+    d = run(
+        lab(HB, 120.0, 0, result="R1"),
+        lab(HB, 150.0, 1, result="R2"),
+        lab(HB, 100.0, 2, result="R3"),
+        lab(HB, 100.0, 2.5, result="R3", status="cancelled"),
+        lab(HB, 150.0, 2.6, result="R2", status="cancelled"),
+        lab(HB, 125.0, 3, result="R4"),
+    )
+    assert (d[3].state.last_value, d[3].state.last_result_id) == (150.0, "R2")
+    assert d[3].state.prior_value == 120.0
+    assert (d[4].state.last_value, d[4].state.last_result_id) == (120.0, "R1")
+    assert d[4].state.last_time_ms == epoch_ms(hours(0))
+    assert kinds(d[5]) == []  # compared with 120 (R1), not the cancelled 150 (a fall of 25)
+    assert d[5].state.prior_value == 120.0
+
+
+def test_cancelling_the_result_before_the_latest_leaves_no_cancelled_previous_value() -> None:
+    """Hb 120 (R1), 150 (R2), 130 (R3); R2 cancelled, then R3 cancelled: the latest is 120 of R1."""
+    d = run(
+        lab(HB, 120.0, 0, result="R1"),
+        lab(HB, 150.0, 1, result="R2"),
+        lab(HB, 130.0, 2, result="R3"),
+        lab(HB, 150.0, 2.5, result="R2", status="cancelled"),
+        lab(HB, 130.0, 2.6, result="R3", status="cancelled"),
+    )
+    assert (d[3].state.last_value, d[3].state.prior_value) == (130.0, 120.0)
+    assert (d[4].state.last_value, d[4].state.last_result_id, d[4].state.prior_value) == (120.0, "R1", None)
+
+
 def test_cancelled_alerted_result_does_not_suppress_the_next_one() -> None:
     """K 7.0 (R1) alerts and is cancelled; K 6.8 an hour later must alert, not count as a repeat."""
     d = run(
