@@ -91,7 +91,10 @@ def postgres_cluster() -> Iterator[postgres.PostgresLayout]:
     layout = postgres.PostgresLayout(home=root / "postgres", port=free_port())
     process: ServiceProcess = postgres.start(layout)
     yield layout
-    process.stop()
+    # The server running now, by its pid file: a fault test stops it and starts a new process, which
+    # `process` is not (stopping only `process` left that one running after every integration run).
+    if not postgres.stop(layout):
+        process.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 
