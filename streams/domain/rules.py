@@ -597,10 +597,8 @@ def _cancel(
         return Decision(
             state=_with(state, open_alerts=kept, recent_event_ids=recent, history=history, raised=raised)
         )
-    if state.history or state.base is not None:
-        values = _values_in_order(state.base, history, facts, rules, now, policy)
-    else:  # nothing kept to judge again (a hand-built state): the latest is forgotten, as before
-        values = _with(AnalyteState(), last_value=state.prior_value, last_time_ms=state.prior_time_ms)
+    # `_anchored` gave any state with results a history or a base, so this is never an empty run by mistake
+    values = _values_in_order(state.base, history, facts, rules, now, policy)
     return Decision(
         state=_with(
             state,
